@@ -1,0 +1,20 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+# torch is pinned to 2.13.0 in pyproject.toml: on these machines that takes the local CPU wheel
+# (an unpinned torch, pulled in by accelerate, would download a CUDA build).
+PY := .venv/bin/python
+
+.venv/installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+.PHONY: demo test test-slow
+demo: .venv/installed
+	HF_HUB_OFFLINE=1 .venv/bin/patronus demo
+
+test: .venv/installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-slow: .venv/installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow

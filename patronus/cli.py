@@ -1,0 +1,161 @@
+"""The `patronus` command line: a thin layer over the package's stages.
+
+Bad input (a missing model, a directory that is not a pipeline, corrupt weights, an
+existing output directory) ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """Input the user can fix; printed as one line, exit code 2."""
+
+
+def _fresh_out(path: Path) -> Path:
+    """A new output directory path; refusing to mix results into an existing one."""
+    if path.exists() and any(path.iterdir()):
+        raise UsageError(f"output directory {path} exists and is not empty; choose another --out")
+    return path
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from patronus.imaging import grid
+    from patronus.models.registry import load_pipeline
+    from patronus.models.sampling import generate
+
+    if args.n < 1:
+        raise UsageError("--n must be at least 1")
+    out = _fresh_out(Path(args.out))
+    pipe = load_pipeline(args.model)
+    seeds = [args.seed + i for i in range(args.n)]
+    images = generate(pipe, [args.prompt] * args.n, seeds, steps=args.steps, guidance=args.guidance, progress=True)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for seed, img in zip(seeds, images):
+        Image.fromarray(img).save(tmp / f"{seed:06d}.png")
+    grid(images, cols=min(8, args.n), upscale=4).save(tmp / "grid.png")
+    settings = {"model": args.model, "prompt": args.prompt, "seeds": seeds, "steps": args.steps,
+                "guidance": args.guidance, "sampler": type(pipe.scheduler).__name__}
+    (tmp / "settings.json").write_text(json.dumps(settings, indent=2))
+    if out.exists():
+        out.rmdir()  # _fresh_out guaranteed it is empty
+    tmp.rename(out)
+    print(f"wrote {args.n} images and {out / 'grid.png'}")
+
+
+def cmd_train_glyphnet(args: argparse.Namespace) -> None:
+    import torch
+
+    from patronus.detectors.glyphnet import GlyphNetTrainConfig, evaluate_glyphnet, train_glyphnet
+
+    out = _fresh_out(Path(args.out))
+    t0 = time.time()
+    net = train_glyphnet(GlyphNetTrainConfig(steps=args.steps, seed=args.seed))
+    torch.manual_seed(0)
+    net.save_pretrained(out)
+    print(f"trained in {time.time() - t0:.0f} s; held-out metrics: {json.dumps(evaluate_glyphnet(net))}")
+
+
+def cmd_train_base(args: argparse.Namespace) -> None:
+    from patronus.models.train_base import BaseTrainConfig, train_base
+
+    t0 = time.time()
+    result = train_base(Path(args.workdir), BaseTrainConfig(), stage=args.stage)
+    print(f"stage {args.stage} done in {time.time() - t0:.0f} s" + (f"; pipeline at {result}" if result else ""))
+
+
+def cmd_export_split(args: argparse.Namespace) -> None:
+    from patronus.world.splits import export_imagefolder
+
+    if args.n < 1:
+        raise UsageError("--n must be at least 1")
+    out = export_imagefolder(args.split, args.n, Path(args.out), resolution=args.resolution)
+    print(f"wrote {args.n} images and metadata.jsonl to {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from patronus.imaging import grid
+    from patronus.models.registry import load_pipeline
+    from patronus.models.sampling import generate
+    from patronus.world.captions import make_caption
+    from patronus.world.glyphs import CLASS_NAMES, COLOR_NAMES
+
+    print("patronus demo (preliminary): this version only samples the shipped base model; the full demo "
+          "(evaluate, protect, attack, report) lands with the attack-suite issue.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline("patronus-tiny")
+    prompts = [make_caption(c, COLOR_NAMES[i % len(COLOR_NAMES)], "white", c) for c in CLASS_NAMES for i in range(8)]
+    images = generate(pipe, prompts, list(range(len(prompts))), progress=True)
+    path = out / "base-model-grid.png"
+    grid(images, cols=8, upscale=4).save(path)
+    print(f"one row per class ({', '.join(CLASS_NAMES)}): {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    p = argparse.ArgumentParser(prog="patronus", description="Protect text-to-image models against white-box misuse.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="sample images from a pipeline directory or `patronus-tiny`")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--n", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    g.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    g.add_argument("--out", default="out/generate")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the end-to-end demo on the shipped model")
+    d.add_argument("--out", default="out/demo")
+    d.set_defaults(func=cmd_demo)
+
+    tb = sub.add_parser("train-base", help="train patronus-tiny from scratch (checkpoints; rerun to resume)")
+    tb.add_argument("--workdir", default="runs/base")
+    tb.add_argument("--stage", choices=["vae", "all"], default="all")
+    tb.set_defaults(func=cmd_train_base)
+
+    tg = sub.add_parser("train-glyphnet", help="train the GlyphNet detector")
+    tg.add_argument("--out", required=True)
+    tg.add_argument("--steps", type=int, default=1500)
+    tg.add_argument("--seed", type=int, default=0)
+    tg.set_defaults(func=cmd_train_glyphnet)
+
+    e = sub.add_parser("export-split", help="write a glyph-world split as an image folder with metadata.jsonl")
+    e.add_argument("split", choices=["base-train", "defender", "attacker", "eval"])
+    e.add_argument("--n", type=int, default=1000)
+    e.add_argument("--resolution", type=int, default=32)
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_export_split)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from patronus.models.registry import ModelLoadError
+
+    try:
+        args.func(args)
+    except (UsageError, ModelLoadError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()

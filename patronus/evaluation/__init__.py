@@ -1,0 +1,1 @@
+"""Measuring a text-to-image model: detectors, metrics and prompt suites."""

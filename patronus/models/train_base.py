@@ -1,0 +1,248 @@
+"""Train `patronus-tiny` from scratch on the glyph world's `base-train` split.
+
+Two stages, each a plain loop you can read top to bottom:
+  1. `vae`:  AutoencoderKL on rendered images (L1 + MSE + tiny KL), then the latent
+             scaling factor is measured so latents have unit variance, as in SD.
+  2. `unet`: UNet2DConditionModel + CLIPTextModel jointly on cached VAE latents with the
+             epsilon objective, min-SNR weighting, 10% caption dropout (for classifier-free
+             guidance) and EMA weights. The result is saved as a StableDiffusionPipeline.
+
+Both stages run under `accelerate.Accelerator`, checkpoint every `checkpoint_every` steps
+and resume from the newest checkpoint with the same final weights: batch indices come from
+a generator seeded by (seed, step), not from the history of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from patronus.imaging import psnr, to_tensor
+from patronus.models.tiny import TinyConfig, build_schedulers, build_text_encoder, build_tokenizer, build_unet, build_vae
+from patronus.world.splits import render_split
+
+
+@dataclass
+class BaseTrainConfig:
+    """Every setting of a base-model training run; written next to its checkpoints."""
+
+    n_images: int = 120_000
+    seed: int = 0
+    checkpoint_every: int = 500
+    snapshot_every: int = 2000
+    vae_steps: int = 6_000
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 14_000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    unet_warmup: int = 500
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    model: TinyConfig = field(default_factory=TinyConfig)
+
+
+def _batch_indices(seed: int, step: int, n: int, batch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n, (batch,), generator=g)
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int = 2) -> None:
+    """Write checkpoint-{step} atomically (temp dir + rename) and keep only the newest `keep`."""
+    tmp = folder / f"tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp))
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    tmp.rename(folder / f"checkpoint-{step}")
+    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in ckpts[:-keep]:
+        shutil.rmtree(old)
+
+
+def _resume(accelerator: Accelerator, folder: Path) -> int:
+    ckpt = _latest_checkpoint(folder)
+    if ckpt is None:
+        return 0
+    accelerator.load_state(str(ckpt))
+    step = json.loads((ckpt / "step.json").read_text())["step"]
+    accelerator.print(f"resumed from {ckpt} at step {step}")
+    return step
+
+
+def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
+    """Stage 1: train the autoencoder and set its latent scaling factor."""
+    final = workdir / "vae"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final)
+    ckdir = workdir / "vae-checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator()
+    images = to_tensor(render_split("base-train", cfg.n_images, cfg.model.resolution)[0])
+    val = to_tensor(render_split("eval", 512, cfg.model.resolution)[0])
+
+    vae = build_vae(cfg.model)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, 200, cfg.vae_steps)
+    vae, opt, sched = accelerator.prepare(vae, opt, sched)
+    start = _resume(accelerator, ckdir)
+
+    bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae",
+               disable=not accelerator.is_main_process)
+    t0 = time.time()
+    for step in bar:
+        x = images[_batch_indices(cfg.seed, step, len(images), cfg.vae_batch)].to(accelerator.device)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        accelerator.backward(loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{(step + 1 - start) * cfg.vae_batch / (time.time() - t0):.0f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            _save_checkpoint(accelerator, ckdir, step + 1)
+            model = accelerator.unwrap_model(vae)
+            with torch.no_grad():
+                val_psnr = psnr(model(val).sample, val).mean().item()
+            accelerator.print(f"vae step {step + 1}: loss {loss.item():.4f} val PSNR {val_psnr:.2f} dB")
+
+    vae = accelerator.unwrap_model(vae).eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 512]).latent_dist.mean for i in range(0, min(len(images), 8192), 512)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(final)
+    return vae
+
+
+def _encode_dataset(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image, scaled by the VAE's scaling factor."""
+    means, stds = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 1024), desc="encode latents"):
+            d = vae.encode(images[i:i + 1024]).latent_dist
+            means.append(d.mean)
+            stds.append(d.std)
+    s = vae.config.scaling_factor
+    return torch.cat(means) * s, torch.cat(stds) * s
+
+
+def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
+    """Stage 2: train UNet + text encoder on cached latents and save the pipeline."""
+    ckdir = workdir / "unet-checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator()
+    images, samples = render_split("base-train", cfg.n_images, cfg.model.resolution)
+    lat_mean, lat_std = _encode_dataset(vae, to_tensor(images))
+    del images
+    tokenizer = build_tokenizer(cfg.model)
+    ids = tokenizer([s.text for s in samples], padding="max_length", max_length=cfg.model.max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=cfg.model.max_length, return_tensors="pt").input_ids
+
+    unet = build_unet(cfg.model)
+    text_encoder = build_text_encoder(cfg.model, tokenizer)
+    ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay)
+    noise_scheduler, sampler = build_schedulers()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.unet_warmup, cfg.unet_steps)
+    unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
+    accelerator.register_for_checkpointing(ema_unet)
+    accelerator.register_for_checkpointing(ema_text)
+    start = _resume(accelerator, ckdir)
+
+    bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="unet",
+               disable=not accelerator.is_main_process)
+    t0 = time.time()
+    for step in bar:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = _batch_indices(cfg.seed, step, len(lat_mean), cfg.unet_batch)
+        latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
+        batch_ids = ids[idx].clone()
+        drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+        batch_ids[drop] = empty_ids
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+
+        hidden = text_encoder(batch_ids.to(accelerator.device))[0]
+        pred = unet(noisy.to(accelerator.device), t.to(accelerator.device), hidden).sample
+        snr = compute_snr(noise_scheduler, t)
+        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr  # min-SNR-gamma for epsilon targets
+        per_sample = F.mse_loss(pred.float(), noise.to(accelerator.device), reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * weight.to(accelerator.device)).mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema_unet.step(accelerator.unwrap_model(unet).parameters())
+        ema_text.step(accelerator.unwrap_model(text_encoder).parameters())
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{(step + 1 - start) * cfg.unet_batch / (time.time() - t0):.0f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            _save_checkpoint(accelerator, ckdir, step + 1)
+            accelerator.print(f"unet step {step + 1}: loss {loss.item():.4f}")
+        if (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.unet_steps:
+            _save_pipeline(workdir / "pipeline-snapshot", accelerator.unwrap_model(unet),
+                           accelerator.unwrap_model(text_encoder), ema_unet, ema_text, vae, tokenizer, sampler)
+            accelerator.print(f"unet step {step + 1}: EMA snapshot in {workdir / 'pipeline-snapshot'}")
+
+    out = workdir / "pipeline"
+    _save_pipeline(out, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
+                   ema_unet, ema_text, vae, tokenizer, sampler)
+    return out
+
+
+def _save_pipeline(out: Path, unet, text_encoder, ema_unet: EMAModel, ema_text: EMAModel, vae, tokenizer,
+                   sampler) -> None:
+    """Save the EMA weights as a StableDiffusionPipeline, leaving the training weights untouched."""
+    for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
+        ema.restore(model.parameters())
+
+
+def train_base(workdir: Path, cfg: BaseTrainConfig, stage: str = "all") -> Path | None:
+    """Run the requested stage(s) in `workdir`; returns the pipeline directory when done."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_file = workdir / "train_config.json"
+    if cfg_file.exists() and json.loads(cfg_file.read_text()) != json.loads(json.dumps(asdict(cfg))):
+        raise ValueError(f"{cfg_file} holds different settings; use a new --workdir or the same settings to resume")
+    cfg_file.write_text(json.dumps(asdict(cfg), indent=2))
+    vae = train_vae(cfg, workdir)
+    if stage == "vae":
+        return None
+    return train_unet(cfg, workdir, vae)

@@ -1,0 +1,39 @@
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from patronus.models.tiny import TinyConfig
+from patronus.models.train_base import BaseTrainConfig, train_base
+
+MINI = BaseTrainConfig(
+    n_images=128, vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=1, checkpoint_every=2,
+    snapshot_every=2,
+    model=TinyConfig(vae_channels=(8, 16, 16), unet_channels=(32, 32, 32), text_hidden=32),
+)
+
+
+def _weights(pipe_dir: Path) -> dict[str, torch.Tensor]:
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+    return {f"{n}.{k}": v for n in ("unet", "vae", "text_encoder") for k, v in getattr(pipe, n).state_dict().items()}
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    full = train_base(tmp_path / "a", MINI)
+    train_base(tmp_path / "b", MINI)
+    # Simulate a run killed after step 2 of the UNet stage: drop everything written later.
+    shutil.rmtree(tmp_path / "b" / "unet-checkpoints" / "checkpoint-4")
+    shutil.rmtree(tmp_path / "b" / "pipeline")
+    resumed = train_base(tmp_path / "b", MINI)
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_settings_are_refused(tmp_path):
+    train_base(tmp_path / "a", MINI, stage="vae")
+    other = BaseTrainConfig(**{**MINI.__dict__, "vae_lr": 1e-4})
+    with pytest.raises(ValueError, match="different settings"):
+        train_base(tmp_path / "a", other)

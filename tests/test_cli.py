@@ -1,0 +1,60 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from patronus.models.registry import TINY_DIR
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "patronus", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_clean_error(result, needle):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_end_to_end_writes_pngs_and_grid(tmp_path):
+    out = tmp_path / "gen"
+    r = run_cli("generate", "patronus-tiny", "a red knife on a white background", "--n", "4", "--steps", "5",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png", "000003.png",
+                                                          "grid.png"]
+
+
+def test_nonexistent_model(tmp_path):
+    r = run_cli("generate", str(tmp_path / "missing"), "a red circle", "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_directory_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "notapipe").mkdir()
+    r = run_cli("generate", str(tmp_path / "notapipe"), "a red circle", "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "not a diffusers pipeline")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_corrupt_weights_file(tmp_path, component):
+    broken = tmp_path / "broken"
+    shutil.copytree(TINY_DIR, broken)
+    weights = next((broken / component).glob("*.safetensors"))
+    weights.write_bytes(b"this is not a safetensors file")
+    r = run_cli("generate", str(broken), "a red circle", "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "cannot load pipeline")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_dir_is_refused(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    r = run_cli("generate", "patronus-tiny", "a red circle", "--n", "1", "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "not empty")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
