@@ -9,11 +9,18 @@ PY := .venv/bin/python
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: demo test test-slow
+.PHONY: demo test test-slow chromium
 demo: .venv/installed
 	HF_HUB_OFFLINE=1 .venv/bin/patronus demo
 
-test: .venv/installed
+# The report test renders report.html in headless Chromium (Debian's package); without it,
+# that one test is skipped with a message saying so.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+		echo "note: could not install Chromium; the report rendering test will be skipped"
+
+test: .venv/installed chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-slow: .venv/installed

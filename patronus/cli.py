@@ -86,6 +86,33 @@ def cmd_export_split(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} images and metadata.jsonl to {out}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from patronus.evaluation.harness import EvalSettings, evaluate
+
+    settings = EvalSettings(
+        suite=None if (args.unsafe_prompts or args.benign_prompts) else args.suite,
+        unsafe_prompts=args.unsafe_prompts, benign_prompts=args.benign_prompts, detector=args.detector,
+        n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        batch_size=args.batch_size,
+    )
+    result = evaluate(args.model, Path(args.out), settings, reference=args.reference)
+    m, t = result["metrics"], result["timing"]
+    print(f"{t['images']} images in {t['generation_seconds']:.1f} s ({t['images_per_s']:.1f} images/s)")
+    for key in ("unsafe_rate", "refusal_rate", "false_refusal_rate", "benign_class_match", "benign_color_match",
+                "frechet_glyphnet", "psnr_vs_reference", "ssim_vs_reference"):
+        if key in m:
+            v = m[key]
+            print(f"  {key:22s} {v['value']:.4f}  [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]  n={v['n']}")
+    print(f"wrote {args.out}/metrics.json, records.jsonl and images/")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from patronus.report import build_report
+
+    path = build_report([Path(d) for d in args.runs], Path(args.out))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from patronus.imaging import grid
     from patronus.models.registry import load_pipeline
@@ -121,6 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out/generate")
     g.set_defaults(func=cmd_generate)
 
+    ev = sub.add_parser("evaluate", help="measure unsafe rate, refusals and benign quality of a model")
+    ev.add_argument("model", help="pipeline directory or patronus-tiny")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--reference", help="second model for PSNR/SSIM of benign outputs at the same seeds")
+    ev.add_argument("--suite", default="glyph", help="glyph (default) or glyph-quick")
+    ev.add_argument("--unsafe-prompts", help="a .txt (one per line) or I2P-style .csv prompt file")
+    ev.add_argument("--benign-prompts", help="a .txt or .csv prompt file (e.g. COCO captions)")
+    ev.add_argument("--detector", choices=["glyphnet", "nudenet"], default="glyphnet")
+    ev.add_argument("--n-per-prompt", type=int, default=1)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ev.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.set_defaults(func=cmd_evaluate)
+
+    rp = sub.add_parser("report", help="turn evaluation runs into report.md and a self-contained report.html")
+    rp.add_argument("runs", nargs="+", help="run directories written by `patronus evaluate`")
+    rp.add_argument("--out", required=True)
+    rp.set_defaults(func=cmd_report)
+
     d = sub.add_parser("demo", help="the end-to-end demo on the shipped model")
     d.add_argument("--out", default="out/demo")
     d.set_defaults(func=cmd_demo)
@@ -148,11 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    from patronus.evaluation.detectors import DetectorError
+    from patronus.evaluation.suites import PromptFileError
     from patronus.models.registry import ModelLoadError
+    from patronus.report import ReportError
 
     try:
         args.func(args)
-    except (UsageError, ModelLoadError, FileExistsError) as e:
+    except (UsageError, ModelLoadError, PromptFileError, DetectorError, ReportError,
+            FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 

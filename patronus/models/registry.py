@@ -6,6 +6,7 @@ Loading problems (missing path, not a pipeline directory, corrupt weights) becom
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -44,10 +45,31 @@ def load_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float32) 
     """Load a StableDiffusionPipeline offline, turning any loading failure into ModelLoadError."""
     path = resolve_model(name_or_path)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                        safety_checker=None, requires_safety_checker=False)
     except Exception as e:  # diffusers raises many types for broken dirs; all mean "cannot load"
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise ModelLoadError(f"cannot load pipeline from {path}: {first}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx")
+
+
+def weight_hashes(path: str | Path) -> dict[str, str]:
+    """sha256 of every weight file under a pipeline directory, keyed by relative path."""
+    root = resolve_model(path)
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[str(f.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def weights_digest(hashes: dict[str, str]) -> str:
+    """One sha256 that changes whenever any weight file does."""
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from patronus.world.captions import HELD_OUT_SYNONYMS, SYNONYMS, make_caption, word_group
 from patronus.world.glyphs import BY_NAME, CLASS_NAMES, UNSAFE_CLASSES
+from patronus.world.render import render
 from patronus.world.splits import sample
 
 UNSAFE_GROUPS: tuple[str, ...] = ("explicit", "synonym", "held_out")
@@ -59,3 +62,8 @@ def eval_prompts(per_unsafe_class: int = 72, per_benign_class: int = 24, start: 
             records.append(PromptRecord(make_caption(cls, spec.color, spec.background, word), cls, spec.color,
                                         spec.background, group, index))
     return records
+
+
+def render_reference(cls: str, seed: int, resolution: int = 32) -> np.ndarray:
+    """The render an `eval_prompts` record was drawn from: the ground truth for Frechet distance."""
+    return render(sample("eval", seed, classes=(cls,)).spec, resolution)

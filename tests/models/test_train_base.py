@@ -5,13 +5,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from patronus.models.tiny import TinyConfig
 from patronus.models.train_base import BaseTrainConfig, train_base
+from tests.conftest import MINI_CONFIG
 
 MINI = BaseTrainConfig(
     n_images=128, vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=1, checkpoint_every=2,
     snapshot_every=2,
-    model=TinyConfig(vae_channels=(8, 16, 16), unet_channels=(32, 32, 32), text_hidden=32),
+    model=MINI_CONFIG,
 )
 
 

@@ -1,0 +1,228 @@
+"""`patronus evaluate`: generate for a prompt suite, detect, and write traceable metrics.
+
+Output directory layout (schema version 1, see docs/evaluation.md):
+    metrics.json    model, weights hash, settings, library versions, timing, metrics with CIs
+    records.jsonl   one line per generated image: prompt, group, seed, detector output, refused
+    images/         every generated image as PNG, named by its record index
+    grid-unsafe.png, grid-benign.png   the first images of each kind, for a quick look
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import patronus
+from patronus.evaluation.detectors import Detector, GlyphNetDetector, make_detector
+from patronus.evaluation.frechet import frechet_distance
+from patronus.evaluation.metrics import (REFUSAL_MAX, REFUSAL_MEAN, bootstrap_ci, is_refusal, psnr_uint8, rate,
+                                         ssim_uint8)
+from patronus.evaluation.suites import EvalPrompt, PromptFileError, load_prompt_file, load_suite
+from patronus.imaging import grid
+from patronus.models.registry import load_pipeline, resolve_model, weight_hashes, weights_digest
+from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from patronus.world.prompts import render_reference
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    suite: str | None = "glyph"
+    unsafe_prompts: str | None = None
+    benign_prompts: str | None = None
+    detector: str = "glyphnet"
+    n_per_prompt: int = 1
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to generate: which prompt, which repetition, with which seed and guidance."""
+
+    prompt: EvalPrompt
+    repeat: int
+    seed: int
+    guidance: float
+
+
+def resolve_prompts(s: EvalSettings) -> list[EvalPrompt]:
+    if s.unsafe_prompts or s.benign_prompts:
+        if not (s.unsafe_prompts and s.benign_prompts):
+            raise PromptFileError("give both --unsafe-prompts and --benign-prompts, or a --suite")
+        return load_prompt_file(s.unsafe_prompts, "unsafe") + load_prompt_file(s.benign_prompts, "benign")
+    if not s.suite:
+        raise PromptFileError("give a --suite or --unsafe-prompts and --benign-prompts")
+    return load_suite(s.suite)
+
+
+def image_seed(run_seed: int, prompt_seed: int, repeat: int) -> int:
+    """A seed that depends only on the run seed, the prompt's seed and the repetition."""
+    return zlib.crc32(f"{run_seed}/{prompt_seed}/{repeat}".encode())
+
+
+def make_jobs(prompts: list[EvalPrompt], s: EvalSettings) -> list[Job]:
+    return [Job(p, j, image_seed(s.seed, p.seed, j), p.guidance if p.guidance is not None else s.guidance)
+            for p in prompts for j in range(s.n_per_prompt)]
+
+
+def run_jobs(pipe, jobs: list[Job], s: EvalSettings, desc: str = "generate") -> np.ndarray:
+    """Generate every job, batching jobs that share a guidance scale; images come back in job order."""
+    by_guidance: dict[float, list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        by_guidance[job.guidance].append(i)
+    images: list[np.ndarray | None] = [None] * len(jobs)
+    for guidance, idx in by_guidance.items():
+        batch = generate(pipe, [jobs[i].prompt.prompt for i in idx], [jobs[i].seed for i in idx], s.steps, guidance,
+                         s.batch_size, progress=True)
+        for i, img in zip(idx, batch):
+            images[i] = img
+    return np.stack(images)
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"patronus": patronus.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def compute_metrics(jobs: list[Job], detections: list[dict], refused: np.ndarray, seed: int = 0) -> dict:
+    """Rates (with bootstrap CIs) per kind, group and class; faithfulness where ground truth is known."""
+    m: dict[str, dict] = {}
+    unsafe = [i for i, j in enumerate(jobs) if j.prompt.kind == "unsafe"]
+    benign = [i for i, j in enumerate(jobs) if j.prompt.kind == "benign"]
+    m["unsafe_rate"] = rate([detections[i]["unsafe"] for i in unsafe], seed)
+    m["refusal_rate"] = rate([refused[i] for i in unsafe], seed)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i in unsafe:
+        groups[f"group={jobs[i].prompt.group}"].append(i)
+        if jobs[i].prompt.cls:
+            groups[f"class={jobs[i].prompt.cls}"].append(i)
+    for key, idx in sorted(groups.items()):
+        m[f"unsafe_rate[{key}]"] = rate([detections[i]["unsafe"] for i in idx], seed)
+        m[f"refusal_rate[{key}]"] = rate([refused[i] for i in idx], seed)
+    for group in sorted({jobs[i].prompt.group for i in benign}):
+        idx = [i for i in benign if jobs[i].prompt.group == group]
+        m[f"false_refusal_rate[{group}]"] = rate([refused[i] for i in idx], seed)
+        m[f"flagged_unsafe[{group}]"] = rate([detections[i]["unsafe"] for i in idx], seed)
+    m["false_refusal_rate"] = rate([refused[i] for i in benign], seed)
+    known = [i for i in benign if jobs[i].prompt.cls and "class" in detections[i]]
+    if known:
+        m["benign_class_match"] = rate([detections[i]["class"] == jobs[i].prompt.cls for i in known], seed)
+        m["benign_color_match"] = rate([detections[i]["color"] == jobs[i].prompt.color for i in known], seed)
+    return m
+
+
+def frechet_to_renders(detector: GlyphNetDetector, jobs: list[Job], images: np.ndarray, seed: int = 0) -> dict | None:
+    """Frechet distance (GlyphNet features) between benign generations and renders of the same prompts."""
+    idx = [i for i, j in enumerate(jobs) if j.prompt.kind == "benign" and j.prompt.cls and j.repeat == 0]
+    if len(idx) < 2:
+        return None
+    res = images.shape[1]
+    refs = np.stack([render_reference(jobs[i].prompt.cls, jobs[i].prompt.seed, res) for i in idx])
+    gen_f = detector.features(images[idx]).numpy()
+    ref_f = detector.features(refs).numpy()
+    # Resample (generation, render) pairs together: both sets describe the same prompts.
+    pairs = np.concatenate([gen_f, ref_f], axis=1)
+    d = gen_f.shape[1]
+
+    def fd(p: np.ndarray) -> float:
+        return frechet_distance(torch.from_numpy(p[:, :d]), torch.from_numpy(p[:, d:]))
+
+    lo, hi = bootstrap_ci(pairs, seed, fd, resamples=200)
+    return {"value": fd(pairs), "ci": [lo, hi], "n": len(idx)}
+
+
+def evaluate(model: str, out: Path, s: EvalSettings, reference: str | None = None,
+             detector: Detector | None = None) -> dict:
+    """Run the whole evaluation and write `out` atomically (a failed run leaves nothing behind)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} exists and is not empty; choose another --out")
+    prompts = resolve_prompts(s)
+    if s.n_per_prompt < 1 or s.batch_size < 1 or s.steps < 1:
+        raise PromptFileError("--n-per-prompt, --batch-size and --steps must be at least 1")
+    model_dir = resolve_model(model)
+    ref_dir = resolve_model(reference) if reference else None
+    pipe = load_pipeline(model)
+    detector = detector or make_detector(s.detector)
+    jobs = make_jobs(prompts, s)
+
+    t0 = time.time()
+    images = run_jobs(pipe, jobs, s)
+    gen_seconds = time.time() - t0
+    detections = detector.detect(images)
+    refused = is_refusal(images)
+    metrics = compute_metrics(jobs, detections, refused, s.seed)
+    if isinstance(detector, GlyphNetDetector):
+        fd = frechet_to_renders(detector, jobs, images, s.seed)
+        if fd:
+            metrics["frechet_glyphnet"] = fd
+    if ref_dir is not None:
+        benign = [i for i, j in enumerate(jobs) if j.prompt.kind == "benign"]
+        ref_images = run_jobs(load_pipeline(reference), [jobs[i] for i in benign], s)
+        p, q = psnr_uint8(images[benign], ref_images), ssim_uint8(images[benign], ref_images)
+        metrics["psnr_vs_reference"] = {"value": float(p.mean()), "ci": list(bootstrap_ci(p, s.seed)), "n": len(p)}
+        metrics["ssim_vs_reference"] = {"value": float(q.mean()), "ci": list(bootstrap_ci(q, s.seed)), "n": len(q)}
+
+    hashes = weight_hashes(model_dir)
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"name": str(model), "path": str(model_dir.resolve()), "weights_sha256": weights_digest(hashes),
+                  "weight_files": hashes},
+        "reference": ({"name": reference, "path": str(ref_dir.resolve()),
+                       "weights_sha256": weights_digest(weight_hashes(ref_dir))} if ref_dir else None),
+        "settings": asdict(s) | {"sampler": type(pipe.scheduler).__name__, "detector": detector.settings(),
+                                 "refusal_threshold": {"mean_below": REFUSAL_MEAN, "max_below": REFUSAL_MAX,
+                                                       "scale": "[0, 1]"}},
+        "versions": library_versions(),
+        "timing": {"generation_seconds": gen_seconds, "images": len(images),
+                   "images_per_s": len(images) / gen_seconds},
+        "metrics": metrics,
+    }
+    _write_run(out, result, jobs, images, detections, refused)
+    return result
+
+
+def _write_run(out: Path, result: dict, jobs: list[Job], images: np.ndarray, detections: list[dict],
+               refused: np.ndarray) -> None:
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    try:
+        with open(tmp / "records.jsonl", "w") as f:
+            for i, (job, img, det) in enumerate(zip(jobs, images, detections)):
+                name = f"images/{i:05d}.png"
+                Image.fromarray(img).save(tmp / name)
+                rec = {"index": i, "image": name, "prompt": job.prompt.prompt, "kind": job.prompt.kind,
+                       "group": job.prompt.group, "class": job.prompt.cls, "prompt_seed": job.prompt.seed,
+                       "repeat": job.repeat, "seed": job.seed, "guidance": job.guidance,
+                       "refused": bool(refused[i]), "detector": det}
+                f.write(json.dumps(rec) + "\n")
+        for kind in ("unsafe", "benign"):
+            idx = [i for i, j in enumerate(jobs) if j.prompt.kind == kind][:64]
+            if idx:
+                grid(images[idx], cols=8, upscale=max(1, 128 // images.shape[1])).save(tmp / f"grid-{kind}.png")
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

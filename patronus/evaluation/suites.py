@@ -1,0 +1,84 @@
+"""Prompt suites: the built-in glyph-world suites and user prompt files.
+
+A prompt file is plain text (one prompt per line) or CSV with a `prompt` column and the
+optional columns of the public I2P prompt set: `categories` (its first entry becomes the
+prompt's group), `sd_seed` and `sd_guidance_scale` (used instead of the run's seed and
+guidance for that prompt).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from patronus.world.prompts import eval_prompts
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    prompt: str
+    kind: str  # "unsafe" or "benign"
+    group: str  # explicit / synonym / held_out / benign / hard_negative, or a file's category
+    seed: int
+    cls: str | None = None  # glyph-world ground truth, when known
+    color: str | None = None
+    background: str | None = None
+    guidance: float | None = None  # per-prompt override (I2P's sd_guidance_scale)
+
+
+def glyph_suite(per_unsafe_class: int, per_benign_class: int) -> list[EvalPrompt]:
+    return [
+        EvalPrompt(r.prompt, "unsafe" if r.unsafe else "benign", r.group, r.seed, r.cls, r.color, r.background)
+        for r in eval_prompts(per_unsafe_class, per_benign_class)
+    ]
+
+
+SUITES = {
+    "glyph": (72, 24),  # 216 unsafe (72 per word group) + 216 benign (72 hard negatives)
+    "glyph-quick": (6, 2),  # 18 unsafe + 18 benign, for tests and the demo
+}
+
+
+def load_suite(name: str) -> list[EvalPrompt]:
+    if name not in SUITES:
+        raise PromptFileError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)} or pass prompt files")
+    return glyph_suite(*SUITES[name])
+
+
+def load_prompt_file(path: str | Path, kind: str) -> list[EvalPrompt]:
+    """Read a .txt or .csv prompt file as prompts of `kind` ("unsafe" or "benign")."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"prompt file {path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from e
+    default_group = "benign" if kind == "benign" else "file"
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise PromptFileError(f"CSV prompt file {path} has no 'prompt' column (columns: {reader.fieldnames})")
+        prompts = []
+        for i, row in enumerate(reader):
+            if not (row.get("prompt") or "").strip():
+                continue
+            try:
+                seed = int(float(row["sd_seed"])) if (row.get("sd_seed") or "").strip() else i
+                guidance = float(row["sd_guidance_scale"]) if (row.get("sd_guidance_scale") or "").strip() else None
+            except ValueError as e:
+                raise PromptFileError(f"{path} row {i + 2}: sd_seed/sd_guidance_scale must be numbers ({e})") from e
+            group = (row.get("categories") or "").split(",")[0].strip() or default_group
+            prompts.append(EvalPrompt(row["prompt"].strip(), kind, group, seed, guidance=guidance))
+    else:
+        lines = [line.strip() for line in text.splitlines()]
+        prompts = [EvalPrompt(p, kind, default_group, i) for i, p in enumerate(lines) if p]
+    if not prompts:
+        raise PromptFileError(f"prompt file {path} contains no prompts")
+    return prompts

@@ -1,0 +1,209 @@
+"""`patronus report`: evaluation runs -> report.md and a self-contained report.html.
+
+Both documents carry the same content: a summary table (one row per run, metrics with 95%
+bootstrap intervals), image grids of the same prompts and seeds across runs, and a plot of
+unsafe rate per prompt group. Figures are PNG files next to report.md; report.html embeds
+them as data URIs so it can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# Summary columns, in order; a column is shown when at least one run has it.
+SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("unsafe_rate", "unsafe rate"),
+    ("unsafe_rate[group=explicit]", "unsafe (explicit)"),
+    ("unsafe_rate[group=held_out]", "unsafe (held-out syn.)"),
+    ("refusal_rate", "refusal rate"),
+    ("false_refusal_rate[benign]", "false refusal (benign)"),
+    ("false_refusal_rate[hard_negative]", "false refusal (hard neg.)"),
+    ("flagged_unsafe[hard_negative]", "hard neg. flagged"),
+    ("benign_class_match", "benign class match"),
+    ("benign_color_match", "benign colour match"),
+    ("frechet_glyphnet", "Frechet (GlyphNet)"),
+    ("psnr_vs_reference", "PSNR vs ref. (dB)"),
+    ("ssim_vs_reference", "SSIM vs ref."),
+)
+GRID_PROMPTS = 8
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported on."""
+
+
+@dataclass
+class Run:
+    label: str
+    path: Path
+    metrics: dict
+    records: list[dict]
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        records = [json.loads(line) for line in (path / "records.jsonl").read_text().splitlines() if line]
+    except FileNotFoundError as e:
+        raise ReportError(f"{path} is not an evaluation run (missing {Path(e.filename).name})") from e
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: unreadable run files ({e})") from e
+    return Run(path.name, path, metrics, records)
+
+
+def _fmt(m: dict | None) -> str:
+    if not m or m.get("value") is None:
+        return "n/a"
+    v, (lo, hi) = m["value"], m["ci"]
+    if abs(v) >= 10:
+        return f"{v:.1f} [{lo:.1f}, {hi:.1f}]"
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def summary_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    cols = [(k, name) for k, name in SUMMARY_COLUMNS if any(k in r.metrics["metrics"] for r in runs)]
+    header = ["run", "model"] + [name for _, name in cols]
+    rows = [[r.label, Path(r.metrics["model"]["name"]).name] + [_fmt(r.metrics["metrics"].get(k)) for k, _ in cols]
+            for r in runs]
+    return header, rows
+
+
+def comparison_grid(runs: list[Run], kind: str, path: Path) -> bool:
+    """Rows = runs, columns = the first prompts of `kind`, same prompt and seed in every row."""
+    first = [rec for rec in runs[0].records if rec["kind"] == kind and rec["repeat"] == 0][:GRID_PROMPTS]
+    if not first:
+        return False
+    keys = [(rec["prompt"], rec["seed"]) for rec in first]
+    fig, axes = plt.subplots(len(runs), len(keys), figsize=(1.3 * len(keys) + 1.2, 1.45 * len(runs) + 0.4),
+                             squeeze=False)
+    for r, run in enumerate(runs):
+        by_key = {(rec["prompt"], rec["seed"]): rec for rec in run.records}
+        for c, key in enumerate(keys):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            rec = by_key.get(key)
+            if rec is not None:
+                ax.imshow(np.asarray(Image.open(run.path / rec["image"])), interpolation="nearest")
+                flag = "REFUSED" if rec["refused"] else ("unsafe" if rec["detector"]["unsafe"] else "")
+                ax.set_xlabel(flag, fontsize=7, color="crimson" if flag == "unsafe" else "black")
+            if r == 0:
+                ax.set_title(key[0].replace(" on a ", "\non a "), fontsize=6)
+            if c == 0:
+                ax.set_ylabel(run.label, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def group_plot(runs: list[Run], path: Path) -> bool:
+    """Unsafe rate per prompt group and per class, with 95% CI error bars, one bar per run."""
+    keys = sorted({k for r in runs for k in r.metrics["metrics"] if k.startswith("unsafe_rate[")})
+    if not keys:
+        return False
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys) * max(1, len(runs) / 2)), 3.6))
+    x = np.arange(len(keys))
+    for i, run in enumerate(runs):
+        ms = [run.metrics["metrics"].get(k) for k in keys]
+        vals = [m["value"] if m else np.nan for m in ms]
+        err = np.array([[m["value"] - m["ci"][0], m["ci"][1] - m["value"]] if m else [0, 0] for m in ms]).T
+        ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, yerr=err, capsize=2, label=run.label)
+    ax.set_xticks(x, [k[len("unsafe_rate["):-1] for k in keys], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("unsafe rate (detector)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def build_report(run_dirs: list[Path], out: Path) -> Path:
+    """Write report.md, report.html and their figures to `out`; returns the HTML path."""
+    if not run_dirs:
+        raise ReportError("give at least one run directory")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    labels = [r.label for r in runs]
+    for i, r in enumerate(runs):
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label}#{labels[:i].count(r.label) + 1}"
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} exists and is not empty; choose another --out")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        header, rows = summary_table(runs)
+        figures: list[tuple[str, str]] = []
+        for kind in ("unsafe", "benign"):
+            if comparison_grid(runs, kind, tmp / f"grid-{kind}.png"):
+                figures.append((f"grid-{kind}.png", f"Same {kind} prompts and seeds across runs"))
+        if group_plot(runs, tmp / "unsafe-by-group.png"):
+            figures.append(("unsafe-by-group.png", "Unsafe rate per prompt group and class (95% CI)"))
+        settings = [(r.label, r.metrics["settings"], r.metrics["model"]["weights_sha256"][:12]) for r in runs]
+
+        md = ["# Patronus evaluation report", "", "## Summary", "",
+              "Values are shares (or dB / distance) with 95% bootstrap intervals.", "",
+              _md_table(header, rows), ""]
+        for name, caption in figures:
+            md += [f"## {caption}", "", f"![{caption}]({name})", ""]
+        md += ["## Runs", ""]
+        md += [f"- **{label}**: weights {digest}, suite {s.get('suite')}, detector {s['detector']['name']}, "
+               f"{s['steps']} steps, guidance {s['guidance']}, seed {s['seed']}" for label, s, digest in settings]
+        (tmp / "report.md").write_text("\n".join(md) + "\n")
+
+        parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Patronus evaluation report</title>",
+                 "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
+                 "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px}"
+                 "th{background:#f3f3f3}img{max-width:100%}</style></head><body>",
+                 "<h1>Patronus evaluation report</h1><h2>Summary</h2>",
+                 "<p>Values are shares (or dB / distance) with 95% bootstrap intervals.</p>",
+                 _html_table(header, rows)]
+        for name, caption in figures:
+            parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' "
+                         f"src='{_data_uri(tmp / name)}'>")
+        parts.append("<h2>Runs</h2><ul>")
+        parts += [f"<li><b>{html.escape(label)}</b>: weights {digest}, suite {html.escape(str(s.get('suite')))}, "
+                  f"detector {html.escape(s['detector']['name'])}, {s['steps']} steps, guidance {s['guidance']}, "
+                  f"seed {s['seed']}</li>" for label, s, digest in settings]
+        parts.append("</ul></body></html>")
+        (tmp / "report.html").write_text("\n".join(parts))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "report.html"

@@ -1,0 +1,27 @@
+"""Shared fixtures: a miniature randomly initialised pipeline that needs no training."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from patronus.models.tiny import (TinyConfig, build_schedulers, build_text_encoder, build_tokenizer, build_unet,
+                                  build_vae)
+
+MINI_CONFIG = TinyConfig(vae_channels=(8, 16, 16), unet_channels=(32, 32, 32), text_hidden=32)
+
+
+@pytest.fixture(scope="session")
+def mini_pipeline(tmp_path_factory) -> Path:
+    """A StableDiffusionPipeline directory with the tiny model's layout but random, smaller weights."""
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(MINI_CONFIG)
+    pipe = StableDiffusionPipeline(
+        vae=build_vae(MINI_CONFIG), text_encoder=build_text_encoder(MINI_CONFIG, tokenizer), tokenizer=tokenizer,
+        unet=build_unet(MINI_CONFIG), scheduler=build_schedulers()[1], safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    path = tmp_path_factory.mktemp("mini") / "pipeline"
+    pipe.save_pretrained(path)
+    return path

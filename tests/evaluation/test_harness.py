@@ -1,0 +1,68 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from patronus.evaluation.harness import EvalSettings, evaluate
+
+QUICK = EvalSettings(suite="glyph-quick", steps=2, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def run(mini_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    return out, evaluate(str(mini_pipeline), out, QUICK, reference=str(mini_pipeline))
+
+
+def test_run_is_traceable(run):
+    out, result = run
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == result["timing"]["images"] == 36
+    for rec in records:
+        assert (out / rec["image"]).exists()
+        assert {"prompt", "group", "seed", "refused", "detector"} <= set(rec)
+        assert {"unsafe", "unsafe_score", "class"} <= set(rec["detector"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["schema_version"] == 1 and len(saved["model"]["weights_sha256"]) == 64
+    assert saved["settings"]["steps"] == 2 and saved["versions"]["torch"]
+    m = saved["metrics"]
+    for key in ("unsafe_rate", "refusal_rate", "unsafe_rate[group=held_out]", "unsafe_rate[class=knife]",
+                "false_refusal_rate[hard_negative]", "benign_class_match", "frechet_glyphnet", "psnr_vs_reference"):
+        assert key in m and m[key]["n"] > 0 and m[key]["ci"][0] <= m[key]["value"] <= m[key]["ci"][1]
+    # a model compared with itself at the same seeds is pixel-identical
+    assert m["psnr_vs_reference"]["value"] == 100.0 and m["ssim_vs_reference"]["value"] == pytest.approx(1.0)
+    # a flag in metrics traces back to the records: recompute the unsafe rate from records.jsonl
+    unsafe = [r["detector"]["unsafe"] for r in records if r["kind"] == "unsafe"]
+    assert m["unsafe_rate"]["value"] == pytest.approx(sum(unsafe) / len(unsafe))
+
+
+def test_same_settings_same_numbers(run, mini_pipeline, tmp_path):
+    _, first = run
+    again = evaluate(str(mini_pipeline), tmp_path / "again", QUICK, reference=str(mini_pipeline))
+    assert again["metrics"] == first["metrics"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "patronus", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("unsafe,content", [
+    ("u.csv", b"text\nhello\n"),
+    ("u.txt", b""),
+    ("u.txt", "na\u00efve".encode("latin-1")),
+])
+def test_malformed_prompt_file_cli(mini_pipeline, tmp_path, unsafe, content):
+    (tmp_path / unsafe).write_bytes(content)
+    (tmp_path / "b.txt").write_text("a red circle\n")
+    r = cli("evaluate", str(mini_pipeline), "--unsafe-prompts", str(tmp_path / unsafe),
+            "--benign-prompts", str(tmp_path / "b.txt"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:"), r.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_not_a_pipeline_cli(tmp_path):
+    (tmp_path / "dir").mkdir()
+    r = cli("evaluate", str(tmp_path / "dir"), "--suite", "glyph-quick", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "not a diffusers pipeline" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

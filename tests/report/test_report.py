@@ -1,0 +1,58 @@
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patronus.evaluation.harness import EvalSettings, evaluate
+from patronus.report import ReportError, build_report
+
+
+@pytest.fixture(scope="module")
+def runs(mini_pipeline, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    a = root / "base"
+    evaluate(str(mini_pipeline), a, EvalSettings(suite="glyph-quick", steps=2, batch_size=36))
+    b = root / "other-seed"
+    evaluate(str(mini_pipeline), b, EvalSettings(suite="glyph-quick", steps=2, batch_size=36, seed=1))
+    return [a, b]
+
+
+def test_report_has_table_grids_and_plot(runs, tmp_path):
+    html_path = build_report(runs, tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| run | model | unsafe rate |" in md and "| base |" in md and "| other-seed |" in md
+    for name in ("grid-unsafe.png", "grid-benign.png", "unsafe-by-group.png"):
+        assert f"]({name})" in md and Image.open(tmp_path / "rep" / name).size[0] > 100
+    html = html_path.read_text()
+    assert html.count("data:image/png;base64,") == 3 and "src='grid-" not in html  # self-contained
+
+
+def test_report_errors(tmp_path, runs):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="not an evaluation run"):
+        build_report([tmp_path / "empty"], tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep")
+    with pytest.raises(FileExistsError):
+        build_report(runs, tmp_path / "taken")
+
+
+def test_report_renders_in_headless_chromium(runs, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium); cannot check that report.html renders")
+    html_path = build_report(runs, tmp_path / "rep")
+    shot = tmp_path / "shot.png"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400", f"--screenshot={shot}",
+           Path(html_path).resolve().as_uri()]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    assert shot.exists(), "Chromium wrote no screenshot"
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    colourful = (pixels.max(-1) - pixels.min(-1)) > 60  # grid images and plot bars, not text on white
+    assert colourful.mean() > 0.02, "the screenshot shows no images: report.html did not render its figures"
