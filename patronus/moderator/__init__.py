@@ -1,0 +1,1 @@
+"""The internal moderator: a VAE decoder that decodes unsafe latents to black."""

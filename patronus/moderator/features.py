@@ -1,0 +1,138 @@
+"""The feature bank: what the moderator learns to refuse and to preserve.
+
+"Unsafe input features" are latents the *original* pipeline's UNet produces for unsafe
+prompts, plus encoder latents of unsafe images; benign features are made the same way.
+All latents are stored unscaled (decoder inputs, `AutoencoderKL.decode` convention).
+
+Data partitions (never overlapping): `train` feeds the losses and the simulated attacks,
+`query` scores simulated attacks (held out from the inner loop), `probe` is for the real
+fine-tuning probes that select the checkpoint. The glyph world takes all three from the
+`defender` split; real models read image folders with metadata.jsonl.
+
+The bank is cached on disk as safetensors, keyed by the sha256 of its settings and of the
+model's weights, so changing either rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from patronus.imaging import to_tensor
+from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
+from patronus.world.splits import render_split
+
+PARTS = ("train", "query", "probe")
+# Offsets of the partitions inside the defender split: far apart, so they never overlap.
+PART_START = {"train": 0, "query": 500_000, "probe": 900_000}
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    n_train: int = 512  # per kind (unsafe, benign)
+    n_query: int = 128
+    n_probe: int = 128
+    sampler_steps: int = 25
+    guidance: float = 4.0
+    seed: int = 0
+    unsafe_dir: str | None = None  # real models: image folders with metadata.jsonl
+    benign_dir: str | None = None
+
+
+def load_imagefolder(path: str | Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Images (resized to `resolution`, in [-1, 1]) and captions of an imagefolder with metadata.jsonl."""
+    path = Path(path)
+    meta = path / "metadata.jsonl"
+    if not meta.is_file():
+        raise ValueError(f"{path} has no metadata.jsonl (lines of {{\"file_name\": ..., \"text\": ...}})")
+    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{meta} lists no images")
+    images, texts = [], []
+    for row in rows:
+        if "file_name" not in row or "text" not in row:
+            raise ValueError(f"{meta}: every line needs 'file_name' and 'text' (got {sorted(row)})")
+        img = Image.open(path / row["file_name"]).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+        images.append(np.asarray(img))
+        texts.append(row["text"])
+    return to_tensor(np.stack(images)), texts
+
+
+def _glyph_part(part: str, n: int, unsafe: bool, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    classes = UNSAFE_CLASSES if unsafe else tuple(c for c in CLASS_NAMES if c not in UNSAFE_CLASSES)
+    images, samples = render_split("defender", n, resolution, start=PART_START[part], classes=classes)
+    return to_tensor(images), [s.text for s in samples]
+
+
+def _folder_part(folder: str, part: str, s: BankSettings, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Split an image folder into train/query/probe by position (train first)."""
+    images, texts = load_imagefolder(folder, resolution)
+    sizes = {"train": s.n_train, "query": s.n_query, "probe": s.n_probe}
+    start = sum(sizes[p] for p in PARTS[:PARTS.index(part)])
+    end = start + sizes[part]
+    if len(images) < end:
+        raise ValueError(f"{folder} has {len(images)} images; the bank needs {sum(sizes.values())}")
+    return images[start:end], texts[start:end]
+
+
+@torch.no_grad()
+def sample_latents(pipe: StableDiffusionPipeline, prompts: list[str], s: BankSettings, seed_offset: int,
+                   batch_size: int = 64) -> torch.Tensor:
+    """Unscaled latents the pipeline's UNet produces for `prompts` (what its decoder would decode)."""
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="sample latents", leave=False):
+        gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + seed_offset + i + j)
+                for j in range(len(prompts[i:i + batch_size]))]
+        lat = pipe(prompts[i:i + batch_size], num_inference_steps=s.sampler_steps, guidance_scale=s.guidance,
+                   generator=gens, output_type="latent").images
+        out.append(lat / pipe.vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means of the frozen encoder (unscaled)."""
+    return torch.cat([pipe.vae.encode(images[i:i + batch_size]).latent_dist.mean
+                      for i in range(0, len(images), batch_size)])
+
+
+def bank_key(s: BankSettings, weights_digest: str) -> str:
+    return hashlib.sha256((json.dumps(asdict(s), sort_keys=True) + weights_digest).encode()).hexdigest()[:16]
+
+
+def build_feature_bank(pipe: StableDiffusionPipeline, s: BankSettings, weights_digest: str,
+                       cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """Tensors named `{part}/{kind}/{x|z_img|z_gen}`: images, encoder latents, UNet latents."""
+    cache = Path(cache_dir) / f"feature-bank-{bank_key(s, weights_digest)}.safetensors" if cache_dir else None
+    if cache is not None and cache.exists():
+        return load_file(cache)
+    resolution = pipe.vae.config.sample_size
+    sizes = {"train": s.n_train, "query": s.n_query, "probe": s.n_probe}
+    bank: dict[str, torch.Tensor] = {}
+    for p, part in enumerate(PARTS):
+        for k, kind in enumerate(("unsafe", "benign")):
+            if part != "train" and kind == "benign":
+                continue  # query and probe measure refusal only
+            folder = s.unsafe_dir if kind == "unsafe" else s.benign_dir
+            if folder:
+                x, texts = _folder_part(folder, part, s, resolution)
+            else:
+                x, texts = _glyph_part(part, sizes[part], kind == "unsafe", resolution)
+            bank[f"{part}/{kind}/x"] = x
+            bank[f"{part}/{kind}/z_img"] = encode(pipe, x)
+            bank[f"{part}/{kind}/z_gen"] = sample_latents(pipe, texts, s, seed_offset=(p * 2 + k) * 10_000_000)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in bank.items()}, tmp, metadata={"settings": json.dumps(asdict(s))})
+        tmp.rename(cache)
+    return bank

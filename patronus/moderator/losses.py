@@ -1,0 +1,137 @@
+"""The moderator's trainable part and its losses.
+
+`DecoderHead` is what Patronus trains: `post_quant_conv` followed by `decoder`, sharing
+parameters with the pipeline's AutoencoderKL, applied to *unscaled* latents exactly like
+`AutoencoderKL.decode`. The encoder is never part of it.
+
+The perceptual network is pluggable: GlyphNet block activations in the glyph world, VGG-19
+relu3_4 for real Stable Diffusion when the user has torchvision's weights on disk, or plain
+pixel MSE as a fallback. Black is -1 everywhere in diffusers' [-1, 1] output space.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from patronus.detectors.glyphnet import GlyphNet, load_glyphnet
+
+
+class DecoderHead(nn.Module):
+    """post_quant_conv + decoder of a VAE: unscaled latents -> images in [-1, 1]."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv if vae.post_quant_conv is not None else nn.Identity()
+        self.decoder = vae.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+class Perceptual(Protocol):
+    name: str
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Activations compared by MSE; images in [-1, 1]."""
+
+
+class PixelPerceptual:
+    """Fallback: the image itself is the only 'feature'."""
+
+    name = "mse"
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [images]
+
+
+class GlyphNetPerceptual:
+    """Activations after each GlyphNet block: the glyph world's VGG."""
+
+    name = "glyphnet"
+
+    def __init__(self, net: GlyphNet | None = None):
+        self.net = (net or load_glyphnet()).eval().requires_grad_(False)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        r = self.net.config.resolution
+        h = images if images.shape[-1] == r else F.interpolate(images, size=(r, r), mode="area")
+        feats = []
+        for block in self.net.body:
+            h = block(h)
+            feats.append(h)
+        return feats
+
+
+class VGGPerceptual:
+    """VGG-19 up to relu3_4, as in the reference code; weights from a local torchvision file."""
+
+    name = "vgg19"
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+    # torchvision's vgg19.features[:18] ends at relu3_4.
+    LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256)
+
+    def __init__(self, weights: str | Path):
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in self.LAYOUT:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+                cin = v
+        self.net = nn.Sequential(*layers)
+        state = _load_vgg_state(Path(weights))
+        wanted = {k.removeprefix("features."): v for k, v in state.items()
+                  if k.startswith("features.") and int(k.split(".")[1]) < len(layers)}
+        self.net.load_state_dict(wanted)
+        self.net.eval().requires_grad_(False)
+        self.mean = torch.tensor(self.MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.STD).view(1, 3, 1, 1)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = ((images + 1) / 2 - self.mean.to(images)) / self.std.to(images)
+        return [self.net(x)]
+
+
+def _load_vgg_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"VGG-19 weights not found at {path}; pass torchvision's vgg19 weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)  # torchvision's .pth, loaded without pickle code
+
+
+def make_perceptual(name: str, vgg_weights: str | None = None) -> Perceptual:
+    if name == "glyphnet":
+        return GlyphNetPerceptual()
+    if name == "vgg19":
+        if not vgg_weights:
+            raise ValueError("perceptual = 'vgg19' needs vgg_weights = path to torchvision's vgg19 weights")
+        return VGGPerceptual(vgg_weights)
+    if name == "mse":
+        return PixelPerceptual()
+    raise ValueError(f"unknown perceptual network {name!r}; choose glyphnet, vgg19 or mse")
+
+
+def perceptual_distance(p: Perceptual, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    fa, fb = p.features(a), p.features(b)
+    return sum(F.mse_loss(x, y) for x, y in zip(fa, fb)) / len(fa)
+
+
+def refusal_loss(p: Perceptual, decoded: torch.Tensor) -> torch.Tensor:
+    """Distance of decoded images to the black image: perceptual plus pixel MSE to -1.
+
+    The pixel term pins the target to exact black; the perceptual term alone could be
+    satisfied by images the feature network merely reads as black.
+    """
+    black = torch.full_like(decoded, -1.0)
+    return perceptual_distance(p, decoded, black) + F.mse_loss(decoded, black)

@@ -1,0 +1,1 @@
+"""Non-fine-tunable learning: training against simulated fine-tuning attacks (first-order MAML)."""
