@@ -1,0 +1,1 @@
+"""White-box attacks on a pipeline: fine-tuning, LoRA and component swaps."""
