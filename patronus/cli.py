@@ -106,6 +106,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/metrics.json, records.jsonl and images/")
 
 
+def cmd_protect(args: argparse.Namespace) -> None:
+    from patronus.moderator.config import load_config
+    from patronus.moderator.protect import protect
+
+    try:
+        cfg = load_config(args.preset, args.config)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    out = Path(args.out)
+    workdir = Path(args.workdir) if args.workdir else out.with_name(out.name + ".work")
+    info = protect(args.model, out, cfg, workdir, resume=args.resume)
+    best, t = info["chosen_checkpoint"], info["timing"]
+    print(f"protected pipeline: {out} (changed: {', '.join(info['changed_weight_files'])})")
+    print(f"chosen checkpoint: stage-2 step {best['step']}, probe refusal {best['refusal_after_probe']:.3f}, "
+          f"benign PSNR {best['benign_psnr']:.2f} dB")
+    print(f"time {t['total_seconds']:.0f} s, peak memory {t['peak_memory_mb']:.0f} MB")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from patronus.report import build_report
 
@@ -162,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     ev.add_argument("--batch-size", type=int, default=64)
     ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("protect", help="harden the VAE decoder into an internal moderator")
+    pr.add_argument("model", help="pipeline directory or patronus-tiny")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--config", help="a .toml, .yaml or .json file overriding the preset")
+    pr.add_argument("--preset", choices=["quick", "full"], default="full")
+    pr.add_argument("--workdir", help="checkpoints and the feature-bank cache (default: OUT.work)")
+    pr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
+    pr.set_defaults(func=cmd_protect)
 
     rp = sub.add_parser("report", help="turn evaluation runs into report.md and a self-contained report.html")
     rp.add_argument("runs", nargs="+", help="run directories written by `patronus evaluate`")

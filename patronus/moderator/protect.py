@@ -1,0 +1,293 @@
+"""`patronus protect`: turn a pipeline's VAE decoder into an internal moderator.
+
+Read top to bottom:
+  1. load the pipeline, freeze everything but `post_quant_conv` + `decoder`, keep a frozen
+     copy of the original decoder (the calibration target);
+  2. build (or load from cache) the feature bank of unsafe and benign latents;
+  3. stage 1 (unlearn): refusal on unsafe latents/images, reconstruction and calibration on
+     benign ones;
+  4. stage 2 (non-fine-tunable): the same benign terms plus the first-order MAML gradient
+     of the refusal loss measured after a simulated fine-tuning attack;
+  5. every `probe_every` steps a real fine-tuning attack probes the decoder; the checkpoint
+     with the best probe score is the one written out;
+  6. write a standard pipeline directory (only the VAE decoder differs) and patronus.json.
+
+Everything runs under `accelerate.Accelerator`; state is checkpointed every
+`checkpoint_every` steps and `--resume` continues from the newest checkpoint with the same
+final result (all randomness is seeded per step, not carried in a stream).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from patronus.attacks.decoder import DecoderAttack, attack_decoder, load_head_state
+from patronus.detectors.glyphnet import load_glyphnet
+from patronus.evaluation.harness import library_versions
+from patronus.evaluation.metrics import is_refusal
+from patronus.imaging import psnr, to_uint8
+from patronus.models.registry import load_pipeline, resolve_model, weight_hashes, weights_digest
+from patronus.moderator.config import ProtectConfig
+from patronus.moderator.features import PART_START, build_feature_bank
+from patronus.moderator.losses import DecoderHead, make_perceptual, refusal_loss
+from patronus.nft.simulated import sample_attack, simulate_first_order, simulate_second_order
+
+
+def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000 + step)
+
+
+def _encoder_digest(vae) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(vae.encoder.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Protector:
+    """Holds the models, data and losses of one protection run."""
+
+    def __init__(self, model: str, cfg: ProtectConfig, workdir: Path, accelerator: Accelerator):
+        self.cfg, self.workdir, self.accelerator = cfg, workdir, accelerator
+        self.model_dir = resolve_model(model)
+        self.pipe = load_pipeline(model)
+        self.pipe.unet.requires_grad_(False)
+        self.pipe.text_encoder.requires_grad_(False)
+        self.vae = self.pipe.vae
+        self.vae.requires_grad_(False)
+        self.encoder_digest = _encoder_digest(self.vae)
+        self.original = DecoderHead(copy.deepcopy(self.vae)).requires_grad_(False).eval()
+        self.head = DecoderHead(self.vae).requires_grad_(True)
+        self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights)
+        self.glyphnet = load_glyphnet()
+        digest = weights_digest(weight_hashes(self.model_dir))
+        self.bank = build_feature_bank(self.pipe, cfg.bank, digest, cache_dir=workdir / "cache")
+        with torch.no_grad():
+            self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
+            self.orig_unsafe_gen = self._decode(self.original, self.bank["train/unsafe/z_gen"])
+        self.attack_data = {"x": self.bank["train/unsafe/x"], "z_img": self.bank["train/unsafe/z_img"],
+                            "z_gen": self.bank["train/unsafe/z_gen"], "orig_decoded": self.orig_unsafe_gen}
+
+    @staticmethod
+    def _decode(head: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        return torch.cat([head(z[i:i + batch]) for i in range(0, len(z), batch)])
+
+    def benign_terms(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_rec (reconstruct benign images) and L_cal (benign UNet latents decode as before)."""
+        n = len(self.bank["train/benign/x"])
+        idx = torch.randint(0, n, (self.cfg.batch_size,), generator=g)
+        l_rec = F.mse_loss(self.head(self.bank["train/benign/z_img"][idx]), self.bank["train/benign/x"][idx])
+        l_cal = F.mse_loss(self.head(self.bank["train/benign/z_gen"][idx]), self.orig_benign_gen[idx])
+        return l_rec, l_cal
+
+    def refuse_terms(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_refuse on encoder latents of unsafe images and on unsafe UNet latents."""
+        n = len(self.bank["train/unsafe/x"])
+        idx = torch.randint(0, n, (self.cfg.batch_size,), generator=g)
+        img = refusal_loss(self.perceptual, self.head(self.bank["train/unsafe/z_img"][idx]))
+        feat = refusal_loss(self.perceptual, self.head(self.bank["train/unsafe/z_gen"][idx]))
+        return img, feat
+
+    def query_loss_fn(self, g: torch.Generator):
+        """Refusal loss of adapted parameters on a held-out (query) batch of unsafe latents."""
+        zq = torch.cat([self.bank["query/unsafe/z_gen"], self.bank["query/unsafe/z_img"]])
+        idx = torch.randint(0, len(zq), (self.cfg.query_batch,), generator=g)
+        batch = zq[idx]
+
+        def query(head: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return refusal_loss(self.perceptual, functional_call(head, params, (batch,)))
+
+        return query
+
+    @torch.no_grad()
+    def probe(self, step: int) -> dict:
+        """A real fine-tuning attack on the probe partition, and benign fidelity."""
+        cfg = self.cfg
+        attack = DecoderAttack(cfg.probe_optimizer, cfg.probe_lr, cfg.probe_steps, cfg.probe_batch,
+                               save_at=(cfg.probe_steps,), seed=cfg.seed + step)
+        with torch.enable_grad():
+            state = attack_decoder(self.vae, self.bank["probe/unsafe/x"], attack)[cfg.probe_steps]
+        attacked = DecoderHead(load_head_state(self.vae, state)).eval()
+        z_probe = self.bank["probe/unsafe/z_gen"]
+        before = to_uint8(self._decode(self.head, z_probe))
+        decoded_after = self._decode(attacked, z_probe).clamp(-1, 1)
+        after = to_uint8(decoded_after)
+        flagged_after = self.glyphnet.predict(decoded_after)["unsafe"]
+        benign = self._decode(self.head, self.bank["train/benign/z_gen"][:256])
+        benign_psnr = psnr(benign, self.orig_benign_gen[:256]).mean().item()
+        refusal_after = float(is_refusal(after).mean())
+        score = refusal_after - max(0.0, cfg.min_benign_psnr - benign_psnr) / 10.0
+        return {"step": step, "refusal_before": float(is_refusal(before).mean()), "refusal_after_probe": refusal_after,
+                "unsafe_after_probe": float(np.mean(flagged_after)), "benign_psnr": benign_psnr, "score": score}
+
+
+def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bool = False) -> dict:
+    """Run both stages and write the protected pipeline to `out`. Returns patronus.json's content."""
+    out, workdir = Path(out), Path(workdir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} exists and is not empty; choose another --out")
+    if workdir.exists() and any(workdir.glob("checkpoint-*")) and not resume:
+        raise FileExistsError(f"{workdir} holds checkpoints of an earlier run; pass --resume or remove it")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_file = workdir / "config.json"
+    if resume and cfg_file.exists() and json.loads(cfg_file.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+        raise ValueError(f"{workdir} was started with different settings; resume with the same config")
+    cfg_file.write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator()
+    p = Protector(model, cfg, workdir, accelerator)
+    opt = torch.optim.Adam(p.head.parameters(), lr=cfg.stage1_lr, weight_decay=2e-4)
+    # Single-process runs use p.head directly; prepare() registers it for save/load_state.
+    _, opt = accelerator.prepare(p.head, opt)
+    state = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}}
+    best_weights: dict[str, torch.Tensor] = {}
+    ckpts = sorted(workdir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    if resume and ckpts:
+        accelerator.load_state(str(ckpts[-1]))
+        state = json.loads((ckpts[-1] / "state.json").read_text())
+        if (ckpts[-1] / "best.safetensors").exists():
+            best_weights = load_file(ckpts[-1] / "best.safetensors")
+        accelerator.print(f"resumed from {ckpts[-1]} (stage {state['stage']}, step {state['step']})")
+
+    def checkpoint() -> None:
+        """Model, optimizer, RNG, run state and best-so-far weights, written atomically."""
+        tag = state["stage"] * 1_000_000 + state["step"]
+        tmp = workdir / f"tmp-checkpoint-{tag}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.save_state(str(tmp))
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        if best_weights:
+            save_file(best_weights, tmp / "best.safetensors")
+        tmp.rename(workdir / f"checkpoint-{tag}")
+        for old in sorted(workdir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))[:-2]:
+            shutil.rmtree(old)
+
+    def maybe_probe(step: int) -> None:
+        if step % cfg.probe_every and step != cfg.stage2_steps:
+            return
+        result = p.probe(step)
+        state["probes"].append(result)
+        accelerator.print(f"probe at stage-2 step {step}: {json.dumps(result)}")
+        if state["best"] is None or result["score"] > state["best"]["score"]:
+            state["best"] = result
+            best_weights.clear()
+            best_weights.update({k: v.detach().clone().contiguous() for k, v in p.head.state_dict().items()})
+
+    # Stage 1: unlearn.
+    if state["stage"] == 1:
+        t0 = time.time()
+        bar = tqdm(range(state["step"], cfg.stage1_steps), initial=state["step"], total=cfg.stage1_steps,
+                   desc="stage 1 (unlearn)", disable=not accelerator.is_main_process)
+        for step in bar:
+            g = _step_generator(cfg.seed, 1, step)
+            l_rec, l_cal = p.benign_terms(g)
+            r_img, r_feat = p.refuse_terms(g)
+            loss = (cfg.stage1_w_refuse_img * r_img + cfg.stage1_w_rec * l_rec
+                    + cfg.stage1_w_refuse_feat * r_feat + cfg.stage1_w_cal * l_cal)
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            state["step"] = step + 1
+            bar.set_postfix(refuse=f"{r_feat.item():.4f}", rec=f"{l_rec.item():.4f}", cal=f"{l_cal.item():.5f}")
+            if state["step"] % cfg.checkpoint_every == 0:
+                checkpoint()
+        state["timing"]["stage1_seconds"] = state["timing"].get("stage1_seconds", 0) + time.time() - t0
+        state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / max(1, cfg.stage1_steps)
+        state["stage"], state["step"] = 2, 0
+        for group in opt.param_groups:
+            group["lr"] = cfg.stage2_lr
+        checkpoint()
+
+    # Stage 2: non-fine-tunable learning.
+    t0 = time.time()
+    inner_total, first_step = 0, state["step"]
+    bar = tqdm(range(state["step"], cfg.stage2_steps), initial=state["step"], total=cfg.stage2_steps,
+               desc="stage 2 (non-fine-tunable)", disable=not accelerator.is_main_process)
+    for step in bar:
+        g = _step_generator(cfg.seed, 2, step)
+        attack = sample_attack(np.random.default_rng([cfg.seed, 2, step]), cfg.attacks)
+        inner_total += attack.steps
+        query = p.query_loss_fn(g)
+        opt.zero_grad(set_to_none=True)
+        if cfg.second_order and attack.optimizer == "sgd" and attack.params == "full":
+            q = simulate_second_order(p.head, attack, p.attack_data, query, g)
+            accelerator.backward(cfg.stage2_w_nft * q)
+            q_value = q.item()
+        else:
+            grads, q_value = simulate_first_order(p.head, attack, p.attack_data, query,
+                                                  cfg.attacks.queries_per_attack, g)
+        l_rec, l_cal = p.benign_terms(g)
+        r_img, r_feat = p.refuse_terms(g)
+        loss = cfg.stage2_w_rec * l_rec + cfg.stage2_w_cal * l_cal + cfg.stage2_w_refuse * (r_img + r_feat)
+        accelerator.backward(loss)
+        if not (cfg.second_order and attack.optimizer == "sgd" and attack.params == "full"):
+            for name, param in p.head.named_parameters():
+                nft = accelerator.reduce(grads[name], reduction="mean") if accelerator.num_processes > 1 else grads[name]
+                param.grad = param.grad + cfg.stage2_w_nft * nft
+        opt.step()
+        state["step"] = step + 1
+        bar.set_postfix(query=f"{q_value:.4f}", rec=f"{l_rec.item():.4f}", cal=f"{l_cal.item():.5f}",
+                        attack=f"{attack.optimizer}/{attack.kind}/{attack.params}x{attack.steps}")
+        maybe_probe(state["step"])
+        if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.stage2_steps:
+            checkpoint()
+    steps_run = state["step"] - first_step
+    if steps_run:
+        seconds = time.time() - t0
+        state["timing"]["stage2_outer_step_seconds"] = seconds / steps_run
+        state["timing"]["mean_inner_steps"] = inner_total / steps_run
+
+    if cfg.stage2_steps == 0:
+        maybe_probe(0)
+    p.head.load_state_dict(best_weights)
+    if _encoder_digest(p.vae) != p.encoder_digest:
+        raise RuntimeError("the VAE encoder changed during protection; this is a bug")
+    return _write_output(p, out, cfg, state, time.time() - t_start)
+
+
+def _write_output(p: Protector, out: Path, cfg: ProtectConfig, state: dict, seconds: float) -> dict:
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(p.model_dir, tmp, ignore=shutil.ignore_patterns("patronus.json"))
+    shutil.rmtree(tmp / "vae")
+    p.vae.save_pretrained(tmp / "vae")
+    hashes = weight_hashes(tmp)
+    original = weight_hashes(p.model_dir)
+    changed = sorted(k for k in hashes if hashes[k] != original.get(k))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info = {
+        "patronus_version": library_versions()["patronus"],
+        "source_model": {"path": str(p.model_dir.resolve()), "weights_sha256": weights_digest(original)},
+        "config": cfg.to_dict(),
+        "data": {"glyph_world_split": None if cfg.bank.unsafe_dir else "defender",
+                 "partition_offsets": PART_START, "unsafe_dir": cfg.bank.unsafe_dir, "benign_dir": cfg.bank.benign_dir},
+        "seeds": {"run": cfg.seed},
+        "chosen_checkpoint": state["best"],
+        "probes": state["probes"],
+        "timing": state["timing"] | {"total_seconds": seconds, "peak_memory_mb": peak_mb},
+        "changed_weight_files": changed,
+        "weight_files_sha256": hashes,
+        "versions": library_versions(),
+    }
+    (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return info

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from patronus.moderator.config import load_config
+from patronus.moderator.protect import protect
+
+TINY_RUN = {
+    "bank": {"n_train": 16, "n_query": 8, "n_probe": 8, "sampler_steps": 2},
+    "batch_size": 8, "query_batch": 8, "stage1_steps": 4, "stage2_steps": 4, "probe_every": 2, "probe_steps": 2,
+    "probe_batch": 4, "checkpoint_every": 2,
+    "attacks": {"inner_steps": [1, 3], "batch_sizes": [2, 4], "queries_per_attack": 1},
+}
+
+
+@pytest.fixture()
+def cfg(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY_RUN))
+    return load_config("quick", path)
+
+
+def test_protect_writes_a_standard_pipeline_changing_only_the_decoder(mini_pipeline, tmp_path, cfg):
+    info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert info["changed_weight_files"] == ["vae/diffusion_pytorch_model.safetensors"]
+    saved = json.loads((tmp_path / "out" / "patronus.json").read_text())
+    assert saved["chosen_checkpoint"]["step"] in (2, 4) and len(saved["probes"]) == 2
+    assert {"total_seconds", "peak_memory_mb", "stage2_outer_step_seconds"} <= set(saved["timing"])
+    original = StableDiffusionPipeline.from_pretrained(mini_pipeline)
+    protected = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    for k, v in original.vae.encoder.state_dict().items():
+        assert torch.equal(v, protected.vae.encoder.state_dict()[k])
+    for k, v in original.unet.state_dict().items():
+        assert torch.equal(v, protected.unet.state_dict()[k])
+    assert any(not torch.equal(v, protected.vae.decoder.state_dict()[k])
+               for k, v in original.vae.decoder.state_dict().items())
+
+
+def test_resume_gives_the_same_result(mini_pipeline, tmp_path, cfg):
+    protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    # A run killed after its stage-2 step-2 checkpoint: keep only that checkpoint.
+    protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
+    ckpts = sorted((tmp_path / "wb").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    assert ckpts[-1].name == "checkpoint-2000004"
+    import shutil
+
+    shutil.rmtree(ckpts[-1])
+    assert json.loads((ckpts[-2] / "state.json").read_text())["step"] == 2
+    with pytest.raises(FileExistsError, match="--resume"):
+        protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb")
+    info = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    assert [pr["step"] for pr in info["probes"]] == [2, 4]  # step 4 was really run again
+    a = StableDiffusionPipeline.from_pretrained(tmp_path / "a").vae.state_dict()
+    b = StableDiffusionPipeline.from_pretrained(tmp_path / "b").vae.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
