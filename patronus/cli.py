@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,51 +20,38 @@ class UsageError(ValueError):
     """Input the user can fix; printed as one line, exit code 2."""
 
 
-def _fresh_out(path: Path) -> Path:
-    """A new output directory path; refusing to mix results into an existing one."""
-    if path.exists() and any(path.iterdir()):
-        raise UsageError(f"output directory {path} exists and is not empty; choose another --out")
-    return path
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from patronus.imaging import grid
+    from patronus.io import atomic_dir
     from patronus.models.registry import load_pipeline
     from patronus.models.sampling import generate
 
     if args.n < 1:
         raise UsageError("--n must be at least 1")
-    out = _fresh_out(Path(args.out))
-    pipe = load_pipeline(args.model)
     seeds = [args.seed + i for i in range(args.n)]
-    images = generate(pipe, [args.prompt] * args.n, seeds, steps=args.steps, guidance=args.guidance, progress=True)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for seed, img in zip(seeds, images):
-        Image.fromarray(img).save(tmp / f"{seed:06d}.png")
-    grid(images, cols=min(8, args.n), upscale=4).save(tmp / "grid.png")
-    settings = {"model": args.model, "prompt": args.prompt, "seeds": seeds, "steps": args.steps,
-                "guidance": args.guidance, "sampler": type(pipe.scheduler).__name__}
-    (tmp / "settings.json").write_text(json.dumps(settings, indent=2))
-    if out.exists():
-        out.rmdir()  # _fresh_out guaranteed it is empty
-    tmp.rename(out)
-    print(f"wrote {args.n} images and {out / 'grid.png'}")
+    with atomic_dir(args.out) as tmp:
+        pipe = load_pipeline(args.model)
+        images = generate(pipe, [args.prompt] * args.n, seeds, steps=args.steps, guidance=args.guidance,
+                          progress=True)
+        for seed, img in zip(seeds, images):
+            Image.fromarray(img).save(tmp / f"{seed:06d}.png")
+        grid(images, cols=min(8, args.n), upscale=4).save(tmp / "grid.png")
+        settings = {"model": args.model, "prompt": args.prompt, "seeds": seeds, "steps": args.steps,
+                    "guidance": args.guidance, "sampler": type(pipe.scheduler).__name__}
+        (tmp / "settings.json").write_text(json.dumps(settings, indent=2))
+    print(f"wrote {args.n} images and {Path(args.out) / 'grid.png'}")
 
 
 def cmd_train_glyphnet(args: argparse.Namespace) -> None:
-    import torch
-
     from patronus.detectors.glyphnet import GlyphNetTrainConfig, evaluate_glyphnet, train_glyphnet
+    from patronus.io import atomic_dir
 
-    out = _fresh_out(Path(args.out))
     t0 = time.time()
-    net = train_glyphnet(GlyphNetTrainConfig(steps=args.steps, seed=args.seed))
-    torch.manual_seed(0)
-    net.save_pretrained(out)
+    with atomic_dir(args.out) as tmp:
+        net = train_glyphnet(GlyphNetTrainConfig(steps=args.steps, seed=args.seed))
+        net.save_pretrained(tmp)
     print(f"trained in {time.time() - t0:.0f} s; held-out metrics: {json.dumps(evaluate_glyphnet(net))}")
 
 

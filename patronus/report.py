@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from patronus.io import atomic_dir  # noqa: E402
 
 # Summary columns, in order; a column is shown when at least one run has it.
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -158,13 +159,7 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
     for i, r in enumerate(runs):
         if labels.count(r.label) > 1:
             r.label = f"{r.label}#{labels[:i].count(r.label) + 1}"
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} exists and is not empty; choose another --out")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         header, rows = summary_table(runs)
         figures: list[tuple[str, str]] = []
         for kind in ("unsafe", "benign"):
@@ -200,10 +195,4 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
                   f"seed {s['seed']}</li>" for label, s, digest in settings]
         parts.append("</ul></body></html>")
         (tmp / "report.html").write_text("\n".join(parts))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out / "report.html"
+    return Path(out) / "report.html"

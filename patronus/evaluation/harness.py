@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
 import zlib
 from collections import defaultdict
@@ -29,6 +28,7 @@ from patronus.evaluation.metrics import (REFUSAL_MAX, REFUSAL_MEAN, bootstrap_ci
                                          ssim_uint8)
 from patronus.evaluation.suites import EvalPrompt, PromptFileError, load_prompt_file, load_suite
 from patronus.imaging import grid
+from patronus.io import atomic_dir
 from patronus.models.registry import load_pipeline, resolve_model, weight_hashes, weights_digest
 from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 from patronus.world.prompts import render_reference
@@ -152,9 +152,11 @@ def frechet_to_renders(detector: GlyphNetDetector, jobs: list[Job], images: np.n
 def evaluate(model: str, out: Path, s: EvalSettings, reference: str | None = None,
              detector: Detector | None = None) -> dict:
     """Run the whole evaluation and write `out` atomically (a failed run leaves nothing behind)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} exists and is not empty; choose another --out")
+    with atomic_dir(out) as tmp:
+        return _evaluate(model, tmp, s, reference, detector)
+
+
+def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, detector: Detector | None) -> dict:
     prompts = resolve_prompts(s)
     if s.n_per_prompt < 1 or s.batch_size < 1 or s.steps < 1:
         raise PromptFileError("--n-per-prompt, --batch-size and --steps must be at least 1")
@@ -196,33 +198,24 @@ def evaluate(model: str, out: Path, s: EvalSettings, reference: str | None = Non
                    "images_per_s": len(images) / gen_seconds},
         "metrics": metrics,
     }
-    _write_run(out, result, jobs, images, detections, refused)
+    _write_run(tmp, result, jobs, images, detections, refused)
     return result
 
 
 def _write_run(out: Path, result: dict, jobs: list[Job], images: np.ndarray, detections: list[dict],
                refused: np.ndarray) -> None:
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    try:
-        with open(tmp / "records.jsonl", "w") as f:
-            for i, (job, img, det) in enumerate(zip(jobs, images, detections)):
-                name = f"images/{i:05d}.png"
-                Image.fromarray(img).save(tmp / name)
-                rec = {"index": i, "image": name, "prompt": job.prompt.prompt, "kind": job.prompt.kind,
-                       "group": job.prompt.group, "class": job.prompt.cls, "prompt_seed": job.prompt.seed,
-                       "repeat": job.repeat, "seed": job.seed, "guidance": job.guidance,
-                       "refused": bool(refused[i]), "detector": det}
-                f.write(json.dumps(rec) + "\n")
-        for kind in ("unsafe", "benign"):
-            idx = [i for i, j in enumerate(jobs) if j.prompt.kind == kind][:64]
-            if idx:
-                grid(images[idx], cols=8, upscale=max(1, 128 // images.shape[1])).save(tmp / f"grid-{kind}.png")
-        (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    (out / "images").mkdir()
+    with open(out / "records.jsonl", "w") as f:
+        for i, (job, img, det) in enumerate(zip(jobs, images, detections)):
+            name = f"images/{i:05d}.png"
+            Image.fromarray(img).save(out / name)
+            rec = {"index": i, "image": name, "prompt": job.prompt.prompt, "kind": job.prompt.kind,
+                   "group": job.prompt.group, "class": job.prompt.cls, "prompt_seed": job.prompt.seed,
+                   "repeat": job.repeat, "seed": job.seed, "guidance": job.guidance,
+                   "refused": bool(refused[i]), "detector": det}
+            f.write(json.dumps(rec) + "\n")
+    for kind in ("unsafe", "benign"):
+        idx = [i for i, j in enumerate(jobs) if j.prompt.kind == kind][:64]
+        if idx:
+            grid(images[idx], cols=8, upscale=max(1, 128 // images.shape[1])).save(out / f"grid-{kind}.png")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -40,6 +40,7 @@ from patronus.detectors.glyphnet import load_glyphnet
 from patronus.evaluation.harness import library_versions
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_uint8
+from patronus.io import atomic_dir
 from patronus.models.registry import load_pipeline, resolve_model, weight_hashes, weights_digest
 from patronus.moderator.config import ProtectConfig
 from patronus.moderator.features import PART_START, build_feature_bank
@@ -263,12 +264,15 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
 
 
 def _write_output(p: Protector, out: Path, cfg: ProtectConfig, state: dict, seconds: float) -> dict:
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(p.model_dir, tmp, ignore=shutil.ignore_patterns("patronus.json"))
-    shutil.rmtree(tmp / "vae")
-    p.vae.save_pretrained(tmp / "vae")
-    hashes = weight_hashes(tmp)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(p.model_dir, tmp, ignore=shutil.ignore_patterns("patronus.json", "vae"), dirs_exist_ok=True)
+        p.vae.save_pretrained(tmp / "vae")
+        info = _provenance(p, cfg, state, seconds, weight_hashes(tmp))
+        (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _provenance(p: Protector, cfg: ProtectConfig, state: dict, seconds: float, hashes: dict[str, str]) -> dict:
     original = weight_hashes(p.model_dir)
     changed = sorted(k for k in hashes if hashes[k] != original.get(k))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -286,8 +290,4 @@ def _write_output(p: Protector, out: Path, cfg: ProtectConfig, state: dict, seco
         "weight_files_sha256": hashes,
         "versions": library_versions(),
     }
-    (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
     return info

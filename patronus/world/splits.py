@@ -8,13 +8,13 @@ stream. The defender split never uses held-out synonyms.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from patronus.io import atomic_dir
 from patronus.world.captions import sample_caption, word_group
 from patronus.world.glyphs import BY_NAME, CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.render import GlyphSpec, render, sample_spec
@@ -88,15 +88,9 @@ def export_imagefolder(
 ) -> Path:
     """Write PNGs plus `metadata.jsonl` (file_name, text, ...), the layout diffusers' scripts read.
 
-    Written to a temporary sibling and renamed at the end, so a failure leaves no half folder.
+    Written atomically: a failure leaves no half folder, and an existing non-empty `out` is refused.
     """
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new --out directory")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         images, samples = render_split(split, n, resolution, classes=classes)
         with open(tmp / "metadata.jsonl", "w") as f:
             for img, s in zip(images, samples):
@@ -105,8 +99,4 @@ def export_imagefolder(
                 record = {"file_name": name, "text": s.text, "class": s.spec.cls, "group": s.group,
                           "color": s.spec.color, "background": s.spec.background}
                 f.write(json.dumps(record) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)

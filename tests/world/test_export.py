@@ -17,8 +17,10 @@ def test_export_writes_imagefolder_with_metadata(tmp_path):
 
 def test_export_refuses_existing_dir_and_leaves_nothing_half_written(tmp_path):
     (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError):
         export_imagefolder("eval", 2, tmp_path / "x")
     with pytest.raises(ValueError):
         export_imagefolder("nope", 2, tmp_path / "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["mine.txt"]
