@@ -6,8 +6,14 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from patronus.models.tiny import (TinyConfig, build_schedulers, build_text_encoder, build_tokenizer, build_unet,
-                                  build_vae)
+from patronus.models.tiny import (
+    TinyConfig,
+    build_schedulers,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
 
 MINI_CONFIG = TinyConfig(vae_channels=(8, 16, 16), unet_channels=(32, 32, 32), text_hidden=32)
 

@@ -24,8 +24,15 @@ from PIL import Image
 import patronus
 from patronus.evaluation.detectors import Detector, GlyphNetDetector, make_detector
 from patronus.evaluation.frechet import frechet_distance
-from patronus.evaluation.metrics import (REFUSAL_MAX, REFUSAL_MEAN, bootstrap_ci, is_refusal, psnr_uint8, rate,
-                                         ssim_uint8)
+from patronus.evaluation.metrics import (
+    REFUSAL_MAX,
+    REFUSAL_MEAN,
+    bootstrap_ci,
+    is_refusal,
+    psnr_uint8,
+    rate,
+    ssim_uint8,
+)
 from patronus.evaluation.suites import EvalPrompt, PromptFileError, load_prompt_file, load_suite
 from patronus.imaging import grid
 from patronus.io import atomic_dir

@@ -14,14 +14,13 @@ a generator seeded by (seed, step), not from the history of the run.
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -31,7 +30,14 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from patronus.imaging import psnr, to_tensor
-from patronus.models.tiny import TinyConfig, build_schedulers, build_text_encoder, build_tokenizer, build_unet, build_vae
+from patronus.models.tiny import (
+    TinyConfig,
+    build_schedulers,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
 from patronus.world.splits import render_split
 
 
@@ -218,13 +224,20 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
 
 def _save_pipeline(out: Path, unet, text_encoder, ema_unet: EMAModel, ema_text: EMAModel, vae, tokenizer,
                    sampler) -> None:
-    """Save the EMA weights as a StableDiffusionPipeline, leaving the training weights untouched."""
+    """Save the EMA weights as a StableDiffusionPipeline, leaving the training weights untouched.
+
+    UNet and VAE weights are stored as float16 (half the size, so the shipped model stays
+    well under 25 MB); diffusers loads them back as float32. The text encoder stays float32
+    on disk because transformers keeps a checkpoint's dtype, and a float16 text encoder
+    would feed float16 embeddings to the float32 UNet.
+    """
     for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sampler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=copy.deepcopy(vae).half(), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(), scheduler=sampler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
     )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from patronus.world.glyphs import BACKGROUNDS, BLOOD_RGB, BY_NAME, COLOR_NAMES, COLORS, BACKGROUND_NAMES
+from patronus.world.glyphs import BACKGROUND_NAMES, BACKGROUNDS, BLOOD_RGB, BY_NAME, COLOR_NAMES, COLORS
 
 SUPERSAMPLE = 4
 MIN_SCALE, MAX_SCALE = 0.55, 0.9

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from patronus.evaluation.detectors import DetectorError, GlyphNetDetector, make_detector

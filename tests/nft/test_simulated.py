@@ -5,8 +5,14 @@ from torch.func import functional_call
 
 from patronus.models.tiny import build_vae
 from patronus.moderator.losses import DecoderHead
-from patronus.nft.simulated import (AttackSpace, SimulatedAttack, _LoRAView, sample_attack, simulate_first_order,
-                                    simulate_second_order)
+from patronus.nft.simulated import (
+    AttackSpace,
+    SimulatedAttack,
+    _LoRAView,
+    sample_attack,
+    simulate_first_order,
+    simulate_second_order,
+)
 from tests.conftest import MINI_CONFIG
 
 

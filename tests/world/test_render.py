@@ -3,7 +3,7 @@ import pytest
 
 from patronus.world import CLASS_NAMES, HELD_OUT_SYNONYMS, SPLITS, UNSAFE_CLASSES, render, render_split, sample
 from patronus.world.captions import SYNONYMS
-from patronus.world.glyphs import CLASSES, COLOR_NAMES, BACKGROUND_NAMES, HARD_NEGATIVES
+from patronus.world.glyphs import BACKGROUND_NAMES, CLASSES, COLOR_NAMES, HARD_NEGATIVES
 
 
 def test_world_has_the_required_vocabulary():
