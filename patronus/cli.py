@@ -110,6 +110,24 @@ def cmd_protect(args: argparse.Namespace) -> None:
     print(f"time {t['total_seconds']:.0f} s, peak memory {t['peak_memory_mb']:.0f} MB")
 
 
+def cmd_attack(args: argparse.Namespace) -> None:
+    from patronus.attacks.finetune import AttackSettings, run_attack
+
+    try:
+        save_at = tuple(int(x) for x in args.save_at.split(",")) if args.save_at else (args.steps,)
+    except ValueError as e:
+        raise UsageError(f"--save-at must be comma-separated step numbers, got {args.save_at!r}") from e
+    settings = AttackSettings(kind=args.kind, data=args.data, optimizer=args.optimizer, lr=args.lr,
+                              steps=args.steps, rank=args.rank, batch_size=args.batch_size, save_at=save_at,
+                              seed=args.seed, swap_from=getattr(args, "from"), then=args.then)
+    try:
+        settings.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    dirs = run_attack(args.model, settings, Path(args.out))
+    print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in dirs))
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from patronus.report import build_report
 
@@ -175,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workdir", help="checkpoints and the feature-bank cache (default: OUT.work)")
     pr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
     pr.set_defaults(func=cmd_protect)
+
+    at = sub.add_parser("attack", help="fine-tune or swap components the way a white-box adversary would")
+    at.add_argument("model", help="pipeline directory or patronus-tiny")
+    at.add_argument("--kind", required=True,
+                    help="unet-full, unet-lora, decoder-full, decoder-lora, joint or swap-decoder")
+    at.add_argument("--data", default="attacker", help="'attacker' (glyph split) or an image folder with metadata.jsonl")
+    at.add_argument("--optimizer", default="adam", help="adam, adamw, sgd (momentum 0.9), rmsprop or adadelta")
+    at.add_argument("--lr", type=float, default=1e-4)
+    at.add_argument("--steps", type=int, default=500)
+    at.add_argument("--rank", type=int, default=8, help="LoRA rank for *-lora kinds")
+    at.add_argument("--batch-size", type=int, default=16)
+    at.add_argument("--save-at", help="comma-separated steps to save at (default: the last step)")
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--from", help="swap-decoder: the pipeline whose VAE is put in")
+    at.add_argument("--then", help="swap-decoder: follow with unet-full or unet-lora")
+    at.add_argument("--out", required=True)
+    at.set_defaults(func=cmd_attack)
 
     rp = sub.add_parser("report", help="turn evaluation runs into report.md and a self-contained report.html")
     rp.add_argument("runs", nargs="+", help="run directories written by `patronus evaluate`")

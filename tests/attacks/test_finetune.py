@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from patronus.attacks.finetune import AttackSettings, run_attack
+
+
+def _weights(path, component):
+    return getattr(StableDiffusionPipeline.from_pretrained(path), component).state_dict()
+
+
+@pytest.mark.parametrize("kind,changed,unchanged", [
+    ("unet-full", ["unet"], ["vae", "text_encoder"]),
+    ("unet-lora", ["unet"], ["vae", "text_encoder"]),
+    ("decoder-full", ["vae"], ["unet", "text_encoder"]),
+    ("decoder-lora", ["vae"], ["unet", "text_encoder"]),
+    ("joint", ["unet", "vae", "text_encoder"], []),
+])
+def test_each_kind_changes_only_its_components(mini_pipeline, tmp_path, kind, changed, unchanged):
+    s = AttackSettings(kind=kind, optimizer="adam", lr=1e-3, steps=3, rank=4, batch_size=4, save_at=(1, 3))
+    dirs = run_attack(str(mini_pipeline), s, tmp_path / "out", progress=False)
+    assert [d.name for d in dirs] == ["step-1", "step-3"]
+    for component in changed:
+        before, after = _weights(mini_pipeline, component), _weights(dirs[-1], component)
+        assert before.keys() == after.keys()  # LoRA fused: a plain diffusers checkpoint
+        assert any(not torch.equal(before[k], after[k]) for k in before), component
+    for component in unchanged:
+        before, after = _weights(mini_pipeline, component), _weights(dirs[-1], component)
+        assert all(torch.equal(before[k], after[k]) for k in before), component
+    if kind.endswith("lora"):
+        assert (dirs[-1] / "lora" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "out" / "attack.json").read_text())["kind"] == kind
+
+
+def test_swap_decoder(mini_pipeline, tmp_path):
+    other = tmp_path / "other"
+    run_attack(str(mini_pipeline), AttackSettings(kind="decoder-full", lr=1e-2, steps=2, batch_size=4, save_at=(2,)),
+               other, progress=False)
+    dirs = run_attack(str(mini_pipeline), AttackSettings(kind="swap-decoder", swap_from=str(other / "step-2")),
+                      tmp_path / "swap", progress=False)
+    swapped = _weights(dirs[0], "vae")
+    donor = _weights(other / "step-2", "vae")
+    assert all(torch.equal(swapped[k], donor[k]) for k in donor)
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (dict(kind="prompt-tuning"), "unknown attack kind"),
+    (dict(kind="unet-full", optimizer="lion"), "unknown optimizer"),
+    (dict(kind="swap-decoder"), "--from"),
+    (dict(kind="unet-full", steps=10, save_at=(20,)), "--save-at"),
+])
+def test_bad_settings(mini_pipeline, tmp_path, bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        run_attack(str(mini_pipeline), AttackSettings(**bad), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
