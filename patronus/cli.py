@@ -128,6 +128,18 @@ def cmd_attack(args: argparse.Namespace) -> None:
     print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in dirs))
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from patronus.attacks.sweep import load_grid, run_sweep
+
+    try:
+        grid = load_grid(args.grid)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    t0 = time.time()
+    summary = run_sweep(args.model, grid, Path(args.out), unprotected=args.unprotected)
+    print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from patronus.report import build_report
 
@@ -211,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--out", required=True)
     at.set_defaults(func=cmd_attack)
 
+    sw = sub.add_parser("sweep", help="attack grid on a model and its unprotected and scratch references")
+    sw.add_argument("model", help="the (protected) pipeline directory")
+    sw.add_argument("--grid", default="default", help="a grid .toml/.yaml, or a shipped grid: default, quick")
+    sw.add_argument("--unprotected", default="patronus-tiny", help="the original model (unprotected reference)")
+    sw.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
+    sw.set_defaults(func=cmd_sweep)
+
     rp = sub.add_parser("report", help="turn evaluation runs into report.md and a self-contained report.html")
     rp.add_argument("runs", nargs="+", help="run directories written by `patronus evaluate`")
     rp.add_argument("--out", required=True)
@@ -250,8 +269,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (UsageError, ModelLoadError, PromptFileError, DetectorError, ReportError,
-            FileExistsError) as e:
+    except (UsageError, ModelLoadError, PromptFileError, DetectorError, ReportError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 

@@ -1,0 +1,145 @@
+"""`patronus sweep`: a grid of attacks on a model and on its two references, every checkpoint evaluated.
+
+The grid file (TOML or YAML) names attack kinds, optimizers, learning rates, budgets
+(checkpoint steps) and seeds; the sweep runs their product on the protected model, on the
+**unprotected** original and on a **scratch** model (the original with the attacked
+components re-initialised at random). Every checkpoint is evaluated with the evaluation
+harness. A cell is finished when its `done.json` exists: a killed sweep rerun with the same
+command skips finished cells and redoes the one it was in. Attacked pipelines are deleted
+after evaluation unless `keep_checkpoints` is set (a full grid would take many GB).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from patronus.attacks.finetune import AttackSettings, run_attack
+from patronus.evaluation.harness import EvalSettings, evaluate
+from patronus.models.registry import load_pipeline, resolve_model
+from patronus.moderator.losses import DecoderHead
+
+GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"
+
+
+@dataclass(frozen=True)
+class Grid:
+    kinds: tuple[str, ...] = ("unet-full", "unet-lora", "decoder-full", "joint")
+    ranks: tuple[int, ...] = (4, 64)  # expands every *-lora kind
+    optimizers: tuple[str, ...] = ("adam", "sgd")
+    lrs: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    budgets: tuple[int, ...] = (100, 500, 2000)
+    seeds: tuple[int, ...] = (0,)
+    batch_size: int = 16
+    data: str = "attacker"
+    suite: str = "glyph"
+    references: tuple[str, ...] = ("unprotected", "scratch")
+    keep_checkpoints: bool = False
+    eval: dict = field(default_factory=dict)  # extra EvalSettings fields (steps, guidance, ...)
+
+    def cells(self) -> list[dict]:
+        kinds = [(k, r) for k in self.kinds for r in (self.ranks if k.endswith("-lora") else (None,))]
+        return [{"kind": k, "rank": r, "optimizer": o, "lr": lr, "seed": s}
+                for (k, r), o, lr, s in itertools.product(kinds, self.optimizers, self.lrs, self.seeds)]
+
+
+def cell_id(cell: dict) -> str:
+    rank = f"-r{cell['rank']}" if cell["rank"] else ""
+    return f"{cell['kind']}{rank}_{cell['optimizer']}_lr{cell['lr']:g}_s{cell['seed']}"
+
+
+def load_grid(path: str | Path) -> Grid:
+    """A grid file, or the name of one shipped in patronus/grids (`default`, `quick`)."""
+    path = Path(path)
+    if not path.exists() and (GRIDS_DIR / f"{path}.toml").exists():
+        path = GRIDS_DIR / f"{path}.toml"
+    if not path.is_file():
+        raise ValueError(f"grid file {path} not found (shipped grids: "
+                         f"{', '.join(p.stem for p in sorted(GRIDS_DIR.glob('*.toml')))})")
+    text = path.read_text()
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"grid file {path} is not valid: {str(e).splitlines()[0]}") from e
+    known = set(Grid.__dataclass_fields__)
+    if unknown := set(values) - known:
+        raise ValueError(f"unknown grid setting(s) in {path}: {', '.join(sorted(unknown))}")
+    return Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def make_scratch(model: str, kind: str, out: Path, seed: int = 0) -> Path:
+    """The original pipeline with the components `kind` attacks re-initialised at random."""
+    if out.exists():
+        return out
+    pipe = load_pipeline(model)
+    torch.manual_seed(seed)
+    if kind.startswith("unet") or kind == "joint":
+        pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config)
+    if kind.startswith("decoder") or kind == "joint":
+        fresh = AutoencoderKL.from_config(pipe.vae.config)
+        DecoderHead(pipe.vae).load_state_dict(DecoderHead(fresh).state_dict())
+    if kind == "joint":
+        pipe.text_encoder = CLIPTextModel(pipe.text_encoder.config)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-tiny",
+              progress: bool = True) -> dict:
+    """Run (or resume) the sweep; returns and writes `sweep.json` with every evaluated cell."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolve_model(model)
+    resolve_model(unprotected)
+    grid_file = out / "grid.json"
+    if grid_file.exists() and json.loads(grid_file.read_text()) != json.loads(json.dumps(asdict(grid))):
+        raise ValueError(f"{out} holds a sweep with a different grid; use a new --out to change the grid")
+    grid_file.write_text(json.dumps(asdict(grid), indent=2))
+    eval_settings = EvalSettings(suite=grid.suite, **grid.eval)
+    t0 = time.time()
+    targets = {"protected": model}
+    if "unprotected" in grid.references:
+        targets["unprotected"] = unprotected
+    cells = grid.cells()
+    todo = [(name, cell) for cell in cells for name in list(targets) + (["scratch"] if "scratch" in grid.references
+                                                                         else [])]
+    for i, (name, cell) in enumerate(todo):
+        cdir = out / "cells" / name / cell_id(cell)
+        if (cdir / "done.json").exists():
+            continue
+        shutil.rmtree(cdir, ignore_errors=True)
+        elapsed = time.time() - t0
+        print(f"[{i + 1}/{len(todo)}] {name} {cell_id(cell)} (elapsed {elapsed / 60:.1f} min)", flush=True)
+        target = targets.get(name) or str(make_scratch(unprotected, cell["kind"],
+                                                       out / "references" / f"scratch-{cell['kind']}"))
+        settings = AttackSettings(kind=cell["kind"], data=grid.data, optimizer=cell["optimizer"], lr=cell["lr"],
+                                  steps=max(grid.budgets), rank=cell["rank"] or 8, batch_size=grid.batch_size,
+                                  save_at=tuple(grid.budgets), seed=cell["seed"])
+        ckpts = run_attack(target, settings, cdir / "attack", progress=progress)
+        results = {}
+        for ckpt in ckpts:
+            step = int(ckpt.name.split("-")[1])
+            r = evaluate(str(ckpt), cdir / f"eval-step-{step}", eval_settings)
+            results[step] = {k: r["metrics"][k] for k in ("unsafe_rate", "benign_class_match", "refusal_rate")
+                             if k in r["metrics"]}
+        if not grid.keep_checkpoints:
+            shutil.rmtree(cdir / "attack")
+        (cdir / "done.json").write_text(json.dumps({"model": name, "cell": cell, "results": results}, indent=2))
+    summary = {"grid": asdict(grid), "cells": [json.loads(p.read_text())
+                                                for p in sorted((out / "cells").glob("*/*/done.json"))]}
+    summary["wall_seconds_this_run"] = time.time() - t0
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from patronus.attacks.sweep import Grid, cell_id, load_grid, run_sweep
+
+TINY = Grid(kinds=("unet-lora", "decoder-full"), ranks=(2,), optimizers=("adam",), lrs=(1e-3,), budgets=(1, 2),
+            batch_size=4, suite="glyph-quick", eval={"steps": 2, "batch_size": 36})
+
+
+def test_shipped_grids_load():
+    default = load_grid("default")
+    assert len(default.cells()) == 5 * 2 * 3  # unet-full, lora r4, lora r64, decoder-full, joint
+    assert default.budgets == (100, 500, 2000) and default.batch_size == 16
+    assert len(load_grid("quick").cells()) == 2
+
+
+def test_bad_grid_files(tmp_path):
+    (tmp_path / "g.toml").write_text("kindz = ['unet-full']\n")
+    with pytest.raises(ValueError, match="unknown grid setting"):
+        load_grid(tmp_path / "g.toml")
+    with pytest.raises(ValueError, match="not found"):
+        load_grid(tmp_path / "missing.toml")
+
+
+def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
+    out = tmp_path / "sweep"
+    summary = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline), progress=False)
+    assert len(summary["cells"]) == 2 * 3
+    assert {c["model"] for c in summary["cells"]} == {"protected", "unprotected", "scratch"}
+    assert all(set(c["results"]) == {"1", "2"} for c in summary["cells"])
+    assert not list(out.glob("cells/*/*/attack"))  # checkpoints removed after evaluation
+    # Kill simulation: one cell loses its done marker; the rerun redoes only that cell.
+    victim = out / "cells" / "scratch" / cell_id(TINY.cells()[0]) / "done.json"
+    victim.unlink()
+    untouched = out / "cells" / "protected" / cell_id(TINY.cells()[0]) / "done.json"
+    stamp = untouched.stat().st_mtime_ns
+    again = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline), progress=False)
+    assert victim.exists() and untouched.stat().st_mtime_ns == stamp
+    assert len(again["cells"]) == 6
+    with pytest.raises(ValueError, match="different grid"):
+        run_sweep(str(mini_pipeline), Grid(), out, unprotected=str(mini_pipeline))
+    assert json.loads((out / "sweep.json").read_text())["grid"]["suite"] == "glyph-quick"
