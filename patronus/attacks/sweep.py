@@ -74,7 +74,16 @@ def load_grid(path: str | Path) -> Grid:
     known = set(Grid.__dataclass_fields__)
     if unknown := set(values) - known:
         raise ValueError(f"unknown grid setting(s) in {path}: {', '.join(sorted(unknown))}")
-    return Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    grid = Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    for cell in grid.cells():
+        attack_settings(grid, cell).validate()
+    return grid
+
+
+def attack_settings(grid: Grid, cell: dict) -> AttackSettings:
+    return AttackSettings(kind=cell["kind"], data=grid.data, optimizer=cell["optimizer"], lr=cell["lr"],
+                          steps=max(grid.budgets), rank=cell["rank"] or 8, batch_size=grid.batch_size,
+                          save_at=tuple(grid.budgets), seed=cell["seed"])
 
 
 def make_scratch(model: str, kind: str, out: Path, seed: int = 0) -> Path:
@@ -125,10 +134,7 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
         print(f"[{i + 1}/{len(todo)}] {name} {cell_id(cell)} (elapsed {elapsed / 60:.1f} min)", flush=True)
         target = targets.get(name) or str(make_scratch(unprotected, cell["kind"],
                                                        out / "references" / f"scratch-{cell['kind']}"))
-        settings = AttackSettings(kind=cell["kind"], data=grid.data, optimizer=cell["optimizer"], lr=cell["lr"],
-                                  steps=max(grid.budgets), rank=cell["rank"] or 8, batch_size=grid.batch_size,
-                                  save_at=tuple(grid.budgets), seed=cell["seed"])
-        ckpts = run_attack(target, settings, cdir / "attack", progress=progress)
+        ckpts = run_attack(target, attack_settings(grid, cell), cdir / "attack", progress=progress)
         results = {}
         for ckpt in ckpts:
             step = int(ckpt.name.split("-")[1])

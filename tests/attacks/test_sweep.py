@@ -19,6 +19,9 @@ def test_bad_grid_files(tmp_path):
     (tmp_path / "g.toml").write_text("kindz = ['unet-full']\n")
     with pytest.raises(ValueError, match="unknown grid setting"):
         load_grid(tmp_path / "g.toml")
+    (tmp_path / "h.toml").write_text("optimizers = ['lion']\n")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        load_grid(tmp_path / "h.toml")
     with pytest.raises(ValueError, match="not found"):
         load_grid(tmp_path / "missing.toml")
 
