@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from patronus.attacks.sweep import attack_name  # noqa: E402
 from patronus.io import atomic_dir  # noqa: E402
 
 # Summary columns, in order; a column is shown when at least one run has it.
@@ -134,6 +135,57 @@ def group_plot(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def robustness_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
+    """Rows = attack cell x budget; columns = unsafe rate and benign class match per model."""
+    models = [m for m in ("protected", "unprotected", "scratch") if any(c["model"] == m for c in sweep["cells"])]
+    by_key: dict[tuple, dict] = {}
+    for c in sweep["cells"]:
+        cell = c["cell"]
+        key = (attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"])
+        by_key.setdefault(key, {})[c["model"]] = c["results"]
+    header = ["attack", "optimizer", "lr", "steps"] + [f"unsafe ({m})" for m in models] + \
+        [f"benign class ({m})" for m in models]
+    rows = []
+    for (kind, opt, lr, seed), res in sorted(by_key.items()):
+        for step in sorted({int(k) for r in res.values() for k in r}):
+            vals = [res.get(m, {}).get(str(step), {}) for m in models]
+            rows.append([kind, opt, f"{lr:g}", str(step)] + [_fmt(v.get("unsafe_rate")) for v in vals]
+                        + [_fmt(v.get("benign_class_match")) for v in vals])
+    return header, rows
+
+
+def robustness_plot(sweep: dict, path: Path) -> bool:
+    """Unsafe rate versus attacker steps, one panel per attack cell, the three models per panel."""
+    cells: dict[str, dict[str, dict]] = {}
+    for c in sweep["cells"]:
+        cell = c["cell"]
+        name = f"{attack_name(cell)} {cell['optimizer']} {cell['lr']:g}"
+        cells.setdefault(name, {})[c["model"]] = c["results"]
+    if not cells:
+        return False
+    cols = min(6, len(cells))
+    rows = (len(cells) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False, sharey=True)
+    for ax, (name, res) in zip(axes.flat, sorted(cells.items())):
+        for model, style in (("protected", "o-"), ("unprotected", "s--"), ("scratch", "^:")):
+            if model in res:
+                steps = sorted(int(k) for k in res[model])
+                ax.plot(steps, [res[model][str(k)]["unsafe_rate"]["value"] for k in steps], style, label=model)
+        ax.set_title(name, fontsize=7)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.tick_params(labelsize=6)
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("unsafe rate")
+    axes[0, 0].legend(fontsize=6)
+    fig.supxlabel("attacker steps", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -150,49 +202,91 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+@dataclass
+class Section:
+    """One heading of the report: optional text, table and figure (a PNG in the report dir)."""
+
+    title: str
+    text: str = ""
+    table: tuple[list[str], list[list[str]]] | None = None
+    figure: str | None = None
+    items: list[str] | None = None
+
+
+def _markdown(sections: list[Section]) -> str:
+    md = ["# Patronus report", ""]
+    for sec in sections:
+        md += [f"## {sec.title}", ""]
+        if sec.text:
+            md += [sec.text, ""]
+        if sec.table:
+            md += [_md_table(*sec.table), ""]
+        if sec.figure:
+            md += [f"![{sec.title}]({sec.figure})", ""]
+        if sec.items:
+            md += [f"- {item}" for item in sec.items] + [""]
+    return "\n".join(md)
+
+
+def _html(sections: list[Section], folder: Path) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Patronus report</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px}"
+             "th{background:#f3f3f3}img{max-width:100%}</style></head><body>", "<h1>Patronus report</h1>"]
+    for sec in sections:
+        parts.append(f"<h2>{html.escape(sec.title)}</h2>")
+        if sec.text:
+            parts.append(f"<p>{html.escape(sec.text)}</p>")
+        if sec.table:
+            parts.append(_html_table(*sec.table))
+        if sec.figure:
+            parts.append(f"<img alt='{html.escape(sec.title)}' src='{_data_uri(folder / sec.figure)}'>")
+        if sec.items:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in sec.items) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _describe(run: Run) -> str:
+    s = run.metrics["settings"]
+    return (f"{run.label}: weights {run.metrics['model']['weights_sha256'][:12]}, suite {s.get('suite')}, "
+            f"detector {s['detector']['name']}, {s['steps']} steps, guidance {s['guidance']}, seed {s['seed']}")
+
+
 def build_report(run_dirs: list[Path], out: Path) -> Path:
-    """Write report.md, report.html and their figures to `out`; returns the HTML path."""
+    """Write report.md, report.html and their figures to `out`; returns the HTML path.
+
+    Each directory is an evaluation run (metrics.json) or a sweep (sweep.json).
+    """
     if not run_dirs:
-        raise ReportError("give at least one run directory")
-    runs = [load_run(Path(d)) for d in run_dirs]
+        raise ReportError("give at least one run or sweep directory")
+    is_sweep = [(Path(d) / "sweep.json").exists() for d in run_dirs]
+    sweeps = [json.loads((Path(d) / "sweep.json").read_text()) for d, sw in zip(run_dirs, is_sweep) if sw]
+    runs = [load_run(Path(d)) for d, sw in zip(run_dirs, is_sweep) if not sw]
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):
         if labels.count(r.label) > 1:
             r.label = f"{r.label}#{labels[:i].count(r.label) + 1}"
     with atomic_dir(out) as tmp:
-        header, rows = summary_table(runs)
-        figures: list[tuple[str, str]] = []
-        for kind in ("unsafe", "benign"):
-            if comparison_grid(runs, kind, tmp / f"grid-{kind}.png"):
-                figures.append((f"grid-{kind}.png", f"Same {kind} prompts and seeds across runs"))
-        if group_plot(runs, tmp / "unsafe-by-group.png"):
-            figures.append(("unsafe-by-group.png", "Unsafe rate per prompt group and class (95% CI)"))
-        settings = [(r.label, r.metrics["settings"], r.metrics["model"]["weights_sha256"][:12]) for r in runs]
-
-        md = ["# Patronus evaluation report", "", "## Summary", "",
-              "Values are shares (or dB / distance) with 95% bootstrap intervals.", "",
-              _md_table(header, rows), ""]
-        for name, caption in figures:
-            md += [f"## {caption}", "", f"![{caption}]({name})", ""]
-        md += ["## Runs", ""]
-        md += [f"- **{label}**: weights {digest}, suite {s.get('suite')}, detector {s['detector']['name']}, "
-               f"{s['steps']} steps, guidance {s['guidance']}, seed {s['seed']}" for label, s, digest in settings]
-        (tmp / "report.md").write_text("\n".join(md) + "\n")
-
-        parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Patronus evaluation report</title>",
-                 "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
-                 "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px}"
-                 "th{background:#f3f3f3}img{max-width:100%}</style></head><body>",
-                 "<h1>Patronus evaluation report</h1><h2>Summary</h2>",
-                 "<p>Values are shares (or dB / distance) with 95% bootstrap intervals.</p>",
-                 _html_table(header, rows)]
-        for name, caption in figures:
-            parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' "
-                         f"src='{_data_uri(tmp / name)}'>")
-        parts.append("<h2>Runs</h2><ul>")
-        parts += [f"<li><b>{html.escape(label)}</b>: weights {digest}, suite {html.escape(str(s.get('suite')))}, "
-                  f"detector {html.escape(s['detector']['name'])}, {s['steps']} steps, guidance {s['guidance']}, "
-                  f"seed {s['seed']}</li>" for label, s, digest in settings]
-        parts.append("</ul></body></html>")
-        (tmp / "report.html").write_text("\n".join(parts))
+        sections: list[Section] = []
+        if runs:
+            sections.append(Section("Summary", "Values are shares (or dB / distance) with 95% bootstrap intervals.",
+                                    table=summary_table(runs)))
+            for kind in ("unsafe", "benign"):
+                if comparison_grid(runs, kind, tmp / f"grid-{kind}.png"):
+                    sections.append(Section(f"Same {kind} prompts and seeds across runs", figure=f"grid-{kind}.png"))
+            if group_plot(runs, tmp / "unsafe-by-group.png"):
+                sections.append(Section("Unsafe rate per prompt group and class (95% CI)",
+                                        figure="unsafe-by-group.png"))
+        for i, sweep in enumerate(sweeps):
+            name = f"robustness-{i + 1}.png"
+            sections.append(Section(f"Robustness sweep {i + 1}: unsafe rate after each attack",
+                                    "Protected model against the unprotected original and a scratch model "
+                                    "(attacked components randomly initialised), same attacks and budgets.",
+                                    table=robustness_rows(sweep),
+                                    figure=name if robustness_plot(sweep, tmp / name) else None))
+        if runs:
+            sections.append(Section("Runs", items=[_describe(r) for r in runs]))
+        (tmp / "report.md").write_text(_markdown(sections))
+        (tmp / "report.html").write_text(_html(sections, tmp))
     return Path(out) / "report.html"

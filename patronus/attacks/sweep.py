@@ -53,9 +53,13 @@ class Grid:
                 for (k, r), o, lr, s in itertools.product(kinds, self.optimizers, self.lrs, self.seeds)]
 
 
+def attack_name(cell: dict) -> str:
+    """The attack kind with its LoRA rank, e.g. `unet-lora-r4`."""
+    return cell["kind"] + (f"-r{cell['rank']}" if cell["rank"] else "")
+
+
 def cell_id(cell: dict) -> str:
-    rank = f"-r{cell['rank']}" if cell["rank"] else ""
-    return f"{cell['kind']}{rank}_{cell['optimizer']}_lr{cell['lr']:g}_s{cell['seed']}"
+    return f"{attack_name(cell)}_{cell['optimizer']}_lr{cell['lr']:g}_s{cell['seed']}"
 
 
 def load_grid(path: str | Path) -> Grid:

@@ -44,3 +44,15 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     with pytest.raises(ValueError, match="different grid"):
         run_sweep(str(mini_pipeline), Grid(), out, unprotected=str(mini_pipeline))
     assert json.loads((out / "sweep.json").read_text())["grid"]["suite"] == "glyph-quick"
+
+
+def test_report_of_a_sweep(mini_pipeline, tmp_path):
+    from patronus.report import build_report
+
+    out = tmp_path / "sweep"
+    run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline), progress=False)
+    build_report([out], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| attack | optimizer | lr | steps | unsafe (protected) | unsafe (unprotected) | unsafe (scratch) |" in md
+    assert md.count("| unet-lora-r2 | adam | 0.001 |") == 2  # budgets 1 and 2
+    assert (tmp_path / "rep" / "robustness-1.png").exists()
