@@ -148,22 +148,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from patronus.imaging import grid
-    from patronus.models.registry import load_pipeline
-    from patronus.models.sampling import generate
-    from patronus.world.captions import make_caption
-    from patronus.world.glyphs import CLASS_NAMES, COLOR_NAMES
+    from patronus.demo import run_demo
 
-    print("patronus demo (preliminary): this version only samples the shipped base model; the full demo "
-          "(evaluate, protect, attack, report) lands with the attack-suite issue.")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline("patronus-tiny")
-    prompts = [make_caption(c, COLOR_NAMES[i % len(COLOR_NAMES)], "white", c) for c in CLASS_NAMES for i in range(8)]
-    images = generate(pipe, prompts, list(range(len(prompts))), progress=True)
-    path = out / "base-model-grid.png"
-    grid(images, cols=8, upscale=4).save(path)
-    print(f"one row per class ({', '.join(CLASS_NAMES)}): {path}")
+    run_demo(Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:

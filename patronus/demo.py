@@ -1,0 +1,90 @@
+"""`patronus demo`: the whole story on the shipped model in one command.
+
+evaluate the base model -> protect it (quick preset) -> evaluate the protected model ->
+attack both with the quick grid (plus a scratch reference) -> one report.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from patronus.attacks.sweep import load_grid, run_sweep
+from patronus.evaluation.harness import EvalSettings, evaluate
+from patronus.moderator.config import ProtectConfig, load_config
+from patronus.moderator.protect import protect
+from patronus.report import build_report
+
+MARKER = "demo.json"
+# Nominal minutes per stage on 2 CPU cores; scaled by the measured pace for the time estimate.
+STAGES = (("evaluate the base model", 0.5), ("protect it (quick preset)", 4.0),
+          ("evaluate the protected model", 0.5), ("attack grid on protected, unprotected, scratch", 3.5),
+          ("write the report", 0.2))
+
+
+def _prepare(out: Path) -> None:
+    """Start from an empty `out`; a previous demo's output is replaced, anything else is refused."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise FileExistsError(f"{out} exists and was not written by `patronus demo`; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectConfig | None = None,
+             grid: str | Path = "quick", suite: str = "glyph-quick") -> dict:
+    out = Path(out)
+    _prepare(out)
+    t0 = time.time()
+    done_nominal = 0.0
+
+    def stage(i: int) -> None:
+        nonlocal done_nominal
+        elapsed = time.time() - t0
+        pace = elapsed / 60 / done_nominal if done_nominal else 1.0
+        remaining = sum(m for _, m in STAGES[i:]) * pace
+        print(f"\n[{i + 1}/{len(STAGES)}] {STAGES[i][0]} (elapsed {elapsed / 60:.1f} min, "
+              f"about {remaining:.1f} min to go)", flush=True)
+        done_nominal += STAGES[i][1]
+
+    settings = EvalSettings(suite=suite)
+    stage(0)
+    base = evaluate(model, out / "eval-base", settings)
+    stage(1)
+    info = protect(model, out / "protected", protect_config or load_config("quick"), out / "protected.work")
+    stage(2)
+    protected = evaluate(str(out / "protected"), out / "eval-protected", settings, reference=model)
+    stage(3)
+    sweep = run_sweep(str(out / "protected"), load_grid(grid), out / "sweep", unprotected=model)
+    stage(4)
+    report = build_report([out / "eval-base", out / "eval-protected", out / "sweep"], out / "report")
+    shutil.rmtree(out / "protected.work", ignore_errors=True)
+
+    minutes = (time.time() - t0) / 60
+    summary = _summary(base["metrics"], protected["metrics"], sweep, info, minutes)
+    (out / MARKER).write_text(json.dumps({"minutes": minutes, "summary": summary, "report": str(report)}, indent=2))
+    print(f"\nreport: {report}")
+    print("\n".join(summary))
+    return {"report": report, "summary": summary, "minutes": minutes}
+
+
+def _summary(base: dict, protected: dict, sweep: dict, info: dict, minutes: float) -> list[str]:
+    def pct(m: dict | None) -> str:
+        return "n/a" if not m or m.get("value") is None else f"{100 * m['value']:.0f}%"
+
+    worst: dict[str, float] = {}
+    for c in sweep["cells"]:
+        for res in c["results"].values():
+            worst[c["model"]] = max(worst.get(c["model"], 0.0), res["unsafe_rate"]["value"])
+    return [
+        f"base model:      unsafe {pct(base.get('unsafe_rate'))}, benign class match {pct(base.get('benign_class_match'))}",
+        f"protected:       unsafe {pct(protected.get('unsafe_rate'))}, refusals {pct(protected.get('refusal_rate'))}, "
+        f"false refusals {pct(protected.get('false_refusal_rate'))}",
+        f"benign fidelity: class match {pct(protected.get('benign_class_match'))}, PSNR vs base "
+        f"{protected.get('psnr_vs_reference', {}).get('value', float('nan')):.1f} dB",
+        "after attacks:   worst unsafe rate " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(worst.items())),
+        f"took {minutes:.1f} min (protect {info['timing']['total_seconds'] / 60:.1f} min; quick preset, "
+        "a demonstration, not the full protection)",
+    ]

@@ -1,0 +1,29 @@
+import json
+
+import pytest
+
+from patronus.demo import MARKER, run_demo
+from patronus.moderator.config import load_config
+from tests.moderator.test_protect import TINY_RUN
+
+
+def test_demo_end_to_end_on_a_mini_model(mini_pipeline, tmp_path):
+    cfg_file = tmp_path / "tiny.json"
+    cfg_file.write_text(json.dumps(TINY_RUN))
+    grid = tmp_path / "grid.toml"
+    grid.write_text('kinds = ["decoder-full"]\noptimizers = ["adam"]\nlrs = [1e-3]\nbudgets = [1, 2]\n'
+                    'batch_size = 4\nsuite = "glyph-quick"\n[eval]\nsteps = 2\n')
+    out = tmp_path / "demo"
+    result = run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid)
+    assert result["report"].exists() and len(result["summary"]) == 5
+    md = (out / "report" / "report.md").read_text()
+    assert "eval-base" in md and "eval-protected" in md and "Robustness sweep 1" in md
+    assert (out / MARKER).exists()
+    # A second demo replaces the first; a foreign directory is never deleted.
+    run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        run_demo(foreign, model=str(mini_pipeline))
+    assert (foreign / "notes.txt").exists()
