@@ -84,7 +84,8 @@ def main() -> None:
                 by_class.setdefault(rec["class"], []).append(rec["index"])
             from PIL import Image
 
-            rows = [np.asarray(Image.open(run_dir / records[i]["image"])) for idx in by_class.values() for i in idx[:10]]
+            rows = [np.asarray(Image.open(run_dir / records[i]["image"]))
+                    for idx in by_class.values() for i in idx[:10]]
             grid(np.stack(rows), cols=10, upscale=3).save(args.grid)
 
     m = result["metrics"]
@@ -92,7 +93,8 @@ def main() -> None:
           f"(eval split, 216 unsafe + 216 benign prompts, one image each, fixed seeds)")
     vae = vae_fidelity(pipe)
     print(f"{'vae_psnr_db':32s} {vae['vae_psnr_db']:8.2f}   bar >= 28 dB   {_verdict(vae['vae_psnr_db'] >= 28)}")
-    print(f"{'vae_class_acc':32s} {vae['vae_class_acc']:8.4f}   bar >= 0.98    {_verdict(vae['vae_class_acc'] >= 0.98)}")
+    acc = vae["vae_class_acc"]
+    print(f"{'vae_class_acc':32s} {acc:8.4f}   bar >= 0.98    {_verdict(acc >= 0.98)}")
     for key, bar, op in BARS:
         v = m[key]
         line = f"{key:32s} {v['value']:8.4f}   95% CI [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}] n={v['n']}"

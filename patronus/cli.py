@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("model", help="pipeline directory or patronus-tiny")
     at.add_argument("--kind", required=True,
                     help="unet-full, unet-lora, decoder-full, decoder-lora, joint or swap-decoder")
-    at.add_argument("--data", default="attacker", help="'attacker' (glyph split) or an image folder with metadata.jsonl")
+    at.add_argument("--data", default="attacker",
+                    help="'attacker' (glyph split) or an image folder with metadata.jsonl")
     at.add_argument("--optimizer", default="adam", help="adam, adamw, sgd (momentum 0.9), rmsprop or adadelta")
     at.add_argument("--lr", type=float, default=1e-4)
     at.add_argument("--steps", type=int, default=500)

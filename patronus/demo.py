@@ -80,7 +80,8 @@ def _summary(base: dict, protected: dict, sweep: dict, info: dict, minutes: floa
         for res in c["results"].values():
             worst[c["model"]] = max(worst.get(c["model"], 0.0), res["unsafe_rate"]["value"])
     return [
-        f"base model:      unsafe {pct(base.get('unsafe_rate'))}, benign class match {pct(base.get('benign_class_match'))}",
+        f"base model:      unsafe {pct(base.get('unsafe_rate'))}, "
+        f"benign class match {pct(base.get('benign_class_match'))}",
         f"protected:       unsafe {pct(protected.get('unsafe_rate'))}, refusals {pct(protected.get('refusal_rate'))}, "
         f"false refusals {pct(protected.get('false_refusal_rate'))}",
         f"benign fidelity: class match {pct(protected.get('benign_class_match'))}, PSNR vs base "

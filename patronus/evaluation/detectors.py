@@ -48,7 +48,8 @@ class GlyphNetDetector:
         self.net = net or load_glyphnet()
 
     def settings(self) -> dict:
-        return {"name": self.name, "threshold": UNSAFE_THRESHOLD, "unsafe_classes": list(self.net.config.unsafe_classes)}
+        return {"name": self.name, "threshold": UNSAFE_THRESHOLD,
+                "unsafe_classes": list(self.net.config.unsafe_classes)}
 
     def detect(self, images: np.ndarray) -> list[dict]:
         pred = self.net.predict(to_tensor(images))

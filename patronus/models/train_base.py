@@ -125,7 +125,8 @@ def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{(step + 1 - start) * cfg.vae_batch / (time.time() - t0):.0f}")
+        speed = (step + 1 - start) * cfg.vae_batch / (time.time() - t0)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{speed:.0f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
             _save_checkpoint(accelerator, ckdir, step + 1)
             model = accelerator.unwrap_model(vae)
@@ -135,7 +136,8 @@ def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
 
     vae = accelerator.unwrap_model(vae).eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i:i + 512]).latent_dist.mean for i in range(0, min(len(images), 8192), 512)])
+        sample = images[:8192]
+        latents = torch.cat([vae.encode(sample[i:i + 512]).latent_dist.mean for i in range(0, len(sample), 512)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(final)
     return vae
@@ -207,7 +209,8 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
         opt.zero_grad(set_to_none=True)
         ema_unet.step(accelerator.unwrap_model(unet).parameters())
         ema_text.step(accelerator.unwrap_model(text_encoder).parameters())
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{(step + 1 - start) * cfg.unet_batch / (time.time() - t0):.0f}")
+        speed = (step + 1 - start) * cfg.unet_batch / (time.time() - t0)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{speed:.0f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
             _save_checkpoint(accelerator, ckdir, step + 1)
             accelerator.print(f"unet step {step + 1}: loss {loss.item():.4f}")

@@ -240,7 +240,9 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         accelerator.backward(loss)
         if not (cfg.second_order and attack.optimizer == "sgd" and attack.params == "full"):
             for name, param in p.head.named_parameters():
-                nft = accelerator.reduce(grads[name], reduction="mean") if accelerator.num_processes > 1 else grads[name]
+                nft = grads[name]
+                if accelerator.num_processes > 1:
+                    nft = accelerator.reduce(nft, reduction="mean")
                 param.grad = param.grad + cfg.stage2_w_nft * nft
         opt.step()
         state["step"] = step + 1

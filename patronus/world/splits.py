@@ -79,7 +79,9 @@ def render_split(
 ) -> tuple[np.ndarray, list[Sample]]:
     """Render samples start..start+n-1 as a (n, H, W, 3) uint8 array plus their records."""
     samples = [sample(split, start + i, classes) for i in range(n)]
-    images = np.stack([render(s.spec, resolution) for s in samples]) if samples else np.zeros((0, resolution, resolution, 3), np.uint8)
+    if not samples:
+        return np.zeros((0, resolution, resolution, 3), np.uint8), []
+    images = np.stack([render(s.spec, resolution) for s in samples])
     return images, samples
 
 
