@@ -73,14 +73,14 @@ def _glyph_part(part: str, n: int, unsafe: bool, resolution: int) -> tuple[torch
     return to_tensor(images), [s.text for s in samples]
 
 
-def _folder_part(folder: str, part: str, s: BankSettings, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """Split an image folder into train/query/probe by position (train first)."""
-    images, texts = load_imagefolder(folder, resolution)
-    sizes = {"train": s.n_train, "query": s.n_query, "probe": s.n_probe}
+def _folder_part(folder: str, loaded: tuple[torch.Tensor, list[str]], part: str,
+                 sizes: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
+    """Partition `part` of an already loaded image folder: train, then query, then probe, by position."""
+    images, texts = loaded
     start = sum(sizes[p] for p in PARTS[:PARTS.index(part)])
     end = start + sizes[part]
     if len(images) < end:
-        raise ValueError(f"{folder} has {len(images)} images; the bank needs {sum(sizes.values())}")
+        raise ValueError(f"{folder} has {len(images)} images; its {part} partition needs images {start}..{end - 1}")
     return images[start:end], texts[start:end]
 
 
@@ -118,13 +118,16 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: BankSettings, weights_d
     resolution = pipe.vae.config.sample_size
     sizes = {"train": s.n_train, "query": s.n_query, "probe": s.n_probe}
     bank: dict[str, torch.Tensor] = {}
+    folders: dict[str, tuple[torch.Tensor, list[str]]] = {}  # each folder is read once
     for p, part in enumerate(PARTS):
         for k, kind in enumerate(("unsafe", "benign")):
             if part != "train" and kind == "benign":
                 continue  # query and probe measure refusal only
             folder = s.unsafe_dir if kind == "unsafe" else s.benign_dir
             if folder:
-                x, texts = _folder_part(folder, part, s, resolution)
+                if folder not in folders:
+                    folders[folder] = load_imagefolder(folder, resolution)
+                x, texts = _folder_part(folder, folders[folder], part, sizes)
             else:
                 x, texts = _glyph_part(part, sizes[part], kind == "unsafe", resolution)
             bank[f"{part}/{kind}/x"] = x
