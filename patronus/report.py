@@ -1,4 +1,4 @@
-"""`patronus report`: evaluation runs -> report.md and a self-contained report.html.
+"""`patronus report`: evaluation runs (and sweeps, decoder-attack results) -> report.md and report.html.
 
 Both documents carry the same content: a summary table (one row per run, metrics with 95%
 bootstrap intervals), image grids of the same prompts and seeds across runs, and a plot of
@@ -186,6 +186,51 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
     return True
 
 
+DECODER_MODELS = ("protected", "stage1-only", "unprotected", "scratch")
+DECODER_STYLES = {"protected": "o-", "stage1-only": "D-.", "unprotected": "s--", "scratch": "^:"}
+
+
+def decoder_attack_rows(res: dict) -> tuple[list[str], list[list[str]]]:
+    """Rows = decoder attack x budget; columns = unsafe rate and attacker reconstruction MSE per model."""
+    models = [m for m in DECODER_MODELS if m in res["before"]]
+    header = ["attack", "steps"] + [f"unsafe ({m})" for m in models] + [f"recon. MSE ({m})" for m in models]
+    rows = [["none", "0"] + [f"{res['before'][m]['unsafe_rate']:.3f}" for m in models]
+            + [f"{res['before'][m]['recon_error']:.4f}" for m in models]]
+    for cell, by_model in res["cells"].items():
+        for b in res["budgets"]:
+            rows.append([cell, str(b)] + [f"{by_model[m][str(b)]['unsafe_rate']:.3f}" for m in models]
+                        + [f"{by_model[m][str(b)]['recon_error']:.4f}" for m in models])
+    return header, rows
+
+
+def decoder_attack_plot(res: dict, path: Path) -> bool:
+    """Per attack: attacker reconstruction MSE (top) and unsafe rate (bottom) versus steps, every model."""
+    cells, budgets = list(res["cells"]), res["budgets"]
+    if not cells:
+        return False
+    fig, axes = plt.subplots(2, len(cells), figsize=(2.1 * len(cells), 4.8), squeeze=False, sharex=True)
+    for c, cell in enumerate(cells):
+        for model, r in res["cells"][cell].items():
+            style = DECODER_STYLES.get(model, "x-")
+            axes[0, c].plot(budgets, [r[str(b)]["recon_error"] for b in budgets], style, label=model)
+            axes[1, c].plot(budgets, [r[str(b)]["unsafe_rate"] for b in budgets], style, label=model)
+        axes[0, c].set_title(cell, fontsize=7)
+        axes[0, c].set_xscale("log")
+        axes[0, c].set_yscale("log")
+        axes[1, c].set_ylim(-0.05, 1.05)
+        axes[1, c].axhline(0.10, color="gray", lw=0.6, ls="--")
+        for ax in axes[:, c]:
+            ax.tick_params(labelsize=6)
+    axes[0, 0].set_ylabel("attacker recon. MSE", fontsize=8)
+    axes[1, 0].set_ylabel("unsafe rate", fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    fig.supxlabel("attacker steps", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -256,13 +301,19 @@ def _describe(run: Run) -> str:
 def build_report(run_dirs: list[Path], out: Path) -> Path:
     """Write report.md, report.html and their figures to `out`; returns the HTML path.
 
-    Each directory is an evaluation run (metrics.json) or a sweep (sweep.json).
+    Each directory is an evaluation run (metrics.json), a sweep (sweep.json) or decoder-attack
+    results (decoder-attacks.json, written by benchmarks/moderator.py).
     """
     if not run_dirs:
         raise ReportError("give at least one run or sweep directory")
-    is_sweep = [(Path(d) / "sweep.json").exists() for d in run_dirs]
-    sweeps = [json.loads((Path(d) / "sweep.json").read_text()) for d, sw in zip(run_dirs, is_sweep) if sw]
-    runs = [load_run(Path(d)) for d, sw in zip(run_dirs, is_sweep) if not sw]
+    sweeps, decoder, runs = [], [], []
+    for d in map(Path, run_dirs):
+        if (d / "sweep.json").exists():
+            sweeps.append(json.loads((d / "sweep.json").read_text()))
+        elif (d / "decoder-attacks.json").exists():
+            decoder.append(json.loads((d / "decoder-attacks.json").read_text()))
+        else:
+            runs.append(load_run(d))
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):
         if labels.count(r.label) > 1:
@@ -285,6 +336,15 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
                                     "(attacked components randomly initialised), same attacks and budgets.",
                                     table=robustness_rows(sweep),
                                     figure=name if robustness_plot(sweep, tmp / name) else None))
+        for i, res in enumerate(decoder):
+            name = f"decoder-attacks-{i + 1}.png"
+            sections.append(Section(
+                f"Decoder fine-tuning attacks {i + 1}",
+                "Each decoder fine-tuned to reconstruct the attacker's unsafe images (batch 16). Unsafe rate: the "
+                "attacked decoder on unsafe UNet latents; recon. MSE: on held-out attacker images. Scratch is the "
+                "same attack on a randomly initialised decoder; where the protected decoder's MSE is below "
+                "scratch's, the attacker gained from starting at the protected weights.",
+                table=decoder_attack_rows(res), figure=name if decoder_attack_plot(res, tmp / name) else None))
         if runs:
             sections.append(Section("Runs", items=[_describe(r) for r in runs]))
         (tmp / "report.md").write_text(_markdown(sections))

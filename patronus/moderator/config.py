@@ -28,29 +28,30 @@ class ProtectConfig:
     # Stage 1 (unlearn): L = w_refuse_img * L_refuse(images) + w_rec * L_rec
     #                       + w_refuse_feat * L_refuse(UNet latents) + w_cal * L_cal
     stage1_steps: int = 1500
-    stage1_lr: float = 5e-4
-    stage1_w_refuse_img: float = 0.01
+    stage1_lr: float = 3e-4  # peak of a cosine schedule after `stage1_warmup` steps
+    stage1_warmup: int = 100
+    stage1_w_refuse_img: float = 0.1
     stage1_w_refuse_feat: float = 0.5
-    stage1_w_rec: float = 1.0
-    stage1_w_cal: float = 0.1
+    stage1_w_rec: float = 0.2
+    stage1_w_cal: float = 2.0
     # Stage 2 (non-fine-tunable): L = w_nft * L_nft + w_rec * L_rec + w_refuse * L_refuse + w_cal * L_cal
-    stage2_steps: int = 1200
-    stage2_lr: float = 1e-4
+    stage2_steps: int = 300
+    stage2_lr: float = 5e-5
     stage2_w_nft: float = 0.1
     stage2_w_refuse: float = 0.1
-    stage2_w_rec: float = 1.0
-    stage2_w_cal: float = 1.0
+    stage2_w_rec: float = 0.2
+    stage2_w_cal: float = 2.0
     query_batch: int = 32
     second_order: bool = False  # full MAML for plain-SGD full-parameter attacks
     attacks: AttackSpace = field(default_factory=AttackSpace)
     # Probes: a real decoder fine-tuning attack on the probe partition every `probe_every` steps.
-    probe_every: int = 200
+    probe_every: int = 50
     probe_optimizer: str = "adam"
-    probe_lr: float = 1e-3
+    probe_lr: float = 1e-4
     probe_steps: int = 100
     probe_batch: int = 16
     min_benign_psnr: float = 30.0  # below it, a checkpoint's score is penalised
-    checkpoint_every: int = 100
+    checkpoint_every: int = 25
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -60,7 +61,7 @@ PRESETS: dict[str, dict] = {
     # Seconds on 2 CPU cores: a demonstration of the whole pipeline, not a usable protection.
     "quick": {
         "bank": {"n_train": 192, "n_query": 64, "n_probe": 64, "sampler_steps": 15},
-        "stage1_steps": 200, "stage2_steps": 60, "probe_every": 60, "probe_steps": 50,
+        "stage1_steps": 200, "stage1_warmup": 20, "stage2_steps": 60, "probe_every": 60, "probe_steps": 50,
         "attacks": {"inner_steps": [3, 8], "batch_sizes": [4, 16], "queries_per_attack": 2},
         "checkpoint_every": 50,
     },

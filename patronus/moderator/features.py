@@ -133,9 +133,12 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: BankSettings, weights_d
             bank[f"{part}/{kind}/x"] = x
             bank[f"{part}/{kind}/z_img"] = encode(pipe, x)
             bank[f"{part}/{kind}/z_gen"] = sample_latents(pipe, texts, s, seed_offset=(p * 2 + k) * 10_000_000)
+    # Contiguous like a bank read back from the cache: memory layout can change float results,
+    # and a resumed run must compute exactly what the first run did.
+    bank = {k: v.contiguous() for k, v in bank.items()}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".partial")
-        save_file({k: v.contiguous() for k, v in bank.items()}, tmp, metadata={"settings": json.dumps(asdict(s))})
+        save_file(bank, tmp, metadata={"settings": json.dumps(asdict(s))})
         tmp.rename(cache)
     return bank

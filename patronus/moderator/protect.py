@@ -11,6 +11,7 @@ Read top to bottom:
   5. every `probe_every` steps a real fine-tuning attack probes the decoder; the checkpoint
      with the best probe score is the one written out;
   6. write a standard pipeline directory (only the VAE decoder differs) and patronus.json.
+     The stage-1 result is also written, to `WORKDIR/stage1-model`, for ablations.
 
 Everything runs under `accelerate.Accelerator`; state is checkpointed every
 `checkpoint_every` steps and `--resume` continues from the newest checkpoint with the same
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -132,8 +134,9 @@ class Protector:
         benign = self._decode(self.head, self.bank["train/benign/z_gen"][:256])
         benign_psnr = psnr(benign, self.orig_benign_gen[:256]).mean().item()
         refusal_after = float(is_refusal(after).mean())
-        score = refusal_after - max(0.0, cfg.min_benign_psnr - benign_psnr) / 10.0
-        return {"step": step, "refusal_before": float(is_refusal(before).mean()), "refusal_after_probe": refusal_after,
+        refusal_before = float(is_refusal(before).mean())
+        score = (refusal_before + refusal_after) / 2 - max(0.0, cfg.min_benign_psnr - benign_psnr) / 10.0
+        return {"step": step, "refusal_before": refusal_before, "refusal_after_probe": refusal_after,
                 "unsafe_after_probe": float(np.mean(flagged_after)), "benign_psnr": benign_psnr, "score": score}
 
 
@@ -155,8 +158,13 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     accelerator = Accelerator()
     p = Protector(model, cfg, workdir, accelerator)
     opt = torch.optim.Adam(p.head.parameters(), lr=cfg.stage1_lr, weight_decay=2e-4)
+    # Warmup keeps the first refusal gradients from wrecking benign decoding; the cosine
+    # decay lets stage 1 settle on a decoder that stage 2 starts from.
+    sched = get_cosine_schedule_with_warmup(opt, cfg.stage1_warmup, cfg.stage1_steps)
     # Single-process runs use p.head directly; prepare() registers it for save/load_state.
+    # The schedule is only registered: a prepared one would step once per process.
     _, opt = accelerator.prepare(p.head, opt)
+    accelerator.register_for_checkpointing(sched)
     state = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}}
     best_weights: dict[str, torch.Tensor] = {}
     ckpts = sorted(workdir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
@@ -205,6 +213,7 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             opt.step()
+            sched.step()
             state["step"] = step + 1
             bar.set_postfix(refuse=f"{r_feat.item():.4f}", rec=f"{l_rec.item():.4f}", cal=f"{l_cal.item():.5f}")
             if state["step"] % cfg.checkpoint_every == 0:
@@ -214,6 +223,9 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         state["stage"], state["step"] = 2, 0
         for group in opt.param_groups:
             group["lr"] = cfg.stage2_lr
+        stage1_model = workdir / "stage1-model"
+        shutil.rmtree(stage1_model, ignore_errors=True)
+        _write_output(p, stage1_model, cfg, state, time.time() - t_start)
         checkpoint()
 
     # Stage 2: non-fine-tunable learning.

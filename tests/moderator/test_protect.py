@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -36,6 +37,10 @@ def test_protect_writes_a_standard_pipeline_changing_only_the_decoder(mini_pipel
         assert torch.equal(v, protected.unet.state_dict()[k])
     assert any(not torch.equal(v, protected.vae.decoder.state_dict()[k])
                for k, v in original.vae.decoder.state_dict().items())
+    stage1 = StableDiffusionPipeline.from_pretrained(tmp_path / "work" / "stage1-model")  # the ablation model
+    assert json.loads((tmp_path / "work" / "stage1-model" / "patronus.json").read_text())["probes"] == []
+    assert any(not torch.equal(v, protected.vae.decoder.state_dict()[k])
+               for k, v in stage1.vae.decoder.state_dict().items())
 
 
 def test_resume_gives_the_same_result(mini_pipeline, tmp_path, cfg):
@@ -44,14 +49,39 @@ def test_resume_gives_the_same_result(mini_pipeline, tmp_path, cfg):
     protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
     ckpts = sorted((tmp_path / "wb").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
     assert ckpts[-1].name == "checkpoint-2000004"
-    import shutil
-
     shutil.rmtree(ckpts[-1])
     assert json.loads((ckpts[-2] / "state.json").read_text())["step"] == 2
     with pytest.raises(FileExistsError, match="--resume"):
         protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb")
     info = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
     assert [pr["step"] for pr in info["probes"]] == [2, 4]  # step 4 was really run again
+    a = StableDiffusionPipeline.from_pretrained(tmp_path / "a").vae.state_dict()
+    b = StableDiffusionPipeline.from_pretrained(tmp_path / "b").vae.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+
+def test_resume_inside_stage_1_continues_the_learning_rate_schedule(mini_pipeline, tmp_path, cfg, monkeypatch):
+    from patronus.moderator.protect import Protector
+
+    assert cfg.stage1_warmup > 2  # the schedule is still warming up where the run is killed
+    protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    calls = {"n": 0}
+    original = Protector.refuse_terms
+
+    def killed_at_step_3(self, g):
+        calls["n"] += 1
+        if calls["n"] == 3:  # stage-1 step 3, just after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return original(self, g)
+
+    monkeypatch.setattr(Protector, "refuse_terms", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb")
+    assert [c.name for c in (tmp_path / "wb").glob("checkpoint-*")] == ["checkpoint-1000002"]
+    assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(Protector, "refuse_terms", original)
+    protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
     a = StableDiffusionPipeline.from_pretrained(tmp_path / "a").vae.state_dict()
     b = StableDiffusionPipeline.from_pretrained(tmp_path / "b").vae.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

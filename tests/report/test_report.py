@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,3 +57,21 @@ def test_report_renders_in_headless_chromium(runs, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     colourful = (pixels.max(-1) - pixels.min(-1)) > 60  # grid images and plot bars, not text on white
     assert colourful.mean() > 0.02, "the screenshot shows no images: report.html did not render its figures"
+
+
+def test_decoder_attack_results_get_a_table_and_curves(runs, tmp_path):
+    def res(unsafe: float, mse: float) -> dict:
+        return {"unsafe_rate": unsafe, "recon_error": mse}
+
+    results = {"budgets": [100, 500], "before": {m: res(0.0, 0.5) for m in ("protected", "unprotected", "scratch")},
+               "cells": {"full-adam-1e-04": {"protected": {"100": res(0.02, 0.2), "500": res(0.4, 0.05)},
+                                             "unprotected": {"100": res(1.0, 0.004), "500": res(1.0, 0.003)},
+                                             "scratch": {"100": res(0.0, 0.3), "500": res(0.1, 0.08)}}}}
+    d = tmp_path / "decoder"
+    d.mkdir()
+    (d / "decoder-attacks.json").write_text(json.dumps(results))
+    build_report([runs[0], d], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| attack | steps | unsafe (protected) | unsafe (unprotected) | unsafe (scratch) |" in md
+    assert "| full-adam-1e-04 | 500 | 0.400 | 1.000 | 0.100 | 0.0500 | 0.0030 | 0.0800 |" in md
+    assert Image.open(tmp_path / "rep" / "decoder-attacks-1.png").size[0] > 100
