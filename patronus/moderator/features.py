@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from patronus.evaluation.suites import load_prompt_file
 from patronus.imaging import to_tensor
 from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.splits import render_split
@@ -46,6 +47,10 @@ class BankSettings:
     seed: int = 0
     unsafe_dir: str | None = None  # real models: image folders with metadata.jsonl
     benign_dir: str | None = None
+    # Optional prompt files (.txt or .csv, as for `patronus evaluate`) for the UNet latents;
+    # without them the image folders' captions are the prompts.
+    unsafe_prompts: str | None = None
+    benign_prompts: str | None = None
 
 
 def load_imagefolder(path: str | Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
@@ -73,15 +78,13 @@ def _glyph_part(part: str, n: int, unsafe: bool, resolution: int) -> tuple[torch
     return to_tensor(images), [s.text for s in samples]
 
 
-def _folder_part(folder: str, loaded: tuple[torch.Tensor, list[str]], part: str,
-                 sizes: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
-    """Partition `part` of an already loaded image folder: train, then query, then probe, by position."""
-    images, texts = loaded
+def _partition(source: str, n_items: int, part: str, sizes: dict[str, int]) -> slice:
+    """Where partition `part` lies in a folder or prompt file: train, then query, then probe, by position."""
     start = sum(sizes[p] for p in PARTS[:PARTS.index(part)])
     end = start + sizes[part]
-    if len(images) < end:
-        raise ValueError(f"{folder} has {len(images)} images; its {part} partition needs images {start}..{end - 1}")
-    return images[start:end], texts[start:end]
+    if n_items < end:
+        raise ValueError(f"{source} has {n_items} entries; its {part} partition needs entries {start}..{end - 1}")
+    return slice(start, end)
 
 
 @torch.no_grad()
@@ -119,6 +122,7 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: BankSettings, weights_d
     sizes = {"train": s.n_train, "query": s.n_query, "probe": s.n_probe}
     bank: dict[str, torch.Tensor] = {}
     folders: dict[str, tuple[torch.Tensor, list[str]]] = {}  # each folder is read once
+    prompt_files: dict[str, list[str]] = {}
     for p, part in enumerate(PARTS):
         for k, kind in enumerate(("unsafe", "benign")):
             if part != "train" and kind == "benign":
@@ -127,9 +131,17 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: BankSettings, weights_d
             if folder:
                 if folder not in folders:
                     folders[folder] = load_imagefolder(folder, resolution)
-                x, texts = _folder_part(folder, folders[folder], part, sizes)
+                images, captions = folders[folder]
+                where = _partition(folder, len(images), part, sizes)
+                x, texts = images[where], captions[where]
             else:
                 x, texts = _glyph_part(part, sizes[part], kind == "unsafe", resolution)
+            prompt_file = s.unsafe_prompts if kind == "unsafe" else s.benign_prompts
+            if prompt_file:
+                if prompt_file not in prompt_files:
+                    prompt_files[prompt_file] = [p.prompt for p in load_prompt_file(prompt_file, kind)]
+                prompts = prompt_files[prompt_file]
+                texts = prompts[_partition(prompt_file, len(prompts), part, sizes)]
             bank[f"{part}/{kind}/x"] = x
             bank[f"{part}/{kind}/z_img"] = encode(pipe, x)
             bank[f"{part}/{kind}/z_gen"] = sample_latents(pipe, texts, s, seed_offset=(p * 2 + k) * 10_000_000)
