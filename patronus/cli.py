@@ -107,6 +107,7 @@ def cmd_protect(args: argparse.Namespace) -> None:
     print(f"protected pipeline: {out} (changed: {', '.join(info['changed_weight_files'])})")
     print(f"chosen checkpoint: stage-2 step {best['step']}, probe refusal {best['refusal_after_probe']:.3f}, "
           f"benign PSNR {best['benign_psnr']:.2f} dB")
+    print(f"stage-1-only model (for ablations): {workdir / 'stage1-model'}")
     print(f"time {t['total_seconds']:.0f} s, peak memory {t['peak_memory_mb']:.0f} MB")
 
 
@@ -137,7 +138,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from e
     t0 = time.time()
     summary = run_sweep(args.model, grid, Path(args.out), unprotected=args.unprotected)
-    print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min")
+    print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
+          f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

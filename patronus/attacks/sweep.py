@@ -136,6 +136,7 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
         shutil.rmtree(cdir, ignore_errors=True)
         elapsed = time.time() - t0
         print(f"[{i + 1}/{len(todo)}] {name} {cell_id(cell)} (elapsed {elapsed / 60:.1f} min)", flush=True)
+        t_cell = time.time()
         target = targets.get(name) or str(make_scratch(unprotected, cell["kind"],
                                                        out / "references" / f"scratch-{cell['kind']}"))
         ckpts = run_attack(target, attack_settings(grid, cell), cdir / "attack", progress=progress)
@@ -147,9 +148,12 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
                              if k in r["metrics"]}
         if not grid.keep_checkpoints:
             shutil.rmtree(cdir / "attack")
-        (cdir / "done.json").write_text(json.dumps({"model": name, "cell": cell, "results": results}, indent=2))
+        (cdir / "done.json").write_text(json.dumps({"model": name, "cell": cell, "results": results,
+                                                    "seconds": time.time() - t_cell}, indent=2))
     summary = {"grid": asdict(grid), "cells": [json.loads(p.read_text())
                                                 for p in sorted((out / "cells").glob("*/*/done.json"))]}
     summary["wall_seconds_this_run"] = time.time() - t0
+    # Over every session that worked on this sweep: the sum of its cells' attack + evaluation times.
+    summary["cell_seconds_total"] = sum(c.get("seconds", 0.0) for c in summary["cells"])
     (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     return summary
