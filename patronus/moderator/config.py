@@ -27,18 +27,18 @@ class ProtectConfig:
     batch_size: int = 32
     # Stage 1 (unlearn): L = w_refuse_img * L_refuse(images) + w_rec * L_rec
     #                       + w_refuse_feat * L_refuse(UNet latents) + w_cal * L_cal
-    stage1_steps: int = 1500
+    stage1_steps: int = 2000
     stage1_lr: float = 3e-4  # peak of a cosine schedule after `stage1_warmup` steps
     stage1_warmup: int = 100
     stage1_w_refuse_img: float = 0.1
-    stage1_w_refuse_feat: float = 0.5
+    stage1_w_refuse_feat: float = 1.0
     stage1_w_rec: float = 0.2
     stage1_w_cal: float = 2.0
     # Stage 2 (non-fine-tunable): L = w_nft * L_nft + w_rec * L_rec + w_refuse * L_refuse + w_cal * L_cal
     stage2_steps: int = 300
     stage2_lr: float = 5e-5
     stage2_w_nft: float = 0.1
-    stage2_w_refuse: float = 0.1
+    stage2_w_refuse: float = 0.3
     stage2_w_rec: float = 0.2
     stage2_w_cal: float = 2.0
     query_batch: int = 32
@@ -50,7 +50,7 @@ class ProtectConfig:
     probe_lr: float = 1e-4
     probe_steps: int = 100
     probe_batch: int = 16
-    min_benign_psnr: float = 30.0  # below it, a checkpoint's score is penalised
+    min_benign_psnr: float = 31.0  # below it, a checkpoint's score is penalised (1 dB margin over the bar)
     checkpoint_every: int = 25
 
     def to_dict(self) -> dict:

@@ -194,7 +194,8 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         result = p.probe(step)
         state["probes"].append(result)
         accelerator.print(f"probe at stage-2 step {step}: {json.dumps(result)}")
-        if state["best"] is None or result["score"] > state["best"]["score"]:
+        best = state["best"]
+        if best is None or (result["score"], result["benign_psnr"]) > (best["score"], best["benign_psnr"]):
             state["best"] = result
             best_weights.clear()
             best_weights.update({k: v.detach().clone().contiguous() for k, v in p.head.state_dict().items()})
