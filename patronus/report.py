@@ -178,12 +178,16 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
     for ax in axes.flat[len(cells):]:
         ax.axis("off")
     axes[0, 0].set_ylabel("unsafe rate")
-    axes[0, 0].legend(fontsize=6)
+    _finish(fig, axes[0, 0], path)
+    return True
+
+
+def _finish(fig, legend_ax, path: Path) -> None:
+    legend_ax.legend(fontsize=6)
     fig.supxlabel("attacker steps", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 DECODER_MODELS = ("protected", "stage1-only", "unprotected", "scratch")
@@ -204,30 +208,33 @@ def decoder_attack_rows(res: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def decoder_attack_plot(res: dict, path: Path) -> bool:
-    """Per attack: attacker reconstruction MSE (top) and unsafe rate (bottom) versus steps, every model."""
+    """Per attack: attacker reconstruction MSE (upper panel) and unsafe rate (lower) versus steps, every model."""
     cells, budgets = list(res["cells"]), res["budgets"]
     if not cells:
         return False
-    fig, axes = plt.subplots(2, len(cells), figsize=(2.1 * len(cells), 4.8), squeeze=False, sharex=True)
+    cols = min(6, len(cells))
+    blocks = (len(cells) + cols - 1) // cols
+    fig, axes = plt.subplots(2 * blocks, cols, figsize=(2.4 * cols, 4.4 * blocks), squeeze=False)
     for c, cell in enumerate(cells):
+        top, bottom = axes[2 * (c // cols), c % cols], axes[2 * (c // cols) + 1, c % cols]
         for model, r in res["cells"][cell].items():
             style = DECODER_STYLES.get(model, "x-")
-            axes[0, c].plot(budgets, [r[str(b)]["recon_error"] for b in budgets], style, label=model)
-            axes[1, c].plot(budgets, [r[str(b)]["unsafe_rate"] for b in budgets], style, label=model)
-        axes[0, c].set_title(cell, fontsize=7)
-        axes[0, c].set_xscale("log")
-        axes[0, c].set_yscale("log")
-        axes[1, c].set_ylim(-0.05, 1.05)
-        axes[1, c].axhline(0.10, color="gray", lw=0.6, ls="--")
-        for ax in axes[:, c]:
+            top.plot(budgets, [r[str(b)]["recon_error"] for b in budgets], style, label=model)
+            bottom.plot(budgets, [r[str(b)]["unsafe_rate"] for b in budgets], style, label=model)
+        top.set_title(cell, fontsize=7)
+        top.set_yscale("log")
+        bottom.set_ylim(-0.05, 1.05)
+        bottom.axhline(0.10, color="gray", lw=0.6, ls="--")
+        for ax in (top, bottom):
+            ax.set_xscale("log")
             ax.tick_params(labelsize=6)
-    axes[0, 0].set_ylabel("attacker recon. MSE", fontsize=8)
-    axes[1, 0].set_ylabel("unsafe rate", fontsize=8)
-    axes[0, 0].legend(fontsize=6)
-    fig.supxlabel("attacker steps", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for c in range(len(cells), blocks * cols):
+        axes[2 * (c // cols), c % cols].axis("off")
+        axes[2 * (c // cols) + 1, c % cols].axis("off")
+    for block in range(blocks):
+        axes[2 * block, 0].set_ylabel("attacker recon. MSE", fontsize=7)
+        axes[2 * block + 1, 0].set_ylabel("unsafe rate", fontsize=7)
+    _finish(fig, axes[0, 0], path)
     return True
 
 
