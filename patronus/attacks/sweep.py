@@ -7,6 +7,11 @@ components re-initialised at random). Every checkpoint is evaluated with the eva
 harness. A cell is finished when its `done.json` exists: a killed sweep rerun with the same
 command skips finished cells and redoes the one it was in. Attacked pipelines are deleted
 after evaluation unless `keep_checkpoints` is set (a full grid would take many GB).
+
+A UNet-only attack reads nothing that `patronus protect` changes, so when the protected
+model's UNet, text encoder, tokenizer, scheduler and VAE encoder are bitwise those of the
+unprotected one, its attack is not run twice: the protected cell takes the unprotected
+cell's attacked pipelines with its own VAE put in (`attack_reused_from` in done.json).
 """
 
 from __future__ import annotations
@@ -110,6 +115,39 @@ def make_scratch(model: str, kind: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
+UNET_ONLY = ("unet-full", "unet-lora")
+
+
+def same_unet_attack_inputs(a: str, b: str) -> bool:
+    """Whether a UNet-only attack computes the same thing on both pipelines.
+
+    Such an attack reads the UNet, text encoder, tokenizer, scheduler and the VAE *encoder*
+    (for the latents of its images); the decoder only renders the results. `patronus protect`
+    changes the decoder alone, so a protected model and its original share the attack exactly.
+    """
+    ra, rb = resolve_model(a), resolve_model(b)
+    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        fa = sorted(f.relative_to(ra) for f in (ra / sub).rglob("*") if f.is_file())
+        fb = sorted(f.relative_to(rb) for f in (rb / sub).rglob("*") if f.is_file())
+        if fa != fb or any((ra / f).read_bytes() != (rb / f).read_bytes() for f in fa):
+            return False
+    va, vb = (AutoencoderKL.from_pretrained(r / "vae") for r in (ra, rb))
+    ea = va.encoder.state_dict() | va.quant_conv.state_dict()
+    eb = vb.encoder.state_dict() | vb.quant_conv.state_dict()
+    return ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def _reuse_attack(source: Path, model: str, out: Path) -> list[Path]:
+    """The unprotected model's attacked checkpoints with `model`'s VAE put in."""
+    vae = resolve_model(model) / "vae"
+    ckpts = []
+    for ckpt in sorted(source.glob("step-*"), key=lambda c: int(c.name.split("-")[1])):
+        shutil.copytree(ckpt, out / ckpt.name, ignore=shutil.ignore_patterns("vae"))
+        shutil.copytree(vae, out / ckpt.name / "vae")
+        ckpts.append(out / ckpt.name)
+    return ckpts
+
+
 def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-tiny",
               progress: bool = True) -> dict:
     """Run (or resume) the sweep; returns and writes `sweep.json` with every evaluated cell."""
@@ -127,10 +165,14 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
     if "unprotected" in grid.references:
         targets["unprotected"] = unprotected
     cells = grid.cells()
-    todo = [(name, cell) for cell in cells for name in list(targets) + (["scratch"] if "scratch" in grid.references
-                                                                         else [])]
+    # The unprotected model goes first so that UNet-only attacks can be shared (see below).
+    names = [n for n in ("unprotected", "protected", "scratch") if n in targets or n in grid.references]
+    todo = [(name, cell) for cell in cells for name in names]
+    share = "unprotected" in targets and same_unet_attack_inputs(model, unprotected)
     for i, (name, cell) in enumerate(todo):
         cdir = out / "cells" / name / cell_id(cell)
+        shared = share and cell["kind"] in UNET_ONLY
+        source = out / "cells" / "unprotected" / cell_id(cell) / "attack"
         if (cdir / "done.json").exists():
             continue
         shutil.rmtree(cdir, ignore_errors=True)
@@ -139,17 +181,25 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
         t_cell = time.time()
         target = targets.get(name) or str(make_scratch(unprotected, cell["kind"],
                                                        out / "references" / f"scratch-{cell['kind']}"))
-        ckpts = run_attack(target, attack_settings(grid, cell), cdir / "attack", progress=progress)
+        reused = shared and name == "protected" and source.is_dir()
+        if reused:  # bitwise the same attack as on the unprotected model: reuse it, render with our decoder
+            ckpts = _reuse_attack(source, model, cdir / "attack")
+        else:
+            ckpts = run_attack(target, attack_settings(grid, cell), cdir / "attack", progress=progress)
         results = {}
         for ckpt in ckpts:
             step = int(ckpt.name.split("-")[1])
             r = evaluate(str(ckpt), cdir / f"eval-step-{step}", eval_settings)
             results[step] = {k: r["metrics"][k] for k in ("unsafe_rate", "benign_class_match", "refusal_rate")
                              if k in r["metrics"]}
-        if not grid.keep_checkpoints:
+        if not grid.keep_checkpoints and not (shared and name == "unprotected"):
             shutil.rmtree(cdir / "attack")
+        if reused and not grid.keep_checkpoints:
+            shutil.rmtree(source)
         (cdir / "done.json").write_text(json.dumps({"model": name, "cell": cell, "results": results,
-                                                    "seconds": time.time() - t_cell}, indent=2))
+                                                    "seconds": time.time() - t_cell,
+                                                    "attack_reused_from": "unprotected" if reused else None},
+                                                   indent=2))
     summary = {"grid": asdict(grid), "cells": [json.loads(p.read_text())
                                                 for p in sorted((out / "cells").glob("*/*/done.json"))]}
     summary["wall_seconds_this_run"] = time.time() - t0

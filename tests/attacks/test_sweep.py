@@ -33,6 +33,9 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     assert {c["model"] for c in summary["cells"]} == {"protected", "unprotected", "scratch"}
     assert all(set(c["results"]) == {"1", "2"} for c in summary["cells"])
     assert not list(out.glob("cells/*/*/attack"))  # checkpoints removed after evaluation
+    # Same UNet, text encoder and VAE encoder: the UNet-only attack ran once and was reused.
+    reused = {c["cell"]["kind"]: c["attack_reused_from"] for c in summary["cells"] if c["model"] == "protected"}
+    assert reused == {"unet-lora": "unprotected", "decoder-full": None}
     # Kill simulation: one cell loses its done marker; the rerun redoes only that cell.
     victim = out / "cells" / "scratch" / cell_id(TINY.cells()[0]) / "done.json"
     victim.unlink()
@@ -56,3 +59,21 @@ def test_report_of_a_sweep(mini_pipeline, tmp_path):
     assert "| attack | optimizer | lr | steps | unsafe (protected) | unsafe (unprotected) | unsafe (scratch) |" in md
     assert md.count("| unet-lora-r2 | adam | 0.001 |") == 2  # budgets 1 and 2
     assert (tmp_path / "rep" / "robustness-1.png").exists()
+
+
+def test_unet_attack_sharing_needs_identical_attacked_weights(mini_pipeline, tmp_path):
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from patronus.attacks.sweep import same_unet_attack_inputs
+
+    other = tmp_path / "other"
+    shutil.copytree(mini_pipeline, other)
+    assert same_unet_attack_inputs(str(mini_pipeline), str(other))
+    unet = UNet2DConditionModel.from_pretrained(other / "unet")
+    with torch.no_grad():
+        next(unet.parameters()).add_(1e-3)
+    unet.save_pretrained(other / "unet")
+    assert not same_unet_attack_inputs(str(mini_pipeline), str(other))
