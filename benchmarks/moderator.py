@@ -119,12 +119,13 @@ def attack_data(base: str, out: Path) -> Path:
 
 
 def run_attacks(models: dict[str, str], budgets: tuple[int, ...], data_file: Path, out: Path,
-                workers: int) -> dict[str, dict[str, dict]]:
-    """results[cell][model] for every attack cell; finished (cell, model) pairs are read from disk."""
+                workers: int, skip: set[tuple[str, str]] = frozenset()) -> dict[str, dict[str, dict]]:
+    """results[cell][model] for every attack cell but the (cell, model) pairs in `skip`;
+    finished pairs are read from disk."""
     cache = out / "attacks"
     cache.mkdir(exist_ok=True)
     tasks = {(cell_name(r, o, lr), name): (src, r, o, lr) for r in RANKS for o in OPTIMIZERS for lr in LRS
-             for name, src in models.items()}
+             for name, src in models.items() if (cell_name(r, o, lr), name) not in skip}
     results: dict[str, dict[str, dict]] = {}
     todo = {}
     for (cell, name), args in tasks.items():
@@ -146,7 +147,7 @@ def run_attacks(models: dict[str, str], budgets: tuple[int, ...], data_file: Pat
                 f"{b}:{res[str(b)]['unsafe_rate']:.2f}/{res[str(b)]['recon_error']:.4f}" for b in budgets)
                 + f" ({res['seconds']:.0f} s)", flush=True)
     order = [cell_name(r, o, lr) for r in RANKS for o in OPTIMIZERS for lr in LRS]
-    return {cell: {name: results[cell][name] for name in models} for cell in order}
+    return {cell: {name: results[cell][name] for name in models if name in results[cell]} for cell in order}
 
 
 def measure_overhead(base: str, cfg_workdir: Path, ks: tuple[int, ...] = (5, 20, 40), repeats: int = 3) -> dict:
@@ -203,6 +204,8 @@ def main() -> None:
     ap.add_argument("--base", default="patronus-tiny")
     ap.add_argument("--steps", default="100,500,2000")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ablation", choices=("all", "full"), default="all",
+                    help="attacks run on the stage-1-only model: all, or only full fine-tuning (saves CPU time)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     budgets = tuple(int(s) for s in args.steps.split(","))
@@ -248,7 +251,9 @@ def main() -> None:
     before = {name: {"unsafe_rate": unsafe_rate(_victim(src), data["z_unsafe"], net),
                      "recon_error": recon_error(_victim(src), data["held_x"])} for name, src in models.items()}
     t0 = time.time()
-    results = run_attacks(models, budgets, data_file, out, args.workers)
+    skip = {(cell_name(r, o, lr), "stage1-only") for r in RANKS if r for o in OPTIMIZERS for lr in LRS
+            if args.ablation == "full"}
+    results = run_attacks(models, budgets, data_file, out, args.workers, skip)
     summary["decoder_attacks"] = {"budgets": list(budgets), "before": before, "cells": results,
                                   "seconds_this_run": time.time() - t0}
     (out / "decoder-attacks").mkdir(exist_ok=True)

@@ -202,8 +202,9 @@ def decoder_attack_rows(res: dict) -> tuple[list[str], list[list[str]]]:
             + [f"{res['before'][m]['recon_error']:.4f}" for m in models]]
     for cell, by_model in res["cells"].items():
         for b in res["budgets"]:
-            rows.append([cell, str(b)] + [f"{by_model[m][str(b)]['unsafe_rate']:.3f}" for m in models]
-                        + [f"{by_model[m][str(b)]['recon_error']:.4f}" for m in models])
+            vals = [by_model.get(m, {}).get(str(b)) for m in models]  # a model may sit out some attacks
+            rows.append([cell, str(b)] + [f"{v['unsafe_rate']:.3f}" if v else "-" for v in vals]
+                        + [f"{v['recon_error']:.4f}" if v else "-" for v in vals])
     return header, rows
 
 
