@@ -61,7 +61,8 @@ PRESETS: dict[str, dict] = {
     # Seconds on 2 CPU cores: a demonstration of the whole pipeline, not a usable protection.
     "quick": {
         "bank": {"n_train": 192, "n_query": 64, "n_probe": 64, "sampler_steps": 15},
-        "stage1_steps": 200, "stage1_warmup": 20, "stage2_steps": 60, "probe_every": 60, "probe_steps": 50,
+        "stage1_steps": 300, "stage1_lr": 5e-4, "stage1_warmup": 20, "stage2_steps": 60, "probe_every": 60,
+        "probe_steps": 50,
         "attacks": {"inner_steps": [3, 8], "batch_sizes": [4, 16], "queries_per_attack": 2},
         "checkpoint_every": 50,
     },
