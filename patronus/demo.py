@@ -20,8 +20,8 @@ from patronus.report import build_report
 MARKER = "demo.json"
 # Minutes per stage measured on 2 CPU cores (fresh clone, 2026-11-28); once the protect stage
 # is done, the estimate is scaled by this machine's pace relative to those.
-STAGES = (("evaluate the base model", 0.1), ("protect it (quick preset)", 2.8),
-          ("evaluate the protected model", 0.1), ("attack grid on protected, unprotected, scratch", 1.4),
+STAGES = (("evaluate the base model", 0.1), ("protect it (quick preset)", 3.9),
+          ("evaluate the protected model", 0.1), ("attack grid on protected, unprotected, scratch", 1.2),
           ("write the report", 0.1))
 
 
