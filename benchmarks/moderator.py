@@ -248,8 +248,9 @@ def main() -> None:
     models = {"protected": str(full), "stage1-only": str(stage1), "unprotected": args.base,
               "scratch": f"scratch:{args.base}"}
     net = load_glyphnet()
-    before = {name: {"unsafe_rate": unsafe_rate(_victim(src), data["z_unsafe"], net),
-                     "recon_error": recon_error(_victim(src), data["held_x"])} for name, src in models.items()}
+    victims = {name: _victim(src) for name, src in models.items()}
+    before = {name: {"unsafe_rate": unsafe_rate(v, data["z_unsafe"], net),
+                     "recon_error": recon_error(v, data["held_x"])} for name, v in victims.items()}
     t0 = time.time()
     skip = {(cell_name(r, o, lr), "stage1-only") for r in RANKS if r for o in OPTIMIZERS for lr in LRS
             if args.ablation == "full"}
