@@ -130,14 +130,17 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from patronus.attacks.sweep import load_grid, run_sweep
+    from patronus.attacks.sweep import SweepError, load_grid, run_sweep
 
     try:
         grid = load_grid(args.grid)
     except ValueError as e:
         raise UsageError(str(e)) from e
     t0 = time.time()
-    summary = run_sweep(args.model, grid, Path(args.out), unprotected=args.unprotected)
+    try:
+        summary = run_sweep(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers)
+    except SweepError as e:
+        raise UsageError(str(e)) from e
     print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
           f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations")
 
@@ -218,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--grid", default="default", help="a grid .toml/.yaml, or a shipped grid: default, quick")
     sw.add_argument("--unprotected", default="patronus-tiny", help="the original model (unprotected reference)")
     sw.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
+    sw.add_argument("--workers", type=int, default=1,
+                    help="cells run side by side in separate processes (CPU threads shared out between them)")
     sw.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("report", help="turn evaluation runs into report.md and a self-contained report.html")

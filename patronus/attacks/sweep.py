@@ -16,17 +16,21 @@ cell's attacked pipelines with its own VAE put in (`attack_reused_from` in done.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import multiprocessing
 import shutil
 import time
 import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from patronus.attacks.finetune import AttackSettings, run_attack
@@ -35,6 +39,10 @@ from patronus.models.registry import load_pipeline, resolve_model
 from patronus.moderator.losses import DecoderHead
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start as asked (bad settings, or an output dir of another grid)."""
 
 
 @dataclass(frozen=True)
@@ -148,58 +156,106 @@ def _reuse_attack(source: Path, model: str, out: Path) -> list[Path]:
     return ckpts
 
 
-def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-tiny",
-              progress: bool = True) -> dict:
-    """Run (or resume) the sweep; returns and writes `sweep.json` with every evaluated cell."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    resolve_model(model)
-    resolve_model(unprotected)
-    grid_file = out / "grid.json"
-    if grid_file.exists() and json.loads(grid_file.read_text()) != json.loads(json.dumps(asdict(grid))):
-        raise ValueError(f"{out} holds a sweep with a different grid; use a new --out to change the grid")
-    grid_file.write_text(json.dumps(asdict(grid), indent=2))
-    eval_settings = EvalSettings(suite=grid.suite, **grid.eval)
-    t0 = time.time()
-    targets = {"protected": model}
-    if "unprotected" in grid.references:
-        targets["unprotected"] = unprotected
-    cells = grid.cells()
-    # The unprotected model goes first so that UNet-only attacks can be shared (see below).
-    names = [n for n in ("unprotected", "protected", "scratch") if n in targets or n in grid.references]
-    todo = [(name, cell) for cell in cells for name in names]
-    share = "unprotected" in targets and same_unet_attack_inputs(model, unprotected)
-    for i, (name, cell) in enumerate(todo):
-        cdir = out / "cells" / name / cell_id(cell)
-        shared = share and cell["kind"] in UNET_ONLY
-        source = out / "cells" / "unprotected" / cell_id(cell) / "attack"
-        if (cdir / "done.json").exists():
-            continue
-        shutil.rmtree(cdir, ignore_errors=True)
-        elapsed = time.time() - t0
-        print(f"[{i + 1}/{len(todo)}] {name} {cell_id(cell)} (elapsed {elapsed / 60:.1f} min)", flush=True)
-        t_cell = time.time()
-        target = targets.get(name) or str(make_scratch(unprotected, cell["kind"],
-                                                       out / "references" / f"scratch-{cell['kind']}"))
-        reused = shared and name == "protected" and source.is_dir()
-        if reused:  # bitwise the same attack as on the unprotected model: reuse it, render with our decoder
-            ckpts = _reuse_attack(source, model, cdir / "attack")
+def _run_cell(name: str, cell: dict, target: str, reuse_from: str | None, model: str, grid: Grid,
+              cdir: Path, keep_attack: bool, threads: int | None) -> dict:
+    """Attack one model with one cell (or reuse an attack), evaluate every checkpoint, write done.json.
+
+    With `threads` set it runs in a worker process: torch gets that many threads and the
+    attack's and evaluation's progress bars go to `cdir/log.txt` instead of the terminal.
+    """
+    t_cell = time.time()
+    shutil.rmtree(cdir, ignore_errors=True)
+    cdir.mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        if threads is not None:
+            torch.set_num_threads(threads)
+            stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(cdir / "log.txt", "w"))))
+        if reuse_from:  # bitwise the same attack as on the unprotected model: reuse it, render with our decoder
+            ckpts = _reuse_attack(Path(reuse_from), model, cdir / "attack")
         else:
-            ckpts = run_attack(target, attack_settings(grid, cell), cdir / "attack", progress=progress)
+            ckpts = run_attack(target, attack_settings(grid, cell), cdir / "attack")
+        eval_settings = EvalSettings(suite=grid.suite, **grid.eval)
         results = {}
         for ckpt in ckpts:
             step = int(ckpt.name.split("-")[1])
             r = evaluate(str(ckpt), cdir / f"eval-step-{step}", eval_settings)
             results[step] = {k: r["metrics"][k] for k in ("unsafe_rate", "benign_class_match", "refusal_rate")
                              if k in r["metrics"]}
-        if not grid.keep_checkpoints and not (shared and name == "unprotected"):
-            shutil.rmtree(cdir / "attack")
-        if reused and not grid.keep_checkpoints:
-            shutil.rmtree(source)
-        (cdir / "done.json").write_text(json.dumps({"model": name, "cell": cell, "results": results,
-                                                    "seconds": time.time() - t_cell,
-                                                    "attack_reused_from": "unprotected" if reused else None},
-                                                   indent=2))
+    if not keep_attack:
+        shutil.rmtree(cdir / "attack")
+    if reuse_from and not grid.keep_checkpoints:
+        shutil.rmtree(reuse_from)
+    done = {"model": name, "cell": cell, "results": results, "seconds": time.time() - t_cell,
+            "attack_reused_from": "unprotected" if reuse_from else None}
+    (cdir / "done.json").write_text(json.dumps(done, indent=2))
+    return done
+
+
+def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-tiny", workers: int = 1) -> dict:
+    """Run (or resume) the sweep; returns and writes `sweep.json` with every evaluated cell.
+
+    `workers` > 1 runs that many cells side by side in spawned processes, the CPU's threads
+    shared out between them (on a small CPU two one-thread attacks outrun one two-thread attack).
+    """
+    if workers < 1:
+        raise SweepError(f"--workers must be at least 1, got {workers}")
+    out = Path(out)
+    resolve_model(model)
+    resolve_model(unprotected)
+    out.mkdir(parents=True, exist_ok=True)
+    grid_file = out / "grid.json"
+    if grid_file.exists() and json.loads(grid_file.read_text()) != json.loads(json.dumps(asdict(grid))):
+        raise SweepError(f"{out} holds a sweep with a different grid; use a new --out to change the grid")
+    grid_file.write_text(json.dumps(asdict(grid), indent=2))
+    t0 = time.time()
+    targets = {"protected": model}
+    if "unprotected" in grid.references:
+        targets["unprotected"] = unprotected
+    names = [n for n in ("unprotected", "protected", "scratch") if n in targets or n in grid.references]
+    share = "unprotected" in targets and same_unet_attack_inputs(model, unprotected)
+    todo = [(name, cell) for cell in grid.cells() for name in names
+            if not (out / "cells" / name / cell_id(cell) / "done.json").exists()]
+    for kind in sorted({cell["kind"] for name, cell in todo if name == "scratch"}):  # before any worker needs it
+        targets[f"scratch-{kind}"] = str(make_scratch(unprotected, kind, out / "references" / f"scratch-{kind}"))
+    # A protected UNet-only cell waits for its unprotected twin, whose attack it reuses (see above).
+    deferred = [(n, c) for n, c in todo if share and n == "protected" and c["kind"] in UNET_ONLY]
+    first = [t for t in todo if t not in deferred]
+
+    def job(name: str, cell: dict) -> tuple:
+        cdir = out / "cells" / name / cell_id(cell)
+        source = out / "cells" / "unprotected" / cell_id(cell) / "attack"
+        shared = share and cell["kind"] in UNET_ONLY
+        reuse_from = str(source) if shared and name == "protected" and source.is_dir() else None
+        keep_attack = grid.keep_checkpoints or (shared and name == "unprotected")
+        target = targets[f"scratch-{cell['kind']}" if name == "scratch" else name]
+        return (name, cell, target, reuse_from, model, grid, cdir, keep_attack,
+                None if workers == 1 else max(1, torch.get_num_threads() // workers))
+
+    print(f"sweep: {len(grid.cells()) * len(names) - len(todo)} cells done, {len(todo)} to run"
+          f"{f' on {workers} workers (logs in each cell dir)' if workers > 1 else ''}", flush=True)
+    bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=workers == 1 or not todo)
+    n_run = 0
+    for phase in (first, deferred):
+        if workers == 1:
+            for name, cell in phase:
+                n_run += 1
+                print(f"[{n_run}/{len(todo)}] {name} {cell_id(cell)} "
+                      f"(elapsed {(time.time() - t0) / 60:.1f} min)", flush=True)
+                _run_cell(*job(name, cell))
+            continue
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        try:  # on an error or Ctrl-C, queued cells are cancelled rather than run to the end
+            futures = {pool.submit(_run_cell, *job(name, cell)): (name, cell) for name, cell in phase}
+            for fut in as_completed(futures):
+                name, cell = futures[fut]
+                done = fut.result()
+                bar.write(f"{name} {cell_id(cell)}: unsafe " + " ".join(
+                    f"{s}:{100 * r['unsafe_rate']['value']:.0f}%" for s, r in done["results"].items())
+                    + f" ({done['seconds'] / 60:.1f} min)")
+                bar.update()
+        finally:
+            pool.shutdown(cancel_futures=True)
+    bar.close()
     summary = {"grid": asdict(grid), "cells": [json.loads(p.read_text())
                                                 for p in sorted((out / "cells").glob("*/*/done.json"))]}
     summary["wall_seconds_this_run"] = time.time() - t0

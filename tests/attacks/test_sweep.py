@@ -28,7 +28,7 @@ def test_bad_grid_files(tmp_path):
 
 def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     out = tmp_path / "sweep"
-    summary = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline), progress=False)
+    summary = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline))
     assert len(summary["cells"]) == 2 * 3
     assert {c["model"] for c in summary["cells"]} == {"protected", "unprotected", "scratch"}
     assert all(set(c["results"]) == {"1", "2"} for c in summary["cells"])
@@ -41,7 +41,7 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     victim.unlink()
     untouched = out / "cells" / "protected" / cell_id(TINY.cells()[0]) / "done.json"
     stamp = untouched.stat().st_mtime_ns
-    again = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline), progress=False)
+    again = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline))
     assert victim.exists() and untouched.stat().st_mtime_ns == stamp
     assert len(again["cells"]) == 6
     with pytest.raises(ValueError, match="different grid"):
@@ -49,11 +49,24 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["grid"]["suite"] == "glyph-quick"
 
 
+def test_sweep_in_worker_processes(mini_pipeline, tmp_path):
+    out = tmp_path / "sweep"
+    summary = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline), workers=2)
+    assert sorted((c["model"], c["cell"]["kind"]) for c in summary["cells"]) == sorted(
+        (m, k) for m in ("protected", "unprotected", "scratch") for k in ("unet-lora", "decoder-full"))
+    reused = {c["cell"]["kind"]: c["attack_reused_from"] for c in summary["cells"] if c["model"] == "protected"}
+    assert reused == {"unet-lora": "unprotected", "decoder-full": None}
+    # Each worker's progress bars went to its cell's log, not the terminal.
+    log = (out / "cells" / "scratch" / cell_id(TINY.cells()[1]) / "log.txt").read_text()
+    assert "attack decoder-full" in log and "it/s]" in log
+    assert not list(out.glob("cells/*/*/attack"))
+
+
 def test_report_of_a_sweep(mini_pipeline, tmp_path):
     from patronus.report import build_report
 
     out = tmp_path / "sweep"
-    run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline), progress=False)
+    run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline))
     build_report([out], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| attack | optimizer | lr | steps | unsafe (protected) | unsafe (unprotected) | unsafe (scratch) |" in md
