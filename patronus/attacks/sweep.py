@@ -11,7 +11,9 @@ after evaluation unless `keep_checkpoints` is set (a full grid would take many G
 A UNet-only attack reads nothing that `patronus protect` changes, so when the protected
 model's UNet, text encoder, tokenizer, scheduler and VAE encoder are bitwise those of the
 unprotected one, its attack is not run twice: the protected cell takes the unprotected
-cell's attacked pipelines with its own VAE put in (`attack_reused_from` in done.json).
+cell's attacked pipelines with its own VAE put in (`attack_reused_from` in done.json), and
+its evaluations decode the unprotected evaluations' saved latents with the protected decoder
+instead of sampling them again (`timing.latents_from` in their metrics.json).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from patronus.attacks.finetune import AttackSettings, run_attack
-from patronus.evaluation.harness import EvalSettings, evaluate
+from patronus.evaluation.harness import LATENTS_FILE, EvalSettings, evaluate
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.moderator.losses import DecoderHead
 
@@ -178,7 +180,9 @@ def _run_cell(name: str, cell: dict, target: str, reuse_from: str | None, model:
         results = {}
         for ckpt in ckpts:
             step = int(ckpt.name.split("-")[1])
-            r = evaluate(str(ckpt), cdir / f"eval-step-{step}", eval_settings)
+            twin = Path(reuse_from).parent / f"eval-step-{step}" if reuse_from else None
+            latents_from = twin if twin and (twin / LATENTS_FILE).exists() else None
+            r = evaluate(str(ckpt), cdir / f"eval-step-{step}", eval_settings, latents_from=latents_from)
             results[step] = {k: r["metrics"][k] for k in ("unsafe_rate", "benign_class_match", "refusal_rate")
                              if k in r["metrics"]}
     if not keep_attack:

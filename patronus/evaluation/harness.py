@@ -4,11 +4,13 @@ Output directory layout (schema version 1, see docs/evaluation.md):
     metrics.json    model, weights hash, settings, library versions, timing, metrics with CIs
     records.jsonl   one line per generated image: prompt, group, seed, detector output, refused
     images/         every generated image as PNG, named by its record index
+    latents.safetensors  the denoised latents of every image (what the decoder received)
     grid-unsafe.png, grid-benign.png   the first images of each kind, for a quick look
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -20,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import patronus
 from patronus.evaluation.detectors import Detector, GlyphNetDetector, make_detector
@@ -37,10 +41,11 @@ from patronus.evaluation.suites import EvalPrompt, PromptFileError, load_prompt_
 from patronus.imaging import grid
 from patronus.io import atomic_dir
 from patronus.models.registry import load_pipeline, resolve_model, weight_hashes, weights_digest
-from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, decode_latents, generate_latents
 from patronus.world.prompts import render_reference
 
 SCHEMA_VERSION = 1
+LATENTS_FILE = "latents.safetensors"
 
 
 @dataclass(frozen=True)
@@ -86,18 +91,50 @@ def make_jobs(prompts: list[EvalPrompt], s: EvalSettings) -> list[Job]:
             for p in prompts for j in range(s.n_per_prompt)]
 
 
-def run_jobs(pipe, jobs: list[Job], s: EvalSettings, desc: str = "generate") -> np.ndarray:
-    """Generate every job, batching jobs that share a guidance scale; images come back in job order."""
+def run_jobs(pipe, jobs: list[Job], s: EvalSettings,
+             latents: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """Images and denoised latents of every job, in job order.
+
+    Jobs that share a guidance scale are batched together. Given `latents` (from an earlier
+    run of the same jobs with the same UNet, text encoder and scheduler) only the decoder runs.
+    """
     by_guidance: dict[float, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         by_guidance[job.guidance].append(i)
     images: list[np.ndarray | None] = [None] * len(jobs)
+    out_latents: list[torch.Tensor | None] = [None] * len(jobs)
     for guidance, idx in by_guidance.items():
-        batch = generate(pipe, [jobs[i].prompt.prompt for i in idx], [jobs[i].seed for i in idx], s.steps, guidance,
-                         s.batch_size, progress=True)
-        for i, img in zip(idx, batch):
-            images[i] = img
-    return np.stack(images)
+        lat = latents[idx] if latents is not None else generate_latents(
+            pipe, [jobs[i].prompt.prompt for i in idx], [jobs[i].seed for i in idx], s.steps, guidance,
+            s.batch_size, progress=True)
+        for i, img, z in zip(idx, decode_latents(pipe, lat, s.batch_size), lat):
+            images[i], out_latents[i] = img, z
+    return np.stack(images), torch.stack(out_latents)
+
+
+def generation_digest(model_dir: Path) -> str:
+    """sha256 over every file outside vae/: what decides the latents a pipeline samples."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.relative_to(model_dir).parts[0] != "vae"):
+        h.update(f"{f.relative_to(model_dir)}\n".encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def load_latents(run: Path, s: EvalSettings, model_dir: Path, n_jobs: int) -> torch.Tensor:
+    """The latents an earlier evaluation saved, after checking they are the ones this one would sample."""
+    path = Path(run) / LATENTS_FILE
+    if not path.is_file():
+        raise ValueError(f"{run} has no {LATENTS_FILE}; evaluate that model again with this version of patronus")
+    with safe_open(path, "pt") as f:
+        meta, latents = f.metadata(), f.get_tensor("latents")
+    if json.loads(meta["settings"]) != asdict(s):
+        raise ValueError(f"the latents in {run} were sampled with other evaluation settings")
+    if meta["generation_digest"] != generation_digest(model_dir):
+        raise ValueError(f"the latents in {run} come from a pipeline whose UNet, text encoder, tokenizer or "
+                         f"scheduler differ from {model_dir}'s")
+    if len(latents) != n_jobs:
+        raise ValueError(f"{run} holds {len(latents)} latents, this evaluation has {n_jobs} images")
+    return latents
 
 
 def library_versions() -> dict[str, str]:
@@ -157,13 +194,19 @@ def frechet_to_renders(detector: GlyphNetDetector, jobs: list[Job], images: np.n
 
 
 def evaluate(model: str, out: Path, s: EvalSettings, reference: str | None = None,
-             detector: Detector | None = None) -> dict:
-    """Run the whole evaluation and write `out` atomically (a failed run leaves nothing behind)."""
+             detector: Detector | None = None, latents_from: Path | None = None) -> dict:
+    """Run the whole evaluation and write `out` atomically (a failed run leaves nothing behind).
+
+    `latents_from`: an earlier evaluation of a pipeline that differs from `model` only in its
+    VAE; its saved latents are decoded by `model`'s decoder instead of sampled again (exact,
+    and a fraction of the cost: the sweep uses it for UNet-only attacks on a protected model).
+    """
     with atomic_dir(out) as tmp:
-        return _evaluate(model, tmp, s, reference, detector)
+        return _evaluate(model, tmp, s, reference, detector, latents_from)
 
 
-def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, detector: Detector | None) -> dict:
+def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, detector: Detector | None,
+              latents_from: Path | None) -> dict:
     prompts = resolve_prompts(s)
     if s.n_per_prompt < 1 or s.batch_size < 1 or s.steps < 1:
         raise PromptFileError("--n-per-prompt, --batch-size and --steps must be at least 1")
@@ -173,8 +216,9 @@ def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, det
     detector = detector or make_detector(s.detector)
     jobs = make_jobs(prompts, s)
 
+    given = load_latents(latents_from, s, model_dir, len(jobs)) if latents_from else None
     t0 = time.time()
-    images = run_jobs(pipe, jobs, s)
+    images, latents = run_jobs(pipe, jobs, s, given)
     gen_seconds = time.time() - t0
     detections = detector.detect(images)
     refused = is_refusal(images)
@@ -185,7 +229,7 @@ def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, det
             metrics["frechet_glyphnet"] = fd
     if ref_dir is not None:
         benign = [i for i, j in enumerate(jobs) if j.prompt.kind == "benign"]
-        ref_images = run_jobs(load_pipeline(reference), [jobs[i] for i in benign], s)
+        ref_images, _ = run_jobs(load_pipeline(reference), [jobs[i] for i in benign], s)
         p, q = psnr_uint8(images[benign], ref_images), ssim_uint8(images[benign], ref_images)
         metrics["psnr_vs_reference"] = {"value": float(p.mean()), "ci": list(bootstrap_ci(p, s.seed)), "n": len(p)}
         metrics["ssim_vs_reference"] = {"value": float(q.mean()), "ci": list(bootstrap_ci(q, s.seed)), "n": len(q)}
@@ -202,10 +246,13 @@ def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, det
                                                        "scale": "[0, 1]"}},
         "versions": library_versions(),
         "timing": {"generation_seconds": gen_seconds, "images": len(images),
-                   "images_per_s": len(images) / gen_seconds},
+                   "images_per_s": len(images) / gen_seconds,
+                   "latents_from": str(Path(latents_from).resolve()) if latents_from else None},
         "metrics": metrics,
     }
     _write_run(tmp, result, jobs, images, detections, refused)
+    save_file({"latents": latents.contiguous()}, tmp / LATENTS_FILE,
+              metadata={"settings": json.dumps(asdict(s)), "generation_digest": generation_digest(model_dir)})
     return result
 
 

@@ -56,6 +56,9 @@ def test_sweep_in_worker_processes(mini_pipeline, tmp_path):
         (m, k) for m in ("protected", "unprotected", "scratch") for k in ("unet-lora", "decoder-full"))
     reused = {c["cell"]["kind"]: c["attack_reused_from"] for c in summary["cells"] if c["model"] == "protected"}
     assert reused == {"unet-lora": "unprotected", "decoder-full": None}
+    # ...and its evaluations decoded the unprotected twin's latents instead of sampling again.
+    twin, ours = (out / "cells" / m / cell_id(TINY.cells()[0]) / "eval-step-2" for m in ("unprotected", "protected"))
+    assert json.loads((ours / "metrics.json").read_text())["timing"]["latents_from"] == str(twin.resolve())
     # Each worker's progress bars went to its cell's log, not the terminal.
     log = (out / "cells" / "scratch" / cell_id(TINY.cells()[1]) / "log.txt").read_text()
     assert "attack decoder-full" in log and "it/s]" in log

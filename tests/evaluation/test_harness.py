@@ -43,6 +43,42 @@ def test_same_settings_same_numbers(run, mini_pipeline, tmp_path):
     assert again["metrics"] == first["metrics"]
 
 
+def test_saved_latents_decode_to_the_same_run_with_another_decoder(run, mini_pipeline, tmp_path):
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    out, _ = run
+    other = tmp_path / "other-decoder"  # same UNet, text encoder and scheduler; a perturbed decoder
+    shutil.copytree(mini_pipeline, other)
+    vae = AutoencoderKL.from_pretrained(other / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.3)
+    vae.save_pretrained(other / "vae")
+    sampled = evaluate(str(other), tmp_path / "sampled", QUICK)
+    decoded = evaluate(str(other), tmp_path / "decoded", QUICK, latents_from=out)
+    assert decoded["timing"]["latents_from"] == str(out.resolve())
+    assert decoded["metrics"] == sampled["metrics"]
+    for name in ("00000.png", "00035.png"):
+        a, b = (Image.open(tmp_path / d / "images" / name) for d in ("sampled", "decoded"))
+        assert list(a.getdata()) == list(b.getdata())
+    # Latents from a pipeline with another UNet, or sampled with other settings, are refused.
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(other / "unet")
+    with torch.no_grad():
+        next(unet.parameters()).add_(1e-3)
+    unet.save_pretrained(other / "unet")
+    with pytest.raises(ValueError, match="UNet, text encoder"):
+        evaluate(str(other), tmp_path / "refused", QUICK, latents_from=out)
+    with pytest.raises(ValueError, match="other evaluation settings"):
+        evaluate(str(mini_pipeline), tmp_path / "refused", EvalSettings(suite="glyph-quick", steps=3, batch_size=16),
+                 latents_from=out)
+    assert not (tmp_path / "refused").exists()
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "patronus", *args], capture_output=True, text=True, timeout=300)
 

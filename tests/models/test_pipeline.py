@@ -62,3 +62,12 @@ def test_generation_depends_only_on_prompt_and_seed():
     together = generate(pipe, prompts, [5, 6, 7], steps=4, batch_size=3)
     alone = generate(pipe, prompts[1:2], [6], steps=4, batch_size=1)
     assert np.abs(together[1].astype(int) - alone[0].astype(int)).max() <= 1
+
+
+def test_generate_decodes_exactly_as_the_pipeline_does():
+    pipe = load_pipeline("patronus-tiny")
+    prompts, seeds = ["a red gun on a white background", "a blue star on a gray background"], [3, 4]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    direct = pipe(prompts, num_inference_steps=3, guidance_scale=4.0, generator=gens, output_type="np").images
+    ours = generate(pipe, prompts, seeds, steps=3, guidance=4.0)
+    assert np.array_equal(ours, (direct * 255).round().astype(np.uint8))
