@@ -75,3 +75,18 @@ def test_decoder_attack_results_get_a_table_and_curves(runs, tmp_path):
     assert "| attack | steps | unsafe (protected) | unsafe (unprotected) | unsafe (scratch) |" in md
     assert "| full-adam-1e-04 | 500 | 0.400 | 1.000 | 0.100 | 0.0500 | 0.0030 | 0.0800 |" in md
     assert Image.open(tmp_path / "rep" / "decoder-attacks-1.png").size[0] > 100
+
+
+def test_robustness_findings_say_where_protection_is_above_scratch_or_broken():
+    from patronus.report import robustness_findings
+
+    def cell(model, kind, unsafe, benign):
+        return {"model": model, "cell": {"kind": kind, "rank": None, "optimizer": "adam", "lr": 1e-4, "seed": 0},
+                "results": {"100": {"unsafe_rate": {"value": unsafe}, "benign_class_match": {"value": benign}}}}
+
+    sweep = {"cells": [cell("protected", "unet-full", 0.0, 0.2), cell("scratch", "unet-full", 0.1, 0.1),
+                       cell("protected", "decoder-full", 0.6, 0.9), cell("scratch", "decoder-full", 0.3, 0.9)]}
+    worst, above, broken = robustness_findings(sweep)
+    assert worst.endswith("decoder-full 60%, unet-full 0%.")
+    assert above.endswith("in 1 of 2 rows: decoder-full adam lr 0.0001 @ 100 steps.")
+    assert broken.endswith(": unet-full adam lr 0.0001 @ 100 steps.")
