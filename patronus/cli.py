@@ -142,7 +142,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     except SweepError as e:
         raise UsageError(str(e)) from e
     print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
-          f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations")
+          f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations, "
+          f"{summary['wall_seconds_total'] / 3600:.2f} h of wall time")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

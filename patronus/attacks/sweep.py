@@ -190,9 +190,27 @@ def _run_cell(name: str, cell: dict, target: str, reuse_from: str | None, model:
     if reuse_from and not grid.keep_checkpoints:
         shutil.rmtree(reuse_from)
     done = {"model": name, "cell": cell, "results": results, "seconds": time.time() - t_cell,
-            "attack_reused_from": "unprotected" if reuse_from else None}
+            "finished": time.time(), "attack_reused_from": "unprotected" if reuse_from else None}
     (cdir / "done.json").write_text(json.dumps(done, indent=2))
     return done
+
+
+def busy_seconds(cells: list[dict], done_files: list[Path]) -> float:
+    """Length of the union of the cells' [finished - seconds, finished] intervals.
+
+    That is the sweep's wall time over all sessions, without the gaps between them and
+    without work lost in killed cells. Cells from versions that did not record `finished`
+    use their done.json's modification time.
+    """
+    spans = []
+    for cell, f in zip(cells, done_files):
+        finished = cell["finished"] if "finished" in cell else f.stat().st_mtime
+        spans.append((finished - cell.get("seconds", 0.0), finished))
+    total, covered = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, covered))
+        covered = max(covered, end)
+    return total
 
 
 def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-tiny", workers: int = 1) -> dict:
@@ -260,10 +278,12 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
         finally:
             pool.shutdown(cancel_futures=True)
     bar.close()
-    summary = {"grid": asdict(grid), "cells": [json.loads(p.read_text())
-                                                for p in sorted((out / "cells").glob("*/*/done.json"))]}
+    done_files = sorted((out / "cells").glob("*/*/done.json"))
+    summary = {"grid": asdict(grid), "cells": [json.loads(p.read_text()) for p in done_files]}
     summary["wall_seconds_this_run"] = time.time() - t0
-    # Over every session that worked on this sweep: the sum of its cells' attack + evaluation times.
+    # Over every session that worked on this sweep: the sum of its cells' attack + evaluation
+    # times, and the wall time during which at least one cell was running.
     summary["cell_seconds_total"] = sum(c.get("seconds", 0.0) for c in summary["cells"])
+    summary["wall_seconds_total"] = busy_seconds(summary["cells"], done_files)
     (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     return summary

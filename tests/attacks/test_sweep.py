@@ -26,10 +26,19 @@ def test_bad_grid_files(tmp_path):
         load_grid(tmp_path / "missing.toml")
 
 
+def test_busy_seconds_is_the_union_of_cell_times(tmp_path):
+    from patronus.attacks.sweep import busy_seconds
+
+    cells = [{"finished": 10.0, "seconds": 5.0}, {"finished": 12.0, "seconds": 4.0}, {"finished": 30.0, "seconds": 2.0}]
+    files = [tmp_path / "done.json"] * 3
+    assert busy_seconds(cells, files) == 5.0 + 2.0 + 2.0  # [5, 10] and [8, 12] overlap; [28, 30] stands apart
+
+
 def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     out = tmp_path / "sweep"
     summary = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline))
     assert len(summary["cells"]) == 2 * 3
+    assert 0 < summary["wall_seconds_total"] <= summary["cell_seconds_total"]  # one worker: cells never overlap
     assert {c["model"] for c in summary["cells"]} == {"protected", "unprotected", "scratch"}
     assert all(set(c["results"]) == {"1", "2"} for c in summary["cells"])
     assert not list(out.glob("cells/*/*/attack"))  # checkpoints removed after evaluation
