@@ -38,7 +38,7 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     out = tmp_path / "sweep"
     summary = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline))
     assert len(summary["cells"]) == 2 * 3
-    assert 0 < summary["wall_seconds_total"] <= summary["cell_seconds_total"]  # one worker: cells never overlap
+    assert 0 < summary["wall_seconds_total"] <= summary["cell_seconds_total"] + 1e-3  # one worker: no overlap
     assert {c["model"] for c in summary["cells"]} == {"protected", "unprotected", "scratch"}
     assert all(set(c["results"]) == {"1", "2"} for c in summary["cells"])
     assert not list(out.glob("cells/*/*/attack"))  # checkpoints removed after evaluation
