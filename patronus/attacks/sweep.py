@@ -19,6 +19,7 @@ instead of sampling them again (`timing.latents_from` in their metrics.json).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import json
 import multiprocessing
@@ -213,6 +214,17 @@ def busy_seconds(cells: list[dict], done_files: list[Path]) -> float:
     return total
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold OUT/.lock: two sweeps in one directory would run the same cells."""
+    with open(out / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SweepError(f"another sweep is running in {out}; wait for it or stop it first") from None
+        yield
+
+
 def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-tiny", workers: int = 1) -> dict:
     """Run (or resume) the sweep; returns and writes `sweep.json` with every evaluated cell.
 
@@ -225,65 +237,75 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
     resolve_model(model)
     resolve_model(unprotected)
     out.mkdir(parents=True, exist_ok=True)
-    grid_file = out / "grid.json"
-    if grid_file.exists() and json.loads(grid_file.read_text()) != json.loads(json.dumps(asdict(grid))):
-        raise SweepError(f"{out} holds a sweep with a different grid; use a new --out to change the grid")
-    grid_file.write_text(json.dumps(asdict(grid), indent=2))
-    t0 = time.time()
-    targets = {"protected": model}
-    if "unprotected" in grid.references:
-        targets["unprotected"] = unprotected
-    names = [n for n in ("unprotected", "protected", "scratch") if n in targets or n in grid.references]
-    share = "unprotected" in targets and same_unet_attack_inputs(model, unprotected)
-    todo = [(name, cell) for cell in grid.cells() for name in names
-            if not (out / "cells" / name / cell_id(cell) / "done.json").exists()]
-    for kind in sorted({cell["kind"] for name, cell in todo if name == "scratch"}):  # before any worker needs it
-        targets[f"scratch-{kind}"] = str(make_scratch(unprotected, kind, out / "references" / f"scratch-{kind}"))
-    # A protected UNet-only cell waits for its unprotected twin, whose attack it reuses (see above).
-    deferred = [(n, c) for n, c in todo if share and n == "protected" and c["kind"] in UNET_ONLY]
-    first = [t for t in todo if t not in deferred]
+    with _exclusive(out):
+        grid_file = out / "grid.json"
+        if grid_file.exists() and json.loads(grid_file.read_text()) != json.loads(json.dumps(asdict(grid))):
+            raise SweepError(f"{out} holds a sweep with a different grid; use a new --out to change the grid")
+        grid_file.write_text(json.dumps(asdict(grid), indent=2))
+        t0 = time.time()
+        targets = {"protected": model}
+        if "unprotected" in grid.references:
+            targets["unprotected"] = unprotected
+        names = [n for n in ("unprotected", "protected", "scratch") if n in targets or n in grid.references]
+        share = "unprotected" in targets and same_unet_attack_inputs(model, unprotected)
+        todo = [(name, cell) for cell in grid.cells() for name in names
+                if not (out / "cells" / name / cell_id(cell) / "done.json").exists()]
+        for kind in sorted({cell["kind"] for name, cell in todo if name == "scratch"}):  # before any worker needs it
+            targets[f"scratch-{kind}"] = str(make_scratch(unprotected, kind, out / "references" / f"scratch-{kind}"))
+        # A protected UNet-only cell waits for its unprotected twin, whose attack it reuses (see above).
+        deferred = [(n, c) for n, c in todo if share and n == "protected" and c["kind"] in UNET_ONLY]
+        first = [t for t in todo if t not in deferred]
 
-    def job(name: str, cell: dict) -> tuple:
-        cdir = out / "cells" / name / cell_id(cell)
-        source = out / "cells" / "unprotected" / cell_id(cell) / "attack"
-        shared = share and cell["kind"] in UNET_ONLY
-        reuse_from = str(source) if shared and name == "protected" and source.is_dir() else None
-        keep_attack = grid.keep_checkpoints or (shared and name == "unprotected")
-        target = targets[f"scratch-{cell['kind']}" if name == "scratch" else name]
-        return (name, cell, target, reuse_from, model, grid, cdir, keep_attack,
-                None if workers == 1 else max(1, torch.get_num_threads() // workers))
+        def job(name: str, cell: dict) -> tuple:
+            cdir = out / "cells" / name / cell_id(cell)
+            source = out / "cells" / "unprotected" / cell_id(cell) / "attack"
+            shared = share and cell["kind"] in UNET_ONLY
+            reuse_from = str(source) if shared and name == "protected" and source.is_dir() else None
+            keep_attack = grid.keep_checkpoints or (shared and name == "unprotected")
+            target = targets[f"scratch-{cell['kind']}" if name == "scratch" else name]
+            return (name, cell, target, reuse_from, model, grid, cdir, keep_attack,
+                    None if workers == 1 else max(1, torch.get_num_threads() // workers))
 
-    print(f"sweep: {len(grid.cells()) * len(names) - len(todo)} cells done, {len(todo)} to run"
-          f"{f' on {workers} workers (logs in each cell dir)' if workers > 1 else ''}", flush=True)
-    bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=workers == 1 or not todo)
-    n_run = 0
-    for phase in (first, deferred):
-        if workers == 1:
-            for name, cell in phase:
-                n_run += 1
-                print(f"[{n_run}/{len(todo)}] {name} {cell_id(cell)} "
-                      f"(elapsed {(time.time() - t0) / 60:.1f} min)", flush=True)
-                _run_cell(*job(name, cell))
-            continue
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-        try:  # on an error or Ctrl-C, queued cells are cancelled rather than run to the end
-            futures = {pool.submit(_run_cell, *job(name, cell)): (name, cell) for name, cell in phase}
-            for fut in as_completed(futures):
-                name, cell = futures[fut]
-                done = fut.result()
-                bar.write(f"{name} {cell_id(cell)}: unsafe " + " ".join(
-                    f"{s}:{100 * r['unsafe_rate']['value']:.0f}%" for s, r in done["results"].items())
-                    + f" ({done['seconds'] / 60:.1f} min)")
-                bar.update()
-        finally:
-            pool.shutdown(cancel_futures=True)
-    bar.close()
+        print(f"sweep: {len(grid.cells()) * len(names) - len(todo)} cells done, {len(todo)} to run"
+              f"{f' on {workers} workers (logs in each cell dir)' if workers > 1 else ''}", flush=True)
+        bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=workers == 1 or not todo)
+        n_run = 0
+        for phase in (first, deferred):
+            if workers == 1:
+                for name, cell in phase:
+                    n_run += 1
+                    print(f"[{n_run}/{len(todo)}] {name} {cell_id(cell)} "
+                          f"(elapsed {(time.time() - t0) / 60:.1f} min)", flush=True)
+                    _run_cell(*job(name, cell))
+                continue
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            try:  # on an error or Ctrl-C, queued cells are cancelled rather than run to the end
+                futures = {pool.submit(_run_cell, *job(name, cell)): (name, cell) for name, cell in phase}
+                for fut in as_completed(futures):
+                    name, cell = futures[fut]
+                    done = fut.result()
+                    bar.write(f"{name} {cell_id(cell)}: unsafe " + " ".join(
+                        f"{s}:{100 * r['unsafe_rate']['value']:.0f}%" for s, r in done["results"].items())
+                        + f" ({done['seconds'] / 60:.1f} min)")
+                    bar.update()
+            finally:
+                pool.shutdown(cancel_futures=True)
+        bar.close()
+        summary = sweep_summary(out) | {"wall_seconds_this_run": time.time() - t0}
+        (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def sweep_summary(out: Path) -> dict:
+    """The grid and every finished cell of a sweep directory (also of one still running)."""
+    out = Path(out)
+    if not (out / "grid.json").is_file():
+        raise SweepError(f"{out} is not a sweep directory (no grid.json)")
     done_files = sorted((out / "cells").glob("*/*/done.json"))
-    summary = {"grid": asdict(grid), "cells": [json.loads(p.read_text()) for p in done_files]}
-    summary["wall_seconds_this_run"] = time.time() - t0
+    summary = {"grid": json.loads((out / "grid.json").read_text()),
+               "cells": [json.loads(p.read_text()) for p in done_files]}
     # Over every session that worked on this sweep: the sum of its cells' attack + evaluation
     # times, and the wall time during which at least one cell was running.
     summary["cell_seconds_total"] = sum(c.get("seconds", 0.0) for c in summary["cells"])
     summary["wall_seconds_total"] = busy_seconds(summary["cells"], done_files)
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -58,6 +58,16 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     assert json.loads((out / "sweep.json").read_text())["grid"]["suite"] == "glyph-quick"
 
 
+def test_two_sweeps_cannot_share_a_directory(mini_pipeline, tmp_path):
+    from patronus.attacks.sweep import SweepError, _exclusive
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with _exclusive(out), pytest.raises(SweepError, match="another sweep is running"):
+        run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline))
+    assert not (out / "grid.json").exists()
+
+
 def test_sweep_in_worker_processes(mini_pipeline, tmp_path):
     out = tmp_path / "sweep"
     summary = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline), workers=2)
