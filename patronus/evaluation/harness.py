@@ -113,14 +113,17 @@ def run_jobs(pipe, jobs: list[Job], s: EvalSettings,
 
 
 def generation_digest(model_dir: Path) -> str:
-    """sha256 over every file outside vae/: what decides the latents a pipeline samples."""
+    """sha256 over every file outside vae/ (path and content): what decides the sampled latents."""
     h = hashlib.sha256()
     for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.relative_to(model_dir).parts[0] != "vae"):
-        h.update(f"{f.relative_to(model_dir)}\n".encode() + f.read_bytes())
+        h.update(f"{f.relative_to(model_dir)}\n".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
-def load_latents(run: Path, s: EvalSettings, model_dir: Path, n_jobs: int) -> torch.Tensor:
+def load_latents(run: Path, s: EvalSettings, digest: str, n_jobs: int) -> torch.Tensor:
     """The latents an earlier evaluation saved, after checking they are the ones this one would sample."""
     path = Path(run) / LATENTS_FILE
     if not path.is_file():
@@ -129,9 +132,9 @@ def load_latents(run: Path, s: EvalSettings, model_dir: Path, n_jobs: int) -> to
         meta, latents = f.metadata(), f.get_tensor("latents")
     if json.loads(meta["settings"]) != asdict(s):
         raise ValueError(f"the latents in {run} were sampled with other evaluation settings")
-    if meta["generation_digest"] != generation_digest(model_dir):
+    if meta["generation_digest"] != digest:
         raise ValueError(f"the latents in {run} come from a pipeline whose UNet, text encoder, tokenizer or "
-                         f"scheduler differ from {model_dir}'s")
+                         f"scheduler differ from this one's")
     if len(latents) != n_jobs:
         raise ValueError(f"{run} holds {len(latents)} latents, this evaluation has {n_jobs} images")
     return latents
@@ -216,7 +219,8 @@ def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, det
     detector = detector or make_detector(s.detector)
     jobs = make_jobs(prompts, s)
 
-    given = load_latents(latents_from, s, model_dir, len(jobs)) if latents_from else None
+    digest = generation_digest(model_dir)
+    given = load_latents(latents_from, s, digest, len(jobs)) if latents_from else None
     t0 = time.time()
     images, latents = run_jobs(pipe, jobs, s, given)
     gen_seconds = time.time() - t0
@@ -252,7 +256,7 @@ def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, det
     }
     _write_run(tmp, result, jobs, images, detections, refused)
     save_file({"latents": latents.contiguous()}, tmp / LATENTS_FILE,
-              metadata={"settings": json.dumps(asdict(s)), "generation_digest": generation_digest(model_dir)})
+              metadata={"settings": json.dumps(asdict(s)), "generation_digest": digest})
     return result
 
 
