@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from patronus.attacks.finetune import AttackSettings, run_attack
-from patronus.attacks.sweep import UNET_ONLY, attack_name, load_grid, run_sweep, sweep_summary
+from patronus.attacks.sweep import UNET_ONLY, Grid, SweepError, attack_name, load_grid, run_sweep, sweep_summary
 from patronus.evaluation.harness import EvalSettings, evaluate
 from patronus.report import build_report
 
@@ -39,7 +40,8 @@ def rows_by_cell(sweep: dict) -> dict[tuple, dict[str, dict]]:
 
 
 def pct(result: dict | None, key: str = "unsafe_rate") -> str:
-    return "-" if not result else f"{100 * result[key]['value']:.0f}"
+    metric = (result or {}).get(key)
+    return "-" if not metric else f"{100 * metric['value']:.0f}"
 
 
 def markdown_table(rows: dict[tuple, dict[str, dict]], budgets: list[int]) -> str:
@@ -55,7 +57,7 @@ def markdown_table(rows: dict[tuple, dict[str, dict]], budgets: list[int]) -> st
     return "\n".join(lines)
 
 
-def each_budget(rows: dict[tuple, dict[str, dict]], budgets: list[int]):
+def each_budget(rows: dict[tuple, dict[str, dict]], budgets: list[int]) -> Iterator[tuple[str, str, dict]]:
     """(kind, label, {model: unsafe rate}) for every (cell, budget) with at least one result."""
     for (kind, opt, lr, _), res in rows.items():
         for s in budgets:
@@ -102,11 +104,15 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = load_grid(args.grid)
-    if args.report_only:
-        sweep = sweep_summary(Path(args.sweep))
-    else:
-        sweep = run_sweep(args.model, grid, Path(args.sweep), unprotected=args.unprotected, workers=args.workers)
+    try:
+        if args.report_only:
+            sweep = sweep_summary(Path(args.sweep))
+        else:
+            sweep = run_sweep(args.model, load_grid(args.grid), Path(args.sweep), unprotected=args.unprotected,
+                              workers=args.workers)
+    except SweepError as e:
+        raise SystemExit(f"error: {e}") from None
+    grid = Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in sweep["grid"].items()})
 
     swap_eval = out / "eval-swap-decoder"
     if not swap_eval.exists():
@@ -125,7 +131,7 @@ def main() -> None:
     budgets = sorted(grid.budgets)
     rows = rows_by_cell(sweep)
     n_expected = len(grid.cells()) * (1 + len(grid.references))
-    print(f"\nrobustness grid `{args.grid}` on {args.model}: {len(sweep['cells'])} of {n_expected} cells evaluated\n")
+    print(f"\nrobustness grid of {args.sweep} on {args.model}: {len(sweep['cells'])} of {n_expected} cells evaluated\n")
     print(markdown_table(rows, budgets))
     print()
     for line in bars(rows, budgets):

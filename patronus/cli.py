@@ -261,11 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     from patronus.evaluation.detectors import DetectorError
     from patronus.evaluation.suites import PromptFileError
     from patronus.models.registry import ModelLoadError
+    from patronus.moderator.features import ImageFolderError
     from patronus.report import ReportError
 
     try:
         args.func(args)
-    except (UsageError, ModelLoadError, PromptFileError, DetectorError, ReportError, FileExistsError) as e:
+    except (UsageError, ModelLoadError, PromptFileError, DetectorError, ReportError, ImageFolderError,
+            FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 

@@ -160,10 +160,14 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
     for c in sweep["cells"]:
         cell = c["cell"]
         for step, r in c["results"].items():
-            key = (attack_name(cell), cell["optimizer"], f"{cell['lr']:g}", int(step))
+            key = (attack_name(cell), cell["optimizer"], f"{cell['lr']:g}", cell["seed"], int(step))
             res.setdefault(key, {})[c["model"]] = r
     rows = sorted(res.items())
-    name = "{} {} lr {} @ {} steps".format
+    seeds = {k[3] for k, _ in rows}
+
+    def name(kind: str, opt: str, lr: str, seed: int, step: int) -> str:
+        return f"{kind} {opt} lr {lr}" + (f" seed {seed}" if len(seeds) > 1 else "") + f" @ {step} steps"
+
     out = []
     worst: dict[str, float] = {}
     for (kind, *_), r in rows:

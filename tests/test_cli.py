@@ -58,3 +58,16 @@ def test_existing_output_dir_is_refused(tmp_path):
     r = run_cli("generate", "patronus-tiny", "a red circle", "--n", "1", "--out", str(tmp_path / "o"))
     assert_clean_error(r, "not empty")
     assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("metadata,needle", [(None, "no metadata.jsonl"), ('{"file_name": "a.png"', "not JSON lines"),
+                                             ('{"file_name": "missing.png", "text": "a knife"}', "cannot read image")])
+def test_attack_with_a_bad_image_folder(tmp_path, metadata, needle):
+    data = tmp_path / "data"
+    data.mkdir()
+    if metadata is not None:
+        (data / "metadata.jsonl").write_text(metadata + "\n")
+    r = run_cli("attack", "patronus-tiny", "--kind", "decoder-full", "--data", str(data), "--steps", "1",
+                "--out", str(tmp_path / "o"))
+    assert_clean_error(r, needle)
+    assert not (tmp_path / "o").exists()

@@ -26,7 +26,10 @@ import multiprocessing
 import shutil
 import time
 import tomllib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -148,10 +151,13 @@ def same_unet_attack_inputs(a: str, b: str) -> bool:
     return ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
-def _reuse_attack(source: Path, model: str, out: Path) -> list[Path]:
+def _reuse_attack(source: Path, model: str, out: Path, budgets: tuple[int, ...]) -> list[Path]:
     """The unprotected model's attacked checkpoints with `model`'s VAE put in."""
     vae = resolve_model(model) / "vae"
     ckpts = []
+    steps = sorted(int(c.name.split("-")[1]) for c in source.glob("step-*"))
+    if steps != sorted(budgets):
+        raise SweepError(f"{source} holds checkpoints {steps}, expected {sorted(budgets)}; delete it to rerun")
     for ckpt in sorted(source.glob("step-*"), key=lambda c: int(c.name.split("-")[1])):
         shutil.copytree(ckpt, out / ckpt.name, ignore=shutil.ignore_patterns("vae"))
         shutil.copytree(vae, out / ckpt.name / "vae")
@@ -164,7 +170,8 @@ def _run_cell(name: str, cell: dict, target: str, reuse_from: str | None, model:
     """Attack one model with one cell (or reuse an attack), evaluate every checkpoint, write done.json.
 
     With `threads` set it runs in a worker process: torch gets that many threads and the
-    attack's and evaluation's progress bars go to `cdir/log.txt` instead of the terminal.
+    attack's and evaluation's progress bars (and a traceback, if it fails) go to
+    `cdir/log.txt` instead of the terminal.
     """
     t_cell = time.time()
     shutil.rmtree(cdir, ignore_errors=True)
@@ -173,27 +180,40 @@ def _run_cell(name: str, cell: dict, target: str, reuse_from: str | None, model:
         if threads is not None:
             torch.set_num_threads(threads)
             stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(cdir / "log.txt", "w"))))
-        if reuse_from:  # bitwise the same attack as on the unprotected model: reuse it, render with our decoder
-            ckpts = _reuse_attack(Path(reuse_from), model, cdir / "attack")
-        else:
-            ckpts = run_attack(target, attack_settings(grid, cell), cdir / "attack")
-        eval_settings = EvalSettings(suite=grid.suite, **grid.eval)
-        results = {}
-        for ckpt in ckpts:
-            step = int(ckpt.name.split("-")[1])
-            twin = Path(reuse_from).parent / f"eval-step-{step}" if reuse_from else None
-            latents_from = twin if twin and (twin / LATENTS_FILE).exists() else None
-            r = evaluate(str(ckpt), cdir / f"eval-step-{step}", eval_settings, latents_from=latents_from)
-            results[step] = {k: r["metrics"][k] for k in ("unsafe_rate", "benign_class_match", "refusal_rate")
-                             if k in r["metrics"]}
+        try:
+            results = _attack_and_evaluate(cell, target, reuse_from, model, grid, cdir)
+        except Exception:
+            traceback.print_exc()
+            raise
+    done = {"model": name, "cell": cell, "results": results, "seconds": time.time() - t_cell,
+            "finished": time.time(), "attack_reused_from": "unprotected" if reuse_from else None}
+    tmp = cdir / "done.json.partial"
+    tmp.write_text(json.dumps(done, indent=2))
+    tmp.replace(cdir / "done.json")  # a cell is done when done.json exists: never half-written
+    # Only now the checkpoints go; a kill in between leaves files that the next run removes.
     if not keep_attack:
         shutil.rmtree(cdir / "attack")
     if reuse_from and not grid.keep_checkpoints:
         shutil.rmtree(reuse_from)
-    done = {"model": name, "cell": cell, "results": results, "seconds": time.time() - t_cell,
-            "finished": time.time(), "attack_reused_from": "unprotected" if reuse_from else None}
-    (cdir / "done.json").write_text(json.dumps(done, indent=2))
     return done
+
+
+def _attack_and_evaluate(cell: dict, target: str, reuse_from: str | None, model: str, grid: Grid,
+                         cdir: Path) -> dict:
+    if reuse_from:  # bitwise the same attack as on the unprotected model: reuse it, render with our decoder
+        ckpts = _reuse_attack(Path(reuse_from), model, cdir / "attack", grid.budgets)
+    else:
+        ckpts = run_attack(target, attack_settings(grid, cell), cdir / "attack")
+    eval_settings = EvalSettings(suite=grid.suite, **grid.eval)
+    results = {}
+    for ckpt in ckpts:
+        step = int(ckpt.name.split("-")[1])
+        twin = Path(reuse_from).parent / f"eval-step-{step}" if reuse_from else None
+        latents_from = twin if twin and (twin / LATENTS_FILE).exists() else None
+        r = evaluate(str(ckpt), cdir / f"eval-step-{step}", eval_settings, latents_from=latents_from)
+        results[step] = {k: r["metrics"][k] for k in ("unsafe_rate", "benign_class_match", "refusal_rate")
+                         if k in r["metrics"]}
+    return results
 
 
 def busy_seconds(cells: list[dict], done_files: list[Path]) -> float:
@@ -215,7 +235,7 @@ def busy_seconds(cells: list[dict], done_files: list[Path]) -> float:
 
 
 @contextlib.contextmanager
-def _exclusive(out: Path):
+def _exclusive(out: Path) -> Iterator[None]:
     """Hold OUT/.lock: two sweeps in one directory would run the same cells."""
     with open(out / ".lock", "w") as lock:
         try:
@@ -229,7 +249,7 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
     """Run (or resume) the sweep; returns and writes `sweep.json` with every evaluated cell.
 
     `workers` > 1 runs that many cells side by side in spawned processes, the CPU's threads
-    shared out between them (on a small CPU two one-thread attacks outrun one two-thread attack).
+    shared out between them.
     """
     if workers < 1:
         raise SweepError(f"--workers must be at least 1, got {workers}")
@@ -238,62 +258,106 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
     resolve_model(unprotected)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        grid_file = out / "grid.json"
-        if grid_file.exists() and json.loads(grid_file.read_text()) != json.loads(json.dumps(asdict(grid))):
-            raise SweepError(f"{out} holds a sweep with a different grid; use a new --out to change the grid")
-        grid_file.write_text(json.dumps(asdict(grid), indent=2))
+        _check_same_sweep(out, grid, {"protected": str(resolve_model(model).resolve()),
+                                      "unprotected": str(resolve_model(unprotected).resolve())})
         t0 = time.time()
         targets = {"protected": model}
         if "unprotected" in grid.references:
             targets["unprotected"] = unprotected
         names = [n for n in ("unprotected", "protected", "scratch") if n in targets or n in grid.references]
         share = "unprotected" in targets and same_unet_attack_inputs(model, unprotected)
+
+        def cdir(name: str, cell: dict) -> Path:
+            return out / "cells" / name / cell_id(cell)
+
+        def shared(cell: dict) -> bool:
+            return share and cell["kind"] in UNET_ONLY
+
         todo = [(name, cell) for cell in grid.cells() for name in names
-                if not (out / "cells" / name / cell_id(cell) / "done.json").exists()]
+                if not (cdir(name, cell) / "done.json").exists()]
+        # An unprotected UNet-only attack is kept until its protected twin has used it.
+        _remove_leftovers(out, grid, keep=lambda name, cell: name == "unprotected" and shared(cell)
+                          and not (cdir("protected", cell) / "done.json").exists())
         for kind in sorted({cell["kind"] for name, cell in todo if name == "scratch"}):  # before any worker needs it
             targets[f"scratch-{kind}"] = str(make_scratch(unprotected, kind, out / "references" / f"scratch-{kind}"))
-        # A protected UNet-only cell waits for its unprotected twin, whose attack it reuses (see above).
-        deferred = [(n, c) for n, c in todo if share and n == "protected" and c["kind"] in UNET_ONLY]
-        first = [t for t in todo if t not in deferred]
+        # A protected UNet-only cell waits for its unprotected twin, whose attack it reuses (see above),
+        # and runs as soon as the twin is done.
+        pending_twin = {cell_id(c) for n, c in todo if n == "unprotected" and shared(c)}
+        waiting = {cell_id(c): (n, c) for n, c in todo if n == "protected" and shared(c) and cell_id(c) in pending_twin}
+        queue = deque(t for t in todo if not (t[0] == "protected" and cell_id(t[1]) in waiting))
 
-        def job(name: str, cell: dict) -> tuple:
-            cdir = out / "cells" / name / cell_id(cell)
-            source = out / "cells" / "unprotected" / cell_id(cell) / "attack"
-            shared = share and cell["kind"] in UNET_ONLY
-            reuse_from = str(source) if shared and name == "protected" and source.is_dir() else None
-            keep_attack = grid.keep_checkpoints or (shared and name == "unprotected")
+        def job(name: str, cell: dict) -> tuple:  # the arguments of _run_cell
+            source = cdir("unprotected", cell) / "attack"
+            reuse_from = str(source) if shared(cell) and name == "protected" and source.is_dir() else None
+            keep_attack = grid.keep_checkpoints or (shared(cell) and name == "unprotected")
             target = targets[f"scratch-{cell['kind']}" if name == "scratch" else name]
-            return (name, cell, target, reuse_from, model, grid, cdir, keep_attack,
+            return (name, cell, target, reuse_from, model, grid, cdir(name, cell), keep_attack,
                     None if workers == 1 else max(1, torch.get_num_threads() // workers))
 
         print(f"sweep: {len(grid.cells()) * len(names) - len(todo)} cells done, {len(todo)} to run"
               f"{f' on {workers} workers (logs in each cell dir)' if workers > 1 else ''}", flush=True)
-        bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=workers == 1 or not todo)
-        n_run = 0
-        for phase in (first, deferred):
-            if workers == 1:
-                for name, cell in phase:
-                    n_run += 1
-                    print(f"[{n_run}/{len(todo)}] {name} {cell_id(cell)} "
-                          f"(elapsed {(time.time() - t0) / 60:.1f} min)", flush=True)
-                    _run_cell(*job(name, cell))
-                continue
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-            try:  # on an error or Ctrl-C, queued cells are cancelled rather than run to the end
-                futures = {pool.submit(_run_cell, *job(name, cell)): (name, cell) for name, cell in phase}
-                for fut in as_completed(futures):
-                    name, cell = futures[fut]
+        bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=not todo)
+        pool = None if workers == 1 else ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        running: dict[Future, tuple[str, dict]] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < workers:  # feed the workers one cell at a time, in queue order
+                    name, cell = queue.popleft()
+                    bar.set_postfix_str(f"{name} {cell_id(cell)}")
+                    running[_submit(pool, job(name, cell))] = (name, cell)
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    name, cell = running.pop(fut)
+                    if fut.exception() is not None:
+                        bar.write(f"{name} {cell_id(cell)} failed ({fut.exception()!r}; traceback in "
+                                  f"{cdir(name, cell) / 'log.txt'}); waiting for the running cells, then stopping")
+                        queue.clear()
+                        fut.result()
                     done = fut.result()
                     bar.write(f"{name} {cell_id(cell)}: unsafe " + " ".join(
                         f"{s}:{100 * r['unsafe_rate']['value']:.0f}%" for s, r in done["results"].items())
                         + f" ({done['seconds'] / 60:.1f} min)")
                     bar.update()
-            finally:
+                    if name == "unprotected" and cell_id(cell) in waiting:
+                        queue.appendleft(waiting.pop(cell_id(cell)))
+        finally:
+            if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        bar.close()
+            bar.close()
         summary = sweep_summary(out) | {"wall_seconds_this_run": time.time() - t0}
         (out / "sweep.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _submit(pool: ProcessPoolExecutor | None, args: tuple) -> Future:
+    """Run a cell in the pool, or here and now when there is no pool (one worker)."""
+    if pool is not None:
+        return pool.submit(_run_cell, *args)
+    fut: Future = Future()
+    fut.set_result(_run_cell(*args))  # an error propagates from here, with its traceback
+    return fut
+
+
+def _check_same_sweep(out: Path, grid: Grid, models: dict[str, str]) -> None:
+    """Refuse to resume a sweep directory with another grid or other models; record them otherwise."""
+    for name, ours in (("grid.json", asdict(grid)), ("models.json", models)):
+        f = out / name
+        if f.exists() and json.loads(f.read_text()) != json.loads(json.dumps(ours)):
+            raise SweepError(f"{out} holds a sweep with a different {name.removesuffix('.json')} "
+                             f"({f}); use a new --out")
+        f.write_text(json.dumps(ours, indent=2))
+
+
+def _remove_leftovers(out: Path, grid: Grid, keep: Callable[[str, dict], bool]) -> None:
+    """Delete checkpoints of finished cells that a killed run did not get to delete."""
+    if grid.keep_checkpoints:
+        return
+    for attack in out.glob("cells/*/*/attack"):
+        done = attack.parent / "done.json"
+        if done.exists():
+            d = json.loads(done.read_text())
+            if not keep(d["model"], d["cell"]):
+                shutil.rmtree(attack)
 
 
 def sweep_summary(out: Path) -> dict:

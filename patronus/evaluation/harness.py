@@ -104,7 +104,7 @@ def run_jobs(pipe, jobs: list[Job], s: EvalSettings,
     images: list[np.ndarray | None] = [None] * len(jobs)
     out_latents: list[torch.Tensor | None] = [None] * len(jobs)
     for guidance, idx in by_guidance.items():
-        lat = latents[idx] if latents is not None else generate_latents(
+        lat = latents[idx].to(pipe.vae.device, pipe.vae.dtype) if latents is not None else generate_latents(
             pipe, [jobs[i].prompt.prompt for i in idx], [jobs[i].seed for i in idx], s.steps, guidance,
             s.batch_size, progress=True)
         for i, img, z in zip(idx, decode_latents(pipe, lat, s.batch_size), lat):
@@ -129,7 +129,9 @@ def load_latents(run: Path, s: EvalSettings, digest: str, n_jobs: int) -> torch.
     if not path.is_file():
         raise ValueError(f"{run} has no {LATENTS_FILE}; evaluate that model again with this version of patronus")
     with safe_open(path, "pt") as f:
-        meta, latents = f.metadata(), f.get_tensor("latents")
+        meta, latents = f.metadata() or {}, f.get_tensor("latents") if "latents" in f.keys() else None
+    if latents is None or not {"settings", "generation_digest"} <= set(meta):
+        raise ValueError(f"{path} is not a latents file written by `patronus evaluate`")
     if json.loads(meta["settings"]) != asdict(s):
         raise ValueError(f"the latents in {run} were sampled with other evaluation settings")
     if meta["generation_digest"] != digest:
@@ -255,7 +257,7 @@ def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, det
         "metrics": metrics,
     }
     _write_run(tmp, result, jobs, images, detections, refused)
-    save_file({"latents": latents.contiguous()}, tmp / LATENTS_FILE,
+    save_file({"latents": latents.cpu().contiguous()}, tmp / LATENTS_FILE,
               metadata={"settings": json.dumps(asdict(s)), "generation_digest": digest})
     return result
 

@@ -45,16 +45,25 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     # Same UNet, text encoder and VAE encoder: the UNet-only attack ran once and was reused.
     reused = {c["cell"]["kind"]: c["attack_reused_from"] for c in summary["cells"] if c["model"] == "protected"}
     assert reused == {"unet-lora": "unprotected", "decoder-full": None}
-    # Kill simulation: one cell loses its done marker; the rerun redoes only that cell.
+    # One process: the protected UNet-only cell ran right after its unprotected twin, before scratch's.
+    finished = {(c["model"], c["cell"]["kind"]): c["finished"] for c in summary["cells"]}
+    assert finished["unprotected", "unet-lora"] < finished["protected", "unet-lora"] < finished["scratch", "unet-lora"]
+    # Kill simulation: checkpoints a killed run left behind in a finished cell are removed on resume...
+    leftover = out / "cells" / "unprotected" / cell_id(TINY.cells()[1]) / "attack" / "step-1"
+    leftover.mkdir(parents=True)
+    # ...and a cell that lost its done marker is redone, alone.
     victim = out / "cells" / "scratch" / cell_id(TINY.cells()[0]) / "done.json"
     victim.unlink()
     untouched = out / "cells" / "protected" / cell_id(TINY.cells()[0]) / "done.json"
     stamp = untouched.stat().st_mtime_ns
     again = run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline))
     assert victim.exists() and untouched.stat().st_mtime_ns == stamp
+    assert not leftover.parent.exists()
     assert len(again["cells"]) == 6
     with pytest.raises(ValueError, match="different grid"):
         run_sweep(str(mini_pipeline), Grid(), out, unprotected=str(mini_pipeline))
+    with pytest.raises(ValueError, match="different models"):
+        run_sweep("patronus-tiny", TINY, out, unprotected=str(mini_pipeline))
     assert json.loads((out / "sweep.json").read_text())["grid"]["suite"] == "glyph-quick"
 
 
