@@ -170,7 +170,7 @@ def _save(pipe: StableDiffusionPipeline, unet, head, kind: str, path: Path) -> N
             vae.quant_conv.load_state_dict(pipe.vae.quant_conv.state_dict())
         DecoderHead(vae).load_state_dict(copy.deepcopy(head).merge_and_unload().state_dict())
         components["vae"] = vae
-    StableDiffusionPipeline(**components).save_pretrained(path)
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(path)
 
 
 def save_lora(model, path: Path) -> None:
