@@ -72,7 +72,7 @@ def bars(rows: dict[tuple, dict[str, dict]], budgets: list[int]) -> list[str]:
         if not checked:
             return f"{label}: no finished cells yet"
         verdict = "MET" if not missed else "NOT MET"
-        return f"{label}: {verdict} in {checked - len(missed)} of {checked}" + (
+        return f"{label}: {verdict} ({checked - len(missed)} of {checked} rows within)" + (
             f"; missed: {', '.join(missed)}" if missed else "")
 
     out = []
