@@ -5,8 +5,9 @@ The grid file (TOML or YAML) names attack kinds, optimizers, learning rates, bud
 **unprotected** original and on a **scratch** model (the original with the attacked
 components re-initialised at random). Every checkpoint is evaluated with the evaluation
 harness. A cell is finished when its `done.json` exists: a killed sweep rerun with the same
-command skips finished cells and redoes the one it was in. Attacked pipelines are deleted
-after evaluation unless `keep_checkpoints` is set (a full grid would take many GB).
+command skips finished cells and redoes the ones it was in. Attacked pipelines are deleted
+after evaluation unless `keep_checkpoints` is set (a full grid would take many GB). One
+sweep at a time holds a directory (`OUT/.lock`); `--workers` runs cells side by side.
 
 A UNet-only attack reads nothing that `patronus protect` changes, so when the protected
 model's UNet, text encoder, tokenizer, scheduler and VAE encoder are bitwise those of the
