@@ -12,9 +12,13 @@ sweep at a time holds a directory (`OUT/.lock`); `--workers` runs cells side by 
 A UNet-only attack reads nothing that `patronus protect` changes, so when the protected
 model's UNet, text encoder, tokenizer, scheduler and VAE encoder are bitwise those of the
 unprotected one, its attack is not run twice: the protected cell takes the unprotected
-cell's attacked pipelines with its own VAE put in (`attack_reused_from` in done.json), and
-its evaluations decode the unprotected evaluations' saved latents with the protected decoder
-instead of sampling them again (`timing.latents_from` in their metrics.json).
+cell's attacked pipelines with its own VAE put in (`attack_reused_from` in done.json).
+
+Sampled latents depend only on the files outside `vae/` (the evaluation's generation
+digest). An evaluation whose digest and settings match one already in the sweep decodes
+that one's saved latents with its own decoder instead of sampling them again
+(`timing.latents_from` in its metrics.json). That covers the protected UNet-only cells and
+every checkpoint of a decoder-only attack after its cell's first (the UNet is untouched).
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from pathlib import Path
 import torch
 import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from patronus.attacks.finetune import AttackSettings, run_attack
-from patronus.evaluation.harness import LATENTS_FILE, EvalSettings, evaluate
+from patronus.evaluation.harness import LATENTS_FILE, EvalSettings, evaluate, generation_digest
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.moderator.losses import DecoderHead
 
@@ -209,12 +214,27 @@ def _attack_and_evaluate(cell: dict, target: str, reuse_from: str | None, model:
     results = {}
     for ckpt in ckpts:
         step = int(ckpt.name.split("-")[1])
-        twin = Path(reuse_from).parent / f"eval-step-{step}" if reuse_from else None
-        latents_from = twin if twin and (twin / LATENTS_FILE).exists() else None
+        latents_from = find_latents(cdir.parent.parent, generation_digest(ckpt), eval_settings)
         r = evaluate(str(ckpt), cdir / f"eval-step-{step}", eval_settings, latents_from=latents_from)
         results[step] = {k: r["metrics"][k] for k in ("unsafe_rate", "benign_class_match", "refusal_rate")
                          if k in r["metrics"]}
     return results
+
+
+def find_latents(cells: Path, digest: str, settings: EvalSettings) -> Path | None:
+    """A finished evaluation under `cells` whose saved latents this one would sample again."""
+    want = json.loads(json.dumps(asdict(settings)))
+    for f in sorted(cells.glob(f"*/*/eval-step-*/{LATENTS_FILE}")):
+        if f.parent.name.endswith(".partial"):
+            continue
+        try:
+            with safe_open(f, "pt") as fh:
+                meta = fh.metadata() or {}
+        except FileNotFoundError:  # a cell being redone by another worker removed it
+            continue
+        if meta.get("generation_digest") == digest and json.loads(meta.get("settings", "null")) == want:
+            return f.parent
+    return None
 
 
 def busy_seconds(cells: list[dict], done_files: list[Path]) -> float:

@@ -204,7 +204,7 @@ def evaluate(model: str, out: Path, s: EvalSettings, reference: str | None = Non
 
     `latents_from`: an earlier evaluation of a pipeline that differs from `model` only in its
     VAE; its saved latents are decoded by `model`'s decoder instead of sampled again (exact,
-    and a fraction of the cost: the sweep uses it for UNet-only attacks on a protected model).
+    and a fraction of the cost: the sweep uses it wherever it would sample the same latents twice).
     """
     with atomic_dir(out) as tmp:
         return _evaluate(model, tmp, s, reference, detector, latents_from)

@@ -48,6 +48,10 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     # One process: the protected UNet-only cell ran right after its unprotected twin, before scratch's.
     finished = {(c["model"], c["cell"]["kind"]): c["finished"] for c in summary["cells"]}
     assert finished["unprotected", "unet-lora"] < finished["protected", "unet-lora"] < finished["scratch", "unet-lora"]
+    # A decoder attack leaves the UNet alone: its later checkpoints decode saved latents, never sample.
+    sampled = {m.parent.name for m in out.glob(f"cells/*/{cell_id(TINY.cells()[1])}/eval-step-*/metrics.json")
+               if json.loads(m.read_text())["timing"]["latents_from"] is None}
+    assert sampled == {"eval-step-1"}
     # Kill simulation: checkpoints a killed run left behind in a finished cell are removed on resume...
     leftover = out / "cells" / "unprotected" / cell_id(TINY.cells()[1]) / "attack" / "step-1"
     leftover.mkdir(parents=True)
@@ -123,3 +127,4 @@ def test_unet_attack_sharing_needs_identical_attacked_weights(mini_pipeline, tmp
         next(unet.parameters()).add_(1e-3)
     unet.save_pretrained(other / "unet")
     assert not same_unet_attack_inputs(str(mini_pipeline), str(other))
+
