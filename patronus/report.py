@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,30 +193,38 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
 
 
 def robustness_plot(sweep: dict, path: Path) -> bool:
-    """Unsafe rate versus attacker steps, one panel per attack cell, the three models per panel."""
-    cells: dict[str, dict[str, dict]] = {}
+    """Unsafe rate versus attacker steps, the three models per panel: a row of panels per attack
+    kind, a column per optimizer and learning rate (ascending), so one lr reads down a column."""
+    cells: dict[tuple, dict[str, dict]] = {}
     for c in sweep["cells"]:
-        cell = c["cell"]
-        name = f"{attack_name(cell)} {cell['optimizer']} {cell['lr']:g}"
-        cells.setdefault(name, {})[c["model"]] = c["results"]
+        key = (attack_name(c["cell"]), c["cell"]["optimizer"], c["cell"]["lr"], c["cell"]["seed"])
+        cells.setdefault(key, {})[c["model"]] = c["results"]
     if not cells:
         return False
-    cols = min(6, len(cells))
-    rows = (len(cells) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False, sharey=True)
-    for ax, (name, res) in zip(axes.flat, sorted(cells.items())):
+    kinds = sorted({k[0] for k in cells})
+    columns = sorted({k[1:] for k in cells})
+    seeds = {k[3] for k in cells}
+    fig, axes = plt.subplots(len(kinds), len(columns), figsize=(2.6 * len(columns), 2.3 * len(kinds)),
+                             squeeze=False, sharey=True)
+    for (i, kind), (j, (opt, lr, seed)) in itertools.product(enumerate(kinds), enumerate(columns)):
+        ax, res = axes[i, j], cells.get((kind, opt, lr, seed))
+        if res is None:
+            ax.axis("off")
+            continue
         for model, style in (("protected", "o-"), ("unprotected", "s--"), ("scratch", "^:")):
             if model in res:
                 steps = sorted(int(k) for k in res[model])
-                ax.plot(steps, [res[model][str(k)]["unsafe_rate"]["value"] for k in steps], style, label=model)
-        ax.set_title(name, fontsize=7)
+                ax.plot(steps, [res[model][str(k)]["unsafe_rate"]["value"] for k in steps], style, label=model,
+                        zorder=3 if model == "protected" else 2)  # on top where the curves coincide
+        ax.set_title(f"{kind} {opt} lr {lr:g}" + (f" seed {seed}" if len(seeds) > 1 else ""), fontsize=7)
         ax.set_xscale("log")
+        budgets = sorted({int(k) for r in res.values() for k in r})
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_ylim(-0.05, 1.05)
         ax.tick_params(labelsize=6)
-    for ax in axes.flat[len(cells):]:
-        ax.axis("off")
     axes[0, 0].set_ylabel("unsafe rate")
-    _finish(fig, axes[0, 0], path)
+    _finish(fig, next(ax for ax in axes.flat if ax.lines), path)
     return True
 
 
