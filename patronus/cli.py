@@ -120,7 +120,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
         raise UsageError(f"--save-at must be comma-separated step numbers, got {args.save_at!r}") from e
     settings = AttackSettings(kind=args.kind, data=args.data, optimizer=args.optimizer, lr=args.lr,
                               steps=args.steps, rank=args.rank, batch_size=args.batch_size, save_at=save_at,
-                              seed=args.seed, swap_from=getattr(args, "from"), then=args.then)
+                              seed=args.seed, swap_from=getattr(args, "from"), swap_part=args.swap_part,
+                              then=args.then)
     try:
         settings.validate()
     except ValueError as e:
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--save-at", help="comma-separated steps to save at (default: the last step)")
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--from", help="swap-decoder: the pipeline whose VAE is put in")
+    at.add_argument("--swap-part", choices=["vae", "decoder"], default="vae",
+                    help="swap-decoder: put in the whole VAE, or only its decoder (keeping this model's encoder)")
     at.add_argument("--then", help="swap-decoder: follow with unet-full or unet-lora")
     at.add_argument("--out", required=True)
     at.set_defaults(func=cmd_attack)
@@ -258,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    from patronus.attacks.finetune import AttackError
     from patronus.evaluation.detectors import DetectorError
     from patronus.evaluation.suites import PromptFileError
     from patronus.models.registry import ModelLoadError
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except (UsageError, ModelLoadError, PromptFileError, DetectorError, ReportError, ImageFolderError,
+    except (UsageError, ModelLoadError, PromptFileError, DetectorError, ReportError, ImageFolderError, AttackError,
             FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -26,16 +26,24 @@ STAGES = (("evaluate the base model", 0.1), ("protect it (quick preset)", 3.9),
 
 
 def _prepare(out: Path) -> None:
-    """Start from an empty `out`; a previous demo's output is replaced, anything else is refused."""
+    """Start from an empty `out` holding only our marker.
+
+    A previous demo's output (finished, or killed half-way: the marker is written first) is
+    replaced; anything else is refused, so a mistyped --out never deletes a user's files.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give --out a directory")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FileExistsError(f"{out} exists and was not written by `patronus demo`; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"status": "running"}))
 
 
 def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectConfig | None = None,
              grid: str | Path = "quick", suite: str = "glyph-quick") -> dict:
+    """Run every stage into `out`, print the report's path and a five-line summary; returns both."""
     out = Path(out)
     _prepare(out)
     t0 = time.time()
@@ -65,7 +73,8 @@ def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectCon
 
     minutes = (time.time() - t0) / 60
     summary = _summary(base["metrics"], protected["metrics"], sweep, info, minutes)
-    (out / MARKER).write_text(json.dumps({"minutes": minutes, "summary": summary, "report": str(report)}, indent=2))
+    (out / MARKER).write_text(json.dumps({"status": "finished", "minutes": minutes, "summary": summary,
+                                          "report": str(report)}, indent=2))
     print(f"\nreport: {report}")
     print("\n".join(summary))
     return {"report": report, "summary": summary, "minutes": minutes}

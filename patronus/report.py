@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from patronus.attacks.sweep import attack_name  # noqa: E402
+from patronus.attacks.sweep import attack_name, sweep_summary  # noqa: E402
 from patronus.io import atomic_dir  # noqa: E402
 
 # Summary columns, in order; a column is shown when at least one run has it.
@@ -144,13 +144,15 @@ def robustness_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
         cell = c["cell"]
         key = (attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"])
         by_key.setdefault(key, {})[c["model"]] = c["results"]
-    header = ["attack", "optimizer", "lr", "steps"] + [f"unsafe ({m})" for m in models] + \
+    seeds = len({k[3] for k in by_key}) > 1  # a seed column only where there is more than one seed
+    header = ["attack", "optimizer", "lr"] + ["seed"] * seeds + ["steps"] + [f"unsafe ({m})" for m in models] + \
         [f"benign class ({m})" for m in models]
     rows = []
     for (kind, opt, lr, seed), res in sorted(by_key.items()):
         for step in sorted({int(k) for r in res.values() for k in r}):
             vals = [res.get(m, {}).get(str(step), {}) for m in models]
-            rows.append([kind, opt, f"{lr:g}", str(step)] + [_fmt(v.get("unsafe_rate")) for v in vals]
+            rows.append([kind, opt, f"{lr:g}"] + [str(seed)] * seeds + [str(step)]
+                        + [_fmt(v.get("unsafe_rate")) for v in vals]
                         + [_fmt(v.get("benign_class_match")) for v in vals])
     return header, rows
 
@@ -355,15 +357,15 @@ def _describe(run: Run) -> str:
 def build_report(run_dirs: list[Path], out: Path) -> Path:
     """Write report.md, report.html and their figures to `out`; returns the HTML path.
 
-    Each directory is an evaluation run (metrics.json), a sweep (sweep.json) or decoder-attack
-    results (decoder-attacks.json, written by benchmarks/moderator.py).
+    Each directory is an evaluation run (metrics.json), a sweep (its finished cells, also while
+    it runs) or decoder-attack results (decoder-attacks.json, written by benchmarks/moderator.py).
     """
     if not run_dirs:
         raise ReportError("give at least one run or sweep directory")
     sweeps, decoder, runs = [], [], []
     for d in map(Path, run_dirs):
-        if (d / "sweep.json").exists():
-            sweeps.append(json.loads((d / "sweep.json").read_text()))
+        if (d / "grid.json").exists():  # a sweep, also one still running or killed half-way
+            sweeps.append(sweep_summary(d))
         elif (d / "decoder-attacks.json").exists():
             decoder.append(json.loads((d / "decoder-attacks.json").read_text()))
         else:

@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,27 @@ def test_attack_with_a_bad_image_folder(tmp_path, metadata, needle):
                 "--out", str(tmp_path / "o"))
     assert_clean_error(r, needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_with_a_bad_grid_file(tmp_path):
+    (tmp_path / "grid.yaml").write_text("kinds: [unet-full]\nlrs: [1e-5]\n")
+    r = run_cli("sweep", "patronus-tiny", "--grid", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "YAML reads 1e-5 as text")
+    assert not (tmp_path / "o").exists()
+
+
+def test_attack_bad_rank_and_foreign_vae(tmp_path):
+    r = run_cli("attack", "patronus-tiny", "--kind", "unet-lora", "--rank", "0", "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "--rank must be at least 1")
+    other = tmp_path / "other"
+    shutil.copytree(TINY_DIR, other)
+    config = json.loads((other / "vae" / "config.json").read_text())
+    (other / "vae" / "config.json").write_text(json.dumps(config | {"scaling_factor": 0.5}))
+    r = run_cli("attack", "patronus-tiny", "--kind", "swap-decoder", "--from", str(other), "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "scaling_factor")
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_a_file_as_out(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert_clean_error(run_cli("demo", "--out", str(tmp_path / "f")), "is a file")

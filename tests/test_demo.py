@@ -27,3 +27,17 @@ def test_demo_end_to_end_on_a_mini_model(mini_pipeline, tmp_path):
     with pytest.raises(FileExistsError):
         run_demo(foreign, model=str(mini_pipeline))
     assert (foreign / "notes.txt").exists()
+
+
+def test_a_killed_demo_is_replaced_but_a_file_is_refused(tmp_path):
+    from patronus.demo import _prepare
+
+    out = tmp_path / "demo"
+    _prepare(out)  # as a demo starts: the marker comes first...
+    (out / "eval-base.partial").mkdir()  # ...so what a kill leaves behind is recognised as ours
+    _prepare(out)
+    assert [p.name for p in out.iterdir()] == [MARKER]
+    assert json.loads((out / MARKER).read_text())["status"] == "running"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        _prepare(tmp_path / "file")

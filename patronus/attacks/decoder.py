@@ -34,7 +34,7 @@ class DecoderAttack:
     seed: int = 0
 
 
-def make_attack_optimizer(name: str, lr: float, params) -> torch.optim.Optimizer:
+def make_attack_optimizer(name: str, lr: float, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     """The optimizers the threat model lists, with the momentum settings the reference uses."""
     params = list(params)
     if name == "adam":

@@ -5,10 +5,13 @@ Kinds:
                          text-to-image fine-tuning scripts do (LoRA via peft on to_q/to_k/to_v/to_out.0)
   decoder-full, decoder-lora   reconstruction of the unsafe images by the VAE decoder
   joint                  UNet, VAE decoder and text encoder together (sum of both losses)
-  swap-decoder           replace the VAE with another pipeline's, optionally then a UNet attack
+  swap-decoder           replace the VAE (or only its decoder) with another pipeline's, optionally
+                         followed by a UNet attack
 
-Every saved checkpoint is a complete pipeline directory that plain diffusers loads; LoRA
-attacks also save the adapter weights (`lora/adapter_model.safetensors`).
+Every saved checkpoint is a complete pipeline directory that plain diffusers loads, LoRA
+weights fused in. LoRA attacks also save the adapter in `lora/`: for the UNet in diffusers'
+format (`pipe.load_lora_weights(dir / "lora")` on the attacked model), for the decoder as a
+peft adapter (diffusers has no VAE LoRA loader).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -39,6 +43,10 @@ UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ATTACKER_SPLIT_SIZE = 500
 
 
+class AttackError(ValueError):
+    """A model the attack cannot run on as asked (e.g. a swapped-in VAE of another family)."""
+
+
 @dataclass(frozen=True)
 class AttackSettings:
     kind: str
@@ -51,6 +59,7 @@ class AttackSettings:
     save_at: tuple[int, ...] = (100, 500)
     seed: int = 0
     swap_from: str | None = None  # swap-decoder: pipeline whose VAE replaces the model's
+    swap_part: str = "vae"  # swap-decoder: "vae" (encoder too) or "decoder" (keep the model's encoder)
     then: str | None = None  # swap-decoder: optional follow-up kind (unet-full or unet-lora)
 
     def validate(self) -> None:
@@ -60,10 +69,14 @@ class AttackSettings:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.kind == "swap-decoder" and not self.swap_from:
             raise ValueError("swap-decoder needs the pipeline to take the VAE from (--from DIR)")
+        if self.swap_part not in ("vae", "decoder"):
+            raise ValueError(f"--swap-part must be vae or decoder, got {self.swap_part!r}")
         if self.then not in (None, "unet-full", "unet-lora"):
             raise ValueError("after swap-decoder only unet-full or unet-lora can follow")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("--steps, --batch-size and --lr must be positive")
+        if self.rank < 1:
+            raise ValueError(f"--rank must be at least 1 (the default grid uses 4 and 64), got {self.rank}")
         if any(s < 1 or s > self.steps for s in self.save_at):
             raise ValueError(f"--save-at steps must lie in 1..{self.steps}")
 
@@ -76,7 +89,7 @@ def load_attack_data(data: str, resolution: int) -> tuple[torch.Tensor, list[str
     return load_imagefolder(data, resolution)
 
 
-def _lora_unet(unet, rank: int):
+def _lora_unet(unet: UNet2DConditionModel, rank: int) -> PeftModel:
     return get_peft_model(unet, LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                            target_modules=UNET_LORA_TARGETS))
 
@@ -87,26 +100,46 @@ def run_attack(model: str, s: AttackSettings, out: Path, progress: bool = True) 
     with atomic_dir(out) as tmp:
         pipe = load_pipeline(model)
         kind = s.kind
+        (tmp / "attack.json").write_text(json.dumps(asdict(s) | {"model": str(model)}, indent=2))
         if kind == "swap-decoder":
-            pipe.vae = load_pipeline(s.swap_from).vae
+            donor = _swappable_vae(pipe.vae, load_pipeline(s.swap_from).vae, s.swap_from)
+            if s.swap_part == "vae":
+                pipe.vae = donor
+            else:
+                try:
+                    DecoderHead(pipe.vae).load_state_dict(DecoderHead(donor).state_dict())
+                except RuntimeError as e:
+                    raise AttackError(f"the decoder of {s.swap_from} does not fit this VAE: "
+                                      f"{str(e).splitlines()[0]}") from e
             if s.then is None:
                 pipe.save_pretrained(tmp / "step-0")
-                (tmp / "attack.json").write_text(json.dumps(asdict(s), indent=2))
                 return [out / "step-0"]
             kind = s.then
         images, texts = load_attack_data(s.data, pipe.vae.config.sample_size)
         _finetune(pipe, kind, s, images, texts, tmp, progress)
-        (tmp / "attack.json").write_text(json.dumps(asdict(s) | {"model": str(model)}, indent=2))
     return [out / f"step-{k}" for k in sorted(s.save_at)]
+
+
+def _swappable_vae(ours: AutoencoderKL, theirs: AutoencoderKL, source: str) -> AutoencoderKL:
+    """`theirs`, after checking it reads the latents our UNet writes (a mismatch would decode noise)."""
+    for key in ("latent_channels", "scaling_factor", "sample_size"):
+        if ours.config[key] != theirs.config[key]:
+            raise AttackError(f"the VAE of {source} has {key} {theirs.config[key]}, this model's has "
+                             f"{ours.config[key]}; swap in a VAE of the same family")
+    return theirs
 
 
 def _finetune(pipe: StableDiffusionPipeline, kind: str, s: AttackSettings, images: torch.Tensor, texts: list[str],
               out: Path, progress: bool) -> None:
+    """The attacker's training loop; saves a pipeline at every `save_at` step."""
     torch.manual_seed(s.seed)
     g = torch.Generator().manual_seed(s.seed)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = noise_scheduler.config.prediction_type
+    if kind in ("unet-full", "unet-lora", "joint") and prediction not in ("epsilon", "v_prediction"):
+        raise AttackError(f"the UNet attacks train epsilon or v_prediction models, this one predicts {prediction}")
     with torch.no_grad():
         ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
@@ -146,7 +179,8 @@ def _finetune(pipe: StableDiffusionPipeline, kind: str, s: AttackSettings, image
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
             hidden = pipe.text_encoder(ids[idx])[0]
             pred = unet(noise_scheduler.add_noise(z * scale, noise, t), t, hidden).sample
-            loss = loss + F.mse_loss(pred, noise)
+            target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(z * scale, noise, t)
+            loss = loss + F.mse_loss(pred, target)
         if trains_decoder:
             loss = loss + F.mse_loss(head(lat_mean[idx]), images[idx])
         opt.zero_grad(set_to_none=True)
@@ -156,11 +190,11 @@ def _finetune(pipe: StableDiffusionPipeline, kind: str, s: AttackSettings, image
             _save(pipe, unet, head, kind, out / f"step-{step}")
 
 
-def _save(pipe: StableDiffusionPipeline, unet, head, kind: str, path: Path) -> None:
+def _save(pipe: StableDiffusionPipeline, unet: torch.nn.Module, head: torch.nn.Module, kind: str, path: Path) -> None:
     """A complete pipeline with LoRA weights fused; the adapter itself saved alongside."""
     components = dict(pipe.components)
     if kind == "unet-lora":
-        save_lora(unet, path / "lora")
+        save_unet_lora(unet, path / "lora")
         components["unet"] = copy.deepcopy(unet).merge_and_unload()
     if kind == "decoder-lora":
         save_lora(head, path / "lora")
@@ -173,7 +207,13 @@ def _save(pipe: StableDiffusionPipeline, unet, head, kind: str, path: Path) -> N
     StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(path)
 
 
-def save_lora(model, path: Path) -> None:
+def save_unet_lora(unet: PeftModel, path: Path) -> None:
+    """The UNet adapter as diffusers' training scripts save it, so `load_lora_weights` reads it."""
+    state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(unet).items()}
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=convert_state_dict_to_diffusers(state))
+
+
+def save_lora(model: PeftModel, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()},
               path / "adapter_model.safetensors")

@@ -18,7 +18,7 @@ Sampled latents depend only on the files outside `vae/` (the evaluation's genera
 digest). An evaluation whose digest and settings match one already in the sweep decodes
 that one's saved latents with its own decoder instead of sampling them again
 (`timing.latents_from` in its metrics.json). That covers the protected UNet-only cells and
-every checkpoint of a decoder-only attack after its cell's first (the UNet is untouched).
+every checkpoint of a decoder-full attack after its cell's first (the UNet is untouched).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from patronus.attacks.finetune import AttackSettings, run_attack
-from patronus.evaluation.harness import LATENTS_FILE, EvalSettings, evaluate, generation_digest
+from patronus.evaluation.harness import LATENTS_FILE, EvalSettings, evaluate, generation_digest, resolve_prompts
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.moderator.losses import DecoderHead
 
@@ -100,13 +100,57 @@ def load_grid(path: str | Path) -> Grid:
         values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise ValueError(f"grid file {path} is not valid: {str(e).splitlines()[0]}") from e
-    known = set(Grid.__dataclass_fields__)
-    if unknown := set(values) - known:
-        raise ValueError(f"unknown grid setting(s) in {path}: {', '.join(sorted(unknown))}")
+    return grid_from_dict(values, path)
+
+
+def grid_from_dict(values: object, source: str | Path) -> Grid:
+    """A checked Grid from the settings of a grid file or of a sweep's `grid.json`."""
+    if not isinstance(values, dict):
+        raise ValueError(f"grid file {source} must hold settings (name = value), not {type(values).__name__}")
+    if unknown := set(values) - set(Grid.__dataclass_fields__):
+        raise ValueError(f"unknown grid setting(s) in {source}: {', '.join(sorted(unknown))}")
+    for name, value in values.items():
+        _check_type(source, name, value)
     grid = Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    check_grid(grid)
+    return grid
+
+
+# The type every grid setting must have: lists of these (`list`) or a single one.
+_LIST_TYPES: dict[str, tuple[type, ...]] = {"kinds": (str,), "ranks": (int,), "optimizers": (str,),
+                                            "lrs": (int, float), "budgets": (int,), "seeds": (int,),
+                                            "references": (str,)}
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {"batch_size": (int,), "data": (str,), "suite": (str,),
+                                              "keep_checkpoints": (bool,), "eval": (dict,)}
+
+
+def _check_type(path: str | Path, name: str, value: object) -> None:
+    def ok(v: object, types: tuple[type, ...]) -> bool:
+        return isinstance(v, types) and (bool in types or not isinstance(v, bool))
+
+    if name in _LIST_TYPES:
+        types = _LIST_TYPES[name]
+        if not isinstance(value, list) or not value or not all(ok(v, types) for v in value):
+            hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if name == "lrs" else ""
+            raise ValueError(f"grid setting {name} in {path} must be a non-empty list of "
+                             f"{' or '.join(t.__name__ for t in types)}, got {value!r}{hint}")
+    elif not ok(value, _SCALAR_TYPES[name]):
+        raise ValueError(f"grid setting {name} in {path} must be of type {_SCALAR_TYPES[name][0].__name__}, "
+                         f"got {value!r}")
+
+
+def check_grid(grid: Grid) -> None:
+    """Every setting a sweep would trip over only after hours of attacks, checked before the first."""
     for cell in grid.cells():
         attack_settings(grid, cell).validate()
-    return grid
+    if unknown := set(grid.references) - {"unprotected", "scratch"}:
+        raise ValueError(f"unknown reference(s) {', '.join(sorted(unknown))}; choose from unprotected, scratch")
+    allowed = [f for f in EvalSettings.__dataclass_fields__ if f != "suite"]  # the suite is a grid setting
+    if unknown := set(grid.eval) - set(allowed):
+        raise ValueError(f"unknown eval setting(s) {', '.join(sorted(unknown))}; choose from {', '.join(allowed)}")
+    resolve_prompts(EvalSettings(suite=grid.suite, **grid.eval))
+    if grid.data != "attacker" and not (Path(grid.data) / "metadata.jsonl").is_file():
+        raise ValueError(f"grid data {grid.data!r} is neither 'attacker' nor an image folder with metadata.jsonl")
 
 
 def attack_settings(grid: Grid, cell: dict) -> AttackSettings:
@@ -152,8 +196,8 @@ def same_unet_attack_inputs(a: str, b: str) -> bool:
         if fa != fb or any((ra / f).read_bytes() != (rb / f).read_bytes() for f in fa):
             return False
     va, vb = (AutoencoderKL.from_pretrained(r / "vae") for r in (ra, rb))
-    ea = va.encoder.state_dict() | va.quant_conv.state_dict()
-    eb = vb.encoder.state_dict() | vb.quant_conv.state_dict()
+    ea, eb = ({f"{name}.{k}": v for name in ("encoder", "quant_conv") if getattr(vae, name) is not None
+               for k, v in getattr(vae, name).state_dict().items()} for vae in (va, vb))
     return ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
@@ -274,6 +318,10 @@ def run_sweep(model: str, grid: Grid, out: Path, unprotected: str = "patronus-ti
     """
     if workers < 1:
         raise SweepError(f"--workers must be at least 1, got {workers}")
+    try:
+        check_grid(grid)
+    except ValueError as e:
+        raise SweepError(str(e)) from e
     out = Path(out)
     resolve_model(model)
     resolve_model(unprotected)

@@ -29,7 +29,16 @@ def test_each_kind_changes_only_its_components(mini_pipeline, tmp_path, kind, ch
     for component in unchanged:
         before, after = _weights(mini_pipeline, component), _weights(dirs[-1], component)
         assert all(torch.equal(before[k], after[k]) for k in before), component
-    if kind.endswith("lora"):
+    if kind == "unet-lora":  # plain diffusers applies the adapter and gets the fused UNet
+        fused, base = (StableDiffusionPipeline.from_pretrained(p) for p in (dirs[-1], mini_pipeline))
+        base.load_lora_weights(dirs[-1] / "lora")
+        torch.manual_seed(0)
+        c = base.unet.config
+        x, t = torch.randn(2, c.in_channels, c.sample_size, c.sample_size), torch.tensor([10, 500])
+        hidden = torch.randn(2, 16, c.cross_attention_dim)
+        with torch.no_grad():
+            assert torch.allclose(base.unet(x, t, hidden).sample, fused.unet(x, t, hidden).sample, atol=1e-5)
+    if kind == "decoder-lora":
         assert (dirs[-1] / "lora" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "out" / "attack.json").read_text())["kind"] == kind
 
@@ -43,6 +52,37 @@ def test_swap_decoder(mini_pipeline, tmp_path):
     swapped = _weights(dirs[0], "vae")
     donor = _weights(other / "step-2", "vae")
     assert all(torch.equal(swapped[k], donor[k]) for k in donor)
+    # Only the decoder: the model keeps its own encoder even when the donor's differs.
+    donor_pipe = StableDiffusionPipeline.from_pretrained(other / "step-2")
+    with torch.no_grad():
+        for p in donor_pipe.vae.encoder.parameters():
+            p.add_(0.1)
+    donor_pipe.save_pretrained(tmp_path / "donor")
+    dirs = run_attack(str(mini_pipeline), AttackSettings(kind="swap-decoder", swap_from=str(tmp_path / "donor"),
+                                                         swap_part="decoder"), tmp_path / "swap-dec", progress=False)
+    swapped, ours = _weights(dirs[0], "vae"), _weights(mini_pipeline, "vae")
+    assert all(torch.equal(swapped[k], (ours if k.startswith(("encoder.", "quant_conv.")) else donor)[k])
+               for k in swapped)
+    # ...optionally followed by a UNet attack, which starts from the swapped-in VAE.
+    dirs = run_attack(str(mini_pipeline), AttackSettings(kind="swap-decoder", swap_from=str(other / "step-2"),
+                                                         then="unet-full", steps=1, batch_size=4, save_at=(1,)),
+                      tmp_path / "swap-then", progress=False)
+    swapped = _weights(dirs[0], "vae")
+    assert all(torch.equal(swapped[k], donor[k]) for k in donor)
+    assert any(not torch.equal(a, b) for a, b in zip(_weights(dirs[0], "unet").values(),
+                                                      _weights(mini_pipeline, "unet").values()))
+
+
+def test_swap_decoder_refuses_a_vae_of_another_family(mini_pipeline, tmp_path):
+    from diffusers import AutoencoderKL
+
+    other = tmp_path / "other"
+    pipe = StableDiffusionPipeline.from_pretrained(mini_pipeline)
+    pipe.vae = AutoencoderKL.from_config({**pipe.vae.config, "scaling_factor": 0.5})
+    pipe.save_pretrained(other)
+    with pytest.raises(ValueError, match="scaling_factor"):
+        run_attack(str(mini_pipeline), AttackSettings(kind="swap-decoder", swap_from=str(other)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("bad,needle", [
@@ -50,6 +90,7 @@ def test_swap_decoder(mini_pipeline, tmp_path):
     (dict(kind="unet-full", optimizer="lion"), "unknown optimizer"),
     (dict(kind="swap-decoder"), "--from"),
     (dict(kind="unet-full", steps=10, save_at=(20,)), "--save-at"),
+    (dict(kind="unet-lora", rank=0), "--rank"),
 ])
 def test_bad_settings(mini_pipeline, tmp_path, bad, needle):
     with pytest.raises(ValueError, match=needle):

@@ -24,6 +24,23 @@ def test_bad_grid_files(tmp_path):
         load_grid(tmp_path / "h.toml")
     with pytest.raises(ValueError, match="not found"):
         load_grid(tmp_path / "missing.toml")
+    bad = {
+        "lrs: [1e-5]\n": "YAML reads 1e-5 as text",  # PyYAML's float needs a dot: 1.0e-5
+        "budgets: 100\n": "budgets .* must be a non-empty list of int",
+        "kinds: unet-full\n": "kinds .* must be a non-empty list of str",
+        "batch_size: 1.5\n": "batch_size .* must be of type int",
+        "references: [scratch, random]\n": "unknown reference",
+        "eval: {stepz: 2}\n": "unknown eval setting",
+        "suite: glyph-huge\n": "unknown suite",
+        "data: nowhere\n": "neither 'attacker' nor an image folder",
+        "- unet-full\n": "must hold settings",
+    }
+    for i, (text, message) in enumerate(bad.items()):
+        (tmp_path / f"bad{i}.yaml").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_grid(tmp_path / f"bad{i}.yaml")
+    (tmp_path / "good.yaml").write_text("kinds: [unet-lora]\nranks: [4]\nlrs: [1.0e-5, 0.001]\n")
+    assert load_grid(tmp_path / "good.yaml").lrs == (1e-5, 1e-3)
 
 
 def test_busy_seconds_is_the_union_of_cell_times(tmp_path):
