@@ -25,6 +25,7 @@ from pathlib import Path
 from patronus.attacks.finetune import AttackSettings, run_attack
 from patronus.attacks.sweep import (
     UNET_ONLY,
+    Grid,
     SweepError,
     attack_name,
     grid_from_dict,
@@ -38,13 +39,14 @@ from patronus.report import build_report
 MODELS = ("protected", "unprotected", "scratch")
 
 
-def rows_by_cell(sweep: dict) -> dict[tuple, dict[str, dict]]:
-    """(attack, optimizer, lr, seed) -> model -> results per budget."""
+def rows_by_cell(sweep: dict, grid: Grid) -> dict[tuple, dict[str, dict]]:
+    """(attack, optimizer, lr, seed) -> model -> results per budget, in the grid file's order."""
+    order = [(attack_name(c), c["optimizer"], c["lr"], c["seed"]) for c in grid.cells()]
     rows: dict[tuple, dict[str, dict]] = {}
     for c in sweep["cells"]:
         cell = c["cell"]
         rows.setdefault((attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"]), {})[c["model"]] = c["results"]
-    return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])))
+    return dict(sorted(rows.items(), key=lambda kv: order.index(kv[0])))
 
 
 def pct(result: dict | None, key: str = "unsafe_rate") -> str:
@@ -134,7 +136,7 @@ def main() -> None:
     report = build_report([swap_eval, Path(args.sweep)], out / "report")
 
     budgets = sorted(grid.budgets)
-    rows = rows_by_cell(sweep)
+    rows = rows_by_cell(sweep, grid)
     n_expected = len(grid.cells()) * (1 + len(grid.references))
     print(f"\nrobustness grid of {args.sweep} on {args.model}: {len(sweep['cells'])} of {n_expected} cells evaluated\n")
     print(markdown_table(rows, budgets))
