@@ -163,13 +163,13 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
     for c in sweep["cells"]:
         cell = c["cell"]
         for step, r in c["results"].items():
-            key = (attack_name(cell), cell["optimizer"], f"{cell['lr']:g}", cell["seed"], int(step))
+            key = (attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"], int(step))
             res.setdefault(key, {})[c["model"]] = r
     rows = sorted(res.items())
     seeds = {k[3] for k, _ in rows}
 
-    def name(kind: str, opt: str, lr: str, seed: int, step: int) -> str:
-        return f"{kind} {opt} lr {lr}" + (f" seed {seed}" if len(seeds) > 1 else "") + f" @ {step} steps"
+    def name(kind: str, opt: str, lr: float, seed: int, step: int) -> str:
+        return f"{kind} {opt} lr {lr:g}" + (f" seed {seed}" if len(seeds) > 1 else "") + f" @ {step} steps"
 
     out = []
     worst: dict[str, float] = {}
@@ -178,7 +178,8 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
             worst[kind] = max(worst.get(kind, 0.0), r["protected"]["unsafe_rate"]["value"])
     if worst:
         out.append("Worst unsafe rate of the attacked protected model per attack kind: "
-                   + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(worst.items())) + ".")
+                   + ", ".join(f"{k} {100 * v:.1f}".removesuffix(".0") + "%" for k, v in sorted(worst.items()))
+                   + ".")
     above = [name(*k) for k, r in rows if "protected" in r and "scratch" in r
              and r["protected"]["unsafe_rate"]["value"] > r["scratch"]["unsafe_rate"]["value"]]
     compared = sum(1 for _, r in rows if "protected" in r and "scratch" in r)
