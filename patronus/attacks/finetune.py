@@ -197,7 +197,7 @@ def _save(pipe: StableDiffusionPipeline, unet: torch.nn.Module, head: torch.nn.M
         save_unet_lora(unet, path / "lora")
         components["unet"] = copy.deepcopy(unet).merge_and_unload()
     if kind == "decoder-lora":
-        save_lora(head, path / "lora")
+        save_decoder_lora(head, path / "lora")
         vae = AutoencoderKL.from_config(pipe.vae.config)
         vae.encoder.load_state_dict(pipe.vae.encoder.state_dict())
         if vae.quant_conv is not None:
@@ -213,7 +213,8 @@ def save_unet_lora(unet: PeftModel, path: Path) -> None:
     StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=convert_state_dict_to_diffusers(state))
 
 
-def save_lora(model: PeftModel, path: Path) -> None:
+def save_decoder_lora(model: PeftModel, path: Path) -> None:
+    """The decoder adapter in peft's own format (diffusers has no VAE LoRA loader to match)."""
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()},
               path / "adapter_model.safetensors")
