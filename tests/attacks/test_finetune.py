@@ -96,3 +96,22 @@ def test_bad_settings(mini_pipeline, tmp_path, bad, needle):
     with pytest.raises(ValueError, match=needle):
         run_attack(str(mini_pipeline), AttackSettings(**bad), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_unet_attack_follows_the_prediction_type(mini_pipeline, tmp_path):
+    import shutil
+
+    from patronus.attacks.finetune import AttackError
+
+    s = AttackSettings(kind="unet-full", lr=1e-3, steps=1, batch_size=4, save_at=(1,))
+    for prediction, ok in (("v_prediction", True), ("sample", False)):
+        model = tmp_path / prediction
+        shutil.copytree(mini_pipeline, model)
+        config = model / "scheduler" / "scheduler_config.json"
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"prediction_type": prediction}))
+        if ok:
+            assert run_attack(str(model), s, tmp_path / f"out-{prediction}", progress=False)
+        else:
+            with pytest.raises(AttackError, match="predicts sample"):
+                run_attack(str(model), s, tmp_path / f"out-{prediction}", progress=False)
+            assert not (tmp_path / f"out-{prediction}").exists()
