@@ -76,6 +76,7 @@ def attack_decoder(vae: AutoencoderKL, images: torch.Tensor, attack: DecoderAtta
     if attack.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {attack.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     victim = copy.deepcopy(vae).requires_grad_(False)
+    images = images.to(victim.device)
     z = _encode(victim, images)
     head: torch.nn.Module = DecoderHead(victim).requires_grad_(True)
     if attack.lora_rank:

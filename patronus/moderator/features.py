@@ -114,7 +114,7 @@ def sample_latents(pipe: StableDiffusionPipeline, prompts: list[str], s: BankSet
 @torch.no_grad()
 def encode(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Posterior means of the frozen encoder (unscaled)."""
-    return torch.cat([pipe.vae.encode(images[i:i + batch_size]).latent_dist.mean
+    return torch.cat([pipe.vae.encode(images[i:i + batch_size].to(pipe.device)).latent_dist.mean
                       for i in range(0, len(images), batch_size)])
 
 
@@ -155,9 +155,9 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: BankSettings, weights_d
             bank[f"{part}/{kind}/x"] = x
             bank[f"{part}/{kind}/z_img"] = encode(pipe, x)
             bank[f"{part}/{kind}/z_gen"] = sample_latents(pipe, texts, s, seed_offset=(p * 2 + k) * 10_000_000)
-    # Contiguous like a bank read back from the cache: memory layout can change float results,
-    # and a resumed run must compute exactly what the first run did.
-    bank = {k: v.contiguous() for k, v in bank.items()}
+    # On the CPU and contiguous, like a bank read back from the cache: memory layout can change
+    # float results, and a resumed run must compute exactly what the first run did.
+    bank = {k: v.cpu().contiguous() for k, v in bank.items()}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".partial")

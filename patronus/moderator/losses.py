@@ -40,8 +40,11 @@ class Perceptual(Protocol):
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Activations compared by MSE; images in [-1, 1]."""
 
+    def to(self, device: torch.device | str) -> Perceptual:
+        """Move to the device the decoder trains on (all three are nn.Modules)."""
 
-class PixelPerceptual:
+
+class PixelPerceptual(nn.Module):
     """Fallback: the image itself is the only 'feature'."""
 
     name = "mse"
@@ -50,12 +53,13 @@ class PixelPerceptual:
         return [images]
 
 
-class GlyphNetPerceptual:
+class GlyphNetPerceptual(nn.Module):
     """Activations after each GlyphNet block: the glyph world's VGG."""
 
     name = "glyphnet"
 
     def __init__(self, net: GlyphNet | None = None):
+        super().__init__()
         self.net = (net or load_glyphnet()).eval().requires_grad_(False)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -68,7 +72,7 @@ class GlyphNetPerceptual:
         return feats
 
 
-class VGGPerceptual:
+class VGGPerceptual(nn.Module):
     """VGG-19 up to relu3_4, as in the reference code; weights from a local torchvision file."""
 
     name = "vgg19"
@@ -78,6 +82,7 @@ class VGGPerceptual:
     LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256)
 
     def __init__(self, weights: str | Path):
+        super().__init__()
         layers: list[nn.Module] = []
         cin = 3
         for v in self.LAYOUT:
@@ -92,8 +97,8 @@ class VGGPerceptual:
                   if k.startswith("features.") and int(k.split(".")[1]) < len(layers)}
         self.net.load_state_dict(wanted)
         self.net.eval().requires_grad_(False)
-        self.mean = torch.tensor(self.MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.STD).view(1, 3, 1, 1)
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = ((images + 1) / 2 - self.mean.to(images)) / self.std.to(images)

@@ -68,7 +68,8 @@ class Protector:
     def __init__(self, model: str, cfg: ProtectConfig, workdir: Path, accelerator: Accelerator):
         self.cfg, self.workdir, self.accelerator = cfg, workdir, accelerator
         self.model_dir = resolve_model(model)
-        self.pipe = load_pipeline(model)
+        device = accelerator.device
+        self.pipe = load_pipeline(model).to(device)
         self.pipe.unet.requires_grad_(False)
         self.pipe.text_encoder.requires_grad_(False)
         self.vae = self.pipe.vae
@@ -76,10 +77,11 @@ class Protector:
         self.encoder_digest = _encoder_digest(self.vae)
         self.original = DecoderHead(copy.deepcopy(self.vae)).requires_grad_(False).eval()
         self.head = DecoderHead(self.vae).requires_grad_(True)
-        self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights)
-        self.glyphnet = load_glyphnet()
+        self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)
+        self.glyphnet = load_glyphnet().to(device)
         digest = weights_digest(weight_hashes(self.model_dir))
-        self.bank = build_feature_bank(self.pipe, cfg.bank, digest, cache_dir=workdir / "cache")
+        bank = build_feature_bank(self.pipe, cfg.bank, digest, cache_dir=workdir / "cache")
+        self.bank = {k: v.to(device) for k, v in bank.items()}
         with torch.no_grad():
             self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
             self.orig_unsafe_gen = self._decode(self.original, self.bank["train/unsafe/z_gen"])
@@ -290,7 +292,11 @@ def _write_output(p: Protector, out: Path, cfg: ProtectConfig, state: dict, seco
 def _provenance(p: Protector, cfg: ProtectConfig, state: dict, seconds: float, hashes: dict[str, str]) -> dict:
     original = weight_hashes(p.model_dir)
     changed = sorted(k for k in hashes if hashes[k] != original.get(k))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    device = p.accelerator.device
+    timing = state["timing"] | {"total_seconds": seconds,
+                                "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        timing["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     info = {
         "patronus_version": library_versions()["patronus"],
         "source_model": {"path": str(p.model_dir.resolve()), "weights_sha256": weights_digest(original)},
@@ -299,9 +305,10 @@ def _provenance(p: Protector, cfg: ProtectConfig, state: dict, seconds: float, h
                  "partition_offsets": PART_START, "unsafe_dir": cfg.bank.unsafe_dir, "benign_dir": cfg.bank.benign_dir,
                  "unsafe_prompts": cfg.bank.unsafe_prompts, "benign_prompts": cfg.bank.benign_prompts},
         "seeds": {"run": cfg.seed},
+        "device": str(device),
         "chosen_checkpoint": state["best"],
         "probes": state["probes"],
-        "timing": state["timing"] | {"total_seconds": seconds, "peak_memory_mb": peak_mb},
+        "timing": timing,
         "changed_weight_files": changed,
         "weight_files_sha256": hashes,
         "versions": library_versions(),

@@ -86,8 +86,9 @@ class _LoRAView:
             if name.endswith("weight") and w.dim() in (2, 4):
                 out_dim, in_dim = w.shape[0], w[0].numel()
                 r = min(rank, out_dim, in_dim)
-                a = (torch.randn(r, in_dim, generator=generator) / in_dim ** 0.5).requires_grad_(True)
-                b = torch.zeros(out_dim, r, requires_grad=True)  # starts as the identity update, like peft
+                # Drawn on the CPU generator, so the attack is the same whatever device `w` is on.
+                a = (torch.randn(r, in_dim, generator=generator) / in_dim ** 0.5).to(w).requires_grad_(True)
+                b = torch.zeros(out_dim, r, dtype=w.dtype, device=w.device, requires_grad=True)  # identity, like peft
                 self.factors[name] = (a, b)
 
     def parameters(self) -> list[torch.Tensor]:
