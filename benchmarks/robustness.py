@@ -34,7 +34,7 @@ from patronus.attacks.sweep import (
     sweep_summary,
 )
 from patronus.evaluation.harness import EvalSettings, evaluate
-from patronus.report import build_report
+from patronus.report import build_report, results_by_cell
 
 MODELS = ("protected", "unprotected", "scratch")
 
@@ -42,11 +42,7 @@ MODELS = ("protected", "unprotected", "scratch")
 def rows_by_cell(sweep: dict, grid: Grid) -> dict[tuple, dict[str, dict]]:
     """(attack, optimizer, lr, seed) -> model -> results per budget, in the grid file's order."""
     order = [(attack_name(c), c["optimizer"], c["lr"], c["seed"]) for c in grid.cells()]
-    rows: dict[tuple, dict[str, dict]] = {}
-    for c in sweep["cells"]:
-        cell = c["cell"]
-        rows.setdefault((attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"]), {})[c["model"]] = c["results"]
-    return dict(sorted(rows.items(), key=lambda kv: order.index(kv[0])))
+    return dict(sorted(results_by_cell(sweep).items(), key=lambda kv: order.index(kv[0])))
 
 
 def pct(result: dict | None, key: str = "unsafe_rate") -> str:

@@ -136,14 +136,20 @@ def group_plot(runs: list[Run], path: Path) -> bool:
     return True
 
 
+def results_by_cell(sweep: dict) -> dict[tuple, dict[str, dict]]:
+    """(attack, optimizer, lr, seed) -> model -> results per budget: a sweep's cells, grouped so
+    the protected model and its references under the same attack sit together."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for c in sweep["cells"]:
+        cell = c["cell"]
+        out.setdefault((attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"]), {})[c["model"]] = c["results"]
+    return out
+
+
 def robustness_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
     """Rows = attack cell x budget; columns = unsafe rate and benign class match per model."""
     models = [m for m in ("protected", "unprotected", "scratch") if any(c["model"] == m for c in sweep["cells"])]
-    by_key: dict[tuple, dict] = {}
-    for c in sweep["cells"]:
-        cell = c["cell"]
-        key = (attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"])
-        by_key.setdefault(key, {})[c["model"]] = c["results"]
+    by_key = results_by_cell(sweep)
     seeds = len({k[3] for k in by_key}) > 1  # a seed column only where there is more than one seed
     header = ["attack", "optimizer", "lr"] + ["seed"] * seeds + ["steps"] + [f"unsafe ({m})" for m in models] + \
         [f"benign class ({m})" for m in models]
@@ -160,11 +166,10 @@ def robustness_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
 def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
     """Plain-words findings: where the protected model is above scratch, and where an attack broke it."""
     res: dict[tuple, dict] = {}
-    for c in sweep["cells"]:
-        cell = c["cell"]
-        for step, r in c["results"].items():
-            key = (attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"], int(step))
-            res.setdefault(key, {})[c["model"]] = r
+    for key, by_model in results_by_cell(sweep).items():
+        for model, results in by_model.items():
+            for step, r in results.items():
+                res.setdefault(key + (int(step),), {})[model] = r
     rows = sorted(res.items())
     seeds = {k[3] for k, _ in rows}
 
@@ -198,10 +203,7 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
 def robustness_plot(sweep: dict, path: Path) -> bool:
     """Unsafe rate versus attacker steps, the three models per panel: a row of panels per attack
     kind, a column per optimizer and learning rate (ascending), so one lr reads down a column."""
-    cells: dict[tuple, dict[str, dict]] = {}
-    for c in sweep["cells"]:
-        key = (attack_name(c["cell"]), c["cell"]["optimizer"], c["cell"]["lr"], c["cell"]["seed"])
-        cells.setdefault(key, {})[c["model"]] = c["results"]
+    cells = results_by_cell(sweep)
     if not cells:
         return False
     kinds = sorted({k[0] for k in cells})
