@@ -13,6 +13,7 @@ def test_shipped_grids_load():
     assert len(default.cells()) == 5 * 2 * 3  # unet-full, lora r4, lora r64, decoder-full, joint
     assert default.budgets == (100, 500, 2000) and default.batch_size == 16
     assert len(load_grid("quick").cells()) == 2
+    assert Grid() == default  # a Grid built in Python without arguments is the shipped default
 
 
 def test_bad_grid_files(tmp_path):
