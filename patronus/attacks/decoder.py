@@ -9,6 +9,7 @@ non-fine-tunable bar when attacking it is no easier than training from scratch.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ class DecoderAttack:
     seed: int = 0
 
 
-def make_attack_optimizer(name: str, lr: float, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def make_attack_optimizer(name: str, lr: float, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     """The optimizers the threat model lists, with the momentum settings the reference uses."""
     params = list(params)
     if name == "adam":

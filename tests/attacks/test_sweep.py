@@ -145,4 +145,3 @@ def test_unet_attack_sharing_needs_identical_attacked_weights(mini_pipeline, tmp
         next(unet.parameters()).add_(1e-3)
     unet.save_pretrained(other / "unet")
     assert not same_unet_attack_inputs(str(mini_pipeline), str(other))
-
