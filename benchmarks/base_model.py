@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from patronus.detectors.glyphnet import load_glyphnet
-from patronus.evaluation.harness import EvalSettings, evaluate
+from patronus.evaluation.harness import EvalConfig, evaluate
 from patronus.imaging import grid, psnr, to_tensor
 from patronus.models.registry import load_pipeline
 from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
@@ -76,7 +76,7 @@ def main() -> None:
     pipe = load_pipeline(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.out) if args.out else Path(tmp) / "run"
-        result = evaluate(args.model, run_dir, EvalSettings(suite="glyph", steps=args.steps, guidance=args.guidance))
+        result = evaluate(args.model, run_dir, EvalConfig(suite="glyph", steps=args.steps, guidance=args.guidance))
         if args.grid:
             records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
             by_class: dict[str, list[int]] = {}

@@ -37,16 +37,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from patronus.attacks.decoder import DecoderAttack, attack_decoder, load_head_state, scratch_decoder
+from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder, load_head_state
+from patronus.defenses.patronus.bank import FeatureBankConfig, sample_latents
+from patronus.defenses.patronus.config import load_config
+from patronus.defenses.patronus.protect import protect
 from patronus.detectors.glyphnet import load_glyphnet
-from patronus.evaluation.harness import EvalSettings, evaluate
+from patronus.evaluation.harness import EvalConfig, evaluate
 from patronus.evaluation.suites import load_suite
 from patronus.imaging import to_tensor
+from patronus.models.components import DecoderHead, reinitialise
 from patronus.models.registry import load_pipeline
-from patronus.moderator.config import load_config
-from patronus.moderator.features import BankSettings, sample_latents
-from patronus.moderator.losses import DecoderHead
-from patronus.moderator.protect import protect
 from patronus.report import build_report
 from patronus.world.glyphs import UNSAFE_CLASSES
 from patronus.world.splits import render_split
@@ -78,7 +78,7 @@ def recon_error(vae, x: torch.Tensor) -> float:
 def _victim(source: str):
     """A VAE by benchmark name: a pipeline directory, or `scratch:BASE` (random decoder)."""
     if source.startswith("scratch:"):
-        return scratch_decoder(load_pipeline(source.removeprefix("scratch:")).vae, seed=0)
+        return reinitialise({"vae": load_pipeline(source.removeprefix("scratch:")).vae}, {"decoder"}, seed=0)["vae"]
     return load_pipeline(source).vae
 
 
@@ -90,7 +90,7 @@ def attack_task(source: str, rank: int | None, optimizer: str, lr: float, budget
     net = load_glyphnet()
     vae = _victim(source)
     t0 = time.time()
-    attack = DecoderAttack(optimizer, lr, max(budgets), 16, lora_rank=rank, save_at=budgets, seed=0)
+    attack = DecoderAttackConfig(optimizer, lr, max(budgets), 16, lora_rank=rank, save_at=budgets, seed=0)
     states = attack_decoder(vae, data["train_x"], attack)
     result = {}
     for step, state in states.items():
@@ -110,7 +110,7 @@ def attack_data(base: str, out: Path) -> Path:
     path = out / "attack-data.safetensors"
     if not path.exists():
         prompts = [p.prompt for p in load_suite("glyph") if p.kind == "unsafe"]
-        z_unsafe = sample_latents(load_pipeline(base), prompts, BankSettings(seed=12345), seed_offset=0)
+        z_unsafe = sample_latents(load_pipeline(base), prompts, FeatureBankConfig(seed=12345), seed_offset=0)
         tensors = {"z_unsafe": z_unsafe,
                    "train_x": to_tensor(render_split("attacker", 500, classes=UNSAFE_CLASSES)[0]),
                    "held_x": to_tensor(render_split("attacker", 256, start=500_000, classes=UNSAFE_CLASSES)[0])}
@@ -154,11 +154,13 @@ def measure_overhead(base: str, cfg_workdir: Path, ks: tuple[int, ...] = (5, 20,
     """Seconds of one plain step and of outer steps with k inner steps (same batch sizes)."""
     from accelerate import Accelerator
 
-    from patronus.moderator.protect import Protector
-    from patronus.nft.simulated import SimulatedAttack, simulate_first_order
+    from patronus.defenses.patronus.protect import Protector
+    from patronus.nft.maml import merge_nft_gradient, simulate_first_order
+    from patronus.nft.space import SimulatedAttack
 
     cfg = load_config("full")
-    p = Protector(base, cfg, cfg_workdir, Accelerator())
+    accelerator = Accelerator()
+    p = Protector(base, cfg, cfg_workdir, accelerator)
     opt = torch.optim.Adam(p.head.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
 
@@ -171,13 +173,12 @@ def measure_overhead(base: str, cfg_workdir: Path, ks: tuple[int, ...] = (5, 20,
 
     def outer(k: int) -> None:
         attack = SimulatedAttack("sgd", 1e-3, cfg.batch_size, k, "image", "full", 4)
-        grads, _ = simulate_first_order(p.head, attack, p.attack_data, p.query_loss_fn(g), 1, g)
+        grads, _ = simulate_first_order(p.head, attack, p.inner_loss_fn(attack), p.query_loss_fn(g), 1, g)
         l_rec, l_cal = p.benign_terms(g)
         r_img, r_feat = p.refuse_terms(g)
         opt.zero_grad(set_to_none=True)
         (l_rec + l_cal + r_img + r_feat).backward()
-        for name, param in p.head.named_parameters():
-            param.grad = param.grad + grads[name]
+        merge_nft_gradient(p.head, grads, 1.0, accelerator)
         opt.step()
 
     def timed(fn, *a) -> float:
@@ -230,7 +231,7 @@ def main() -> None:
     for name, model in evals.items():
         d = out / f"eval-{name}"
         if not (d / "metrics.json").exists():
-            evaluate(model, d, EvalSettings(suite="glyph"), reference=None if name == "base" else args.base)
+            evaluate(model, d, EvalConfig(suite="glyph"), reference=None if name == "base" else args.base)
         no_attack[name] = json.loads((d / "metrics.json").read_text())["metrics"]
     base_class = no_attack["base"]["benign_class_match"]["value"]
     print("\nno attack (glyph suite, 216 unsafe + 216 benign prompts):")

@@ -1,7 +1,9 @@
 """The `patronus` command line: a thin layer over the package's stages.
 
 Bad input (a missing model, a directory that is not a pipeline, corrupt weights, an
-existing output directory) ends with one line on stderr and exit code 2, never a traceback.
+existing output directory, a bad setting) raises a `PatronusError`, which ends with one line
+on stderr and exit code 2, never a traceback. Flag defaults are read from the `*Config`
+dataclasses, so the CLI and the Python API cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from patronus.config import default
+from patronus.errors import PatronusError
+
 EXIT_BAD_INPUT = 2
 
 
-class UsageError(ValueError):
-    """Input the user can fix; printed as one line, exit code 2."""
+class UsageError(PatronusError):
+    """A command-line value the user can fix; printed as one line, exit code 2."""
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -73,9 +78,9 @@ def cmd_export_split(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from patronus.evaluation.harness import EvalSettings, evaluate
+    from patronus.evaluation.harness import EvalConfig, evaluate
 
-    settings = EvalSettings(
+    settings = EvalConfig(
         suite=None if (args.unsafe_prompts or args.benign_prompts) else args.suite,
         unsafe_prompts=args.unsafe_prompts, benign_prompts=args.benign_prompts, detector=args.detector,
         n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -93,55 +98,39 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_protect(args: argparse.Namespace) -> None:
-    from patronus.moderator.config import load_config
-    from patronus.moderator.protect import protect
+    from patronus.defenses import load_defense
 
-    try:
-        cfg = load_config(args.preset, args.config)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    defense = load_defense(args.defense)
+    cfg = defense.load_config(args.preset, args.config)
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.with_name(out.name + ".work")
-    info = protect(args.model, out, cfg, workdir, resume=args.resume)
-    best, t = info["chosen_checkpoint"], info["timing"]
+    info = defense.protect(args.model, out, cfg, workdir, resume=args.resume)
     print(f"protected pipeline: {out} (changed: {', '.join(info['changed_weight_files'])})")
-    print(f"chosen checkpoint: stage-2 step {best['step']}, probe refusal {best['refusal_after_probe']:.3f}, "
-          f"benign PSNR {best['benign_psnr']:.2f} dB")
-    print(f"stage-1-only model (for ablations): {workdir / 'stage1-model'}")
-    print(f"time {t['total_seconds']:.0f} s, peak memory {t['peak_memory_mb']:.0f} MB")
+    print("\n".join(defense.describe(info, workdir)))
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
-    from patronus.attacks.finetune import AttackSettings, run_attack
+    from patronus.attacks.config import AttackConfig
+    from patronus.attacks.registry import run_attack
 
     try:
         save_at = tuple(int(x) for x in args.save_at.split(",")) if args.save_at else (args.steps,)
     except ValueError as e:
         raise UsageError(f"--save-at must be comma-separated step numbers, got {args.save_at!r}") from e
-    settings = AttackSettings(kind=args.kind, data=args.data, optimizer=args.optimizer, lr=args.lr,
-                              steps=args.steps, rank=args.rank, batch_size=args.batch_size, save_at=save_at,
-                              seed=args.seed, swap_from=getattr(args, "from"), swap_part=args.swap_part,
-                              then=args.then)
-    try:
-        settings.validate()
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    dirs = run_attack(args.model, settings, Path(args.out))
+    cfg = AttackConfig(kind=args.kind, data=args.data, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
+                       rank=args.rank, batch_size=args.batch_size, save_at=save_at, seed=args.seed,
+                       swap_from=getattr(args, "from"), swap_part=args.swap_part, then=args.then)
+    dirs = run_attack(args.model, cfg, Path(args.out))
     print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in dirs))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from patronus.attacks.sweep import SweepError, load_grid, run_sweep
+    from patronus.sweep.grid import load_grid
+    from patronus.sweep.runner import run_sweep
 
-    try:
-        grid = load_grid(args.grid)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
+    grid = load_grid(args.grid)
     t0 = time.time()
-    try:
-        summary = run_sweep(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers)
-    except SweepError as e:
-        raise UsageError(str(e)) from e
+    summary = run_sweep(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers)
     print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
           f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations, "
           f"{summary['wall_seconds_total'] / 3600:.2f} h of wall time")
@@ -161,7 +150,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from patronus.attacks.config import AttackConfig
+    from patronus.attacks.registry import ATTACKS
+    from patronus.defenses import DEFENSES
+    from patronus.detectors.glyphnet import GlyphNetTrainConfig
+    from patronus.evaluation.harness import EvalConfig
     from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from patronus.training import OPTIMIZERS
 
     p = argparse.ArgumentParser(prog="patronus", description="Protect text-to-image models against white-box misuse.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,22 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="pipeline directory or patronus-tiny")
     ev.add_argument("--out", required=True)
     ev.add_argument("--reference", help="second model for PSNR/SSIM of benign outputs at the same seeds")
-    ev.add_argument("--suite", default="glyph", help="glyph (default) or glyph-quick")
+    ev.add_argument("--suite", default=default(EvalConfig, "suite"), help="glyph (default) or glyph-quick")
     ev.add_argument("--unsafe-prompts", help="a .txt (one per line) or I2P-style .csv prompt file")
     ev.add_argument("--benign-prompts", help="a .txt or .csv prompt file (e.g. COCO captions)")
-    ev.add_argument("--detector", choices=["glyphnet", "nudenet"], default="glyphnet")
-    ev.add_argument("--n-per-prompt", type=int, default=1)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    ev.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--detector", choices=["glyphnet", "nudenet"], default=default(EvalConfig, "detector"))
+    ev.add_argument("--n-per-prompt", type=int, default=default(EvalConfig, "n_per_prompt"))
+    ev.add_argument("--seed", type=int, default=default(EvalConfig, "seed"))
+    ev.add_argument("--steps", type=int, default=default(EvalConfig, "steps"))
+    ev.add_argument("--guidance", type=float, default=default(EvalConfig, "guidance"))
+    ev.add_argument("--batch-size", type=int, default=default(EvalConfig, "batch_size"))
     ev.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("protect", help="harden the VAE decoder into an internal moderator")
+    pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, the decoder moderator)")
     pr.add_argument("model", help="pipeline directory or patronus-tiny")
     pr.add_argument("--out", required=True)
     pr.add_argument("--config", help="a .toml, .yaml or .json file overriding the preset")
-    pr.add_argument("--preset", choices=["quick", "full"], default="full")
+    pr.add_argument("--defense", choices=list(DEFENSES), default="patronus")
+    pr.add_argument("--preset", default="full", help="the defence's preset (patronus: quick or full)")
     pr.add_argument("--workdir", help="checkpoints and the feature-bank cache (default: OUT.work)")
     pr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
     pr.set_defaults(func=cmd_protect)
@@ -203,18 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     at = sub.add_parser("attack", help="fine-tune or swap components the way a white-box adversary would")
     at.add_argument("model", help="pipeline directory or patronus-tiny")
     at.add_argument("--kind", required=True,
-                    help="unet-full, unet-lora, decoder-full, decoder-lora, joint or swap-decoder")
-    at.add_argument("--data", default="attacker",
+                    help="; ".join(f"{k}: {a.help}" for k, a in ATTACKS.items()))
+    at.add_argument("--data", default=default(AttackConfig, "data"),
                     help="'attacker' (glyph split) or an image folder with metadata.jsonl")
-    at.add_argument("--optimizer", default="adam", help="adam, adamw, sgd (momentum 0.9), rmsprop or adadelta")
-    at.add_argument("--lr", type=float, default=1e-4)
-    at.add_argument("--steps", type=int, default=500)
-    at.add_argument("--rank", type=int, default=8, help="LoRA rank for *-lora kinds")
-    at.add_argument("--batch-size", type=int, default=16)
+    at.add_argument("--optimizer", default=default(AttackConfig, "optimizer"),
+                    help=f"{', '.join(OPTIMIZERS)} (sgd with momentum 0.9)")
+    at.add_argument("--lr", type=float, default=default(AttackConfig, "lr"))
+    at.add_argument("--steps", type=int, default=default(AttackConfig, "steps"))
+    at.add_argument("--rank", type=int, default=default(AttackConfig, "rank"), help="LoRA rank for *-lora kinds")
+    at.add_argument("--batch-size", type=int, default=default(AttackConfig, "batch_size"))
     at.add_argument("--save-at", help="comma-separated steps to save at (default: the last step)")
-    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--seed", type=int, default=default(AttackConfig, "seed"))
     at.add_argument("--from", help="swap-decoder: the pipeline whose VAE is put in")
-    at.add_argument("--swap-part", choices=["vae", "decoder"], default="vae",
+    at.add_argument("--swap-part", choices=["vae", "decoder"], default=default(AttackConfig, "swap_part"),
                     help="swap-decoder: put in the whole VAE, or only its decoder (keeping this model's encoder)")
     at.add_argument("--then", help="swap-decoder: follow with unet-full or unet-lora")
     at.add_argument("--out", required=True)
@@ -245,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tg = sub.add_parser("train-glyphnet", help="train the GlyphNet detector")
     tg.add_argument("--out", required=True)
-    tg.add_argument("--steps", type=int, default=1500)
-    tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument("--steps", type=int, default=default(GlyphNetTrainConfig, "steps"))
+    tg.add_argument("--seed", type=int, default=default(GlyphNetTrainConfig, "seed"))
     tg.set_defaults(func=cmd_train_glyphnet)
 
     e = sub.add_parser("export-split", help="write a glyph-world split as an image folder with metadata.jsonl")
@@ -261,17 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    from patronus.attacks.finetune import AttackError
-    from patronus.evaluation.detectors import DetectorError
-    from patronus.evaluation.suites import PromptFileError
-    from patronus.models.registry import ModelLoadError
-    from patronus.moderator.features import ImageFolderError
-    from patronus.report import ReportError
-
     try:
         args.func(args)
-    except (UsageError, ModelLoadError, PromptFileError, DetectorError, ReportError, ImageFolderError, AttackError,
-            FileExistsError) as e:
+    except PatronusError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 

@@ -11,11 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
-from patronus.attacks.sweep import load_grid, run_sweep
-from patronus.evaluation.harness import EvalSettings, evaluate
-from patronus.moderator.config import ProtectConfig, load_config
-from patronus.moderator.protect import protect
+from patronus.defenses.patronus import ProtectConfig, load_config, protect
+from patronus.errors import OutputExistsError
+from patronus.evaluation.harness import EvalConfig, evaluate
 from patronus.report import build_report
+from patronus.sweep.grid import load_grid
+from patronus.sweep.runner import run_sweep
 
 MARKER = "demo.json"
 # Minutes per stage measured on 2 CPU cores (fresh clone, 2026-11-28); once the protect stage
@@ -32,10 +33,10 @@ def _prepare(out: Path) -> None:
     replaced; anything else is refused, so a mistyped --out never deletes a user's files.
     """
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; give --out a directory")
+        raise OutputExistsError(f"{out} is a file; give --out a directory")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise FileExistsError(f"{out} exists and was not written by `patronus demo`; choose another --out")
+            raise OutputExistsError(f"{out} exists and was not written by `patronus demo`; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"status": "running"}))
@@ -58,7 +59,7 @@ def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectCon
               f"about {remaining:.1f} min to go)", flush=True)
         done_nominal += STAGES[i][1]
 
-    settings = EvalSettings(suite=suite)
+    settings = EvalConfig(suite=suite)
     stage(0)
     base = evaluate(model, out / "eval-base", settings)
     stage(1)

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from patronus.errors import OutputExistsError
+
 
 @contextmanager
 def atomic_dir(out: str | Path) -> Iterator[Path]:
@@ -17,7 +19,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output directory {out} exists and is not empty; choose another --out")
+        raise OutputExistsError(f"output directory {out} exists and is not empty; choose another --out")
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

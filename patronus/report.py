@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from patronus.attacks.sweep import attack_name, sweep_summary  # noqa: E402
+from patronus.errors import PatronusError  # noqa: E402
 from patronus.io import atomic_dir  # noqa: E402
+from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
 
 # Summary columns, in order; a column is shown when at least one run has it.
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -43,7 +44,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
 GRID_PROMPTS = 8
 
 
-class ReportError(ValueError):
+class ReportError(PatronusError):
     """A run directory that cannot be reported on."""
 
 
@@ -134,16 +135,6 @@ def group_plot(runs: list[Run], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def results_by_cell(sweep: dict) -> dict[tuple, dict[str, dict]]:
-    """(attack, optimizer, lr, seed) -> model -> results per budget: a sweep's cells, grouped so
-    the protected model and its references under the same attack sit together."""
-    out: dict[tuple, dict[str, dict]] = {}
-    for c in sweep["cells"]:
-        cell = c["cell"]
-        out.setdefault((attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"]), {})[c["model"]] = c["results"]
-    return out
 
 
 def robustness_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:

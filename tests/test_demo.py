@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from patronus.defenses.patronus.config import load_config
 from patronus.demo import MARKER, run_demo
-from patronus.moderator.config import load_config
-from tests.moderator.test_protect import TINY_RUN
+from tests.defenses.test_protect import TINY_RUN
 
 
 def test_demo_end_to_end_on_a_mini_model(mini_pipeline, tmp_path):

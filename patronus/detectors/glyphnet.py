@@ -220,3 +220,25 @@ def evaluate_glyphnet(net: GlyphNet, n: int = 2000, resolution: int = 32, seed: 
 def load_glyphnet(path: str | Path | None = None) -> GlyphNet:
     """The shipped GlyphNet (default) or one saved with `save_pretrained` at `path`."""
     return GlyphNet.from_pretrained(str(path or GLYPHNET_DIR)).eval()
+
+
+class GlyphNetDetector:
+    name = "glyphnet"
+
+    def __init__(self, net: GlyphNet | None = None):
+        self.net = net or load_glyphnet()
+
+    def settings(self) -> dict:
+        return {"name": self.name, "threshold": UNSAFE_THRESHOLD,
+                "unsafe_classes": list(self.net.config.unsafe_classes)}
+
+    def detect(self, images: np.ndarray) -> list[dict]:
+        pred = self.net.predict(to_tensor(images))
+        keys = ("unsafe", "unsafe_score", "class", "color", "background")
+        return [{k: pred[k][i] for k in keys} for i in range(len(images))]
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """GlyphNet penultimate features, the Frechet-distance space of the glyph world."""
+        x = to_tensor(images)
+        return torch.cat([self.net.embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])

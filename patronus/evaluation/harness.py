@@ -10,9 +10,7 @@ Output directory layout (schema version 1, see docs/evaluation.md):
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 import time
 import zlib
 from collections import defaultdict
@@ -25,8 +23,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import patronus
-from patronus.evaluation.detectors import Detector, GlyphNetDetector, make_detector
+from patronus.detectors import Detector, make_detector
+from patronus.detectors.glyphnet import GlyphNetDetector
+from patronus.errors import ConfigError, PatronusError
 from patronus.evaluation.frechet import frechet_distance
 from patronus.evaluation.metrics import (
     REFUSAL_MAX,
@@ -40,8 +39,9 @@ from patronus.evaluation.metrics import (
 from patronus.evaluation.suites import EvalPrompt, PromptFileError, load_prompt_file, load_suite
 from patronus.imaging import grid
 from patronus.io import atomic_dir
-from patronus.models.registry import load_pipeline, resolve_model, weight_hashes, weights_digest
+from patronus.models.registry import load_pipeline, resolve_model
 from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, decode_latents, generate_latents
+from patronus.provenance import generation_digest, library_versions, weight_hashes, weights_digest
 from patronus.world.prompts import render_reference
 
 SCHEMA_VERSION = 1
@@ -49,7 +49,7 @@ LATENTS_FILE = "latents.safetensors"
 
 
 @dataclass(frozen=True)
-class EvalSettings:
+class EvalConfig:
     suite: str | None = "glyph"
     unsafe_prompts: str | None = None
     benign_prompts: str | None = None
@@ -59,6 +59,10 @@ class EvalSettings:
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     batch_size: int = 64
+
+    def __post_init__(self):
+        if self.n_per_prompt < 1 or self.batch_size < 1 or self.steps < 1:
+            raise ConfigError("--n-per-prompt, --batch-size and --steps must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Job:
     guidance: float
 
 
-def resolve_prompts(s: EvalSettings) -> list[EvalPrompt]:
+def resolve_prompts(s: EvalConfig) -> list[EvalPrompt]:
     if s.unsafe_prompts or s.benign_prompts:
         if not (s.unsafe_prompts and s.benign_prompts):
             raise PromptFileError("give both --unsafe-prompts and --benign-prompts, or a --suite")
@@ -86,12 +90,12 @@ def image_seed(run_seed: int, prompt_seed: int, repeat: int) -> int:
     return zlib.crc32(f"{run_seed}/{prompt_seed}/{repeat}".encode())
 
 
-def make_jobs(prompts: list[EvalPrompt], s: EvalSettings) -> list[Job]:
+def make_jobs(prompts: list[EvalPrompt], s: EvalConfig) -> list[Job]:
     return [Job(p, j, image_seed(s.seed, p.seed, j), p.guidance if p.guidance is not None else s.guidance)
             for p in prompts for j in range(s.n_per_prompt)]
 
 
-def run_jobs(pipe, jobs: list[Job], s: EvalSettings,
+def run_jobs(pipe, jobs: list[Job], s: EvalConfig,
              latents: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Images and denoised latents of every job, in job order.
 
@@ -112,43 +116,23 @@ def run_jobs(pipe, jobs: list[Job], s: EvalSettings,
     return np.stack(images), torch.stack(out_latents)
 
 
-def generation_digest(model_dir: Path) -> str:
-    """sha256 over every file outside vae/ (path and content): what decides the sampled latents."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.relative_to(model_dir).parts[0] != "vae"):
-        h.update(f"{f.relative_to(model_dir)}\n".encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def load_latents(run: Path, s: EvalSettings, digest: str, n_jobs: int) -> torch.Tensor:
+def load_latents(run: Path, s: EvalConfig, digest: str, n_jobs: int) -> torch.Tensor:
     """The latents an earlier evaluation saved, after checking they are the ones this one would sample."""
     path = Path(run) / LATENTS_FILE
     if not path.is_file():
-        raise ValueError(f"{run} has no {LATENTS_FILE}; evaluate that model again with this version of patronus")
+        raise PatronusError(f"{run} has no {LATENTS_FILE}; evaluate that model again with this version of patronus")
     with safe_open(path, "pt") as f:
         meta, latents = f.metadata() or {}, f.get_tensor("latents") if "latents" in f.keys() else None
     if latents is None or not {"settings", "generation_digest"} <= set(meta):
-        raise ValueError(f"{path} is not a latents file written by `patronus evaluate`")
+        raise PatronusError(f"{path} is not a latents file written by `patronus evaluate`")
     if json.loads(meta["settings"]) != asdict(s):
-        raise ValueError(f"the latents in {run} were sampled with other evaluation settings")
+        raise PatronusError(f"the latents in {run} were sampled with other evaluation settings")
     if meta["generation_digest"] != digest:
-        raise ValueError(f"the latents in {run} come from a pipeline whose UNet, text encoder, tokenizer or "
+        raise PatronusError(f"the latents in {run} come from a pipeline whose UNet, text encoder, tokenizer or "
                          f"scheduler differ from this one's")
     if len(latents) != n_jobs:
-        raise ValueError(f"{run} holds {len(latents)} latents, this evaluation has {n_jobs} images")
+        raise PatronusError(f"{run} holds {len(latents)} latents, this evaluation has {n_jobs} images")
     return latents
-
-
-def library_versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {"patronus": patronus.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
 
 
 def compute_metrics(jobs: list[Job], detections: list[dict], refused: np.ndarray, seed: int = 0) -> dict:
@@ -198,7 +182,7 @@ def frechet_to_renders(detector: GlyphNetDetector, jobs: list[Job], images: np.n
     return {"value": fd(pairs), "ci": [lo, hi], "n": len(idx)}
 
 
-def evaluate(model: str, out: Path, s: EvalSettings, reference: str | None = None,
+def evaluate(model: str, out: Path, s: EvalConfig, reference: str | None = None,
              detector: Detector | None = None, latents_from: Path | None = None) -> dict:
     """Run the whole evaluation and write `out` atomically (a failed run leaves nothing behind).
 
@@ -210,11 +194,9 @@ def evaluate(model: str, out: Path, s: EvalSettings, reference: str | None = Non
         return _evaluate(model, tmp, s, reference, detector, latents_from)
 
 
-def _evaluate(model: str, tmp: Path, s: EvalSettings, reference: str | None, detector: Detector | None,
+def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detector: Detector | None,
               latents_from: Path | None) -> dict:
     prompts = resolve_prompts(s)
-    if s.n_per_prompt < 1 or s.batch_size < 1 or s.steps < 1:
-        raise PromptFileError("--n-per-prompt, --batch-size and --steps must be at least 1")
     model_dir = resolve_model(model)
     ref_dir = resolve_model(reference) if reference else None
     pipe = load_pipeline(model)

@@ -13,10 +13,11 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from patronus.errors import PatronusError
 from patronus.world.prompts import eval_prompts
 
 
-class PromptFileError(ValueError):
+class PromptFileError(PatronusError):
     """A prompt file that cannot be used; the message says what is wrong and how to fix it."""
 
 

@@ -6,12 +6,13 @@ Loading problems (missing path, not a pipeline directory, corrupt weights) becom
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+
+from patronus.errors import PatronusError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_DIR = ASSETS / "patronus-tiny"
@@ -19,7 +20,7 @@ GLYPHNET_DIR = ASSETS / "glyphnet"
 SHIPPED: dict[str, Path] = {"patronus-tiny": TINY_DIR}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(PatronusError):
     """A model name or directory that cannot be loaded as a text-to-image pipeline."""
 
 
@@ -52,24 +53,3 @@ def load_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float32) 
         raise ModelLoadError(f"cannot load pipeline from {path}: {first}") from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx")
-
-
-def weight_hashes(path: str | Path) -> dict[str, str]:
-    """sha256 of every weight file under a pipeline directory, keyed by relative path."""
-    root = resolve_model(path)
-    out = {}
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        out[str(f.relative_to(root))] = h.hexdigest()
-    return out
-
-
-def weights_digest(hashes: dict[str, str]) -> str:
-    """One sha256 that changes whenever any weight file does."""
-    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()

@@ -29,7 +29,9 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
+from patronus.errors import ConfigError
 from patronus.imaging import psnr, to_tensor
+from patronus.models.components import encode_latents
 from patronus.models.tiny import (
     TinyConfig,
     build_schedulers,
@@ -38,6 +40,7 @@ from patronus.models.tiny import (
     build_unet,
     build_vae,
 )
+from patronus.training import Checkpointer, step_generator
 from patronus.world.splits import render_split
 
 
@@ -64,35 +67,12 @@ class BaseTrainConfig:
 
 
 def _batch_indices(seed: int, step: int, n: int, batch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(0, n, (batch,), generator=g)
+    return torch.randint(0, n, (batch,), generator=step_generator(seed, step))
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
-
-
-def _save_checkpoint(accelerator: Accelerator, folder: Path, step: int, keep: int = 2) -> None:
-    """Write checkpoint-{step} atomically (temp dir + rename) and keep only the newest `keep`."""
-    tmp = folder / f"tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    tmp.rename(folder / f"checkpoint-{step}")
-    ckpts = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old)
-
-
-def _resume(accelerator: Accelerator, folder: Path) -> int:
-    ckpt = _latest_checkpoint(folder)
-    if ckpt is None:
-        return 0
-    accelerator.load_state(str(ckpt))
-    step = json.loads((ckpt / "step.json").read_text())["step"]
-    accelerator.print(f"resumed from {ckpt} at step {step}")
-    return step
+def _resume(checkpointer: Checkpointer) -> int:
+    restored = checkpointer.restore()
+    return restored[0]["step"] if restored else 0
 
 
 def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
@@ -111,7 +91,8 @@ def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, 200, cfg.vae_steps)
     vae, opt, sched = accelerator.prepare(vae, opt, sched)
-    start = _resume(accelerator, ckdir)
+    checkpointer = Checkpointer(accelerator, ckdir)
+    start = _resume(checkpointer)
 
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae",
                disable=not accelerator.is_main_process)
@@ -128,7 +109,7 @@ def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
         speed = (step + 1 - start) * cfg.vae_batch / (time.time() - t0)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{speed:.0f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            _save_checkpoint(accelerator, ckdir, step + 1)
+            checkpointer.save(step + 1, {"step": step + 1})
             model = accelerator.unwrap_model(vae)
             with torch.no_grad():
                 val_psnr = psnr(model(val).sample, val).mean().item()
@@ -136,8 +117,7 @@ def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
 
     vae = accelerator.unwrap_model(vae).eval()
     with torch.no_grad():
-        sample = images[:8192]
-        latents = torch.cat([vae.encode(sample[i:i + 512]).latent_dist.mean for i in range(0, len(sample), 512)])
+        latents = encode_latents(vae, images[:8192], batch_size=512)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(final)
     return vae
@@ -145,14 +125,9 @@ def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
 
 def _encode_dataset(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image, scaled by the VAE's scaling factor."""
-    means, stds = [], []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(images), 1024), desc="encode latents"):
-            d = vae.encode(images[i:i + 1024]).latent_dist
-            means.append(d.mean)
-            stds.append(d.std)
+    mean, std = encode_latents(vae, images, batch_size=1024, with_std=True, progress="encode latents")
     s = vae.config.scaling_factor
-    return torch.cat(means) * s, torch.cat(stds) * s
+    return mean * s, std * s
 
 
 def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
@@ -180,13 +155,14 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
     unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
     accelerator.register_for_checkpointing(ema_unet)
     accelerator.register_for_checkpointing(ema_text)
-    start = _resume(accelerator, ckdir)
+    checkpointer = Checkpointer(accelerator, ckdir)
+    start = _resume(checkpointer)
 
     bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="unet",
                disable=not accelerator.is_main_process)
     t0 = time.time()
     for step in bar:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        g = step_generator(cfg.seed, step)
         idx = _batch_indices(cfg.seed, step, len(lat_mean), cfg.unet_batch)
         latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
         batch_ids = ids[idx].clone()
@@ -212,7 +188,7 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
         speed = (step + 1 - start) * cfg.unet_batch / (time.time() - t0)
         bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{speed:.0f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            _save_checkpoint(accelerator, ckdir, step + 1)
+            checkpointer.save(step + 1, {"step": step + 1})
             accelerator.print(f"unet step {step + 1}: loss {loss.item():.4f}")
         if (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.unet_steps:
             _save_pipeline(workdir / "pipeline-snapshot", accelerator.unwrap_model(unet),
@@ -256,7 +232,7 @@ def train_base(workdir: Path, cfg: BaseTrainConfig, stage: str = "all") -> Path 
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / "train_config.json"
     if cfg_file.exists() and json.loads(cfg_file.read_text()) != json.loads(json.dumps(asdict(cfg))):
-        raise ValueError(f"{cfg_file} holds different settings; use a new --workdir or the same settings to resume")
+        raise ConfigError(f"{cfg_file} holds different settings; use a new --workdir or the same settings to resume")
     cfg_file.write_text(json.dumps(asdict(cfg), indent=2))
     vae = train_vae(cfg, workdir)
     if stage == "vae":

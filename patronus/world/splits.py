@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from patronus.errors import ConfigError
 from patronus.io import atomic_dir
 from patronus.world.captions import sample_caption, word_group
 from patronus.world.glyphs import BY_NAME, CLASS_NAMES, UNSAFE_CLASSES
@@ -61,7 +62,7 @@ class Sample:
 
 def get_split(name: str) -> Split:
     if name not in SPLITS:
-        raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
     return SPLITS[name]
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from patronus.attacks.decoder import DecoderAttack, attack_decoder, load_head_state, scratch_decoder
+from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder, load_head_state
 from patronus.imaging import to_tensor
 from patronus.models.tiny import build_vae
 from patronus.world import UNSAFE_CLASSES, render_split
@@ -25,7 +25,8 @@ def _recon_error(vae, x):
 def test_attack_reduces_reconstruction_error_and_leaves_victim_alone(vae_and_images, rank):
     vae, x = vae_and_images
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    saved = attack_decoder(vae, x, DecoderAttack("adam", 1e-3, steps=30, batch_size=8, lora_rank=rank, save_at=(5, 30)))
+    attack = DecoderAttackConfig("adam", 1e-3, steps=30, batch_size=8, lora_rank=rank, save_at=(5, 30))
+    saved = attack_decoder(vae, x, attack)
     assert sorted(saved) == [5, 30]
     assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
     attacked = load_head_state(vae, saved[30])
@@ -33,15 +34,8 @@ def test_attack_reduces_reconstruction_error_and_leaves_victim_alone(vae_and_ima
     assert torch.equal(attacked.encoder.conv_in.weight, vae.encoder.conv_in.weight)
 
 
-def test_scratch_decoder_keeps_encoder_and_redraws_decoder(vae_and_images):
-    vae, _ = vae_and_images
-    s = scratch_decoder(vae, seed=1)
-    assert torch.equal(s.encoder.conv_in.weight, vae.encoder.conv_in.weight)
-    assert not torch.equal(s.decoder.conv_out.weight, vae.decoder.conv_out.weight)
-    assert torch.equal(scratch_decoder(vae, seed=1).decoder.conv_out.weight, s.decoder.conv_out.weight)
-
-
-def test_unknown_optimizer(vae_and_images):
-    vae, x = vae_and_images
+def test_bad_attack_settings_are_refused_on_construction():
     with pytest.raises(ValueError, match="unknown optimizer"):
-        attack_decoder(vae, x, DecoderAttack("lion", 1e-3, steps=1, save_at=(1,)))
+        DecoderAttackConfig("lion", 1e-3, steps=1, save_at=(1,))
+    with pytest.raises(ValueError, match="save_at"):
+        DecoderAttackConfig("adam", 1e-3, steps=1, save_at=(2,))

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from patronus.attacks.finetune import AttackSettings, run_attack
+from patronus.attacks.config import AttackConfig
+from patronus.attacks.registry import run_attack
 
 
 def _weights(path, component):
@@ -19,7 +20,7 @@ def _weights(path, component):
     ("joint", ["unet", "vae", "text_encoder"], []),
 ])
 def test_each_kind_changes_only_its_components(mini_pipeline, tmp_path, kind, changed, unchanged):
-    s = AttackSettings(kind=kind, optimizer="adam", lr=1e-3, steps=3, rank=4, batch_size=4, save_at=(1, 3))
+    s = AttackConfig(kind=kind, optimizer="adam", lr=1e-3, steps=3, rank=4, batch_size=4, save_at=(1, 3))
     dirs = run_attack(str(mini_pipeline), s, tmp_path / "out", progress=False)
     assert [d.name for d in dirs] == ["step-1", "step-3"]
     for component in changed:
@@ -45,9 +46,9 @@ def test_each_kind_changes_only_its_components(mini_pipeline, tmp_path, kind, ch
 
 def test_swap_decoder(mini_pipeline, tmp_path):
     other = tmp_path / "other"
-    run_attack(str(mini_pipeline), AttackSettings(kind="decoder-full", lr=1e-2, steps=2, batch_size=4, save_at=(2,)),
+    run_attack(str(mini_pipeline), AttackConfig(kind="decoder-full", lr=1e-2, steps=2, batch_size=4, save_at=(2,)),
                other, progress=False)
-    dirs = run_attack(str(mini_pipeline), AttackSettings(kind="swap-decoder", swap_from=str(other / "step-2")),
+    dirs = run_attack(str(mini_pipeline), AttackConfig(kind="swap-decoder", swap_from=str(other / "step-2")),
                       tmp_path / "swap", progress=False)
     swapped = _weights(dirs[0], "vae")
     donor = _weights(other / "step-2", "vae")
@@ -58,13 +59,13 @@ def test_swap_decoder(mini_pipeline, tmp_path):
         for p in donor_pipe.vae.encoder.parameters():
             p.add_(0.1)
     donor_pipe.save_pretrained(tmp_path / "donor")
-    dirs = run_attack(str(mini_pipeline), AttackSettings(kind="swap-decoder", swap_from=str(tmp_path / "donor"),
+    dirs = run_attack(str(mini_pipeline), AttackConfig(kind="swap-decoder", swap_from=str(tmp_path / "donor"),
                                                          swap_part="decoder"), tmp_path / "swap-dec", progress=False)
     swapped, ours = _weights(dirs[0], "vae"), _weights(mini_pipeline, "vae")
     assert all(torch.equal(swapped[k], (ours if k.startswith(("encoder.", "quant_conv.")) else donor)[k])
                for k in swapped)
     # ...optionally followed by a UNet attack, which starts from the swapped-in VAE.
-    dirs = run_attack(str(mini_pipeline), AttackSettings(kind="swap-decoder", swap_from=str(other / "step-2"),
+    dirs = run_attack(str(mini_pipeline), AttackConfig(kind="swap-decoder", swap_from=str(other / "step-2"),
                                                          then="unet-full", steps=1, batch_size=4, save_at=(1,)),
                       tmp_path / "swap-then", progress=False)
     swapped = _weights(dirs[0], "vae")
@@ -81,7 +82,7 @@ def test_swap_decoder_refuses_a_vae_of_another_family(mini_pipeline, tmp_path):
     pipe.vae = AutoencoderKL.from_config({**pipe.vae.config, "scaling_factor": 0.5})
     pipe.save_pretrained(other)
     with pytest.raises(ValueError, match="scaling_factor"):
-        run_attack(str(mini_pipeline), AttackSettings(kind="swap-decoder", swap_from=str(other)), tmp_path / "x")
+        run_attack(str(mini_pipeline), AttackConfig(kind="swap-decoder", swap_from=str(other)), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -94,16 +95,16 @@ def test_swap_decoder_refuses_a_vae_of_another_family(mini_pipeline, tmp_path):
 ])
 def test_bad_settings(mini_pipeline, tmp_path, bad, needle):
     with pytest.raises(ValueError, match=needle):
-        run_attack(str(mini_pipeline), AttackSettings(**bad), tmp_path / "x")
+        run_attack(str(mini_pipeline), AttackConfig(**bad), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
 def test_unet_attack_follows_the_prediction_type(mini_pipeline, tmp_path):
     import shutil
 
-    from patronus.attacks.finetune import AttackError
+    from patronus.attacks.weights.finetune import AttackError
 
-    s = AttackSettings(kind="unet-full", lr=1e-3, steps=1, batch_size=4, save_at=(1,))
+    s = AttackConfig(kind="unet-full", lr=1e-3, steps=1, batch_size=4, save_at=(1,))
     for prediction, ok in (("v_prediction", True), ("sample", False)):
         model = tmp_path / prediction
         shutil.copytree(mini_pipeline, model)

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from patronus.evaluation.harness import EvalSettings, evaluate
+from patronus.evaluation.harness import EvalConfig, evaluate
 
-QUICK = EvalSettings(suite="glyph-quick", steps=2, batch_size=16)
+QUICK = EvalConfig(suite="glyph-quick", steps=2, batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_saved_latents_decode_to_the_same_run_with_another_decoder(run, mini_pip
     with pytest.raises(ValueError, match="UNet, text encoder"):
         evaluate(str(other), tmp_path / "refused", QUICK, latents_from=out)
     with pytest.raises(ValueError, match="other evaluation settings"):
-        evaluate(str(mini_pipeline), tmp_path / "refused", EvalSettings(suite="glyph-quick", steps=3, batch_size=16),
+        evaluate(str(mini_pipeline), tmp_path / "refused", EvalConfig(suite="glyph-quick", steps=3, batch_size=16),
                  latents_from=out)
     assert not (tmp_path / "refused").exists()
 

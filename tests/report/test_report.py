@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patronus.evaluation.harness import EvalSettings, evaluate
+from patronus.evaluation.harness import EvalConfig, evaluate
 from patronus.report import ReportError, build_report
 
 
@@ -15,9 +15,9 @@ from patronus.report import ReportError, build_report
 def runs(mini_pipeline, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     a = root / "base"
-    evaluate(str(mini_pipeline), a, EvalSettings(suite="glyph-quick", steps=2, batch_size=36))
+    evaluate(str(mini_pipeline), a, EvalConfig(suite="glyph-quick", steps=2, batch_size=36))
     b = root / "other-seed"
-    evaluate(str(mini_pipeline), b, EvalSettings(suite="glyph-quick", steps=2, batch_size=36, seed=1))
+    evaluate(str(mini_pipeline), b, EvalConfig(suite="glyph-quick", steps=2, batch_size=36, seed=1))
     return [a, b]
 
 

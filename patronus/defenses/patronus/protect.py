@@ -21,7 +21,6 @@ final result (all randomness is seeded per step, not carried in a stream).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import resource
 import shutil
@@ -33,33 +32,36 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from patronus.attacks.decoder import DecoderAttack, attack_decoder, load_head_state
+from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder, load_head_state
+from patronus.config import to_dict
+from patronus.defenses.patronus.bank import PART_START, build_feature_bank
+from patronus.defenses.patronus.config import ProtectConfig
+from patronus.defenses.patronus.losses import make_perceptual, refusal_loss
 from patronus.detectors.glyphnet import load_glyphnet
-from patronus.evaluation.harness import library_versions
+from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_uint8
 from patronus.io import atomic_dir
-from patronus.models.registry import load_pipeline, resolve_model, weight_hashes, weights_digest
-from patronus.moderator.config import ProtectConfig
-from patronus.moderator.features import PART_START, build_feature_bank
-from patronus.moderator.losses import DecoderHead, make_perceptual, refusal_loss
-from patronus.nft.simulated import sample_attack, simulate_first_order, simulate_second_order
+from patronus.models.components import DecoderHead
+from patronus.models.registry import load_pipeline, resolve_model
+from patronus.nft.maml import (
+    InnerLoss,
+    QueryLoss,
+    merge_nft_gradient,
+    second_order_applies,
+    simulate_first_order,
+    simulate_second_order,
+)
+from patronus.nft.space import SimulatedAttack, sample_attack
+from patronus.provenance import library_versions, state_digest, weight_hashes, weights_digest
+from patronus.training import Checkpointer, step_generator
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_000 + step)
-
-
-def _encoder_digest(vae) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(vae.encoder.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return step_generator(seed, stage * 100_000 + step)
 
 
 class Protector:
@@ -74,7 +76,7 @@ class Protector:
         self.pipe.text_encoder.requires_grad_(False)
         self.vae = self.pipe.vae
         self.vae.requires_grad_(False)
-        self.encoder_digest = _encoder_digest(self.vae)
+        self.encoder_digest = state_digest(self.vae.encoder)
         self.original = DecoderHead(copy.deepcopy(self.vae)).requires_grad_(False).eval()
         self.head = DecoderHead(self.vae).requires_grad_(True)
         self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)
@@ -108,14 +110,30 @@ class Protector:
         feat = refusal_loss(self.perceptual, self.head(self.bank["train/unsafe/z_gen"][idx]))
         return img, feat
 
-    def query_loss_fn(self, g: torch.Generator):
+    def inner_loss_fn(self, attack: SimulatedAttack) -> InnerLoss:
+        """The simulated attacker's objective on a batch of its unsafe training data.
+
+        `image`: reconstruct unsafe images from their encoder latents (what a real decoder
+        attack does); `feature`: make unsafe UNet latents decode as the original decoder did.
+        """
+        data = self.attack_data
+        inputs, targets = ((data["z_img"], data["x"]) if attack.objective == "image"
+                           else (data["z_gen"], data["orig_decoded"]))
+
+        def inner(params: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(0, len(data["x"]), (attack.batch_size,), generator=g)
+            return F.mse_loss(functional_call(self.head, params, (inputs[idx],)), targets[idx])
+
+        return inner
+
+    def query_loss_fn(self, g: torch.Generator) -> QueryLoss:
         """Refusal loss of adapted parameters on a held-out (query) batch of unsafe latents."""
         zq = torch.cat([self.bank["query/unsafe/z_gen"], self.bank["query/unsafe/z_img"]])
         idx = torch.randint(0, len(zq), (self.cfg.query_batch,), generator=g)
         batch = zq[idx]
 
-        def query(head: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return refusal_loss(self.perceptual, functional_call(head, params, (batch,)))
+        def query(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return refusal_loss(self.perceptual, functional_call(self.head, params, (batch,)))
 
         return query
 
@@ -123,8 +141,8 @@ class Protector:
     def probe(self, step: int) -> dict:
         """A real fine-tuning attack on the probe partition, and benign fidelity."""
         cfg = self.cfg
-        attack = DecoderAttack(cfg.probe_optimizer, cfg.probe_lr, cfg.probe_steps, cfg.probe_batch,
-                               save_at=(cfg.probe_steps,), seed=cfg.seed + step)
+        attack = DecoderAttackConfig(cfg.probe_optimizer, cfg.probe_lr, cfg.probe_steps, cfg.probe_batch,
+                                     save_at=(cfg.probe_steps,), seed=cfg.seed + step)
         with torch.enable_grad():
             state = attack_decoder(self.vae, self.bank["probe/unsafe/x"], attack)[cfg.probe_steps]
         attacked = DecoderHead(load_head_state(self.vae, state)).eval()
@@ -145,16 +163,7 @@ class Protector:
 def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bool = False) -> dict:
     """Run both stages and write the protected pipeline to `out`. Returns patronus.json's content."""
     out, workdir = Path(out), Path(workdir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} exists and is not empty; choose another --out")
-    if workdir.exists() and any(workdir.glob("checkpoint-*")) and not resume:
-        raise FileExistsError(f"{workdir} holds checkpoints of an earlier run; pass --resume or remove it")
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg_file = workdir / "config.json"
-    if resume and cfg_file.exists() and json.loads(cfg_file.read_text()) != json.loads(json.dumps(cfg.to_dict())):
-        raise ValueError(f"{workdir} was started with different settings; resume with the same config")
-    cfg_file.write_text(json.dumps(cfg.to_dict(), indent=2))
-
+    _check_dirs(out, workdir, cfg, resume)
     t_start = time.time()
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator()
@@ -167,71 +176,102 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     # The schedule is only registered: a prepared one would step once per process.
     _, opt = accelerator.prepare(p.head, opt)
     accelerator.register_for_checkpointing(sched)
-    state = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}}
-    best_weights: dict[str, torch.Tensor] = {}
-    ckpts = sorted(workdir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
-    if resume and ckpts:
-        accelerator.load_state(str(ckpts[-1]))
-        state = json.loads((ckpts[-1] / "state.json").read_text())
-        if (ckpts[-1] / "best.safetensors").exists():
-            best_weights = load_file(ckpts[-1] / "best.safetensors")
-        accelerator.print(f"resumed from {ckpts[-1]} (stage {state['stage']}, step {state['step']})")
+    run = RunState(Checkpointer(accelerator, workdir))
+    if resume:
+        run.restore()
 
-    def checkpoint() -> None:
-        """Model, optimizer, RNG, run state and best-so-far weights, written atomically."""
-        tag = state["stage"] * 1_000_000 + state["step"]
-        tmp = workdir / f"tmp-checkpoint-{tag}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.save_state(str(tmp))
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        if best_weights:
-            save_file(best_weights, tmp / "best.safetensors")
-        tmp.rename(workdir / f"checkpoint-{tag}")
-        for old in sorted(workdir.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))[:-2]:
-            shutil.rmtree(old)
+    if run.state["stage"] == 1:
+        stage1_unlearn(p, opt, sched, run)
+        for group in opt.param_groups:
+            group["lr"] = cfg.stage2_lr
+        stage1_model = workdir / "stage1-model"
+        shutil.rmtree(stage1_model, ignore_errors=True)
+        _write_output(p, stage1_model, cfg, run.state, time.time() - t_start)
+        run.save()
+    stage2_non_fine_tunable(p, opt, run)
+
+    p.head.load_state_dict(run.best_weights)
+    if state_digest(p.vae.encoder) != p.encoder_digest:
+        raise RuntimeError("the VAE encoder changed during protection; this is a bug")
+    return _write_output(p, out, cfg, run.state, time.time() - t_start)
+
+
+def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
+    """Refuse, before any work, outputs in the way and a resume with other settings."""
+    if out.exists() and any(out.iterdir()):
+        raise OutputExistsError(f"output directory {out} exists and is not empty; choose another --out")
+    if workdir.exists() and any(workdir.glob("checkpoint-*")) and not resume:
+        raise OutputExistsError(f"{workdir} holds checkpoints of an earlier run; pass --resume or remove it")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_file = workdir / "config.json"
+    if resume and cfg_file.exists() and json.loads(cfg_file.read_text()) != to_dict(cfg):
+        raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
+    cfg_file.write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
+class RunState:
+    """Where the run is (stage, step), its probes, and the best checkpoint's weights so far;
+    saved with every checkpoint so that a resumed run ends exactly where an unbroken one does."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}}
+        self.best_weights: dict[str, torch.Tensor] = {}
+
+    def restore(self) -> None:
+        restored = self.checkpointer.restore()
+        if restored is not None:
+            self.state, self.best_weights = restored
+
+    def save(self) -> None:
+        self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, self.best_weights)
+
+    def record_probe(self, result: dict, head: torch.nn.Module) -> None:
+        """Keep the probe; keep the head's weights when it is the best-scoring checkpoint so far."""
+        self.state["probes"].append(result)
+        best = self.state["best"]
+        if best is None or (result["score"], result["benign_psnr"]) > (best["score"], best["benign_psnr"]):
+            self.state["best"] = result
+            self.best_weights = {k: v.detach().clone().contiguous() for k, v in head.state_dict().items()}
+
+
+def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunState) -> None:
+    """Refusal on unsafe latents and images; reconstruction and calibration on benign ones."""
+    cfg, accelerator, state = p.cfg, p.accelerator, run.state
+    t0 = time.time()
+    bar = tqdm(range(state["step"], cfg.stage1_steps), initial=state["step"], total=cfg.stage1_steps,
+               desc="stage 1 (unlearn)", disable=not accelerator.is_main_process)
+    for step in bar:
+        g = _step_generator(cfg.seed, 1, step)
+        l_rec, l_cal = p.benign_terms(g)
+        r_img, r_feat = p.refuse_terms(g)
+        loss = (cfg.stage1_w_refuse_img * r_img + cfg.stage1_w_rec * l_rec
+                + cfg.stage1_w_refuse_feat * r_feat + cfg.stage1_w_cal * l_cal)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        sched.step()
+        state["step"] = step + 1
+        bar.set_postfix(refuse=f"{r_feat.item():.4f}", rec=f"{l_rec.item():.4f}", cal=f"{l_cal.item():.5f}")
+        if state["step"] % cfg.checkpoint_every == 0:
+            run.save()
+    state["timing"]["stage1_seconds"] = state["timing"].get("stage1_seconds", 0) + time.time() - t0
+    state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / max(1, cfg.stage1_steps)
+    state["stage"], state["step"] = 2, 0
+
+
+def stage2_non_fine_tunable(p: Protector, opt: torch.optim.Optimizer, run: RunState) -> None:
+    """The benign terms plus the MAML gradient of the refusal loss after a simulated attack;
+    a real attack probes the decoder every `probe_every` steps and the best checkpoint is kept."""
+    cfg, accelerator, state = p.cfg, p.accelerator, run.state
 
     def maybe_probe(step: int) -> None:
         if step % cfg.probe_every and step != cfg.stage2_steps:
             return
         result = p.probe(step)
-        state["probes"].append(result)
         accelerator.print(f"probe at stage-2 step {step}: {json.dumps(result)}")
-        best = state["best"]
-        if best is None or (result["score"], result["benign_psnr"]) > (best["score"], best["benign_psnr"]):
-            state["best"] = result
-            best_weights.clear()
-            best_weights.update({k: v.detach().clone().contiguous() for k, v in p.head.state_dict().items()})
+        run.record_probe(result, p.head)
 
-    # Stage 1: unlearn.
-    if state["stage"] == 1:
-        t0 = time.time()
-        bar = tqdm(range(state["step"], cfg.stage1_steps), initial=state["step"], total=cfg.stage1_steps,
-                   desc="stage 1 (unlearn)", disable=not accelerator.is_main_process)
-        for step in bar:
-            g = _step_generator(cfg.seed, 1, step)
-            l_rec, l_cal = p.benign_terms(g)
-            r_img, r_feat = p.refuse_terms(g)
-            loss = (cfg.stage1_w_refuse_img * r_img + cfg.stage1_w_rec * l_rec
-                    + cfg.stage1_w_refuse_feat * r_feat + cfg.stage1_w_cal * l_cal)
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            opt.step()
-            sched.step()
-            state["step"] = step + 1
-            bar.set_postfix(refuse=f"{r_feat.item():.4f}", rec=f"{l_rec.item():.4f}", cal=f"{l_cal.item():.5f}")
-            if state["step"] % cfg.checkpoint_every == 0:
-                checkpoint()
-        state["timing"]["stage1_seconds"] = state["timing"].get("stage1_seconds", 0) + time.time() - t0
-        state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / max(1, cfg.stage1_steps)
-        state["stage"], state["step"] = 2, 0
-        for group in opt.param_groups:
-            group["lr"] = cfg.stage2_lr
-        stage1_model = workdir / "stage1-model"
-        shutil.rmtree(stage1_model, ignore_errors=True)
-        _write_output(p, stage1_model, cfg, state, time.time() - t_start)
-        checkpoint()
-
-    # Stage 2: non-fine-tunable learning.
     t0 = time.time()
     inner_total, first_step = 0, state["step"]
     bar = tqdm(range(state["step"], cfg.stage2_steps), initial=state["step"], total=cfg.stage2_steps,
@@ -240,44 +280,35 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         g = _step_generator(cfg.seed, 2, step)
         attack = sample_attack(np.random.default_rng([cfg.seed, 2, step]), cfg.attacks)
         inner_total += attack.steps
-        query = p.query_loss_fn(g)
+        inner, query = p.inner_loss_fn(attack), p.query_loss_fn(g)
         opt.zero_grad(set_to_none=True)
-        if cfg.second_order and attack.optimizer == "sgd" and attack.params == "full":
-            q = simulate_second_order(p.head, attack, p.attack_data, query, g)
+        nft_grads = None
+        if cfg.second_order and second_order_applies(attack):
+            q = simulate_second_order(p.head, attack, inner, query, g)
             accelerator.backward(cfg.stage2_w_nft * q)
             q_value = q.item()
         else:
-            grads, q_value = simulate_first_order(p.head, attack, p.attack_data, query,
-                                                  cfg.attacks.queries_per_attack, g)
+            nft_grads, q_value = simulate_first_order(p.head, attack, inner, query, cfg.attacks.queries_per_attack, g)
         l_rec, l_cal = p.benign_terms(g)
         r_img, r_feat = p.refuse_terms(g)
         loss = cfg.stage2_w_rec * l_rec + cfg.stage2_w_cal * l_cal + cfg.stage2_w_refuse * (r_img + r_feat)
         accelerator.backward(loss)
-        if not (cfg.second_order and attack.optimizer == "sgd" and attack.params == "full"):
-            for name, param in p.head.named_parameters():
-                nft = grads[name]
-                if accelerator.num_processes > 1:
-                    nft = accelerator.reduce(nft, reduction="mean")
-                param.grad = param.grad + cfg.stage2_w_nft * nft
+        if nft_grads is not None:
+            merge_nft_gradient(p.head, nft_grads, cfg.stage2_w_nft, accelerator)
         opt.step()
         state["step"] = step + 1
         bar.set_postfix(query=f"{q_value:.4f}", rec=f"{l_rec.item():.4f}", cal=f"{l_cal.item():.5f}",
-                        attack=f"{attack.optimizer}/{attack.kind}/{attack.params}x{attack.steps}")
+                        attack=f"{attack.optimizer}/{attack.objective}/{attack.update}x{attack.steps}")
         maybe_probe(state["step"])
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.stage2_steps:
-            checkpoint()
+            run.save()
     steps_run = state["step"] - first_step
     if steps_run:
         seconds = time.time() - t0
         state["timing"]["stage2_outer_step_seconds"] = seconds / steps_run
         state["timing"]["mean_inner_steps"] = inner_total / steps_run
-
     if cfg.stage2_steps == 0:
         maybe_probe(0)
-    p.head.load_state_dict(best_weights)
-    if _encoder_digest(p.vae) != p.encoder_digest:
-        raise RuntimeError("the VAE encoder changed during protection; this is a bug")
-    return _write_output(p, out, cfg, state, time.time() - t_start)
 
 
 def _write_output(p: Protector, out: Path, cfg: ProtectConfig, state: dict, seconds: float) -> dict:

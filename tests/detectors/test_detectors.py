@@ -1,6 +1,7 @@
 import pytest
 
-from patronus.evaluation.detectors import DetectorError, GlyphNetDetector, make_detector
+from patronus.detectors import DetectorError, make_detector
+from patronus.detectors.glyphnet import GlyphNetDetector
 from patronus.models.registry import load_pipeline
 from patronus.models.sampling import generate
 from patronus.world import render_split

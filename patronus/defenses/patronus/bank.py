@@ -20,15 +20,17 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from patronus.data.imagefolder import load_imagefolder
+from patronus.errors import ConfigError
 from patronus.evaluation.suites import load_prompt_file
 from patronus.imaging import to_tensor
+from patronus.models.components import encode_latents
+from patronus.models.sampling import generate_latents
+from patronus.training import mix_seed
 from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.splits import render_split
 
@@ -38,7 +40,7 @@ PART_START = {"train": 0, "query": 500_000, "probe": 900_000}
 
 
 @dataclass(frozen=True)
-class BankSettings:
+class FeatureBankConfig:
     n_train: int = 512  # per kind (unsafe, benign)
     n_query: int = 128
     n_probe: int = 128
@@ -52,34 +54,9 @@ class BankSettings:
     unsafe_prompts: str | None = None
     benign_prompts: str | None = None
 
-
-class ImageFolderError(ValueError):
-    """An image folder that cannot be read as defender or attacker data."""
-
-
-def load_imagefolder(path: str | Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """Images (resized to `resolution`, in [-1, 1]) and captions of an imagefolder with metadata.jsonl."""
-    path = Path(path)
-    meta = path / "metadata.jsonl"
-    if not meta.is_file():
-        raise ImageFolderError(f"{path} has no metadata.jsonl (lines of {{\"file_name\": ..., \"text\": ...}})")
-    try:
-        rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ImageFolderError(f"{meta} is not JSON lines: {e}") from e
-    if not rows:
-        raise ImageFolderError(f"{meta} lists no images")
-    images, texts = [], []
-    for row in rows:
-        if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
-            raise ImageFolderError(f"{meta}: every line needs 'file_name' and 'text' (got {row!r:.80})")
-        try:
-            img = Image.open(path / row["file_name"]).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-        except OSError as e:
-            raise ImageFolderError(f"{meta}: cannot read image {row['file_name']!r}: {e}") from e
-        images.append(np.asarray(img))
-        texts.append(row["text"])
-    return to_tensor(np.stack(images)), texts
+    def __post_init__(self):
+        if min(self.n_train, self.n_query, self.n_probe, self.sampler_steps) < 1:
+            raise ConfigError("bank: n_train, n_query, n_probe and sampler_steps must be at least 1")
 
 
 def _glyph_part(part: str, n: int, unsafe: bool, resolution: int) -> tuple[torch.Tensor, list[str]]:
@@ -93,36 +70,22 @@ def _partition(source: str, n_items: int, part: str, sizes: dict[str, int]) -> s
     start = sum(sizes[p] for p in PARTS[:PARTS.index(part)])
     end = start + sizes[part]
     if n_items < end:
-        raise ValueError(f"{source} has {n_items} entries; its {part} partition needs entries {start}..{end - 1}")
+        raise ConfigError(f"{source} has {n_items} entries; its {part} partition needs entries {start}..{end - 1}")
     return slice(start, end)
 
 
-@torch.no_grad()
-def sample_latents(pipe: StableDiffusionPipeline, prompts: list[str], s: BankSettings, seed_offset: int,
-                   batch_size: int = 64) -> torch.Tensor:
+def sample_latents(pipe: StableDiffusionPipeline, prompts: list[str], s: FeatureBankConfig,
+                   seed_offset: int) -> torch.Tensor:
     """Unscaled latents the pipeline's UNet produces for `prompts` (what its decoder would decode)."""
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="sample latents", leave=False):
-        gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + seed_offset + i + j)
-                for j in range(len(prompts[i:i + batch_size]))]
-        lat = pipe(prompts[i:i + batch_size], num_inference_steps=s.sampler_steps, guidance_scale=s.guidance,
-                   generator=gens, output_type="latent").images
-        out.append(lat / pipe.vae.config.scaling_factor)
-    return torch.cat(out)
+    seeds = [mix_seed(s.seed, seed_offset + i) for i in range(len(prompts))]
+    return generate_latents(pipe, prompts, seeds, s.sampler_steps, s.guidance) / pipe.vae.config.scaling_factor
 
 
-@torch.no_grad()
-def encode(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Posterior means of the frozen encoder (unscaled)."""
-    return torch.cat([pipe.vae.encode(images[i:i + batch_size].to(pipe.device)).latent_dist.mean
-                      for i in range(0, len(images), batch_size)])
-
-
-def bank_key(s: BankSettings, weights_digest: str) -> str:
+def bank_key(s: FeatureBankConfig, weights_digest: str) -> str:
     return hashlib.sha256((json.dumps(asdict(s), sort_keys=True) + weights_digest).encode()).hexdigest()[:16]
 
 
-def build_feature_bank(pipe: StableDiffusionPipeline, s: BankSettings, weights_digest: str,
+def build_feature_bank(pipe: StableDiffusionPipeline, s: FeatureBankConfig, weights_digest: str,
                        cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """Tensors named `{part}/{kind}/{x|z_img|z_gen}`: images, encoder latents, UNet latents."""
     cache = Path(cache_dir) / f"feature-bank-{bank_key(s, weights_digest)}.safetensors" if cache_dir else None
@@ -153,7 +116,7 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: BankSettings, weights_d
                 prompts = prompt_files[prompt_file]
                 texts = prompts[_partition(prompt_file, len(prompts), part, sizes)]
             bank[f"{part}/{kind}/x"] = x
-            bank[f"{part}/{kind}/z_img"] = encode(pipe, x)
+            bank[f"{part}/{kind}/z_img"] = encode_latents(pipe.vae, x)
             bank[f"{part}/{kind}/z_gen"] = sample_latents(pipe, texts, s, seed_offset=(p * 2 + k) * 10_000_000)
     # On the CPU and contiguous, like a bank read back from the cache: memory layout can change
     # float results, and a resumed run must compute exactly what the first run did.

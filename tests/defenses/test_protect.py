@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from patronus.moderator.config import load_config
-from patronus.moderator.protect import protect
+from patronus.defenses.patronus.config import load_config
+from patronus.defenses.patronus.protect import protect
 
 TINY_RUN = {
     "bank": {"n_train": 16, "n_query": 8, "n_probe": 8, "sampler_steps": 2},
@@ -62,7 +62,7 @@ def test_resume_gives_the_same_result(mini_pipeline, tmp_path, cfg):
 
 
 def test_resume_inside_stage_1_continues_the_learning_rate_schedule(mini_pipeline, tmp_path, cfg, monkeypatch):
-    from patronus.moderator.protect import Protector
+    from patronus.defenses.patronus.protect import Protector
 
     assert cfg.stage1_warmup > 2  # the schedule is still warming up where the run is killed
     protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")

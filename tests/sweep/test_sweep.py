@@ -2,9 +2,11 @@ import json
 
 import pytest
 
-from patronus.attacks.sweep import Grid, cell_id, load_grid, run_sweep
+from patronus.sweep.grid import GridConfig, load_grid
+from patronus.sweep.layout import cell_id
+from patronus.sweep.runner import run_sweep
 
-TINY = Grid(kinds=("unet-lora", "decoder-full"), ranks=(2,), optimizers=("adam",), lrs=(1e-3,), budgets=(1, 2),
+TINY = GridConfig(kinds=("unet-lora", "decoder-full"), ranks=(2,), optimizers=("adam",), lrs=(1e-3,), budgets=(1, 2),
             batch_size=4, suite="glyph-quick", eval={"steps": 2, "batch_size": 36})
 
 
@@ -13,7 +15,7 @@ def test_shipped_grids_load():
     assert len(default.cells()) == 5 * 2 * 3  # unet-full, lora r4, lora r64, decoder-full, joint
     assert default.budgets == (100, 500, 2000) and default.batch_size == 16
     assert len(load_grid("quick").cells()) == 2
-    assert Grid() == default  # a Grid built in Python without arguments is the shipped default
+    assert GridConfig() == default  # a GridConfig built in Python without arguments is the shipped default
 
 
 def test_bad_grid_files(tmp_path):
@@ -45,7 +47,7 @@ def test_bad_grid_files(tmp_path):
 
 
 def test_busy_seconds_is_the_union_of_cell_times(tmp_path):
-    from patronus.attacks.sweep import busy_seconds
+    from patronus.sweep.results import busy_seconds
 
     cells = [{"finished": 10.0, "seconds": 5.0}, {"finished": 12.0, "seconds": 4.0}, {"finished": 30.0, "seconds": 2.0}]
     files = [tmp_path / "done.json"] * 3
@@ -83,14 +85,15 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     assert not leftover.parent.exists()
     assert len(again["cells"]) == 6
     with pytest.raises(ValueError, match="different grid"):
-        run_sweep(str(mini_pipeline), Grid(), out, unprotected=str(mini_pipeline))
+        run_sweep(str(mini_pipeline), GridConfig(), out, unprotected=str(mini_pipeline))
     with pytest.raises(ValueError, match="different models"):
         run_sweep("patronus-tiny", TINY, out, unprotected=str(mini_pipeline))
     assert json.loads((out / "sweep.json").read_text())["grid"]["suite"] == "glyph-quick"
 
 
 def test_two_sweeps_cannot_share_a_directory(mini_pipeline, tmp_path):
-    from patronus.attacks.sweep import SweepError, _exclusive
+    from patronus.sweep.layout import SweepError
+    from patronus.sweep.runner import _exclusive
 
     out = tmp_path / "sweep"
     out.mkdir()
@@ -135,7 +138,7 @@ def test_unet_attack_sharing_needs_identical_attacked_weights(mini_pipeline, tmp
     import torch
     from diffusers import UNet2DConditionModel
 
-    from patronus.attacks.sweep import same_unet_attack_inputs
+    from patronus.sweep.cell import same_unet_attack_inputs
 
     other = tmp_path / "other"
     shutil.copytree(mini_pipeline, other)

@@ -1,21 +1,24 @@
-"""Settings of `patronus protect`: presets, and TOML/YAML config files users can commit.
+"""Settings of `patronus protect`: presets, and TOML/YAML/JSON config files users can commit.
 
 A config file holds any subset of the fields below (nested tables for `bank` and
-`attacks`); unknown keys are an error, so a typo never silently falls back to a default.
+`attacks`); unknown keys are an error, so a typo never silently falls back to a default
+(`patronus.config` reads and builds every config file the same way).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from patronus.config import build, merge, read_config_file
+from patronus.defenses.patronus.bank import FeatureBankConfig
+from patronus.errors import ConfigError
+from patronus.nft.space import AttackSpaceConfig
+from patronus.training import OPTIMIZERS
 
-from patronus.moderator.features import BankSettings
-from patronus.nft.simulated import AttackSpace
+OBJECTIVES = ("image", "feature")  # the simulated attacker's: reconstruct unsafe images, restore the original decoding
+PERCEPTUAL = ("glyphnet", "vgg19", "mse")
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class ProtectConfig:
     seed: int = 0
     perceptual: str = "glyphnet"  # glyphnet | vgg19 | mse
     vgg_weights: str | None = None
-    bank: BankSettings = field(default_factory=BankSettings)
+    bank: FeatureBankConfig = field(default_factory=FeatureBankConfig)
     batch_size: int = 32
     # Stage 1 (unlearn): L = w_refuse_img * L_refuse(images) + w_rec * L_rec
     #                       + w_refuse_feat * L_refuse(UNet latents) + w_cal * L_cal
@@ -43,7 +46,7 @@ class ProtectConfig:
     stage2_w_cal: float = 2.0
     query_batch: int = 32
     second_order: bool = False  # full MAML for plain-SGD full-parameter attacks
-    attacks: AttackSpace = field(default_factory=AttackSpace)
+    attacks: AttackSpaceConfig = field(default_factory=AttackSpaceConfig)
     # Probes: a real decoder fine-tuning attack on the probe partition every `probe_every` steps.
     probe_every: int = 50
     probe_optimizer: str = "adam"
@@ -52,6 +55,26 @@ class ProtectConfig:
     probe_batch: int = 16
     min_benign_psnr: float = 31.0  # below it, a checkpoint's score is penalised (1 dB margin over the bar)
     checkpoint_every: int = 25
+
+    def __post_init__(self):
+        if self.perceptual not in PERCEPTUAL:
+            raise ConfigError(f"unknown perceptual network {self.perceptual!r}; choose one of {', '.join(PERCEPTUAL)}")
+        if self.perceptual == "vgg19" and not self.vgg_weights:
+            raise ConfigError("perceptual = 'vgg19' needs vgg_weights = path to torchvision's vgg19 weights")
+        if unknown := set(self.attacks.objectives) - set(OBJECTIVES):
+            raise ConfigError(f"unknown attacks.objectives {', '.join(sorted(unknown))}; choose from "
+                              f"{', '.join(OBJECTIVES)}")
+        if self.probe_optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown probe_optimizer {self.probe_optimizer!r}; "
+                              f"choose one of {', '.join(OPTIMIZERS)}")
+        positive = ("batch_size", "query_batch", "stage1_steps", "probe_every", "probe_steps", "probe_batch",
+                    "checkpoint_every")
+        if bad := [k for k in positive if getattr(self, k) < 1]:
+            raise ConfigError(f"{', '.join(bad)} must be at least 1")
+        if self.stage2_steps < 0 or self.stage1_warmup < 0:
+            raise ConfigError("stage2_steps and stage1_warmup must not be negative")
+        if min(self.stage1_lr, self.stage2_lr, self.probe_lr) <= 0:
+            raise ConfigError("stage1_lr, stage2_lr and probe_lr must be positive")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -70,50 +93,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _build(cls, values: dict, where: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(names)
-    if unknown:
-        raise ValueError(f"unknown {where} setting(s): {', '.join(sorted(unknown))}")
-    kwargs = {}
-    for key, value in values.items():
-        if key == "bank":
-            kwargs[key] = _build(BankSettings, value, "bank")
-        elif key == "attacks":
-            kwargs[key] = _build(AttackSpace, {k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                                               if isinstance(v, list) else v for k, v in value.items()}, "attacks")
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_config(preset: str = "full", path: str | Path | None = None) -> ProtectConfig:
     """A preset, optionally overridden by a .toml / .yaml / .json file."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            if path.suffix == ".toml":
-                user = tomllib.loads(text)
-            elif path.suffix in (".yaml", ".yml"):
-                user = yaml.safe_load(text) or {}
-            elif path.suffix == ".json":
-                user = json.loads(text)
-            else:
-                raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
-        except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
-            raise ValueError(f"config file {path} is not valid: {str(e).splitlines()[0]}") from e
-        values = _merge(values, user)
-    return _build(ProtectConfig, values, "protect")
+        values = merge(values, read_config_file(path))
+    return build(ProtectConfig, values, "protect")

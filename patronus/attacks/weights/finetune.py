@@ -1,12 +1,9 @@
-"""`patronus attack`: fine-tune (or swap) components of a pipeline the way an adversary would.
+"""Fine-tuning attacks: the UNet, the VAE decoder, or UNet + decoder + text encoder together.
 
-Kinds:
   unet-full, unet-lora   standard denoising loss on unsafe image-caption pairs, as the diffusers
                          text-to-image fine-tuning scripts do (LoRA via peft on to_q/to_k/to_v/to_out.0)
   decoder-full, decoder-lora   reconstruction of the unsafe images by the VAE decoder
   joint                  UNet, VAE decoder and text encoder together (sum of both losses)
-  swap-decoder           replace the VAE (or only its decoder) with another pipeline's, optionally
-                         followed by a UNet attack
 
 Every saved checkpoint is a complete pipeline directory that plain diffusers loads, LoRA
 weights fused in. LoRA attacks also save the adapter in `lora/`: for the UNet in diffusers'
@@ -17,8 +14,6 @@ peft adapter (diffusers has no VAE LoRA loader).
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,56 +24,23 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from patronus.attacks.decoder import LORA_TARGETS, OPTIMIZERS, make_attack_optimizer
+from patronus.attacks.config import AttackConfig
+from patronus.attacks.registry import ATTACKS, AttackKind, register
+from patronus.attacks.weights.decoder import LORA_TARGETS
+from patronus.data.imagefolder import load_imagefolder
+from patronus.errors import PatronusError
 from patronus.imaging import to_tensor
-from patronus.io import atomic_dir
-from patronus.models.registry import load_pipeline
-from patronus.moderator.features import load_imagefolder
-from patronus.moderator.losses import DecoderHead
+from patronus.models.components import DecoderHead, encode_latents
+from patronus.training import make_optimizer
 from patronus.world.glyphs import UNSAFE_CLASSES
 from patronus.world.splits import render_split
 
-KINDS = ("unet-full", "unet-lora", "decoder-full", "decoder-lora", "joint", "swap-decoder")
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ATTACKER_SPLIT_SIZE = 500
 
 
-class AttackError(ValueError):
+class AttackError(PatronusError):
     """A model the attack cannot run on as asked (e.g. a swapped-in VAE of another family)."""
-
-
-@dataclass(frozen=True)
-class AttackSettings:
-    kind: str
-    data: str = "attacker"  # "attacker" (glyph split, unsafe classes) or an image folder
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    steps: int = 500
-    rank: int = 8
-    batch_size: int = 16
-    save_at: tuple[int, ...] = (100, 500)
-    seed: int = 0
-    swap_from: str | None = None  # swap-decoder: pipeline whose VAE replaces the model's
-    swap_part: str = "vae"  # swap-decoder: "vae" (encoder too) or "decoder" (keep the model's encoder)
-    then: str | None = None  # swap-decoder: optional follow-up kind (unet-full or unet-lora)
-
-    def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown attack kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.kind == "swap-decoder" and not self.swap_from:
-            raise ValueError("swap-decoder needs the pipeline to take the VAE from (--from DIR)")
-        if self.swap_part not in ("vae", "decoder"):
-            raise ValueError(f"--swap-part must be vae or decoder, got {self.swap_part!r}")
-        if self.then not in (None, "unet-full", "unet-lora"):
-            raise ValueError("after swap-decoder only unet-full or unet-lora can follow")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("--steps, --batch-size and --lr must be positive")
-        if self.rank < 1:
-            raise ValueError(f"--rank must be at least 1 (the default grid uses 4 and 64), got {self.rank}")
-        if any(s < 1 or s > self.steps for s in self.save_at):
-            raise ValueError(f"--save-at steps must lie in 1..{self.steps}")
 
 
 def load_attack_data(data: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
@@ -94,43 +56,16 @@ def _lora_unet(unet: UNet2DConditionModel, rank: int) -> PeftModel:
                                            target_modules=UNET_LORA_TARGETS))
 
 
-def run_attack(model: str, s: AttackSettings, out: Path, progress: bool = True) -> list[Path]:
-    """Attack `model` and write one pipeline directory per `save_at` step under `out`."""
-    s.validate()
-    with atomic_dir(out) as tmp:
-        pipe = load_pipeline(model)
-        kind = s.kind
-        (tmp / "attack.json").write_text(json.dumps(asdict(s) | {"model": str(model)}, indent=2))
-        if kind == "swap-decoder":
-            donor = _swappable_vae(pipe.vae, load_pipeline(s.swap_from).vae, s.swap_from)
-            if s.swap_part == "vae":
-                pipe.vae = donor
-            else:
-                try:
-                    DecoderHead(pipe.vae).load_state_dict(DecoderHead(donor).state_dict())
-                except RuntimeError as e:
-                    raise AttackError(f"the decoder of {s.swap_from} does not fit this VAE: "
-                                      f"{str(e).splitlines()[0]}") from e
-            if s.then is None:
-                pipe.save_pretrained(tmp / "step-0")
-                return [out / "step-0"]
-            kind = s.then
-        images, texts = load_attack_data(s.data, pipe.vae.config.sample_size)
-        _finetune(pipe, kind, s, images, texts, tmp, progress)
-    return [out / f"step-{k}" for k in sorted(s.save_at)]
+def run_finetune(pipe: StableDiffusionPipeline, cfg: AttackConfig, out: Path, progress: bool,
+                 kind: str | None = None) -> list[str]:
+    """Fine-tune `pipe` as attack `kind` (default: the config's) and save every `save_at` step."""
+    images, texts = load_attack_data(cfg.data, pipe.vae.config.sample_size)
+    _finetune(pipe, ATTACKS[kind or cfg.kind], cfg, images, texts, out, progress)
+    return [f"step-{k}" for k in sorted(cfg.save_at)]
 
 
-def _swappable_vae(ours: AutoencoderKL, theirs: AutoencoderKL, source: str) -> AutoencoderKL:
-    """`theirs`, after checking it reads the latents our UNet writes (a mismatch would decode noise)."""
-    for key in ("latent_channels", "scaling_factor", "sample_size"):
-        if ours.config[key] != theirs.config[key]:
-            raise AttackError(f"the VAE of {source} has {key} {theirs.config[key]}, this model's has "
-                             f"{ours.config[key]}; swap in a VAE of the same family")
-    return theirs
-
-
-def _finetune(pipe: StableDiffusionPipeline, kind: str, s: AttackSettings, images: torch.Tensor, texts: list[str],
-              out: Path, progress: bool) -> None:
+def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, images: torch.Tensor,
+              texts: list[str], out: Path, progress: bool) -> None:
     """The attacker's training loop; saves a pipeline at every `save_at` step."""
     torch.manual_seed(s.seed)
     g = torch.Generator().manual_seed(s.seed)
@@ -138,39 +73,35 @@ def _finetune(pipe: StableDiffusionPipeline, kind: str, s: AttackSettings, image
         module.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
-    if kind in ("unet-full", "unet-lora", "joint") and prediction not in ("epsilon", "v_prediction"):
+    trains_unet, trains_decoder = "unet" in kind.trains, "decoder" in kind.trains
+    if trains_unet and prediction not in ("epsilon", "v_prediction"):
         raise AttackError(f"the UNet attacks train epsilon or v_prediction models, this one predicts {prediction}")
-    with torch.no_grad():
-        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        posterior = [pipe.vae.encode(images[i:i + 256]).latent_dist for i in range(0, len(images), 256)]
-        lat_mean = torch.cat([p.mean for p in posterior])
-        lat_std = torch.cat([p.std for p in posterior])
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    lat_mean, lat_std = encode_latents(pipe.vae, images, with_std=True)
 
-    trains_unet = kind in ("unet-full", "unet-lora", "joint")
-    trains_decoder = kind in ("decoder-full", "decoder-lora", "joint")
     unet = pipe.unet
     params: list[torch.Tensor] = []
-    if kind == "unet-lora":
+    if trains_unet and kind.lora:
         unet = _lora_unet(pipe.unet, s.rank)
         params += [p for p in unet.parameters() if p.requires_grad]
     elif trains_unet:
         unet.requires_grad_(True)
         params += list(unet.parameters())
-    if kind == "joint":
+    if "text_encoder" in kind.trains:
         pipe.text_encoder.requires_grad_(True)
         params += list(pipe.text_encoder.parameters())
     head: torch.nn.Module = DecoderHead(pipe.vae)
-    if kind == "decoder-lora":
+    if trains_decoder and kind.lora:
         head = get_peft_model(head, LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=LORA_TARGETS))
         params += [p for p in head.parameters() if p.requires_grad]
     elif trains_decoder:
         head.requires_grad_(True)
         params += list(head.parameters())
-    opt = make_attack_optimizer(s.optimizer, s.lr, params)
+    opt = make_optimizer(s.optimizer, s.lr, params)
     scale = pipe.vae.config.scaling_factor
 
-    for step in tqdm(range(1, s.steps + 1), desc=f"attack {s.kind}", disable=not progress):
+    for step in tqdm(range(1, s.steps + 1), desc=f"attack {kind.name}", disable=not progress):
         idx = torch.randint(0, len(images), (s.batch_size,), generator=g)
         z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
         loss = torch.zeros(())
@@ -190,13 +121,14 @@ def _finetune(pipe: StableDiffusionPipeline, kind: str, s: AttackSettings, image
             _save(pipe, unet, head, kind, out / f"step-{step}")
 
 
-def _save(pipe: StableDiffusionPipeline, unet: torch.nn.Module, head: torch.nn.Module, kind: str, path: Path) -> None:
+def _save(pipe: StableDiffusionPipeline, unet: torch.nn.Module, head: torch.nn.Module, kind: AttackKind,
+          path: Path) -> None:
     """A complete pipeline with LoRA weights fused; the adapter itself saved alongside."""
     components = dict(pipe.components)
-    if kind == "unet-lora":
+    if kind.lora and "unet" in kind.trains:
         save_unet_lora(unet, path / "lora")
         components["unet"] = copy.deepcopy(unet).merge_and_unload()
-    if kind == "decoder-lora":
+    if kind.lora and "decoder" in kind.trains:
         save_decoder_lora(head, path / "lora")
         vae = AutoencoderKL.from_config(pipe.vae.config)
         vae.encoder.load_state_dict(pipe.vae.encoder.state_dict())
@@ -219,3 +151,13 @@ def save_decoder_lora(model: PeftModel, path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()},
               path / "adapter_model.safetensors")
     model.peft_config["default"].save_pretrained(path)
+
+
+for _name, _trains, _lora, _help in (
+    ("unet-full", {"unet"}, False, "the UNet's weights on the denoising loss"),
+    ("unet-lora", {"unet"}, True, "a peft LoRA on the UNet's attention projections"),
+    ("decoder-full", {"decoder"}, False, "the VAE decoder's weights on reconstructing the unsafe images"),
+    ("decoder-lora", {"decoder"}, True, "a peft LoRA on the VAE decoder's convolutions"),
+    ("joint", {"unet", "decoder", "text_encoder"}, False, "UNet, decoder and text encoder together"),
+):
+    register(AttackKind(_name, frozenset(_trains), _lora, run_finetune, _help))

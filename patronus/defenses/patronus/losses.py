@@ -1,8 +1,4 @@
-"""The moderator's trainable part and its losses.
-
-`DecoderHead` is what Patronus trains: `post_quant_conv` followed by `decoder`, sharing
-parameters with the pipeline's AutoencoderKL, applied to *unscaled* latents exactly like
-`AutoencoderKL.decode`. The encoder is never part of it.
+"""The moderator's losses: distance to the black image, through a pluggable perceptual network.
 
 The perceptual network is pluggable: GlyphNet block activations in the glyph world, VGG-19
 relu3_4 for real Stable Diffusion when the user has torchvision's weights on disk, or plain
@@ -17,21 +13,9 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 
 from patronus.detectors.glyphnet import GlyphNet, load_glyphnet
-
-
-class DecoderHead(nn.Module):
-    """post_quant_conv + decoder of a VAE: unscaled latents -> images in [-1, 1]."""
-
-    def __init__(self, vae: AutoencoderKL):
-        super().__init__()
-        self.post_quant_conv = vae.post_quant_conv if vae.post_quant_conv is not None else nn.Identity()
-        self.decoder = vae.decoder
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+from patronus.errors import ConfigError
 
 
 class Perceptual(Protocol):
@@ -107,7 +91,7 @@ class VGGPerceptual(nn.Module):
 
 def _load_vgg_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"VGG-19 weights not found at {path}; pass torchvision's vgg19 weights file")
+        raise ConfigError(f"VGG-19 weights not found at {path}; pass torchvision's vgg19 weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -120,11 +104,11 @@ def make_perceptual(name: str, vgg_weights: str | None = None) -> Perceptual:
         return GlyphNetPerceptual()
     if name == "vgg19":
         if not vgg_weights:
-            raise ValueError("perceptual = 'vgg19' needs vgg_weights = path to torchvision's vgg19 weights")
+            raise ConfigError("perceptual = 'vgg19' needs vgg_weights = path to torchvision's vgg19 weights")
         return VGGPerceptual(vgg_weights)
     if name == "mse":
         return PixelPerceptual()
-    raise ValueError(f"unknown perceptual network {name!r}; choose glyphnet, vgg19 or mse")
+    raise ConfigError(f"unknown perceptual network {name!r}; choose glyphnet, vgg19 or mse")
 
 
 def perceptual_distance(p: Perceptual, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,13 @@
 The attacker keeps the (public, unchanged) encoder and fine-tunes `post_quant_conv` and
 `decoder`, fully or with a peft LoRA, to reconstruct their own unsafe images. The same
 attack on a randomly initialised decoder is the *scratch reference*: a defence meets the
-non-fine-tunable bar when attacking it is no easier than training from scratch.
+non-fine-tunable bar when attacking it is no easier than training from scratch
+(`patronus.models.components.reinitialise` builds that decoder).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -18,14 +18,17 @@ from diffusers import AutoencoderKL
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from patronus.moderator.losses import DecoderHead
+from patronus.errors import ConfigError
+from patronus.models.components import DecoderHead, encode_latents
+from patronus.training import OPTIMIZERS, make_optimizer
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adadelta")
 LORA_TARGETS = r".*(conv1|conv2|conv_in|conv_out|conv_shortcut|conv|to_q|to_k|to_v|to_out\.0)$"
 
 
 @dataclass(frozen=True)
-class DecoderAttack:
+class DecoderAttackConfig:
+    """One decoder fine-tuning attack on tensors in memory (the probe and the benchmarks use it)."""
+
     optimizer: str = "adam"
     lr: float = 1e-4
     steps: int = 2000
@@ -34,56 +37,30 @@ class DecoderAttack:
     save_at: tuple[int, ...] = (100, 500, 2000)
     seed: int = 0
 
-
-def make_attack_optimizer(name: str, lr: float, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
-    """The optimizers the threat model lists, with the momentum settings the reference uses."""
-    params = list(params)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    if name == "adadelta":
-        return torch.optim.Adadelta(params, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or (self.lora_rank is not None and self.lora_rank < 1):
+            raise ConfigError("steps, batch_size, lr and lora_rank must be positive")
+        if not self.save_at or any(s < 1 or s > self.steps for s in self.save_at):
+            raise ConfigError(f"save_at steps must lie in 1..{self.steps}")
 
 
-def scratch_decoder(vae: AutoencoderKL, seed: int) -> AutoencoderKL:
-    """The same VAE with freshly initialised post_quant_conv + decoder (encoder kept)."""
-    torch.manual_seed(seed)
-    fresh = AutoencoderKL.from_config(vae.config)
-    out = copy.deepcopy(vae)
-    out.decoder.load_state_dict(fresh.decoder.state_dict())
-    if out.post_quant_conv is not None:
-        out.post_quant_conv.load_state_dict(fresh.post_quant_conv.state_dict())
-    return out
-
-
-@torch.no_grad()
-def _encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-
-
-def attack_decoder(vae: AutoencoderKL, images: torch.Tensor, attack: DecoderAttack,
+def attack_decoder(vae: AutoencoderKL, images: torch.Tensor, attack: DecoderAttackConfig,
                    progress: bool = False) -> dict[int, dict[str, torch.Tensor]]:
     """Fine-tune a copy of `vae`'s decoder on reconstructing `images` ([-1, 1]).
 
     Returns the decoder head's merged state dict at every step in `attack.save_at`; `vae`
     itself is not modified.
     """
-    if attack.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {attack.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     victim = copy.deepcopy(vae).requires_grad_(False)
     images = images.to(victim.device)
-    z = _encode(victim, images)
+    z = encode_latents(victim, images)
     head: torch.nn.Module = DecoderHead(victim).requires_grad_(True)
     if attack.lora_rank:
         config = LoraConfig(r=attack.lora_rank, lora_alpha=attack.lora_rank, target_modules=LORA_TARGETS)
         head = get_peft_model(head, config)
-    opt = make_attack_optimizer(attack.optimizer, attack.lr, (p for p in head.parameters() if p.requires_grad))
+    opt = make_optimizer(attack.optimizer, attack.lr, (p for p in head.parameters() if p.requires_grad))
     g = torch.Generator().manual_seed(attack.seed)
     saved: dict[int, dict[str, torch.Tensor]] = {}
     last = max(attack.save_at)

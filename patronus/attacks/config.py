@@ -1,0 +1,44 @@
+"""`AttackConfig`: one attack as `patronus attack` and the sweep run it, checked on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from patronus.attacks.registry import ATTACKS
+from patronus.errors import ConfigError
+from patronus.training import OPTIMIZERS
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    kind: str
+    data: str = "attacker"  # "attacker" (glyph split, unsafe classes) or an image folder
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    steps: int = 500
+    rank: int = 8
+    batch_size: int = 16
+    save_at: tuple[int, ...] = (100, 500)
+    seed: int = 0
+    swap_from: str | None = None  # swap-decoder: pipeline whose VAE replaces the model's
+    swap_part: str = "vae"  # swap-decoder: "vae" (encoder too) or "decoder" (keep the model's encoder)
+    then: str | None = None  # swap-decoder: optional follow-up kind (unet-full or unet-lora)
+
+    def __post_init__(self):
+        if self.kind not in ATTACKS:
+            raise ConfigError(f"unknown attack kind {self.kind!r}; choose one of {', '.join(ATTACKS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.kind == "swap-decoder" and not self.swap_from:
+            raise ConfigError("swap-decoder needs the pipeline to take the VAE from (--from DIR)")
+        if self.swap_part not in ("vae", "decoder"):
+            raise ConfigError(f"--swap-part must be vae or decoder, got {self.swap_part!r}")
+        if self.then is not None and not (self.then in ATTACKS and ATTACKS[self.then].unet_only):
+            raise ConfigError("after swap-decoder only an attack on the UNet alone can follow "
+                              f"({', '.join(k for k, a in ATTACKS.items() if a.unet_only)})")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("--steps, --batch-size and --lr must be positive")
+        if self.rank < 1:
+            raise ConfigError(f"--rank must be at least 1 (the default grid uses 4 and 64), got {self.rank}")
+        if any(s < 1 or s > self.steps for s in self.save_at):
+            raise ConfigError(f"--save-at steps must lie in 1..{self.steps}")

@@ -1,0 +1,93 @@
+"""One way to read the config files users commit, and to build checked `*Config` dataclasses.
+
+Every setting group is a frozen dataclass named `*Config` that checks itself in
+`__post_init__` (peft's pattern). A file (.toml, .yaml/.yml or .json) holds any subset of a
+config's fields, nested configs as nested tables; unknown keys are an error, so a typo never
+silently falls back to a default. The CLI reads its defaults from the same dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from patronus.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def read_config_file(path: str | Path, what: str = "config") -> dict:
+    """The settings in a .toml, .yaml/.yml or .json file, as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise ConfigError(f"{what} file {path} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what} file {path} is not valid: {str(e).splitlines()[0]}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} file {path} must hold settings (name = value), not {type(values).__name__}")
+    return values
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, nested tables merged key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _tuples(value: Any) -> Any:
+    """Lists (as files write them) to tuples (as frozen configs hold them), recursively."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def build(cls: type[T], values: dict, where: str) -> T:
+    """`cls(**values)` with nested config tables built too and unknown keys refused."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} settings must be a table (name = value), not {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if unknown := set(values) - set(fields):
+        raise ConfigError(f"unknown {where} setting(s): {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub):
+            kwargs[key] = value if isinstance(value, sub) else build(sub, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _tuples(value)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # e.g. a nested table where a number belongs
+        raise ConfigError(f"{where} settings: {e}") from e
+
+
+def default(cls: type, name: str) -> Any:
+    """A field's default, so CLI flags and config dataclasses cannot drift apart."""
+    f = cls.__dataclass_fields__[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config as plain JSON-able values (tuples become lists), for files and comparisons."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

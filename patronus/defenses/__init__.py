@@ -1,0 +1,31 @@
+"""Defences: ways to turn a pipeline into one that refuses unsafe content.
+
+Each defence is a package that offers the same four names, so `patronus protect --defense
+NAME` and the benchmarks run any of them the same way:
+
+    PRESETS                          preset name -> settings
+    load_config(preset, path=None)   its checked `*Config`, from a preset and a config file
+    protect(model, out, cfg, workdir, resume=False) -> dict
+                                     writes a standard pipeline directory to `out`
+    describe(info, workdir) -> list[str]
+                                     lines for the terminal about a finished run
+
+`patronus` (the decoder moderator with non-fine-tunable learning) is the only one today;
+baselines join under `defenses/baselines/` with a line in `DEFENSES`. Packages are imported
+only when used, so the command line starts without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from patronus.errors import ConfigError
+
+DEFENSES: dict[str, str] = {"patronus": "patronus.defenses.patronus"}
+
+
+def load_defense(name: str) -> ModuleType:
+    if name not in DEFENSES:
+        raise ConfigError(f"unknown defence {name!r}; choose one of {', '.join(DEFENSES)}")
+    return importlib.import_module(DEFENSES[name])

@@ -1,0 +1,71 @@
+"""Pipeline components as the defences and attacks see them.
+
+`DecoderHead` is the part of the VAE that the moderator lives in and that decoder attacks
+fine-tune: `post_quant_conv` followed by `decoder`, sharing parameters with the pipeline's
+AutoencoderKL, applied to *unscaled* latents exactly like `AutoencoderKL.decode`. The encoder
+is never part of it. `reinitialise` builds the scratch reference of an attack: the same
+pipeline with the components the attack trains drawn afresh.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel
+
+# What an attack can train, and so what a scratch reference re-initialises (in this order).
+COMPONENTS = ("unet", "decoder", "text_encoder")
+
+
+class DecoderHead(nn.Module):
+    """post_quant_conv + decoder of a VAE: unscaled latents -> images in [-1, 1]."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv if vae.post_quant_conv is not None else nn.Identity()
+        self.decoder = vae.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256, with_std: bool = False,
+                   progress: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means (and standard deviations) of `images` under the VAE encoder, unscaled.
+
+    Callers keep their batch size: the kernels' float results may depend on it. `progress`
+    names a progress bar (none by default).
+    """
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc=progress, disable=progress is None):
+        d = vae.encode(images[i:i + batch_size].to(vae.device)).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return (torch.cat(means), torch.cat(stds)) if with_std else torch.cat(means)
+
+
+def reinitialise(components: dict[str, nn.Module], parts: frozenset[str] | set[str], seed: int) -> dict:
+    """Fresh modules, drawn from `seed`, for the pipeline components that hold `parts`.
+
+    `components` maps unet / vae / text_encoder to the originals (only those `parts` need);
+    the result maps the same names to new modules. `decoder` re-draws the VAE's decoder head
+    and keeps its encoder, so a scratch decoder reads the same latents as the original.
+    """
+    if unknown := set(parts) - set(COMPONENTS):
+        raise ValueError(f"cannot re-initialise {', '.join(sorted(unknown))}; parts are {', '.join(COMPONENTS)}")
+    out: dict[str, nn.Module] = {}
+    torch.manual_seed(seed)
+    if "unet" in parts:
+        out["unet"] = UNet2DConditionModel.from_config(components["unet"].config)
+    if "decoder" in parts:
+        fresh = AutoencoderKL.from_config(components["vae"].config)
+        out["vae"] = copy.deepcopy(components["vae"])
+        DecoderHead(out["vae"]).load_state_dict(DecoderHead(fresh).state_dict())
+    if "text_encoder" in parts:
+        out["text_encoder"] = CLIPTextModel(components["text_encoder"].config)
+    return out

@@ -1,1 +1,0 @@
-"""The internal moderator: a VAE decoder that decodes unsafe latents to black."""

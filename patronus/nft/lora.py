@@ -1,0 +1,32 @@
+"""The simulated attacker's low-rank update, applied functionally (no module is wrapped or copied)."""
+
+from __future__ import annotations
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+class LoRAView:
+    """Low-rank updates W + B @ A on every conv/linear weight of a parameter dict."""
+
+    def __init__(self, base: Params, rank: int, generator: torch.Generator):
+        self.base = base
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, w in base.items():
+            if name.endswith("weight") and w.dim() in (2, 4):
+                out_dim, in_dim = w.shape[0], w[0].numel()
+                r = min(rank, out_dim, in_dim)
+                # Drawn on the CPU generator, so the attack is the same whatever device `w` is on.
+                a = (torch.randn(r, in_dim, generator=generator) / in_dim ** 0.5).to(w).requires_grad_(True)
+                b = torch.zeros(out_dim, r, dtype=w.dtype, device=w.device, requires_grad=True)  # identity, like peft
+                self.factors[name] = (a, b)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for ab in self.factors.values() for t in ab]
+
+    def effective(self) -> Params:
+        out = dict(self.base)
+        for name, (a, b) in self.factors.items():
+            out[name] = self.base[name] + (b @ a).view_as(self.base[name])
+        return out

@@ -1,0 +1,93 @@
+"""Simulated fine-tuning attacks and their MAML gradient, for any set of parameters.
+
+Each outer step of non-fine-tunable learning plays one drawn attack on a functional copy of
+the defended parameters (`torch.func.functional_call` inside the losses; the module is never
+deep-copied) and scores the adapted parameters along the trajectory with the *query loss*.
+First-order MAML applies the query gradient taken at the adapted parameters to the original
+ones; `merge_nft_gradient` adds it to the gradient of the defender's other terms.
+
+The caller supplies both losses as closures over its module and data:
+  inner_loss(params, generator) -> the attacker's loss on a batch it draws from `generator`;
+  query_loss(params) -> the defender's score of adapted parameters on held-out data.
+
+The inner loop uses stock `torch.optim` optimizers on detached parameter copies: first-order
+MAML needs no gradient through the updates, and the simulated attacker then behaves exactly
+like a real one. Second-order MAML (plain SGD only) differentiates through the updates and
+needs the math attention kernel, because the fused CPU kernels have no double backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from patronus.nft.lora import LoRAView, Params
+from patronus.nft.space import SimulatedAttack
+from patronus.training import make_optimizer
+
+InnerLoss = Callable[[Params, torch.Generator], torch.Tensor]
+QueryLoss = Callable[[Params], torch.Tensor]
+
+
+def second_order_applies(attack: SimulatedAttack) -> bool:
+    """Second-order MAML differentiates plain gradient steps on full weights only."""
+    return attack.optimizer == "sgd" and attack.update == "full"
+
+
+def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,
+                         query_loss: QueryLoss, queries: int, generator: torch.Generator) -> tuple[Params, float]:
+    """Play `attack` on a copy of `module`'s parameters; return the mean query gradient and loss.
+
+    The returned gradient is w.r.t. the *adapted* parameters (first-order MAML), keyed like
+    `module.named_parameters()`.
+    """
+    base = {n: p.detach() for n, p in module.named_parameters()}
+    if attack.update == "full":
+        fast = {n: p.clone().requires_grad_(True) for n, p in base.items()}
+        trainable, effective = list(fast.values()), lambda: fast
+    else:
+        lora = LoRAView(base, attack.lora_rank, generator)
+        trainable, effective = lora.parameters(), lora.effective
+    opt = make_optimizer(attack.optimizer, attack.lr, trainable)
+    grads = {k: torch.zeros_like(v) for k, v in base.items()}
+    losses = []
+    for step in range(1, attack.steps + 1):
+        loss = inner_loss(effective(), generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in attack.query_steps(queries):
+            adapted = {k: v.detach().requires_grad_(True) for k, v in effective().items()}
+            q = query_loss(adapted)
+            for (k, v), g in zip(adapted.items(), torch.autograd.grad(q, list(adapted.values()))):
+                grads[k] += g
+            losses.append(q.item())
+    n_q = len(losses)
+    return {k: g / n_q for k, g in grads.items()}, float(np.mean(losses))
+
+
+def simulate_second_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,
+                          query_loss: QueryLoss, generator: torch.Generator) -> torch.Tensor:
+    """Full MAML for plain-SGD full-parameter attacks: the query loss at the end of the
+    trajectory, differentiable w.r.t. `module`'s own parameters (backpropagate through it)."""
+    if not second_order_applies(attack):
+        raise ValueError(f"second-order MAML needs a full-weight sgd attack, got {attack.optimizer}/{attack.update}")
+    fast = dict(module.named_parameters())
+    with sdpa_kernel(SDPBackend.MATH):
+        for _ in range(attack.steps):
+            grads = torch.autograd.grad(inner_loss(fast, generator), list(fast.values()), create_graph=True)
+            fast = {k: w - attack.lr * g for (k, w), g in zip(fast.items(), grads)}
+        return query_loss(fast)
+
+
+def merge_nft_gradient(module: torch.nn.Module, nft_grads: Params, weight: float, accelerator: Accelerator) -> None:
+    """Add `weight` x the (process-averaged) NFT gradient to the gradient already in `module`."""
+    for name, param in module.named_parameters():
+        nft = nft_grads[name]
+        if accelerator.num_processes > 1:
+            nft = accelerator.reduce(nft, reduction="mean")
+        param.grad = param.grad + weight * nft

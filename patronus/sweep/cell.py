@@ -1,0 +1,164 @@
+"""One sweep cell: attack one model with one grid cell (or reuse a shared attack), evaluate every checkpoint.
+
+A UNet-only attack reads nothing that `patronus protect` changes, so when the protected
+model's UNet, text encoder, tokenizer, scheduler and VAE encoder are bitwise those of the
+unprotected one, its attack is not run twice: the protected cell takes the unprotected
+cell's attacked pipelines with its own VAE put in (`attack_reused_from` in done.json).
+
+Sampled latents depend only on the files outside `vae/` (the evaluation's generation
+digest). An evaluation whose digest and settings match one already in the sweep decodes
+that one's saved latents with its own decoder instead of sampling them again
+(`timing.latents_from` in its metrics.json). That covers the protected UNet-only cells and
+every checkpoint of a decoder-full attack after its cell's first (the UNet is untouched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors import safe_open
+
+from patronus.attacks.registry import ATTACKS, run_attack
+from patronus.evaluation.harness import LATENTS_FILE, EvalConfig, evaluate
+from patronus.models.components import reinitialise
+from patronus.models.registry import load_pipeline, resolve_model
+from patronus.provenance import generation_digest
+from patronus.sweep.grid import GridConfig, attack_config
+from patronus.sweep.layout import CellLayout, SweepError, SweepLayout, step_of
+
+RESULT_METRICS = ("unsafe_rate", "benign_class_match", "refusal_rate")
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """Everything one cell needs, picklable for a worker process."""
+
+    model_name: str  # "protected", "unprotected" or "scratch"
+    cell: dict
+    target: str  # the pipeline to attack
+    model: str  # the protected model (its VAE goes into a reused attack)
+    grid: GridConfig
+    dir: Path
+    sweep_root: Path
+    reuse_from: str | None = None  # the unprotected twin's attack directory
+    keep_attack: bool = False
+    threads: int | None = None  # set in worker processes: torch threads, output to the cell's log
+
+
+def run_cell(job: CellJob) -> dict:
+    """Run the cell and write its done.json; returns what done.json holds.
+
+    With `threads` set it runs in a worker process: torch gets that many threads and the
+    attack's and evaluation's progress bars (and a traceback, if it fails) go to the cell's
+    log.txt instead of the terminal.
+    """
+    t_cell = time.time()
+    cell = CellLayout(job.dir)
+    shutil.rmtree(cell.root, ignore_errors=True)
+    cell.root.mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        if job.threads is not None:
+            torch.set_num_threads(job.threads)
+            stack.enter_context(contextlib.redirect_stderr(stack.enter_context(open(cell.log, "w"))))
+        try:
+            results = _attack_and_evaluate(job, cell)
+        except Exception:
+            traceback.print_exc()
+            raise
+    done = {"model": job.model_name, "cell": job.cell, "results": results, "seconds": time.time() - t_cell,
+            "finished": time.time(), "attack_reused_from": "unprotected" if job.reuse_from else None}
+    tmp = cell.done.with_name("done.json.partial")
+    tmp.write_text(json.dumps(done, indent=2))
+    tmp.replace(cell.done)  # a cell is done when done.json exists: never half-written
+    # Only now the checkpoints go; a kill in between leaves files that the next run removes.
+    if not job.keep_attack:
+        shutil.rmtree(cell.attack)
+    if job.reuse_from and not job.grid.keep_checkpoints:
+        shutil.rmtree(job.reuse_from)
+    return done
+
+
+def _attack_and_evaluate(job: CellJob, cell: CellLayout) -> dict:
+    if job.reuse_from:  # bitwise the same attack as on the unprotected model: reuse it, render with our decoder
+        ckpts = _reuse_attack(Path(job.reuse_from), job.model, cell.attack, job.grid.budgets)
+    else:
+        ckpts = run_attack(job.target, attack_config(job.grid, job.cell), cell.attack)
+    settings = job.grid.eval_config()
+    results = {}
+    for ckpt in ckpts:
+        step = step_of(ckpt)
+        latents_from = find_latents(SweepLayout(job.sweep_root), generation_digest(ckpt), settings)
+        r = evaluate(str(ckpt), cell.eval(step), settings, latents_from=latents_from)
+        results[step] = {k: r["metrics"][k] for k in RESULT_METRICS if k in r["metrics"]}
+    return results
+
+
+def find_latents(layout: SweepLayout, digest: str, settings: EvalConfig) -> Path | None:
+    """A finished evaluation in the sweep whose saved latents this one would sample again."""
+    want = json.loads(json.dumps(asdict(settings)))
+    for f in layout.evaluations_with(LATENTS_FILE):
+        if f.parent.name.endswith(".partial"):
+            continue
+        try:
+            with safe_open(f, "pt") as fh:
+                meta = fh.metadata() or {}
+        except FileNotFoundError:  # a cell being redone by another worker removed it
+            continue
+        if meta.get("generation_digest") == digest and json.loads(meta.get("settings", "null")) == want:
+            return f.parent
+    return None
+
+
+def _reuse_attack(source: Path, model: str, out: Path, budgets: tuple[int, ...]) -> list[Path]:
+    """The unprotected model's attacked checkpoints with `model`'s VAE put in."""
+    vae = resolve_model(model) / "vae"
+    ckpts = sorted(source.glob("step-*"), key=step_of)
+    if [step_of(c) for c in ckpts] != sorted(budgets):
+        raise SweepError(f"{source} holds checkpoints {[step_of(c) for c in ckpts]}, expected {sorted(budgets)}; "
+                         f"delete it to rerun")
+    for ckpt in ckpts:
+        shutil.copytree(ckpt, out / ckpt.name, ignore=shutil.ignore_patterns("vae"))
+        shutil.copytree(vae, out / ckpt.name / "vae")
+    return [out / c.name for c in ckpts]
+
+
+def make_scratch(model: str, kind: str, out: Path, seed: int = 0) -> Path:
+    """The original pipeline with the components attack `kind` trains re-initialised at random."""
+    if out.exists():
+        return out
+    pipe = load_pipeline(model)
+    for name, module in reinitialise(pipe.components, ATTACKS[kind].trains, seed).items():
+        setattr(pipe, name, module)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def same_unet_attack_inputs(a: str, b: str) -> bool:
+    """Whether a UNet-only attack computes the same thing on both pipelines.
+
+    Such an attack reads the UNet, text encoder, tokenizer, scheduler and the VAE *encoder*
+    (for the latents of its images); the decoder only renders the results. `patronus protect`
+    changes the decoder alone, so a protected model and its original share the attack exactly.
+    """
+    ra, rb = resolve_model(a), resolve_model(b)
+    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        fa = sorted(f.relative_to(ra) for f in (ra / sub).rglob("*") if f.is_file())
+        fb = sorted(f.relative_to(rb) for f in (rb / sub).rglob("*") if f.is_file())
+        if fa != fb or any((ra / f).read_bytes() != (rb / f).read_bytes() for f in fa):
+            return False
+    va, vb = (AutoencoderKL.from_pretrained(r / "vae") for r in (ra, rb))
+    # Everything but the decoder head: the encoder, and quant_conv where the VAE has one.
+    ea, eb = ({k: v for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+              for vae in (va, vb))
+    return ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)

@@ -1,0 +1,109 @@
+"""What a sweep runs: `GridConfig`, read from a grid file or one shipped in patronus/grids.
+
+A grid names attack kinds, LoRA ranks, optimizers, learning rates, budgets (checkpoint
+steps) and seeds; the sweep runs their product on the protected model and its references.
+Everything a sweep would trip over only after hours of attacks is checked on construction.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from patronus.attacks.config import AttackConfig
+from patronus.config import read_config_file
+from patronus.errors import ConfigError
+from patronus.evaluation.harness import EvalConfig, resolve_prompts
+
+GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"
+REFERENCES = ("unprotected", "scratch")
+
+# The type every grid setting must have: lists of these (`list`) or a single one.
+_LIST_TYPES: dict[str, tuple[type, ...]] = {"kinds": (str,), "ranks": (int,), "optimizers": (str,),
+                                            "lrs": (int, float), "budgets": (int,), "seeds": (int,),
+                                            "references": (str,)}
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {"batch_size": (int,), "data": (str,), "suite": (str,),
+                                              "keep_checkpoints": (bool,), "eval": (dict,)}
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    kinds: tuple[str, ...] = ("unet-full", "unet-lora", "decoder-full", "joint")
+    ranks: tuple[int, ...] = (4, 64)  # expands every *-lora kind
+    optimizers: tuple[str, ...] = ("adam", "sgd")
+    lrs: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    budgets: tuple[int, ...] = (100, 500, 2000)
+    seeds: tuple[int, ...] = (0,)
+    batch_size: int = 16
+    data: str = "attacker"
+    suite: str = "glyph"
+    references: tuple[str, ...] = REFERENCES
+    keep_checkpoints: bool = False
+    eval: dict = field(default_factory=dict)  # extra EvalConfig fields (steps, guidance, ...)
+
+    def __post_init__(self):
+        for name in _LIST_TYPES:
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in (*_LIST_TYPES, *_SCALAR_TYPES):
+            _check_type(name, getattr(self, name))
+        for cell in self.cells():
+            attack_config(self, cell)  # raises on a bad kind, optimizer, rank or budget
+        if unknown := set(self.references) - set(REFERENCES):
+            raise ConfigError(f"unknown reference(s) {', '.join(sorted(unknown))}; choose from {', '.join(REFERENCES)}")
+        allowed = [f for f in EvalConfig.__dataclass_fields__ if f != "suite"]  # the suite is a grid setting
+        if unknown := set(self.eval) - set(allowed):
+            raise ConfigError(f"unknown eval setting(s) {', '.join(sorted(unknown))}; choose from {', '.join(allowed)}")
+        resolve_prompts(self.eval_config())
+        if self.data != "attacker" and not (Path(self.data) / "metadata.jsonl").is_file():
+            raise ConfigError(f"grid data {self.data!r} is neither 'attacker' nor an image folder with metadata.jsonl")
+
+    def cells(self) -> list[dict]:
+        kinds = [(k, r) for k in self.kinds for r in (self.ranks if k.endswith("-lora") else (None,))]
+        return [{"kind": k, "rank": r, "optimizer": o, "lr": lr, "seed": s}
+                for (k, r), o, lr, s in itertools.product(kinds, self.optimizers, self.lrs, self.seeds)]
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(suite=self.suite, **self.eval)
+
+
+def _check_type(name: str, value: object) -> None:
+    def ok(v: object, types: tuple[type, ...]) -> bool:
+        return isinstance(v, types) and (bool in types or not isinstance(v, bool))
+
+    if name in _LIST_TYPES:
+        types = _LIST_TYPES[name]
+        if not isinstance(value, tuple) or not value or not all(ok(v, types) for v in value):
+            hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if name == "lrs" else ""
+            raise ConfigError(f"grid setting {name} = {value!r} must be a non-empty list of "
+                              f"{' or '.join(t.__name__ for t in types)}{hint}")
+    elif not ok(value, _SCALAR_TYPES[name]):
+        raise ConfigError(f"grid setting {name} = {value!r} must be of type {_SCALAR_TYPES[name][0].__name__}")
+
+
+def attack_config(grid: GridConfig, cell: dict) -> AttackConfig:
+    return AttackConfig(kind=cell["kind"], data=grid.data, optimizer=cell["optimizer"], lr=cell["lr"],
+                        steps=max(grid.budgets), rank=cell["rank"] or 8, batch_size=grid.batch_size,
+                        save_at=tuple(grid.budgets), seed=cell["seed"])
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    """A grid file, or the name of one shipped in patronus/grids (`default`, `quick`)."""
+    path = Path(path)
+    if not path.exists() and (GRIDS_DIR / f"{path}.toml").exists():
+        path = GRIDS_DIR / f"{path}.toml"
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} not found (shipped grids: "
+                          f"{', '.join(p.stem for p in sorted(GRIDS_DIR.glob('*.toml')))})")
+    return grid_from_dict(read_config_file(path, "grid"), path)
+
+
+def grid_from_dict(values: dict, source: str | Path) -> GridConfig:
+    """A checked grid from the settings of a grid file or of a sweep's `grid.json`."""
+    if unknown := set(values) - set(GridConfig.__dataclass_fields__):
+        raise ConfigError(f"unknown grid setting(s) in {source}: {', '.join(sorted(unknown))}")
+    try:
+        return GridConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e

@@ -1,0 +1,96 @@
+"""Where everything lives in a sweep directory; the one place its paths are built.
+
+    OUT/grid.json, models.json     the grid and models the sweep was started with
+    OUT/sweep.json                 summary of every finished cell (written at the end of a run)
+    OUT/.lock                      held by the sweep running here
+    OUT/references/scratch-KIND/   scratch models (the attacked components re-initialised)
+    OUT/cells/MODEL/CELL/          one cell: done.json, log.txt, attack/step-N/, eval-step-N/
+
+Imports no torch, so that reports can read sweeps cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from patronus.errors import PatronusError
+
+MODELS = ("unprotected", "protected", "scratch")  # in the order the runner queues them
+
+
+class SweepError(PatronusError):
+    """A sweep that cannot start as asked (bad settings, or an output dir of another grid)."""
+
+
+def attack_name(cell: dict) -> str:
+    """The attack kind with its LoRA rank, e.g. `unet-lora-r4`."""
+    return cell["kind"] + (f"-r{cell['rank']}" if cell["rank"] else "")
+
+
+def cell_id(cell: dict) -> str:
+    return f"{attack_name(cell)}_{cell['optimizer']}_lr{cell['lr']:g}_s{cell['seed']}"
+
+
+def step_of(path: Path) -> int:
+    """The step number of a `step-N` checkpoint or `eval-step-N` directory."""
+    return int(path.name.rsplit("-", 1)[1])
+
+
+@dataclass(frozen=True)
+class CellLayout:
+    """One cell's directory."""
+
+    root: Path
+
+    @property
+    def attack(self) -> Path:
+        return self.root / "attack"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "done.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.txt"
+
+    def eval(self, step: int) -> Path:
+        return self.root / f"eval-step-{step}"
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    root: Path
+
+    @property
+    def grid_file(self) -> Path:
+        return self.root / "grid.json"
+
+    @property
+    def models_file(self) -> Path:
+        return self.root / "models.json"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "sweep.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    def scratch(self, kind: str) -> Path:
+        return self.root / "references" / f"scratch-{kind}"
+
+    def cell(self, model: str, cell: dict) -> CellLayout:
+        return CellLayout(self.root / "cells" / model / cell_id(cell))
+
+    def done_files(self) -> list[Path]:
+        return sorted((self.root / "cells").glob("*/*/done.json"))
+
+    def attack_dirs(self) -> list[Path]:
+        return sorted((self.root / "cells").glob("*/*/attack"))
+
+    def evaluations_with(self, filename: str) -> list[Path]:
+        """Files named `filename` in every cell's evaluation directories."""
+        return sorted((self.root / "cells").glob(f"*/*/eval-step-*/{filename}"))

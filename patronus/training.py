@@ -1,0 +1,87 @@
+"""Pieces every training loop here shares: seeded per-step randomness, optimizers, checkpoints.
+
+Randomness is drawn from a generator seeded by (run seed, step), never from a stream that
+carries over between steps, so a run resumed from a checkpoint computes exactly what the
+uninterrupted run did. The optimizer names are the threat model's; the defender's simulated
+attacker and the real attacks build theirs here, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from patronus.errors import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adadelta")
+
+
+def mix_seed(seed: int, offset: int) -> int:
+    """One integer seed per (run seed, step or item): far apart for different run seeds."""
+    return seed * 1_000_003 + offset
+
+
+def step_generator(seed: int, offset: int) -> torch.Generator:
+    """A CPU generator for one step (or item), the same wherever the run is resumed."""
+    return torch.Generator().manual_seed(mix_seed(seed, offset))
+
+
+def make_optimizer(name: str, lr: float, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """The optimizers the threat model lists, with the momentum settings the reference uses."""
+    params = list(params)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr)
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+class Checkpointer:
+    """`checkpoint-{tag}` directories in one folder: accelerate's state (models, optimizers,
+    schedulers, RNG) plus the loop's own `state.json` and optional tensors, each written to a
+    temporary directory and renamed, so a kill never leaves a half-written checkpoint. The
+    newest `keep` are kept."""
+
+    STATE, TENSORS = "state.json", "tensors.safetensors"
+
+    def __init__(self, accelerator: Accelerator, folder: Path, keep: int = 2):
+        self.accelerator, self.folder, self.keep = accelerator, Path(folder), keep
+
+    def all(self) -> list[Path]:
+        return sorted(self.folder.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+
+    def save(self, tag: int, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        tmp = self.folder / f"tmp-checkpoint-{tag}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.save_state(str(tmp))
+        (tmp / self.STATE).write_text(json.dumps(state, indent=2))
+        if tensors:
+            save_file(tensors, tmp / self.TENSORS)
+        final = self.folder / f"checkpoint-{tag}"
+        tmp.rename(final)
+        for old in self.all()[:-self.keep]:
+            shutil.rmtree(old)
+        return final
+
+    def restore(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """Load the newest checkpoint into the accelerator's objects; its state and tensors, or None."""
+        ckpts = self.all()
+        if not ckpts:
+            return None
+        self.accelerator.load_state(str(ckpts[-1]))
+        tensors = load_file(ckpts[-1] / self.TENSORS) if (ckpts[-1] / self.TENSORS).exists() else {}
+        state = json.loads((ckpts[-1] / self.STATE).read_text())
+        self.accelerator.print(f"resumed from {ckpts[-1]}")
+        return state, tensors

@@ -1,0 +1,116 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.func import functional_call
+
+from patronus.models.components import DecoderHead
+from patronus.models.tiny import build_vae
+from patronus.nft.lora import LoRAView
+from patronus.nft.maml import merge_nft_gradient, simulate_first_order, simulate_second_order
+from patronus.nft.space import AttackSpaceConfig, SimulatedAttack, sample_attack
+from tests.conftest import MINI_CONFIG
+
+
+def _setup(n=12):
+    """A decoder head, an attacker loss (reconstruct x from z) and a query loss (refuse zq)."""
+    torch.manual_seed(0)
+    head = DecoderHead(build_vae(MINI_CONFIG))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, 4, 8, 8, generator=g)
+    x = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1
+    zq = torch.randn(6, 4, 8, 8, generator=g)
+
+    def make_inner(batch_size):
+        def inner(params, gen):
+            idx = torch.randint(0, n, (batch_size,), generator=gen)
+            return F.mse_loss(functional_call(head, params, (z[idx],)), x[idx])
+        return inner
+
+    def query(params):
+        return F.mse_loss(functional_call(head, params, (zq,)), torch.full((6, 3, 32, 32), -1.0))
+
+    return head, z, x, make_inner, query
+
+
+def test_sampled_attacks_stay_in_the_space():
+    space = AttackSpaceConfig()
+    rng = np.random.default_rng(0)
+    attacks = [sample_attack(rng, space) for _ in range(200)]
+    assert {(a.optimizer, a.lr) for a in attacks} == set(space.optimizers)
+    assert {a.objective for a in attacks} == {"image", "feature"} and {a.update for a in attacks} == {"full", "lora"}
+    assert all(4 <= a.batch_size <= 30 and 5 <= a.steps <= 40 for a in attacks)
+    again = np.random.default_rng(0)
+    assert attacks == [sample_attack(again, space) for _ in range(200)]
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (dict(optimizers=(("lion", 1e-3),)), "attacks.optimizers"),
+    (dict(inner_steps=(5, 2)), "attacks.inner_steps"),
+    (dict(updates=("full", "dora")), "attacks.updates"),
+])
+def test_bad_attack_spaces_are_refused(bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        AttackSpaceConfig(**bad)
+
+
+def test_first_order_leaves_the_module_untouched_and_matches_a_manual_attack():
+    head, z, x, make_inner, query = _setup()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    attack = SimulatedAttack("sgd", 1e-2, 4, 6, "image", "full", 4)
+    grads, q = simulate_first_order(head, attack, make_inner(4), query, queries=2,
+                                    generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
+    assert set(grads) == {n for n, _ in head.named_parameters()}
+
+    # The same attack by hand on a deep copy: the final query gradient must match.
+    twin = copy.deepcopy(head)
+    opt = torch.optim.SGD(twin.parameters(), lr=1e-2, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    manual = {k: torch.zeros_like(v) for k, v in twin.named_parameters()}
+    for step in range(1, 7):
+        idx = torch.randint(0, 12, (4,), generator=g)
+        loss = F.mse_loss(twin(z[idx]), x[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in attack.query_steps(2):
+            params = dict(twin.named_parameters())  # the query closure runs them through `head`'s structure
+            for (k, _), gq in zip(params.items(), torch.autograd.grad(query(params), list(params.values()))):
+                manual[k] += gq
+    for k in grads:
+        torch.testing.assert_close(grads[k], manual[k] / len(attack.query_steps(2)), rtol=1e-4, atol=1e-6)
+
+
+def test_lora_view_starts_at_the_base_weights_and_learns():
+    head, z, x, make_inner, query = _setup()
+    base = {n: p.detach() for n, p in head.named_parameters()}
+    lora = LoRAView(base, 2, torch.Generator().manual_seed(0))
+    assert all(torch.equal(lora.effective()[k], base[k]) for k in base)
+    attack = SimulatedAttack("adam", 1e-2, 4, 5, "feature", "lora", 2)
+    grads, q = simulate_first_order(head, attack, make_inner(4), query, queries=1,
+                                    generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(q) and any(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_second_order_differentiates_through_the_updates():
+    head, z, x, make_inner, query = _setup()
+    attack = SimulatedAttack("sgd", 1e-2, 4, 2, "image", "full", 4)
+    q = simulate_second_order(head, attack, make_inner(4), query, torch.Generator().manual_seed(0))
+    q.backward()
+    assert all(p.grad is not None for p in head.parameters())
+    with pytest.raises(ValueError, match="full-weight sgd"):
+        simulate_second_order(head, SimulatedAttack("adam", 1e-2, 4, 2, "image", "full", 4), make_inner(4), query,
+                              torch.Generator().manual_seed(0))
+
+
+def test_merge_adds_the_weighted_nft_gradient():
+    head, *_ = _setup()
+    for p in head.parameters():
+        p.grad = torch.ones_like(p)
+    nft = {n: torch.full_like(p, 2.0) for n, p in head.named_parameters()}
+    merge_nft_gradient(head, nft, 0.25, Accelerator(cpu=True))
+    assert all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in head.parameters())
