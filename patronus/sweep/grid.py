@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patronus.attacks.config import AttackConfig
+from patronus.attacks.registry import ATTACKS
 from patronus.config import read_config_file
 from patronus.errors import ConfigError
 from patronus.evaluation.harness import EvalConfig, resolve_prompts
@@ -30,7 +31,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {"batch_size": (int,), "data": (str
 @dataclass(frozen=True)
 class GridConfig:
     kinds: tuple[str, ...] = ("unet-full", "unet-lora", "decoder-full", "joint")
-    ranks: tuple[int, ...] = (4, 64)  # expands every *-lora kind
+    ranks: tuple[int, ...] = (4, 64)  # expands every LoRA kind
     optimizers: tuple[str, ...] = ("adam", "sgd")
     lrs: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
     budgets: tuple[int, ...] = (100, 500, 2000)
@@ -60,7 +61,10 @@ class GridConfig:
             raise ConfigError(f"grid data {self.data!r} is neither 'attacker' nor an image folder with metadata.jsonl")
 
     def cells(self) -> list[dict]:
-        kinds = [(k, r) for k in self.kinds for r in (self.ranks if k.endswith("-lora") else (None,))]
+        def lora(kind: str) -> bool:  # an unknown kind is refused by its AttackConfig
+            return kind in ATTACKS and ATTACKS[kind].lora
+
+        kinds = [(k, r) for k in self.kinds for r in (self.ranks if lora(k) else (None,))]
         return [{"kind": k, "rank": r, "optimizer": o, "lr": lr, "seed": s}
                 for (k, r), o, lr, s in itertools.product(kinds, self.optimizers, self.lrs, self.seeds)]
 
