@@ -30,7 +30,13 @@ from patronus.evaluation.harness import EvalConfig, evaluate
 from patronus.report import build_report
 from patronus.sweep.grid import GridConfig, grid_from_dict, load_grid
 from patronus.sweep.layout import attack_name
-from patronus.sweep.results import results_by_cell, sweep_summary
+from patronus.sweep.results import (
+    ratio_summary,
+    results_by_cell,
+    robustness_ratios,
+    sweep_summary,
+    unsafe_rates_by_cell,
+)
 from patronus.sweep.runner import run_sweep
 
 MODELS = ("protected", "unprotected", "scratch")
@@ -136,6 +142,11 @@ def main() -> None:
     print()
     for line in bars(rows, budgets):
         print("  " + line)
+    ratios = robustness_ratios(unsafe_rates_by_cell(sweep))
+    print("\nrobustness ratio (attacker steps to 50% unsafe, protected / scratch), per attack cell:")
+    for (kind, opt, lr, seed), r in ratios.items():
+        print(f"  {kind} {opt} {lr:g} seed {seed}: protected {r.protected}, scratch {r.scratch} -> {r} ({r.verdict})")
+    print("  " + ratio_summary(ratios))
     print(f"swap-decoder (original VAE put back into the protected pipeline): unsafe {pct(swap)}%, "
           f"benign class {pct(swap, 'benign_class_match')}%")
     print(f"sweep time over all sessions: {sweep['wall_seconds_total'] / 3600:.2f} h wall "

@@ -63,16 +63,22 @@ class Checkpointer:
         return sorted(self.folder.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
 
     def save(self, tag: int, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Every process calls this (accelerate saves each process's RNG state); the main one writes the rest."""
+        acc = self.accelerator
         tmp = self.folder / f"tmp-checkpoint-{tag}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.save_state(str(tmp))
-        (tmp / self.STATE).write_text(json.dumps(state, indent=2))
-        if tensors:
-            save_file(tensors, tmp / self.TENSORS)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
         final = self.folder / f"checkpoint-{tag}"
-        tmp.rename(final)
-        for old in self.all()[:-self.keep]:
-            shutil.rmtree(old)
+        if acc.is_main_process:
+            (tmp / self.STATE).write_text(json.dumps(state, indent=2))
+            if tensors:
+                save_file(tensors, tmp / self.TENSORS)
+            tmp.rename(final)
+            for old in self.all()[:-self.keep]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
         return final
 
     def restore(self) -> tuple[dict, dict[str, torch.Tensor]] | None:

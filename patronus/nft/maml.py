@@ -4,7 +4,8 @@ Each outer step of non-fine-tunable learning plays one drawn attack on a functio
 the defended parameters (`torch.func.functional_call` inside the losses; the module is never
 deep-copied) and scores the adapted parameters along the trajectory with the *query loss*.
 First-order MAML applies the query gradient taken at the adapted parameters to the original
-ones; `merge_nft_gradient` adds it to the gradient of the defender's other terms.
+ones; `nft_surrogate` turns it into a loss term, so it joins the defender's other terms in
+one backward pass.
 
 The caller supplies both losses as closures over its module and data:
   inner_loss(params, generator) -> the attacker's loss on a batch it draws from `generator`;
@@ -22,7 +23,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from patronus.nft.lora import LoRAView, Params
@@ -84,10 +84,10 @@ def simulate_second_order(module: torch.nn.Module, attack: SimulatedAttack, inne
         return query_loss(fast)
 
 
-def merge_nft_gradient(module: torch.nn.Module, nft_grads: Params, weight: float, accelerator: Accelerator) -> None:
-    """Add `weight` x the (process-averaged) NFT gradient to the gradient already in `module`."""
-    for name, param in module.named_parameters():
-        nft = nft_grads[name]
-        if accelerator.num_processes > 1:
-            nft = accelerator.reduce(nft, reduction="mean")
-        param.grad = param.grad + weight * nft
+def nft_surrogate(module: torch.nn.Module, nft_grads: Params) -> torch.Tensor:
+    """A term whose gradient w.r.t. `module`'s parameters is `nft_grads` (its value means nothing).
+
+    Added to the defender's loss, the first-order MAML gradient goes through the same backward
+    as every other term: averaged across processes by DDP, scaled alike under mixed precision.
+    """
+    return sum((p * nft_grads[n].detach()).sum() for n, p in module.named_parameters())

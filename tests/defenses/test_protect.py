@@ -67,7 +67,7 @@ def test_resume_inside_stage_1_continues_the_learning_rate_schedule(mini_pipelin
     assert cfg.stage1_warmup > 2  # the schedule is still warming up where the run is killed
     protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
     calls = {"n": 0}
-    original = Protector.refuse_terms
+    original = Protector.terms
 
     def killed_at_step_3(self, g):
         calls["n"] += 1
@@ -75,12 +75,12 @@ def test_resume_inside_stage_1_continues_the_learning_rate_schedule(mini_pipelin
             raise KeyboardInterrupt
         return original(self, g)
 
-    monkeypatch.setattr(Protector, "refuse_terms", killed_at_step_3)
+    monkeypatch.setattr(Protector, "terms", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb")
     assert [c.name for c in (tmp_path / "wb").glob("checkpoint-*")] == ["checkpoint-1000002"]
     assert not (tmp_path / "b").exists()
-    monkeypatch.setattr(Protector, "refuse_terms", original)
+    monkeypatch.setattr(Protector, "terms", original)
     protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
     a = StableDiffusionPipeline.from_pretrained(tmp_path / "a").vae.state_dict()
     b = StableDiffusionPipeline.from_pretrained(tmp_path / "b").vae.state_dict()

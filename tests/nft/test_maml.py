@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from torch.func import functional_call
 
 from patronus.models.components import DecoderHead
 from patronus.models.tiny import build_vae
 from patronus.nft.lora import LoRAView
-from patronus.nft.maml import merge_nft_gradient, simulate_first_order, simulate_second_order
+from patronus.nft.maml import nft_surrogate, simulate_first_order, simulate_second_order
 from patronus.nft.space import AttackSpaceConfig, SimulatedAttack, sample_attack
 from tests.conftest import MINI_CONFIG
 
@@ -107,10 +106,10 @@ def test_second_order_differentiates_through_the_updates():
                               torch.Generator().manual_seed(0))
 
 
-def test_merge_adds_the_weighted_nft_gradient():
-    head, *_ = _setup()
-    for p in head.parameters():
-        p.grad = torch.ones_like(p)
+def test_the_surrogate_term_carries_the_nft_gradient_into_backward():
+    head, z, x, make_inner, query = _setup()
     nft = {n: torch.full_like(p, 2.0) for n, p in head.named_parameters()}
-    merge_nft_gradient(head, nft, 0.25, Accelerator(cpu=True))
-    assert all(torch.equal(p.grad, torch.full_like(p, 1.5)) for p in head.parameters())
+    (0.25 * nft_surrogate(head, nft) + query(dict(head.named_parameters()))).backward()
+    alone = torch.autograd.grad(query(dict(head.named_parameters())), list(head.parameters()))
+    for p, g in zip(head.parameters(), alone):
+        torch.testing.assert_close(p.grad, g + 0.5)

@@ -74,6 +74,7 @@ def test_decoder_attack_results_get_a_table_and_curves(runs, tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| attack | steps | unsafe (protected) | unsafe (unprotected) | unsafe (scratch) |" in md
     assert "| full-adam-1e-04 | 500 | 0.400 | 1.000 | 0.100 | 0.0500 | 0.0030 | 0.0800 |" in md
+    assert "| full-adam-1e-04 | > 500 | > 500 | ? | both held |" in md  # neither reached 50% unsafe
     assert Image.open(tmp_path / "rep" / "decoder-attacks-1.png").size[0] > 100
 
 

@@ -126,10 +126,12 @@ def test_report_of_a_sweep(mini_pipeline, tmp_path):
     build_report([out], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| attack | optimizer | lr | steps | unsafe (protected) | unsafe (unprotected) | unsafe (scratch) |" in md
-    assert md.count("| unet-lora-r2 | adam | 0.001 |") == 2  # budgets 1 and 2
+    assert "| unet-lora-r2 | adam | 0.001 | 1 |" in md and "| unet-lora-r2 | adam | 0.001 | 2 |" in md  # budgets
     assert (tmp_path / "rep" / "robustness-1.png").exists()
     assert "Worst unsafe rate of the attacked protected model per attack kind" in md
     assert "The protected model is above scratch" in md
+    assert "| attack | optimizer | lr | seed | steps (protected) | steps (scratch) | ratio | verdict |" in md
+    assert "Robustness ratio (attacker steps to 50% unsafe, protected / scratch)" in md
 
 
 def test_unet_attack_sharing_needs_identical_attacked_weights(mini_pipeline, tmp_path):

@@ -50,7 +50,7 @@ from patronus.models.registry import load_pipeline, resolve_model
 from patronus.nft.maml import (
     InnerLoss,
     QueryLoss,
-    merge_nft_gradient,
+    nft_surrogate,
     second_order_applies,
     simulate_first_order,
     simulate_second_order,
@@ -79,10 +79,12 @@ class Protector:
         self.encoder_digest = state_digest(self.vae.encoder)
         self.original = DecoderHead(copy.deepcopy(self.vae)).requires_grad_(False).eval()
         self.head = DecoderHead(self.vae).requires_grad_(True)
+        self.model: torch.nn.Module = self.head  # the prepared (e.g. DDP-wrapped) head, set by `protect`
         self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)
         self.glyphnet = load_glyphnet().to(device)
         digest = weights_digest(weight_hashes(self.model_dir))
-        bank = build_feature_bank(self.pipe, cfg.bank, digest, cache_dir=workdir / "cache")
+        with accelerator.main_process_first():  # one process builds the cache, the others read it
+            bank = build_feature_bank(self.pipe, cfg.bank, digest, cache_dir=workdir / "cache")
         self.bank = {k: v.to(device) for k, v in bank.items()}
         with torch.no_grad():
             self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
@@ -94,21 +96,27 @@ class Protector:
     def _decode(head: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
         return torch.cat([head(z[i:i + batch]) for i in range(0, len(z), batch)])
 
-    def benign_terms(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_rec (reconstruct benign images) and L_cal (benign UNet latents decode as before)."""
-        n = len(self.bank["train/benign/x"])
-        idx = torch.randint(0, n, (self.cfg.batch_size,), generator=g)
-        l_rec = F.mse_loss(self.head(self.bank["train/benign/z_img"][idx]), self.bank["train/benign/x"][idx])
-        l_cal = F.mse_loss(self.head(self.bank["train/benign/z_gen"][idx]), self.orig_benign_gen[idx])
-        return l_rec, l_cal
+    def _shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This process's share of a global batch (all of it in a single-process run)."""
+        return idx[self.accelerator.process_index::self.accelerator.num_processes]
 
-    def refuse_terms(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_refuse on encoder latents of unsafe images and on unsafe UNet latents."""
-        n = len(self.bank["train/unsafe/x"])
-        idx = torch.randint(0, n, (self.cfg.batch_size,), generator=g)
-        img = refusal_loss(self.perceptual, self.head(self.bank["train/unsafe/z_img"][idx]))
-        feat = refusal_loss(self.perceptual, self.head(self.bank["train/unsafe/z_gen"][idx]))
-        return img, feat
+    def terms(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """The defender's terms on this process's share of one global batch.
+
+        `rec`: reconstruct benign images; `cal`: benign UNet latents decode as before;
+        `refuse_img`, `refuse_feat`: unsafe image latents and unsafe UNet latents decode to
+        black. All inputs go through the prepared model in one forward pass, so that under
+        DDP the gradients of every term are averaged across processes.
+        """
+        b = self._shard(torch.randint(0, len(self.bank["train/benign/x"]), (self.cfg.batch_size,), generator=g))
+        u = self._shard(torch.randint(0, len(self.bank["train/unsafe/x"]), (self.cfg.batch_size,), generator=g))
+        inputs = [self.bank["train/benign/z_img"][b], self.bank["train/benign/z_gen"][b],
+                  self.bank["train/unsafe/z_img"][u], self.bank["train/unsafe/z_gen"][u]]
+        rec, cal, unsafe_img, unsafe_gen = self.model(torch.cat(inputs)).split([len(x) for x in inputs])
+        return {"rec": F.mse_loss(rec, self.bank["train/benign/x"][b]),
+                "cal": F.mse_loss(cal, self.orig_benign_gen[b]),
+                "refuse_img": refusal_loss(self.perceptual, unsafe_img),
+                "refuse_feat": refusal_loss(self.perceptual, unsafe_gen)}
 
     def inner_loss_fn(self, attack: SimulatedAttack) -> InnerLoss:
         """The simulated attacker's objective on a batch of its unsafe training data.
@@ -168,27 +176,29 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator()
     p = Protector(model, cfg, workdir, accelerator)
-    opt = torch.optim.Adam(p.head.parameters(), lr=cfg.stage1_lr, weight_decay=2e-4)
+    opt1 = torch.optim.Adam(p.head.parameters(), lr=cfg.stage1_lr, weight_decay=2e-4)
+    # Stage 2 starts from fresh moments: stage 1's would carry its refusal-only history over.
+    opt2 = torch.optim.Adam(p.head.parameters(), lr=cfg.stage2_lr, weight_decay=2e-4)
     # Warmup keeps the first refusal gradients from wrecking benign decoding; the cosine
     # decay lets stage 1 settle on a decoder that stage 2 starts from.
-    sched = get_cosine_schedule_with_warmup(opt, cfg.stage1_warmup, cfg.stage1_steps)
-    # Single-process runs use p.head directly; prepare() registers it for save/load_state.
-    # The schedule is only registered: a prepared one would step once per process.
-    _, opt = accelerator.prepare(p.head, opt)
+    sched = get_cosine_schedule_with_warmup(opt1, cfg.stage1_warmup, cfg.stage1_steps)
+    # The prepared head (DDP-wrapped under `accelerate launch` with several processes) is the
+    # one every training forward goes through. The schedule is only registered: a prepared
+    # one would step once per process.
+    p.model, opt1, opt2 = accelerator.prepare(p.head, opt1, opt2)
     accelerator.register_for_checkpointing(sched)
     run = RunState(Checkpointer(accelerator, workdir))
     if resume:
         run.restore()
 
     if run.state["stage"] == 1:
-        stage1_unlearn(p, opt, sched, run)
-        for group in opt.param_groups:
-            group["lr"] = cfg.stage2_lr
+        stage1_unlearn(p, opt1, sched, run)
         stage1_model = workdir / "stage1-model"
-        shutil.rmtree(stage1_model, ignore_errors=True)
+        if accelerator.is_main_process:
+            shutil.rmtree(stage1_model, ignore_errors=True)
         _write_output(p, stage1_model, cfg, run.state, time.time() - t_start)
         run.save()
-    stage2_non_fine_tunable(p, opt, run)
+    stage2_non_fine_tunable(p, opt2, run)
 
     p.head.load_state_dict(run.best_weights)
     if state_digest(p.vae.encoder) != p.encoder_digest:
@@ -215,13 +225,19 @@ class RunState:
 
     def __init__(self, checkpointer: Checkpointer):
         self.checkpointer = checkpointer
-        self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}}
+        self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {},
+                            "losses": {"stage1": [], "stage2": []}}
         self.best_weights: dict[str, torch.Tensor] = {}
 
     def restore(self) -> None:
         restored = self.checkpointer.restore()
         if restored is not None:
             self.state, self.best_weights = restored
+
+    def log(self, stage: int, loss: torch.Tensor) -> None:
+        """The step's total loss, averaged over processes (the loss curve patronus.json keeps)."""
+        mean = self.checkpointer.accelerator.reduce(loss.detach(), reduction="mean")
+        self.state["losses"][f"stage{stage}"].append(float(mean))
 
     def save(self) -> None:
         self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, self.best_weights)
@@ -242,17 +258,17 @@ def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunStat
     bar = tqdm(range(state["step"], cfg.stage1_steps), initial=state["step"], total=cfg.stage1_steps,
                desc="stage 1 (unlearn)", disable=not accelerator.is_main_process)
     for step in bar:
-        g = _step_generator(cfg.seed, 1, step)
-        l_rec, l_cal = p.benign_terms(g)
-        r_img, r_feat = p.refuse_terms(g)
-        loss = (cfg.stage1_w_refuse_img * r_img + cfg.stage1_w_rec * l_rec
-                + cfg.stage1_w_refuse_feat * r_feat + cfg.stage1_w_cal * l_cal)
+        t = p.terms(_step_generator(cfg.seed, 1, step))
+        loss = (cfg.stage1_w_refuse_img * t["refuse_img"] + cfg.stage1_w_rec * t["rec"]
+                + cfg.stage1_w_refuse_feat * t["refuse_feat"] + cfg.stage1_w_cal * t["cal"])
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
         sched.step()
         state["step"] = step + 1
-        bar.set_postfix(refuse=f"{r_feat.item():.4f}", rec=f"{l_rec.item():.4f}", cal=f"{l_cal.item():.5f}")
+        run.log(1, loss)
+        bar.set_postfix(refuse=f"{t['refuse_feat'].item():.4f}", rec=f"{t['rec'].item():.4f}",
+                        cal=f"{t['cal'].item():.5f}")
         if state["step"] % cfg.checkpoint_every == 0:
             run.save()
     state["timing"]["stage1_seconds"] = state["timing"].get("stage1_seconds", 0) + time.time() - t0
@@ -278,26 +294,25 @@ def stage2_non_fine_tunable(p: Protector, opt: torch.optim.Optimizer, run: RunSt
                desc="stage 2 (non-fine-tunable)", disable=not accelerator.is_main_process)
     for step in bar:
         g = _step_generator(cfg.seed, 2, step)
-        attack = sample_attack(np.random.default_rng([cfg.seed, 2, step]), cfg.attacks)
+        # Each process plays its own simulated attack; their gradients are averaged with the rest.
+        attack = sample_attack(np.random.default_rng([cfg.seed, 2, step, accelerator.process_index]), cfg.attacks)
         inner_total += attack.steps
         inner, query = p.inner_loss_fn(attack), p.query_loss_fn(g)
         opt.zero_grad(set_to_none=True)
-        nft_grads = None
         if cfg.second_order and second_order_applies(attack):
-            q = simulate_second_order(p.head, attack, inner, query, g)
-            accelerator.backward(cfg.stage2_w_nft * q)
-            q_value = q.item()
+            nft = simulate_second_order(p.head, attack, inner, query, g)
+            q_value = nft.item()
         else:
-            nft_grads, q_value = simulate_first_order(p.head, attack, inner, query, cfg.attacks.queries_per_attack, g)
-        l_rec, l_cal = p.benign_terms(g)
-        r_img, r_feat = p.refuse_terms(g)
-        loss = cfg.stage2_w_rec * l_rec + cfg.stage2_w_cal * l_cal + cfg.stage2_w_refuse * (r_img + r_feat)
-        accelerator.backward(loss)
-        if nft_grads is not None:
-            merge_nft_gradient(p.head, nft_grads, cfg.stage2_w_nft, accelerator)
+            grads, q_value = simulate_first_order(p.head, attack, inner, query, cfg.attacks.queries_per_attack, g)
+            nft = nft_surrogate(p.head, grads)
+        t = p.terms(g)
+        loss = (cfg.stage2_w_nft * nft + cfg.stage2_w_rec * t["rec"] + cfg.stage2_w_cal * t["cal"]
+                + cfg.stage2_w_refuse * (t["refuse_img"] + t["refuse_feat"]))
+        accelerator.backward(loss)  # one backward: DDP averages and mixed precision scales every term alike
         opt.step()
         state["step"] = step + 1
-        bar.set_postfix(query=f"{q_value:.4f}", rec=f"{l_rec.item():.4f}", cal=f"{l_cal.item():.5f}",
+        run.log(2, loss)
+        bar.set_postfix(query=f"{q_value:.4f}", rec=f"{t['rec'].item():.4f}", cal=f"{t['cal'].item():.5f}",
                         attack=f"{attack.optimizer}/{attack.objective}/{attack.update}x{attack.steps}")
         maybe_probe(state["step"])
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.stage2_steps:
@@ -312,12 +327,16 @@ def stage2_non_fine_tunable(p: Protector, opt: torch.optim.Optimizer, run: RunSt
 
 
 def _write_output(p: Protector, out: Path, cfg: ProtectConfig, state: dict, seconds: float) -> dict:
-    with atomic_dir(out) as tmp:
-        shutil.copytree(p.model_dir, tmp, ignore=shutil.ignore_patterns("patronus.json", "vae"), dirs_exist_ok=True)
-        p.vae.save_pretrained(tmp / "vae")
-        info = _provenance(p, cfg, state, seconds, weight_hashes(tmp))
-        (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
-    return info
+    """The pipeline directory with this run's VAE, written by the main process; returns patronus.json."""
+    if p.accelerator.is_main_process:
+        with atomic_dir(out) as tmp:
+            shutil.copytree(p.model_dir, tmp, ignore=shutil.ignore_patterns("patronus.json", "vae"),
+                            dirs_exist_ok=True)
+            p.vae.save_pretrained(tmp / "vae")
+            info = _provenance(p, cfg, state, seconds, weight_hashes(tmp))
+            (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
+    p.accelerator.wait_for_everyone()
+    return json.loads((out / "patronus.json").read_text())
 
 
 def _provenance(p: Protector, cfg: ProtectConfig, state: dict, seconds: float, hashes: dict[str, str]) -> dict:
@@ -337,9 +356,11 @@ def _provenance(p: Protector, cfg: ProtectConfig, state: dict, seconds: float, h
                  "unsafe_prompts": cfg.bank.unsafe_prompts, "benign_prompts": cfg.bank.benign_prompts},
         "seeds": {"run": cfg.seed},
         "device": str(device),
+        "processes": p.accelerator.num_processes,
         "chosen_checkpoint": state["best"],
         "probes": state["probes"],
         "timing": timing,
+        "losses": state["losses"],  # total loss per step, averaged over processes
         "changed_weight_files": changed,
         "weight_files_sha256": hashes,
         "versions": library_versions(),
