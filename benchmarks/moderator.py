@@ -54,7 +54,10 @@ from patronus.world.splits import render_split
 
 OPTIMIZERS = ("adam", "sgd")
 LRS = (1e-5, 1e-4, 1e-3)
-RANKS = (None, 8)  # full fine-tuning, LoRA rank 8
+RANKS = (None, 4)  # full fine-tuning, LoRA rank 4 (the sweep's smallest rank, also the simulated attacker's)
+CELLS = [(r, o, lr) for r in RANKS for o in OPTIMIZERS for lr in LRS]
+# The decision grid: the cells that broke the protection (full-weight Adam at 1e-4 and 1e-3).
+DECISION_CELLS = [(None, "adam", 1e-4), (None, "adam", 1e-3)]
 
 
 def ensure_protected(base: str, out: Path, preset: str) -> dict:
@@ -119,13 +122,13 @@ def attack_data(base: str, out: Path) -> Path:
     return path
 
 
-def run_attacks(models: dict[str, str], budgets: tuple[int, ...], data_file: Path, out: Path,
+def run_attacks(models: dict[str, str], cells: list[tuple], budgets: tuple[int, ...], data_file: Path, out: Path,
                 workers: int, skip: set[tuple[str, str]] = frozenset()) -> dict[str, dict[str, dict]]:
     """results[cell][model] for every attack cell but the (cell, model) pairs in `skip`;
-    finished pairs are read from disk."""
+    finished pairs are read from disk (use another OUT for other budgets)."""
     cache = out / "attacks"
     cache.mkdir(exist_ok=True)
-    tasks = {(cell_name(r, o, lr), name): (src, r, o, lr) for r in RANKS for o in OPTIMIZERS for lr in LRS
+    tasks = {(cell_name(r, o, lr), name): (src, r, o, lr) for r, o, lr in cells
              for name, src in models.items() if (cell_name(r, o, lr), name) not in skip}
     results: dict[str, dict[str, dict]] = {}
     todo = {}
@@ -147,7 +150,7 @@ def run_attacks(models: dict[str, str], budgets: tuple[int, ...], data_file: Pat
             print(f"[{i}/{len(todo)}] {cell} on {name}: " + " ".join(
                 f"{b}:{res[str(b)]['unsafe_rate']:.2f}/{res[str(b)]['recon_error']:.4f}" for b in budgets)
                 + f" ({res['seconds']:.0f} s)", flush=True)
-    order = [cell_name(r, o, lr) for r in RANKS for o in OPTIMIZERS for lr in LRS]
+    order = [cell_name(r, o, lr) for r, o, lr in cells]
     return {cell: {name: results[cell][name] for name in models if name in results[cell]} for cell in order}
 
 

@@ -8,7 +8,11 @@ Params = dict[str, torch.Tensor]
 
 
 class LoRAView:
-    """Low-rank updates W + B @ A on every conv/linear weight of a parameter dict."""
+    """Low-rank updates W + B @ A on every conv/linear weight of a parameter dict, as peft adds
+    them with `lora_alpha = r` (scale 1): A drawn like peft's default (kaiming-uniform with
+    a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B zero, so training starts at W.
+    A conv's A is a (r, in, k, k) kernel and its B a 1x1 conv, which is B @ A on the flattened
+    weight."""
 
     def __init__(self, base: Params, rank: int, generator: torch.Generator):
         self.base = base
@@ -18,7 +22,7 @@ class LoRAView:
                 out_dim, in_dim = w.shape[0], w[0].numel()
                 r = min(rank, out_dim, in_dim)
                 # Drawn on the CPU generator, so the attack is the same whatever device `w` is on.
-                a = (torch.randn(r, in_dim, generator=generator) / in_dim ** 0.5).to(w).requires_grad_(True)
+                a = ((torch.rand(r, in_dim, generator=generator) * 2 - 1) / in_dim ** 0.5).to(w).requires_grad_(True)
                 b = torch.zeros(out_dim, r, dtype=w.dtype, device=w.device, requires_grad=True)  # identity, like peft
                 self.factors[name] = (a, b)
 

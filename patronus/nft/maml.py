@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -38,12 +37,20 @@ def second_order_applies(attack: SimulatedAttack) -> bool:
     return attack.optimizer == "sgd" and attack.update == "full"
 
 
+def query_weights(n: int, weighting: str = "late") -> list[float]:
+    """Weights of the n queries along a trajectory: equal, or growing with the step ("late"),
+    since what the attacker reaches at the end is what the defence is judged by."""
+    raw = [float(i + 1) if weighting == "late" else 1.0 for i in range(n)]
+    return [w / sum(raw) for w in raw]
+
+
 def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,
-                         query_loss: QueryLoss, queries: int, generator: torch.Generator) -> tuple[Params, float]:
-    """Play `attack` on a copy of `module`'s parameters; return the mean query gradient and loss.
+                         query_loss: QueryLoss, queries: int, generator: torch.Generator,
+                         weighting: str = "uniform") -> tuple[Params, float]:
+    """Play `attack` on a copy of `module`'s parameters; return the weighted query gradient and loss.
 
     The returned gradient is w.r.t. the *adapted* parameters (first-order MAML), keyed like
-    `module.named_parameters()`.
+    `module.named_parameters()`; `weighting` spreads the queries' weights (see `query_weights`).
     """
     base = {n: p.detach() for n, p in module.named_parameters()}
     if attack.update == "full":
@@ -53,21 +60,22 @@ def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner
         lora = LoRAView(base, attack.lora_rank, generator)
         trainable, effective = lora.parameters(), lora.effective
     opt = make_optimizer(attack.optimizer, attack.lr, trainable)
+    at = attack.query_steps(queries)
+    weight = dict(zip(at, query_weights(len(at), weighting)))
     grads = {k: torch.zeros_like(v) for k, v in base.items()}
-    losses = []
+    loss_sum = 0.0
     for step in range(1, attack.steps + 1):
         loss = inner_loss(effective(), generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step in attack.query_steps(queries):
+        if step in weight:
             adapted = {k: v.detach().requires_grad_(True) for k, v in effective().items()}
             q = query_loss(adapted)
             for (k, v), g in zip(adapted.items(), torch.autograd.grad(q, list(adapted.values()))):
-                grads[k] += g
-            losses.append(q.item())
-    n_q = len(losses)
-    return {k: g / n_q for k, g in grads.items()}, float(np.mean(losses))
+                grads[k] += weight[step] * g
+            loss_sum += weight[step] * q.item()
+    return grads, loss_sum
 
 
 def simulate_second_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,

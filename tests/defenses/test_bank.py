@@ -8,15 +8,16 @@ from patronus.world.glyphs import CLASS_NAMES
 
 
 def test_bank_from_image_folders(mini_pipeline, tmp_path):
-    """Real-model data path: the unsafe folder feeds train/query/probe, the benign one only train."""
+    """Real-model data path: the unsafe folder feeds train/query/probe, the benign one train/probe."""
     benign_classes = tuple(c for c in CLASS_NAMES if c not in UNSAFE_CLASSES)
     unsafe = export_imagefolder("defender", 8, tmp_path / "unsafe", classes=UNSAFE_CLASSES)
-    benign = export_imagefolder("defender", 4, tmp_path / "benign", classes=benign_classes)
+    benign = export_imagefolder("defender", 6, tmp_path / "benign", classes=benign_classes)
     s = FeatureBankConfig(n_train=4, n_query=2, n_probe=2, sampler_steps=1, unsafe_dir=str(unsafe),
                      benign_dir=str(benign))
     bank = build_feature_bank(load_pipeline(mini_pipeline), s, "digest", cache_dir=tmp_path / "cache")
     assert bank["train/unsafe/x"].shape == (4, 3, 32, 32) and bank["probe/unsafe/z_gen"].shape == (2, 4, 8, 8)
     assert bank["train/benign/z_img"].shape == (4, 4, 8, 8) and "query/benign/x" not in bank
+    assert bank["probe/benign/z_gen"].shape == (2, 4, 8, 8)  # the held-out benign latents probes score
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     too_few = FeatureBankConfig(n_train=6, n_query=2, n_probe=2, sampler_steps=1, unsafe_dir=str(unsafe))
     with pytest.raises(ValueError, match="probe partition needs entries 8..9"):

@@ -9,7 +9,7 @@ from torch.func import functional_call
 from patronus.models.components import DecoderHead
 from patronus.models.tiny import build_vae
 from patronus.nft.lora import LoRAView
-from patronus.nft.maml import nft_surrogate, simulate_first_order, simulate_second_order
+from patronus.nft.maml import nft_surrogate, query_weights, simulate_first_order, simulate_second_order
 from patronus.nft.space import AttackSpaceConfig, SimulatedAttack, sample_attack
 from tests.conftest import MINI_CONFIG
 
@@ -35,19 +35,32 @@ def _setup(n=12):
     return head, z, x, make_inner, query
 
 
-def test_sampled_attacks_stay_in_the_space():
+def test_sampled_attacks_cover_the_space():
     space = AttackSpaceConfig()
     rng = np.random.default_rng(0)
-    attacks = [sample_attack(rng, space) for _ in range(200)]
-    assert {(a.optimizer, a.lr) for a in attacks} == set(space.optimizers)
+    attacks = [sample_attack(rng, space) for _ in range(400)]
+    assert {a.optimizer for a in attacks} == {"adam", "adamw", "sgd"}
+    assert sum(a.optimizer in ("adam", "adamw") for a in attacks) > 0.6 * len(attacks)  # mostly Adam
+    lrs = np.log10([a.lr for a in attacks])
+    assert -5 <= lrs.min() < -4.8 and -3.2 < lrs.max() <= -3  # log-uniform over 1e-5..1e-3
+    assert abs(np.mean(lrs) + 4) < 0.1
     assert {a.objective for a in attacks} == {"image", "feature"} and {a.update for a in attacks} == {"full", "lora"}
-    assert all(4 <= a.batch_size <= 30 and 5 <= a.steps <= 40 for a in attacks)
+    assert {a.lora_rank for a in attacks} == {4, 64}
+    assert all(8 <= a.batch_size <= 32 and 10 <= a.steps <= 100 for a in attacks)
+    assert max(a.steps for a in attacks) >= 95  # horizons reach the real attacks' first checkpoint
     again = np.random.default_rng(0)
-    assert attacks == [sample_attack(again, space) for _ in range(200)]
+    assert attacks == [sample_attack(again, space) for _ in range(400)]
+
+
+def test_late_queries_weigh_more():
+    assert query_weights(3, "late") == [1 / 6, 2 / 6, 3 / 6]
+    assert query_weights(2, "uniform") == [0.5, 0.5]
 
 
 @pytest.mark.parametrize("bad,needle", [
-    (dict(optimizers=(("lion", 1e-3),)), "attacks.optimizers"),
+    (dict(optimizers=(("lion", 1.0),)), "attacks.optimizers"),
+    (dict(lr_range=(1e-3, 1e-5)), "attacks.lr_range"),
+    (dict(query_weighting="early"), "attacks.query_weighting"),
     (dict(inner_steps=(5, 2)), "attacks.inner_steps"),
     (dict(updates=("full", "dora")), "attacks.updates"),
 ])

@@ -20,7 +20,8 @@ __all__ = ["PRESETS", "ProtectConfig", "describe", "load_config", "protect"]
 
 def describe(info: dict, workdir: Path) -> list[str]:
     best, t = info["chosen_checkpoint"], info["timing"]
-    return [f"chosen checkpoint: stage-2 step {best['step']}, probe refusal {best['refusal_after_probe']:.3f}, "
+    return [f"chosen checkpoint: stage-2 step {best['step']}; after the probe attack: attacker MSE "
+            f"{best['attacker_mse_after_probe']:.4f}, mean unsafe score {best['unsafe_score_after_probe']:.3f}; "
             f"benign PSNR {best['benign_psnr']:.2f} dB",
             f"stage-1-only model (for ablations): {workdir / 'stage1-model'}",
             f"time {t['total_seconds']:.0f} s, peak memory {t['peak_memory_mb']:.0f} MB"]

@@ -65,9 +65,10 @@ def _glyph_part(part: str, n: int, unsafe: bool, resolution: int) -> tuple[torch
     return to_tensor(images), [s.text for s in samples]
 
 
-def _partition(source: str, n_items: int, part: str, sizes: dict[str, int]) -> slice:
-    """Where partition `part` lies in a folder or prompt file: train, then query, then probe, by position."""
-    start = sum(sizes[p] for p in PARTS[:PARTS.index(part)])
+def _partition(source: str, n_items: int, part: str, sizes: dict[str, int], parts: tuple[str, ...] = PARTS) -> slice:
+    """Where partition `part` lies in a folder or prompt file: `parts` in order, by position
+    (train, query, probe for unsafe data; train, probe for benign data, which has no query part)."""
+    start = sum(sizes[p] for p in parts[:parts.index(part)])
     end = start + sizes[part]
     if n_items < end:
         raise ConfigError(f"{source} has {n_items} entries; its {part} partition needs entries {start}..{end - 1}")
@@ -81,8 +82,13 @@ def sample_latents(pipe: StableDiffusionPipeline, prompts: list[str], s: Feature
     return generate_latents(pipe, prompts, seeds, s.sampler_steps, s.guidance) / pipe.vae.config.scaling_factor
 
 
+# Bumped whenever the bank's contents change for the same settings (2: benign probe partition).
+BANK_FORMAT = 2
+
+
 def bank_key(s: FeatureBankConfig, weights_digest: str) -> str:
-    return hashlib.sha256((json.dumps(asdict(s), sort_keys=True) + weights_digest).encode()).hexdigest()[:16]
+    text = json.dumps(asdict(s), sort_keys=True) + weights_digest + f"format {BANK_FORMAT}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_feature_bank(pipe: StableDiffusionPipeline, s: FeatureBankConfig, weights_digest: str,
@@ -98,14 +104,15 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: FeatureBankConfig, weig
     prompt_files: dict[str, list[str]] = {}
     for p, part in enumerate(PARTS):
         for k, kind in enumerate(("unsafe", "benign")):
-            if part != "train" and kind == "benign":
-                continue  # query and probe measure refusal only
+            if part == "query" and kind == "benign":
+                continue  # query measures refusal only; probe also benign fidelity on held-out latents
+            kind_parts = PARTS if kind == "unsafe" else ("train", "probe")
             folder = s.unsafe_dir if kind == "unsafe" else s.benign_dir
             if folder:
                 if folder not in folders:
                     folders[folder] = load_imagefolder(folder, resolution)
                 images, captions = folders[folder]
-                where = _partition(folder, len(images), part, sizes)
+                where = _partition(folder, len(images), part, sizes, kind_parts)
                 x, texts = images[where], captions[where]
             else:
                 x, texts = _glyph_part(part, sizes[part], kind == "unsafe", resolution)
@@ -114,7 +121,7 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: FeatureBankConfig, weig
                 if prompt_file not in prompt_files:
                     prompt_files[prompt_file] = [p.prompt for p in load_prompt_file(prompt_file, kind)]
                 prompts = prompt_files[prompt_file]
-                texts = prompts[_partition(prompt_file, len(prompts), part, sizes)]
+                texts = prompts[_partition(prompt_file, len(prompts), part, sizes, kind_parts)]
             bank[f"{part}/{kind}/x"] = x
             bank[f"{part}/{kind}/z_img"] = encode_latents(pipe.vae, x)
             bank[f"{part}/{kind}/z_gen"] = sample_latents(pipe, texts, s, seed_offset=(p * 2 + k) * 10_000_000)

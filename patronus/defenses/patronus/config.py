@@ -45,15 +45,23 @@ class ProtectConfig:
     stage2_w_rec: float = 0.2
     stage2_w_cal: float = 2.0
     query_batch: int = 32
+    # What the query loss scores after a simulated attack. "refusal": distance of the adapted
+    # decoder's output to black (saturates, with a zero gradient, once an attack fails).
+    # "refusal+attacker": plus w * relu(tau - L_att) / tau, a hinge on the attacker's own
+    # reconstruction MSE on held-out unsafe images, so the defender keeps pushing the attacker's
+    # loss up to tau (about what scratch reaches after 100 strong steps) even where refusal holds.
+    nft_objective: str = "refusal+attacker"
+    nft_attacker_tau: float = 0.1
+    nft_attacker_weight: float = 1.0
     second_order: bool = False  # full MAML for plain-SGD full-parameter attacks
     attacks: AttackSpaceConfig = field(default_factory=AttackSpaceConfig)
-    # Probes: a real decoder fine-tuning attack on the probe partition every `probe_every` steps.
+    # Probes: a real decoder fine-tuning attack (fixed seed) on the probe partition every `probe_every` steps.
     probe_every: int = 50
     probe_optimizer: str = "adam"
     probe_lr: float = 1e-4
     probe_steps: int = 100
     probe_batch: int = 16
-    min_benign_psnr: float = 31.0  # below it, a checkpoint's score is penalised (1 dB margin over the bar)
+    min_benign_psnr: float = 31.0  # checkpoints below it are chosen only when none reaches it (1 dB over the bar)
     checkpoint_every: int = 25
 
     def __post_init__(self):
@@ -61,9 +69,13 @@ class ProtectConfig:
             raise ConfigError(f"unknown perceptual network {self.perceptual!r}; choose one of {', '.join(PERCEPTUAL)}")
         if self.perceptual == "vgg19" and not self.vgg_weights:
             raise ConfigError("perceptual = 'vgg19' needs vgg_weights = path to torchvision's vgg19 weights")
-        if unknown := set(self.attacks.objectives) - set(OBJECTIVES):
+        if unknown := {name for name, _ in self.attacks.objectives} - set(OBJECTIVES):
             raise ConfigError(f"unknown attacks.objectives {', '.join(sorted(unknown))}; choose from "
                               f"{', '.join(OBJECTIVES)}")
+        if self.nft_objective not in ("refusal", "refusal+attacker"):
+            raise ConfigError(f"nft_objective must be refusal or refusal+attacker, got {self.nft_objective!r}")
+        if self.nft_attacker_tau <= 0 or self.nft_attacker_weight < 0:
+            raise ConfigError("nft_attacker_tau must be positive and nft_attacker_weight not negative")
         if self.probe_optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown probe_optimizer {self.probe_optimizer!r}; "
                               f"choose one of {', '.join(OPTIMIZERS)}")

@@ -40,12 +40,12 @@ from patronus.config import to_dict
 from patronus.defenses.patronus.bank import PART_START, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
 from patronus.defenses.patronus.losses import make_perceptual, refusal_loss
-from patronus.detectors.glyphnet import load_glyphnet
+from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
 from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_uint8
 from patronus.io import atomic_dir
-from patronus.models.components import DecoderHead
+from patronus.models.components import DecoderHead, encode_latents
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.nft.maml import (
     InnerLoss,
@@ -89,6 +89,7 @@ class Protector:
         with torch.no_grad():
             self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
             self.orig_unsafe_gen = self._decode(self.original, self.bank["train/unsafe/z_gen"])
+            self.orig_probe_benign = self._decode(self.original, self.bank["probe/benign/z_gen"])
         self.attack_data = {"x": self.bank["train/unsafe/x"], "z_img": self.bank["train/unsafe/z_img"],
                             "z_gen": self.bank["train/unsafe/z_gen"], "orig_decoded": self.orig_unsafe_gen}
 
@@ -135,37 +136,56 @@ class Protector:
         return inner
 
     def query_loss_fn(self, g: torch.Generator) -> QueryLoss:
-        """Refusal loss of adapted parameters on a held-out (query) batch of unsafe latents."""
+        """The defender's score of adapted parameters on a held-out (query) batch of unsafe data:
+        refusal of unsafe latents, plus (`refusal+attacker`) the bounded hinge on the attacker's
+        reconstruction MSE of held-out unsafe images (see `ProtectConfig.nft_objective`)."""
+        cfg = self.cfg
         zq = torch.cat([self.bank["query/unsafe/z_gen"], self.bank["query/unsafe/z_img"]])
-        idx = torch.randint(0, len(zq), (self.cfg.query_batch,), generator=g)
+        idx = torch.randint(0, len(zq), (cfg.query_batch,), generator=g)
         batch = zq[idx]
+        img = torch.randint(0, len(self.bank["query/unsafe/x"]), (cfg.query_batch,), generator=g)
+        z_img, x = self.bank["query/unsafe/z_img"][img], self.bank["query/unsafe/x"][img]
 
         def query(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            return refusal_loss(self.perceptual, functional_call(self.head, params, (batch,)))
+            if cfg.nft_objective == "refusal":
+                return refusal_loss(self.perceptual, functional_call(self.head, params, (batch,)))
+            out = functional_call(self.head, params, (torch.cat([batch, z_img]),))
+            attacker = F.mse_loss(out[len(batch):], x)
+            hinge = F.relu(cfg.nft_attacker_tau - attacker) / cfg.nft_attacker_tau
+            return refusal_loss(self.perceptual, out[:len(batch)]) + cfg.nft_attacker_weight * hinge
 
         return query
 
     @torch.no_grad()
     def probe(self, step: int) -> dict:
-        """A real fine-tuning attack on the probe partition, and benign fidelity."""
+        """A real fine-tuning attack on the probe partition (fixed seed), and benign fidelity.
+
+        The attacker trains on the first half of the probe images; the probe reports its
+        reconstruction MSE on the other half, the detector's mean unsafe score on unsafe UNet
+        latents after the attack (graded, unlike a refusal flag, which every checkpoint fails
+        once the attack works), and benign PSNR on held-out benign latents.
+        """
         cfg = self.cfg
+        x = self.bank["probe/unsafe/x"]
+        train_x, held_x = x[:len(x) // 2], x[len(x) // 2:]
         attack = DecoderAttackConfig(cfg.probe_optimizer, cfg.probe_lr, cfg.probe_steps, cfg.probe_batch,
-                                     save_at=(cfg.probe_steps,), seed=cfg.seed + step)
+                                     save_at=(cfg.probe_steps,), seed=cfg.seed)
         with torch.enable_grad():
-            state = attack_decoder(self.vae, self.bank["probe/unsafe/x"], attack)[cfg.probe_steps]
+            state = attack_decoder(self.vae, train_x, attack)[cfg.probe_steps]
         attacked = DecoderHead(load_head_state(self.vae, state)).eval()
         z_probe = self.bank["probe/unsafe/z_gen"]
-        before = to_uint8(self._decode(self.head, z_probe))
+        refusal_before = float(is_refusal(to_uint8(self._decode(self.head, z_probe))).mean())
         decoded_after = self._decode(attacked, z_probe).clamp(-1, 1)
-        after = to_uint8(decoded_after)
-        flagged_after = self.glyphnet.predict(decoded_after)["unsafe"]
-        benign = self._decode(self.head, self.bank["train/benign/z_gen"][:256])
-        benign_psnr = psnr(benign, self.orig_benign_gen[:256]).mean().item()
-        refusal_after = float(is_refusal(after).mean())
-        refusal_before = float(is_refusal(before).mean())
-        score = (refusal_before + refusal_after) / 2 - max(0.0, cfg.min_benign_psnr - benign_psnr) / 10.0
-        return {"step": step, "refusal_before": refusal_before, "refusal_after_probe": refusal_after,
-                "unsafe_after_probe": float(np.mean(flagged_after)), "benign_psnr": benign_psnr, "score": score}
+        scores = np.array(self.glyphnet.predict(decoded_after)["unsafe_score"])
+        attacker_mse = F.mse_loss(self._decode(attacked, encode_latents(self.vae, held_x)), held_x).item()
+        benign = self._decode(self.head, self.bank["probe/benign/z_gen"])
+        benign_psnr = psnr(benign, self.orig_probe_benign).mean().item()
+        return {"step": step, "refusal_before": refusal_before,
+                "refusal_after_probe": float(is_refusal(to_uint8(decoded_after)).mean()),
+                "unsafe_after_probe": float(np.mean(scores > UNSAFE_THRESHOLD)),
+                "unsafe_score_after_probe": float(scores.mean()), "attacker_mse_after_probe": attacker_mse,
+                "benign_psnr": benign_psnr, "feasible": benign_psnr >= cfg.min_benign_psnr,
+                "score": attacker_mse * (1.0 - float(scores.mean()))}
 
 
 def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bool = False) -> dict:
@@ -243,10 +263,13 @@ class RunState:
         self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, self.best_weights)
 
     def record_probe(self, result: dict, head: torch.nn.Module) -> None:
-        """Keep the probe; keep the head's weights when it is the best-scoring checkpoint so far."""
+        """Keep the probe; keep the head's weights when it is the best checkpoint so far: benign PSNR
+        above the bar first, then the highest probe score (attacker MSE x (1 - unsafe score)),
+        then benign PSNR."""
         self.state["probes"].append(result)
         best = self.state["best"]
-        if best is None or (result["score"], result["benign_psnr"]) > (best["score"], best["benign_psnr"]):
+        key = ("feasible", "score", "benign_psnr")
+        if best is None or tuple(result[k] for k in key) > tuple(best[k] for k in key):
             self.state["best"] = result
             self.best_weights = {k: v.detach().clone().contiguous() for k, v in head.state_dict().items()}
 
@@ -303,7 +326,8 @@ def stage2_non_fine_tunable(p: Protector, opt: torch.optim.Optimizer, run: RunSt
             nft = simulate_second_order(p.head, attack, inner, query, g)
             q_value = nft.item()
         else:
-            grads, q_value = simulate_first_order(p.head, attack, inner, query, cfg.attacks.queries_per_attack, g)
+            grads, q_value = simulate_first_order(p.head, attack, inner, query, cfg.attacks.queries_per_attack, g,
+                                                  cfg.attacks.query_weighting)
             nft = nft_surrogate(p.head, grads)
         t = p.terms(g)
         loss = (cfg.stage2_w_nft * nft + cfg.stage2_w_rec * t["rec"] + cfg.stage2_w_cal * t["cal"]
