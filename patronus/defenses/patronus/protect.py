@@ -6,14 +6,17 @@ Read top to bottom:
   2. build (or load from cache) the feature bank of unsafe and benign latents;
   3. stage 1 (unlearn): refusal on unsafe latents/images, reconstruction and calibration on
      benign ones;
-  4. stage 2 (non-fine-tunable): the same benign terms plus the first-order MAML gradient
-     of the refusal loss measured after a simulated fine-tuning attack;
+  4. stage 2 (non-fine-tunable, fresh optimizer): the same terms plus the first-order MAML
+     gradient of the query loss (refusal, and a hinge on the attacker's own reconstruction
+     loss) measured along a simulated fine-tuning attack;
   5. every `probe_every` steps a real fine-tuning attack probes the decoder; the checkpoint
-     with the best probe score is the one written out;
+     with the best probe score (benign PSNR bar, then attacker MSE and unsafe score after
+     the attack) is the one written out;
   6. write a standard pipeline directory (only the VAE decoder differs) and patronus.json.
      The stage-1 result is also written, to `WORKDIR/stage1-model`, for ablations.
 
-Everything runs under `accelerate.Accelerator`; state is checkpointed every
+Everything runs under `accelerate.Accelerator` (one process, or several under `accelerate
+launch`: each takes its share of every global batch); state is checkpointed every
 `checkpoint_every` steps and `--resume` continues from the newest checkpoint with the same
 final result (all randomness is seeded per step, not carried in a stream).
 """
