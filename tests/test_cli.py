@@ -96,3 +96,22 @@ def test_attack_bad_rank_and_foreign_vae(tmp_path):
 def test_demo_refuses_a_file_as_out(tmp_path):
     (tmp_path / "f").write_text("x")
     assert_clean_error(run_cli("demo", "--out", str(tmp_path / "f")), "is a file")
+
+
+@pytest.mark.parametrize("args,config,needle", [
+    (["--preset", "huge"], None, "unknown preset 'huge'"),
+    (["--defense", "none"], None, "invalid choice"),
+    ([], "attacks = {kinds = ['image']}\n", "unknown protect.attacks setting(s): kinds"),
+    ([], "stage1_steps = 0\n", "stage1_steps must be at least 1"),
+    ([], "[attacks]\nlr_range = [1e-3, 1e-5]\n", "attacks.lr_range"),
+])
+def test_protect_settings_are_checked_before_any_work(tmp_path, args, config, needle):
+    if config is not None:
+        (tmp_path / "c.toml").write_text(config)
+        args = args + ["--config", str(tmp_path / "c.toml")]
+    r = run_cli("protect", "patronus-tiny", "--out", str(tmp_path / "o"), *args)
+    if needle == "invalid choice":  # argparse's own message, also exit code 2
+        assert r.returncode == 2 and needle in r.stderr
+    else:
+        assert_clean_error(r, needle)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
