@@ -34,7 +34,6 @@ class AttackKind:
     lora: bool  # a LoRA (rank from the config) instead of full weights
     run: AttackRunner
     help: str
-    space: str = "weights"  # "weights" (changes the model) or "prompts" (searches inputs)
 
     def __post_init__(self):
         if unknown := set(self.trains) - set(COMPONENTS):

@@ -46,7 +46,6 @@ class CellJob:
     target: str  # the pipeline to attack
     model: str  # the protected model (its VAE goes into a reused attack)
     grid: GridConfig
-    dir: Path
     sweep_root: Path
     reuse_from: str | None = None  # the unprotected twin's attack directory
     keep_attack: bool = False
@@ -61,7 +60,7 @@ def run_cell(job: CellJob) -> dict:
     log.txt instead of the terminal.
     """
     t_cell = time.time()
-    cell = CellLayout(job.dir)
+    cell = SweepLayout(job.sweep_root).cell(job.model_name, job.cell)
     shutil.rmtree(cell.root, ignore_errors=True)
     cell.root.mkdir(parents=True)
     with contextlib.ExitStack() as stack:

@@ -27,7 +27,7 @@ from patronus.models.registry import resolve_model
 from patronus.sweep.cell import CellJob, make_scratch, same_unet_attack_inputs
 from patronus.sweep.executors import make_executor
 from patronus.sweep.grid import GridConfig
-from patronus.sweep.layout import MODELS, SweepError, SweepLayout, cell_id
+from patronus.sweep.layout import MODELS, CellLayout, SweepError, SweepLayout, cell_id
 from patronus.sweep.results import sweep_summary
 
 
@@ -85,7 +85,7 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
             reuse = shared(cell) and name == "protected" and source.is_dir()
             return CellJob(model_name=name, cell=cell,
                            target=targets[f"scratch-{cell['kind']}" if name == "scratch" else name],
-                           model=model, grid=grid, dir=layout.cell(name, cell).root, sweep_root=out,
+                           model=model, grid=grid, sweep_root=out,
                            reuse_from=str(source) if reuse else None,
                            keep_attack=grid.keep_checkpoints or (shared(cell) and name == "unprotected"))
 
@@ -136,7 +136,7 @@ def _remove_leftovers(layout: SweepLayout, grid: GridConfig, keep: Callable[[str
     if grid.keep_checkpoints:
         return
     for attack in layout.attack_dirs():
-        done = attack.parent / "done.json"
+        done = CellLayout(attack.parent).done
         if done.exists():
             d = json.loads(done.read_text())
             if not keep(d["model"], d["cell"]):

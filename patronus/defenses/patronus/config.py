@@ -7,7 +7,6 @@ A config file holds any subset of the fields below (nested tables for `bank` and
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +86,6 @@ class ProtectConfig:
             raise ConfigError("stage2_steps and stage1_warmup must not be negative")
         if min(self.stage1_lr, self.stage2_lr, self.probe_lr) <= 0:
             raise ConfigError("stage1_lr, stage2_lr and probe_lr must be positive")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 PRESETS: dict[str, dict] = {

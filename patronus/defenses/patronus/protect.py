@@ -239,7 +239,7 @@ def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> N
     cfg_file = workdir / "config.json"
     if resume and cfg_file.exists() and json.loads(cfg_file.read_text()) != to_dict(cfg):
         raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
-    cfg_file.write_text(json.dumps(cfg.to_dict(), indent=2))
+    cfg_file.write_text(json.dumps(to_dict(cfg), indent=2))
 
 
 class RunState:
@@ -377,7 +377,7 @@ def _provenance(p: Protector, cfg: ProtectConfig, state: dict, seconds: float, h
     info = {
         "patronus_version": library_versions()["patronus"],
         "source_model": {"path": str(p.model_dir.resolve()), "weights_sha256": weights_digest(original)},
-        "config": cfg.to_dict(),
+        "config": to_dict(cfg),
         "data": {"glyph_world_split": None if cfg.bank.unsafe_dir else "defender",
                  "partition_offsets": PART_START, "unsafe_dir": cfg.bank.unsafe_dir, "benign_dir": cfg.bank.benign_dir,
                  "unsafe_prompts": cfg.bank.unsafe_prompts, "benign_prompts": cfg.bank.benign_prompts},
