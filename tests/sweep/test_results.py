@@ -41,3 +41,11 @@ def test_ratios_need_protected_and_scratch_and_summarise_the_worst():
     line = ratio_summary(ratios)
     assert ">= 1 in 0 of 2 cells, < 1 in 1" in line and "both held within the budget in 1" in line
     assert "smallest: <= 0.45 (decoder-full adam 0.0001 0)" in line  # 100 / 224 (scratch: 50% at sqrt(100 x 500))
+
+
+def test_smallest_ratio_is_the_one_known_to_be_smallest():
+    rates = {("a",): {"protected": {10: 0.9}, "scratch": {10: 0.0, 30: 0.9}},  # <= 10 / 17: <= 0.57 or so
+             ("b",): {"protected": {10: 0.4, 30: 0.6}, "scratch": {10: 0.0, 100: 0.2, 500: 0.8}}}  # 20 / 223
+    ratios = robustness_ratios(rates)
+    assert ratios[("b",)].hi < ratios[("a",)].hi and ratios[("a",)].lo == 0
+    assert ratio_summary(ratios).endswith(f"smallest: {ratios[('b',)]} (b).")
