@@ -69,11 +69,11 @@ def test_resume_inside_stage_1_continues_the_learning_rate_schedule(mini_pipelin
     calls = {"n": 0}
     original = Protector.terms
 
-    def killed_at_step_3(self, g):
+    def killed_at_step_3(self, g, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:  # stage-1 step 3, just after the step-2 checkpoint
             raise KeyboardInterrupt
-        return original(self, g)
+        return original(self, g, **kwargs)
 
     monkeypatch.setattr(Protector, "terms", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
@@ -85,3 +85,39 @@ def test_resume_inside_stage_1_continues_the_learning_rate_schedule(mini_pipelin
     a = StableDiffusionPipeline.from_pretrained(tmp_path / "a").vae.state_dict()
     b = StableDiffusionPipeline.from_pretrained(tmp_path / "b").vae.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nft_weight_zero_is_the_same_run_without_simulated_attacks(mini_pipeline, tmp_path, cfg):
+    import dataclasses
+
+    info = protect(str(mini_pipeline), tmp_path / "out", dataclasses.replace(cfg, stage2_w_nft=0.0), tmp_path / "w")
+    assert info["timing"]["mean_inner_steps"] == 0 and [p["step"] for p in info["probes"]] == [2, 4]
+    assert len(info["losses"]["stage2"]) == cfg.stage2_steps
+
+
+def test_scrambling_pulls_unsafe_activations_to_fixed_targets_and_keeps_benign_ones(mini_pipeline, tmp_path, cfg):
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from patronus.defenses.patronus.protect import Protector
+
+    cfg = dataclasses.replace(cfg, stage1_w_scramble=1.0)
+    p = Protector(str(mini_pipeline), cfg, tmp_path / "w", Accelerator())
+    again = Protector(str(mini_pipeline), cfg, tmp_path / "w", Accelerator())
+    assert all(torch.equal(a, b) for a, b in zip(p.scramble_targets, again.scramble_targets))  # seeded
+    g = torch.Generator().manual_seed(0)
+    terms = p.terms(g, scramble=True)
+    assert "scramble" not in p.terms(torch.Generator().manual_seed(0))
+    terms["scramble"].backward()
+    assert p.head.decoder.mid_block.resnets[0].conv1.weight.grad.abs().sum() > 0
+    assert p.head.decoder.conv_out.weight.grad is None  # after the last scrambled block: untouched
+    assert all(q.grad is None for q in p.original.parameters())
+    # With the head still equal to the original, benign activations already match: only unsafe ones pull.
+    opt = torch.optim.Adam(p.head.parameters(), lr=1e-3)
+    before = terms["scramble"].item()
+    for _ in range(20):
+        opt.zero_grad()
+        p.terms(torch.Generator().manual_seed(0), scramble=True)["scramble"].backward()
+        opt.step()
+    assert p.terms(torch.Generator().manual_seed(0), scramble=True)["scramble"].item() < before

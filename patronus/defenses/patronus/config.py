@@ -36,13 +36,18 @@ class ProtectConfig:
     stage1_w_refuse_feat: float = 1.0
     stage1_w_rec: float = 0.2
     stage1_w_cal: float = 2.0
+    # Representation scrambling (TAR's / RepNoise's idea, issue 13 item 3), off by default: at the
+    # decoder's intermediate blocks, unsafe latents are pulled to one fixed random pattern (their
+    # information removed before the output layers) and benign latents to the original's activations.
+    stage1_w_scramble: float = 0.0
     # Stage 2 (non-fine-tunable): L = w_nft * L_nft + w_rec * L_rec + w_refuse * L_refuse + w_cal * L_cal
     stage2_steps: int = 300
     stage2_lr: float = 5e-5
     stage2_w_nft: float = 0.1
     stage2_w_refuse: float = 0.3
     stage2_w_rec: float = 0.2
-    stage2_w_cal: float = 2.0
+    stage2_w_cal: float = 10.0  # 2.0 lost 5-8 dB of benign PSNR to the NFT gradient (docs/moderator-results.md)
+    stage2_w_scramble: float = 0.0
     query_batch: int = 32
     # What the query loss scores after a simulated attack. "refusal": distance of the adapted
     # decoder's output to black (saturates, with a zero gradient, once an attack fails).
@@ -84,6 +89,9 @@ class ProtectConfig:
             raise ConfigError(f"{', '.join(bad)} must be at least 1")
         if self.stage2_steps < 0 or self.stage1_warmup < 0:
             raise ConfigError("stage2_steps and stage1_warmup must not be negative")
+        weights = [k for k in self.__dataclass_fields__ if k.startswith(("stage1_w_", "stage2_w_"))]
+        if bad := [k for k in weights if getattr(self, k) < 0]:
+            raise ConfigError(f"{', '.join(bad)} must not be negative")
         if min(self.stage1_lr, self.stage2_lr, self.probe_lr) <= 0:
             raise ConfigError("stage1_lr, stage2_lr and probe_lr must be positive")
 

@@ -28,6 +28,8 @@ import json
 import resource
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,24 @@ def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return step_generator(seed, stage * 100_000 + step)
 
 
+def _scramble_layers(head: DecoderHead) -> list[torch.nn.Module]:
+    """The decoder blocks whose outputs representation scrambling acts on, in forward order:
+    the middle block and every up block but the last (which must still render black)."""
+    return [head.decoder.mid_block, *head.decoder.up_blocks[:-1]]
+
+
+@contextmanager
+def _capture(modules: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """The outputs of `modules` during the forward passes inside the block, in call order."""
+    acts: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: acts.append(o)) for m in modules]
+    try:
+        yield acts
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class Protector:
     """Holds the models, data and losses of one protection run."""
 
@@ -93,6 +113,8 @@ class Protector:
             self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
             self.orig_unsafe_gen = self._decode(self.original, self.bank["train/unsafe/z_gen"])
             self.orig_probe_benign = self._decode(self.original, self.bank["probe/benign/z_gen"])
+        self.scramble_targets = (self._make_scramble_targets()
+                                 if cfg.stage1_w_scramble or cfg.stage2_w_scramble else [])
         self.attack_data = {"x": self.bank["train/unsafe/x"], "z_img": self.bank["train/unsafe/z_img"],
                             "z_gen": self.bank["train/unsafe/z_gen"], "orig_decoded": self.orig_unsafe_gen}
 
@@ -104,23 +126,44 @@ class Protector:
         """This process's share of a global batch (all of it in a single-process run)."""
         return idx[self.accelerator.process_index::self.accelerator.num_processes]
 
-    def terms(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+    def terms(self, g: torch.Generator, scramble: bool = False) -> dict[str, torch.Tensor]:
         """The defender's terms on this process's share of one global batch.
 
         `rec`: reconstruct benign images; `cal`: benign UNet latents decode as before;
         `refuse_img`, `refuse_feat`: unsafe image latents and unsafe UNet latents decode to
-        black. All inputs go through the prepared model in one forward pass, so that under
-        DDP the gradients of every term are averaged across processes.
+        black; with `scramble`, also `scramble` (see `ProtectConfig.stage1_w_scramble`). All
+        inputs go through the prepared model in one forward pass, so that under DDP the
+        gradients of every term are averaged across processes.
         """
         b = self._shard(torch.randint(0, len(self.bank["train/benign/x"]), (self.cfg.batch_size,), generator=g))
         u = self._shard(torch.randint(0, len(self.bank["train/unsafe/x"]), (self.cfg.batch_size,), generator=g))
         inputs = [self.bank["train/benign/z_img"][b], self.bank["train/benign/z_gen"][b],
                   self.bank["train/unsafe/z_img"][u], self.bank["train/unsafe/z_gen"][u]]
-        rec, cal, unsafe_img, unsafe_gen = self.model(torch.cat(inputs)).split([len(x) for x in inputs])
-        return {"rec": F.mse_loss(rec, self.bank["train/benign/x"][b]),
-                "cal": F.mse_loss(cal, self.orig_benign_gen[b]),
-                "refuse_img": refusal_loss(self.perceptual, unsafe_img),
-                "refuse_feat": refusal_loss(self.perceptual, unsafe_gen)}
+        sizes = [len(x) for x in inputs]
+        with _capture(_scramble_layers(self.head) if scramble else []) as acts:
+            rec, cal, unsafe_img, unsafe_gen = self.model(torch.cat(inputs)).split(sizes)
+        out = {"rec": F.mse_loss(rec, self.bank["train/benign/x"][b]),
+               "cal": F.mse_loss(cal, self.orig_benign_gen[b]),
+               "refuse_img": refusal_loss(self.perceptual, unsafe_img),
+               "refuse_feat": refusal_loss(self.perceptual, unsafe_gen)}
+        if scramble:
+            n_benign = sizes[0] + sizes[1]
+            with torch.no_grad(), _capture(_scramble_layers(self.original)) as orig:
+                self.original(torch.cat(inputs[:2]))
+            keep = sum(F.mse_loss(a[:n_benign], o) / t.var() for a, o, t in zip(acts, orig, self.scramble_targets))
+            drop = sum(F.mse_loss(a[n_benign:], t.expand_as(a[n_benign:])) / t.var()
+                       for a, t in zip(acts, self.scramble_targets))
+            out["scramble"] = (keep + drop) / len(acts)
+        return out
+
+    @torch.no_grad()
+    def _make_scramble_targets(self) -> list[torch.Tensor]:
+        """One fixed random activation pattern per scrambled layer, at the scale of the original
+        decoder's benign activations there: every unsafe latent is pulled to the same pattern."""
+        with _capture(_scramble_layers(self.original)) as acts:
+            self.original(self.bank["train/benign/z_gen"][:256])
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        return [(torch.randn(a.shape[1:], generator=g) * a.std()).to(a.device) for a in acts]
 
     def inner_loss_fn(self, attack: SimulatedAttack) -> InnerLoss:
         """The simulated attacker's objective on a batch of its unsafe training data.
@@ -284,9 +327,10 @@ def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunStat
     bar = tqdm(range(state["step"], cfg.stage1_steps), initial=state["step"], total=cfg.stage1_steps,
                desc="stage 1 (unlearn)", disable=not accelerator.is_main_process)
     for step in bar:
-        t = p.terms(_step_generator(cfg.seed, 1, step))
+        t = p.terms(_step_generator(cfg.seed, 1, step), scramble=cfg.stage1_w_scramble > 0)
         loss = (cfg.stage1_w_refuse_img * t["refuse_img"] + cfg.stage1_w_rec * t["rec"]
-                + cfg.stage1_w_refuse_feat * t["refuse_feat"] + cfg.stage1_w_cal * t["cal"])
+                + cfg.stage1_w_refuse_feat * t["refuse_feat"] + cfg.stage1_w_cal * t["cal"]
+                + cfg.stage1_w_scramble * t.get("scramble", 0.0))
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
@@ -322,25 +366,31 @@ def stage2_non_fine_tunable(p: Protector, opt: torch.optim.Optimizer, run: RunSt
         g = _step_generator(cfg.seed, 2, step)
         # Each process plays its own simulated attack; their gradients are averaged with the rest.
         attack = sample_attack(np.random.default_rng([cfg.seed, 2, step, accelerator.process_index]), cfg.attacks)
-        inner_total += attack.steps
         inner, query = p.inner_loss_fn(attack), p.query_loss_fn(g)
         opt.zero_grad(set_to_none=True)
-        if cfg.second_order and second_order_applies(attack):
+        if cfg.stage2_w_nft == 0:  # the ablation: every other term, no simulated attack to pay for
+            nft, q_value = torch.zeros((), device=accelerator.device), float("nan")
+        elif cfg.second_order and second_order_applies(attack):
             nft = simulate_second_order(p.head, attack, inner, query, g)
             q_value = nft.item()
         else:
             grads, q_value = simulate_first_order(p.head, attack, inner, query, cfg.attacks.queries_per_attack, g,
                                                   cfg.attacks.query_weighting)
             nft = nft_surrogate(p.head, grads)
-        t = p.terms(g)
+        if cfg.stage2_w_nft:
+            inner_total += attack.steps
+        # The benign and refusal batches have their own stream, so the NFT-0 ablation sees the same ones.
+        t = p.terms(_step_generator(cfg.seed, 3, step), scramble=cfg.stage2_w_scramble > 0)
         loss = (cfg.stage2_w_nft * nft + cfg.stage2_w_rec * t["rec"] + cfg.stage2_w_cal * t["cal"]
-                + cfg.stage2_w_refuse * (t["refuse_img"] + t["refuse_feat"]))
+                + cfg.stage2_w_refuse * (t["refuse_img"] + t["refuse_feat"])
+                + cfg.stage2_w_scramble * t.get("scramble", 0.0))
         accelerator.backward(loss)  # one backward: DDP averages and mixed precision scales every term alike
         opt.step()
         state["step"] = step + 1
         run.log(2, loss)
         bar.set_postfix(query=f"{q_value:.4f}", rec=f"{t['rec'].item():.4f}", cal=f"{t['cal'].item():.5f}",
-                        attack=f"{attack.optimizer}/{attack.objective}/{attack.update}x{attack.steps}")
+                        attack=f"{attack.optimizer}/{attack.objective}/{attack.update}x{attack.steps}"
+                        if cfg.stage2_w_nft else "none")
         maybe_probe(state["step"])
         if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.stage2_steps:
             run.save()
