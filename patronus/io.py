@@ -1,7 +1,8 @@
-"""Output directories that appear whole or not at all."""
+"""Output directories that appear whole or not at all, and the files of a model directory."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,3 +32,12 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     if out.exists():
         out.rmdir()
     tmp.rename(out)
+
+
+def files_under(root: str | Path) -> list[Path]:
+    """Every regular file below `root`, sorted, following directory symlinks: a shipped variant
+    of a model links the components it shares with the original instead of copying them."""
+    out = []
+    for folder, _, names in os.walk(root, followlinks=True):
+        out += [Path(folder) / n for n in names if (Path(folder) / n).is_file()]
+    return sorted(out)

@@ -11,6 +11,7 @@ import platform
 from pathlib import Path
 
 import patronus
+from patronus.io import files_under
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx")
 
@@ -35,7 +36,7 @@ def weight_hashes(root: str | Path) -> dict[str, str]:
     """sha256 of every weight file under a pipeline directory, keyed by relative path."""
     root = Path(root)
     out = {}
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+    for f in (p for p in files_under(root) if p.suffix in WEIGHT_SUFFIXES):
         h = hashlib.sha256()
         _update_with_file(h, f)
         out[str(f.relative_to(root))] = h.hexdigest()
@@ -48,10 +49,11 @@ def weights_digest(hashes: dict[str, str]) -> str:
 
 
 def generation_digest(model_dir: str | Path) -> str:
-    """sha256 over every file outside vae/ (path and content): what decides the sampled latents."""
+    """sha256 over every file outside vae/ (path and content): what decides the sampled latents.
+    A protection's own record (patronus.json) decides nothing and is left out."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file() and p.relative_to(model_dir).parts[0] != "vae"):
+    for f in (p for p in files_under(model_dir) if p.relative_to(model_dir).parts[0] not in ("vae", "patronus.json")):
         h.update(f"{f.relative_to(model_dir)}\n".encode())
         _update_with_file(h, f)
     return h.hexdigest()

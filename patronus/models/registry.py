@@ -17,7 +17,8 @@ from patronus.errors import PatronusError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_DIR = ASSETS / "patronus-tiny"
 GLYPHNET_DIR = ASSETS / "glyphnet"
-SHIPPED: dict[str, Path] = {"patronus-tiny": TINY_DIR}
+PROTECTED_DIR = ASSETS / "patronus-tiny-protected"  # `make protected-model`: only vae/ differs from TINY_DIR
+SHIPPED: dict[str, Path] = {"patronus-tiny": TINY_DIR, "patronus-tiny-protected": PROTECTED_DIR}
 
 
 class ModelLoadError(PatronusError):

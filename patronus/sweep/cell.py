@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from patronus.attacks.registry import ATTACKS, run_attack
 from patronus.evaluation.harness import LATENTS_FILE, EvalConfig, evaluate
+from patronus.io import files_under
 from patronus.models.components import reinitialise
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.provenance import generation_digest
@@ -152,8 +153,8 @@ def same_unet_attack_inputs(a: str, b: str) -> bool:
     """
     ra, rb = resolve_model(a), resolve_model(b)
     for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        fa = sorted(f.relative_to(ra) for f in (ra / sub).rglob("*") if f.is_file())
-        fb = sorted(f.relative_to(rb) for f in (rb / sub).rglob("*") if f.is_file())
+        fa = [f.relative_to(ra) for f in files_under(ra / sub)]
+        fb = [f.relative_to(rb) for f in files_under(rb / sub)]
         if fa != fb or any((ra / f).read_bytes() != (rb / f).read_bytes() for f in fa):
             return False
     va, vb = (AutoencoderKL.from_pretrained(r / "vae") for r in (ra, rb))

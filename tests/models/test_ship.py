@@ -1,0 +1,59 @@
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from patronus.errors import OutputExistsError, PatronusError
+from patronus.models.registry import PROTECTED_DIR, TINY_DIR, load_pipeline, resolve_model
+from patronus.models.ship import ship
+from patronus.provenance import generation_digest, weight_hashes, weights_digest
+
+
+def _fake_run(tmp_path, changed=("vae/diffusion_pytorch_model.safetensors",)):
+    """A directory shaped like `patronus protect`'s output, with a perturbed decoder."""
+    run = tmp_path / "run"
+    shutil.copytree(TINY_DIR, run)
+    vae = AutoencoderKL.from_pretrained(run / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias += 0.01
+    vae.save_pretrained(run / "vae")
+    info = {"source_model": {"path": str(TINY_DIR), "weights_sha256": weights_digest(weight_hashes(TINY_DIR))},
+            "changed_weight_files": list(changed), "weight_files_sha256": weight_hashes(run)}
+    (run / "patronus.json").write_text(json.dumps(info))
+    return run
+
+
+def test_ship_links_everything_but_the_vae(tmp_path):
+    run = _fake_run(tmp_path)
+    out = ship(run, "tiny-variant", assets=tmp_path / "assets")
+    assert (out / "unet").is_symlink() and not (out / "vae").is_symlink()
+    assert weight_hashes(out) == weight_hashes(run)
+    assert generation_digest(out) == generation_digest(TINY_DIR)
+    info = json.loads((out / "patronus.json").read_text())
+    assert info["source_model"]["path"] == "patronus-tiny" and info["shipped_as"] == "tiny-variant"
+    bias = load_pipeline(out).vae.decoder.conv_out.bias
+    assert torch.allclose(bias, load_pipeline("patronus-tiny").vae.decoder.conv_out.bias + 0.01)
+    with pytest.raises(OutputExistsError):
+        ship(run, "tiny-variant", assets=tmp_path / "assets")
+
+
+def test_ship_refuses_runs_it_cannot_vouch_for(tmp_path):
+    run = _fake_run(tmp_path, changed=("unet/diffusion_pytorch_model.safetensors",))
+    with pytest.raises(PatronusError, match="only vae/ may differ"):
+        ship(run, "x", assets=tmp_path / "assets")
+    run = _fake_run(tmp_path / "second")
+    (run / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(PatronusError, match="not the ones its patronus.json records"):
+        ship(run, "x", assets=tmp_path / "assets")
+    assert not (tmp_path / "assets" / "x").exists()
+
+
+def test_shipped_protected_model_is_patronus_tiny_with_its_own_decoder():
+    assert resolve_model("patronus-tiny-protected") == PROTECTED_DIR
+    info = json.loads((PROTECTED_DIR / "patronus.json").read_text())
+    assert weight_hashes(PROTECTED_DIR) == info["weight_files_sha256"]
+    assert generation_digest(PROTECTED_DIR) == generation_digest(TINY_DIR)
+    assert info["changed_weight_files"] == ["vae/diffusion_pytorch_model.safetensors"]
+    assert info["config"]["stage2_steps"] > 0 and info["shipped_as"] == "patronus-tiny-protected"
