@@ -256,7 +256,7 @@ def _finish(fig, legend_ax, path: Path) -> None:
 
 
 DECODER_MODELS = ("protected", "stage1-only", "unprotected", "scratch")
-DECODER_STYLES = {"protected": "o-", "stage1-only": "D-.", "unprotected": "s--", "scratch": "^:"}
+DECODER_STYLES = {"protected": "o-", "nft0": "v-", "stage1-only": "D-.", "unprotected": "s--", "scratch": "^:"}
 
 
 def decoder_attack_rows(res: dict) -> tuple[list[str], list[list[str]]]:
