@@ -28,14 +28,14 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from patronus.config import to_dict
-from patronus.defenses.patronus.config import load_config
+from patronus.defenses.patronus.config import ProtectConfig, load_config
 from patronus.defenses.patronus.protect import Protector, RunState, stage2_non_fine_tunable
 from patronus.models.components import DecoderHead
 from patronus.training import Checkpointer
 
 # Settings that shape stage 1 or the feature bank: a variant may not change them.
-STAGE1_KEYS = ("seed", "perceptual", "vgg_weights", "bank", "batch_size", "stage1_steps", "stage1_lr",
-               "stage1_warmup", "stage1_w_refuse_img", "stage1_w_refuse_feat", "stage1_w_rec", "stage1_w_cal")
+STAGE1_KEYS = ("seed", "perceptual", "vgg_weights", "bank", "batch_size",
+               *(k for k in ProtectConfig.__dataclass_fields__ if k.startswith("stage1_")))
 
 
 def main() -> None:
@@ -57,7 +57,8 @@ def main() -> None:
     cfg = load_config("full", args.config)
     cfg = dataclasses.replace(cfg, stage2_steps=args.steps, probe_every=args.probe_every,
                               checkpoint_every=max(args.steps, 1))
-    changed = [k for k in STAGE1_KEYS if to_dict(cfg)[k] != info["config"][k]]
+    defaults = to_dict(ProtectConfig())  # a setting newer than the run: it ran with the default behaviour
+    changed = [k for k in STAGE1_KEYS if to_dict(cfg)[k] != info["config"].get(k, defaults[k])]
     if changed:
         raise SystemExit(f"error: the variant changes stage-1 settings ({', '.join(changed)}); "
                          f"run `patronus protect` instead")
