@@ -49,6 +49,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} images and {Path(args.out) / 'grid.png'}")
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from patronus.verify import verify
+
+    result = verify(args.model)
+    print(result.summary())
+    if not result.intact:
+        sys.exit(1)
+
+
 def cmd_train_glyphnet(args: argparse.Namespace) -> None:
     from patronus.detectors.glyphnet import GlyphNetTrainConfig, evaluate_glyphnet, train_glyphnet
     from patronus.io import atomic_dir
@@ -230,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs", nargs="+", help="run directories written by `patronus evaluate`")
     rp.add_argument("--out", required=True)
     rp.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("verify", help="check a protected pipeline against its patronus.json "
+                                      "(exit 0 intact, 1 differs, 2 not a protected pipeline)")
+    v.add_argument("model", help="a protected pipeline directory or a shipped protected model's name")
+    v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="the end-to-end demo on the shipped model")
     d.add_argument("--out", default="out/demo")
