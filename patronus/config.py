@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,8 +58,53 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+
+
+def _typed(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Whether `value` fits the type `hint` of a config field, and the value to use (ints
+    become floats where a float belongs). Hints this does not know are accepted as they are."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            ok, v = _typed(value, arm)
+            if ok:
+                return True, v
+        return False, value
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False, value
+        arms = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(arms) != len(value):
+            return False, value
+        checked = [_typed(v, a) for v, a in zip(value, arms)]
+        return all(ok for ok, _ in checked), tuple(v for _, v in checked)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint in (str, type(None)):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list, each {_describe(args[0])}"
+        return "a list [" + ", ".join(_describe(a) for a in args) + "]"
+    return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def build(cls: type[T], values: dict, where: str) -> T:
-    """`cls(**values)` with nested config tables built too and unknown keys refused."""
+    """`cls(**values)` with nested config tables built too, unknown keys and values of the wrong
+    type refused (before `__post_init__` checks ranges and combinations)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} settings must be a table (name = value), not {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -71,7 +117,9 @@ def build(cls: type[T], values: dict, where: str) -> T:
         if dataclasses.is_dataclass(sub):
             kwargs[key] = value if isinstance(value, sub) else build(sub, value, f"{where}.{key}")
         else:
-            kwargs[key] = _tuples(value)
+            ok, kwargs[key] = _typed(_tuples(value), sub)
+            if not ok:
+                raise ConfigError(f"{where}.{key} must be {_describe(sub)}, got {value!r}")
     try:
         return cls(**kwargs)
     except TypeError as e:  # e.g. a nested table where a number belongs

@@ -104,6 +104,9 @@ def test_demo_refuses_a_file_as_out(tmp_path):
     ([], "attacks = {kinds = ['image']}\n", "unknown protect.attacks setting(s): kinds"),
     ([], "stage1_steps = 0\n", "stage1_steps must be at least 1"),
     ([], "[attacks]\nlr_range = [1e-3, 1e-5]\n", "attacks.lr_range"),
+    ([], 'stage1_steps = "many"\n', "protect.stage1_steps must be an integer, got 'many'"),
+    ([], "[attacks]\noptimizers = [['adam', 'much']]\n",
+     "protect.attacks.optimizers must be a list, each a list [a string, a number]"),
 ])
 def test_protect_settings_are_checked_before_any_work(tmp_path, args, config, needle):
     if config is not None:

@@ -1,0 +1,43 @@
+import dataclasses
+
+import pytest
+
+from patronus.config import build
+from patronus.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    pairs: tuple[tuple[str, float], ...] = (("a", 1.0),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    steps: int = 1
+    lr: float = 1e-3
+    flag: bool = False
+    path: str | None = None
+    span: tuple[int, int] = (1, 2)
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"steps": "many"}, "x.steps must be an integer, got 'many'"),
+    ({"steps": 2.5}, "x.steps must be an integer, got 2.5"),
+    ({"steps": True}, "x.steps must be an integer, got True"),
+    ({"lr": "fast"}, "x.lr must be a number, got 'fast'"),
+    ({"flag": 1}, "x.flag must be true or false, got 1"),
+    ({"path": 3}, "x.path must be a string or none, got 3"),
+    ({"span": [1]}, "x.span must be a list [an integer, an integer], got [1]"),
+    ({"inner": {"pairs": [["a", "b"]]}}, "x.inner.pairs must be a list, each a list [a string, a number]"),
+])
+def test_values_of_the_wrong_type_are_refused_with_the_field_and_the_type(values, message):
+    with pytest.raises(ConfigError) as e:
+        build(Outer, values, "x")
+    assert str(e.value).startswith(message)
+
+
+def test_right_types_build_with_ints_as_floats_and_lists_as_tuples():
+    cfg = build(Outer, {"steps": 3, "lr": 1, "path": None, "span": [2, 4], "inner": {"pairs": [["b", 2]]}}, "x")
+    assert cfg == Outer(steps=3, lr=1.0, span=(2, 4), inner=Inner(pairs=(("b", 2.0),)))
+    assert isinstance(cfg.lr, float)
