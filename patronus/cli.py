@@ -33,8 +33,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from patronus.models.registry import load_pipeline
     from patronus.models.sampling import generate
 
-    if args.n < 1:
-        raise UsageError("--n must be at least 1")
+    if args.n < 1 or args.steps < 1:
+        raise UsageError("--n and --steps must be at least 1")
+    if args.guidance < 0:
+        raise UsageError("--guidance must not be negative (1 or less turns classifier-free guidance off)")
     seeds = [args.seed + i for i in range(args.n)]
     with atomic_dir(args.out) as tmp:
         pipe = load_pipeline(args.model)

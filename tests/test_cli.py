@@ -118,3 +118,13 @@ def test_protect_settings_are_checked_before_any_work(tmp_path, args, config, ne
     else:
         assert_clean_error(r, needle)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.work").exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--steps", "-3", "--n and --steps must be at least 1"),
+    ("--n", "0", "--n and --steps must be at least 1"),
+    ("--guidance", "-1", "--guidance must not be negative"),
+])
+def test_generate_refuses_bad_numbers_before_loading_anything(tmp_path, flag, value, needle):
+    assert_clean_error(run_cli("generate", "patronus-tiny", "x", flag, value, "--out", str(tmp_path / "o")), needle)
+    assert not (tmp_path / "o").exists()
