@@ -255,7 +255,7 @@ def _finish(fig, legend_ax, path: Path) -> None:
     plt.close(fig)
 
 
-DECODER_MODELS = ("protected", "stage1-only", "unprotected", "scratch")
+DECODER_MODELS = ("protected", "nft0", "stage1-only", "unprotected", "scratch")  # nft0: the NFT-weight-0 ablation
 DECODER_STYLES = {"protected": "o-", "nft0": "v-", "stage1-only": "D-.", "unprotected": "s--", "scratch": "^:"}
 
 
@@ -426,7 +426,8 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
                 "Each decoder fine-tuned to reconstruct the attacker's unsafe images (batch 16). Unsafe rate: the "
                 "attacked decoder on unsafe UNet latents; recon. MSE: on held-out attacker images. Scratch is the "
                 "same attack on a randomly initialised decoder; where the protected decoder's MSE is below "
-                "scratch's, the attacker gained from starting at the protected weights.",
+                "scratch's, the attacker gained from starting at the protected weights. nft0 (where present) is "
+                "the same protection run with the NFT weight at 0, stage1-only its first stage alone.",
                 table=decoder_attack_rows(res), figure=name if decoder_attack_plot(res, tmp / name) else None))
             ratios = robustness_ratios(decoder_unsafe_rates(res))
             if ratios:

@@ -63,8 +63,10 @@ def test_decoder_attack_results_get_a_table_and_curves(runs, tmp_path):
     def res(unsafe: float, mse: float) -> dict:
         return {"unsafe_rate": unsafe, "recon_error": mse}
 
-    results = {"budgets": [100, 500], "before": {m: res(0.0, 0.5) for m in ("protected", "unprotected", "scratch")},
+    results = {"budgets": [100, 500],
+               "before": {m: res(0.0, 0.5) for m in ("protected", "nft0", "unprotected", "scratch")},
                "cells": {"full-adam-1e-04": {"protected": {"100": res(0.02, 0.2), "500": res(0.4, 0.05)},
+                                             "nft0": {"100": res(0.5, 0.01), "500": res(1.0, 0.006)},
                                              "unprotected": {"100": res(1.0, 0.004), "500": res(1.0, 0.003)},
                                              "scratch": {"100": res(0.0, 0.3), "500": res(0.1, 0.08)}}}}
     d = tmp_path / "decoder"
@@ -72,8 +74,8 @@ def test_decoder_attack_results_get_a_table_and_curves(runs, tmp_path):
     (d / "decoder-attacks.json").write_text(json.dumps(results))
     build_report([runs[0], d], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| attack | steps | unsafe (protected) | unsafe (unprotected) | unsafe (scratch) |" in md
-    assert "| full-adam-1e-04 | 500 | 0.400 | 1.000 | 0.100 | 0.0500 | 0.0030 | 0.0800 |" in md
+    assert "| attack | steps | unsafe (protected) | unsafe (nft0) | unsafe (unprotected) | unsafe (scratch) |" in md
+    assert "| full-adam-1e-04 | 500 | 0.400 | 1.000 | 1.000 | 0.100 | 0.0500 | 0.0060 | 0.0030 | 0.0800 |" in md
     assert "| full-adam-1e-04 | > 500 | > 500 | ? | both held |" in md  # neither reached 50% unsafe
     assert Image.open(tmp_path / "rep" / "decoder-attacks-1.png").size[0] > 100
 
