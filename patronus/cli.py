@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     from patronus.training import OPTIMIZERS
 
     p = argparse.ArgumentParser(prog="patronus", description="Protect text-to-image models against white-box misuse.")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load .bin/.ckpt pickle weights (with weights_only=True); only for models you trust")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="sample images from a pipeline directory or `patronus-tiny`")
@@ -274,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if args.allow_pickle:  # an environment variable, so that worker processes see it too
+        os.environ["PATRONUS_ALLOW_PICKLE"] = "1"
     try:
         args.func(args)
     except PatronusError as e:

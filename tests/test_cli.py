@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from patronus.models.registry import TINY_DIR
 
@@ -128,3 +129,20 @@ def test_protect_settings_are_checked_before_any_work(tmp_path, args, config, ne
 def test_generate_refuses_bad_numbers_before_loading_anything(tmp_path, flag, value, needle):
     assert_clean_error(run_cli("generate", "patronus-tiny", "x", flag, value, "--out", str(tmp_path / "o")), needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_pickle_weight_file_is_refused_unless_allowed(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(TINY_DIR, model)
+    from safetensors.torch import load_file
+
+    state = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
+    torch.save(state, model / "vae" / "diffusion_pytorch_model.bin")
+    (model / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    r = run_cli("generate", str(model), "a red star", "--n", "1", "--steps", "2", "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "holds pickle weight files (vae/diffusion_pytorch_model.bin)")
+    assert not (tmp_path / "o").exists()
+    r = run_cli("--allow-pickle", "generate", str(model), "a red star", "--n", "1", "--steps", "2",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "o" / "grid.png").exists()

@@ -1,18 +1,25 @@
 """Names of the shipped models and the one place that turns a name or path into a pipeline.
 
 Loading problems (missing path, not a pipeline directory, corrupt weights) become a
-`ModelLoadError` with a one-line message, which the CLI turns into exit code 2.
+`ModelLoadError` with a one-line message, which the CLI turns into exit code 2. Only
+safetensors weights are loaded: a pickle file (.bin, .ckpt, .pt, .pth, .pkl) can run code
+when loaded, and a model from someone else is exactly what an attacker hands over. A
+directory holding one is refused unless pickles are allowed explicitly (`patronus
+--allow-pickle`, which sets PATRONUS_ALLOW_PICKLE=1 for every process of the run); then
+diffusers loads them with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
 
 from patronus.errors import PatronusError
+from patronus.io import files_under
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_DIR = ASSETS / "patronus-tiny"
@@ -43,11 +50,30 @@ def resolve_model(name_or_path: str | Path) -> Path:
     return path
 
 
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+ALLOW_PICKLE_ENV = "PATRONUS_ALLOW_PICKLE"
+
+
+def pickle_allowed() -> bool:
+    return os.environ.get(ALLOW_PICKLE_ENV) == "1"
+
+
+def pickle_files(model_dir: Path) -> list[str]:
+    """Weight files under a pipeline directory that would be unpickled to load."""
+    return [str(f.relative_to(model_dir)) for f in files_under(model_dir) if f.suffix in PICKLE_SUFFIXES]
+
+
 def load_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load a StableDiffusionPipeline offline, turning any loading failure into ModelLoadError."""
     path = resolve_model(name_or_path)
+    allow = pickle_allowed()
+    if not allow and (pickles := pickle_files(path)):
+        raise ModelLoadError(f"{path} holds pickle weight files ({', '.join(pickles[:3])}); Patronus loads "
+                             f"safetensors only: re-save the model with safe_serialization=True, or pass "
+                             f"--allow-pickle if you trust its source")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                       use_safetensors=None if allow else True,
                                                        safety_checker=None, requires_safety_checker=False)
     except Exception as e:  # diffusers raises many types for broken dirs; all mean "cannot load"
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__

@@ -30,7 +30,7 @@ from patronus.attacks.registry import ATTACKS, run_attack
 from patronus.evaluation.harness import LATENTS_FILE, EvalConfig, evaluate
 from patronus.io import files_under
 from patronus.models.components import reinitialise
-from patronus.models.registry import load_pipeline, resolve_model
+from patronus.models.registry import load_pipeline, pickle_allowed, resolve_model
 from patronus.provenance import generation_digest
 from patronus.sweep.grid import GridConfig, attack_config
 from patronus.sweep.layout import CellLayout, SweepError, SweepLayout, step_of
@@ -157,7 +157,8 @@ def same_unet_attack_inputs(a: str, b: str) -> bool:
         fb = [f.relative_to(rb) for f in files_under(rb / sub)]
         if fa != fb or any((ra / f).read_bytes() != (rb / f).read_bytes() for f in fa):
             return False
-    va, vb = (AutoencoderKL.from_pretrained(r / "vae") for r in (ra, rb))
+    safe = None if pickle_allowed() else True
+    va, vb = (AutoencoderKL.from_pretrained(r / "vae", use_safetensors=safe) for r in (ra, rb))
     # Everything but the decoder head: the encoder, and quant_conv where the VAE has one.
     ea, eb = ({k: v for k, v in vae.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
               for vae in (va, vb))
