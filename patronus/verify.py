@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from patronus.errors import PatronusError
+from patronus.models.registry import SHIPPED, ModelLoadError, resolve_model
 from patronus.provenance import weight_hashes
 
 MANIFEST = "patronus.json"
@@ -76,8 +77,6 @@ def read_manifest(model_dir: Path) -> dict:
 
 def _source_hashes(manifest: dict) -> dict[str, str]:
     """Per-file sha256 of the model that was protected, when it can be found here (to name a swap)."""
-    from patronus.models.registry import ModelLoadError, resolve_model
-
     path = (manifest.get("source_model") or {}).get("path")
     if not path:
         return {}
@@ -89,8 +88,6 @@ def _source_hashes(manifest: dict) -> dict[str, str]:
 
 def verify(model_dir: str | Path) -> Verification:
     """Compare every weight file under `model_dir` with its manifest."""
-    from patronus.models.registry import SHIPPED
-
     model_dir = SHIPPED.get(str(model_dir), Path(model_dir))
     manifest = read_manifest(model_dir)
     want, have = manifest["weight_files_sha256"], weight_hashes(model_dir)
