@@ -29,9 +29,9 @@ from diffusers import AutoencoderKL
 
 from patronus.config import to_dict
 from patronus.defenses.patronus.config import ProtectConfig, load_config
-from patronus.defenses.patronus.protect import Protector, RunState, stage2_non_fine_tunable
+from patronus.defenses.patronus.protect import Protector, stage2_non_fine_tunable
 from patronus.models.components import DecoderHead
-from patronus.training import Checkpointer
+from patronus.training import Checkpointer, RunState
 
 # Settings that shape stage 1 or the feature bank: a variant may not change them.
 STAGE1_KEYS = ("seed", "perceptual", "vgg_weights", "bank", "batch_size",

@@ -112,7 +112,7 @@ def cmd_protect(args: argparse.Namespace) -> None:
     from patronus.defenses import load_defense
 
     defense = load_defense(args.defense)
-    cfg = defense.load_config(args.preset, args.config)
+    cfg = defense.load_config(args.preset, args.config, **({} if args.parts is None else {"parts": args.parts}))
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.with_name(out.name + ".work")
     info = defense.protect(args.model, out, cfg, workdir, resume=args.resume)
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=default(EvalConfig, "batch_size"))
     ev.set_defaults(func=cmd_evaluate)
 
-    pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, the decoder moderator)")
+    pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, decoder moderator and "
+                                        "aligned UNet)")
     pr.add_argument("model", help="pipeline directory or patronus-tiny")
     pr.add_argument("--out", required=True)
     pr.add_argument("--config", help="a .toml, .yaml or .json file overriding the preset")
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--preset", default="full", help="the defence's preset (patronus: quick or full)")
     pr.add_argument("--workdir", help="checkpoints and the feature-bank cache (default: OUT.work)")
     pr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
+    pr.add_argument("--parts", help="patronus: what to harden, comma-separated: decoder, unet "
+                                    "(default: the config's, both)")
     pr.set_defaults(func=cmd_protect)
 
     at = sub.add_parser("attack", help="fine-tune or swap components the way a white-box adversary would")

@@ -1,7 +1,8 @@
 """`patronus demo`: the whole story on the shipped model in one command.
 
-evaluate the base model -> protect it (quick preset) -> evaluate the protected model ->
-attack both with the quick grid (plus a scratch reference) -> one report.
+evaluate the base model -> protect it (quick preset: decoder and UNet) -> evaluate the
+protected model, and again with the original VAE swapped back in (what the aligned UNet alone
+holds) -> attack both with the quick grid (plus a scratch reference) -> one report.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
+from patronus.attacks.config import AttackConfig
+from patronus.attacks.registry import run_attack
 from patronus.defenses.patronus import ProtectConfig, load_config, protect
 from patronus.errors import OutputExistsError
 from patronus.evaluation.harness import EvalConfig, evaluate
@@ -22,8 +25,8 @@ MARKER = "demo.json"
 # Minutes per stage measured on 2 CPU cores (fresh clone, 2026-11-28); once the protect stage
 # is done, the estimate is scaled by this machine's pace relative to those.
 STAGES = (("evaluate the base model", 0.1), ("protect it (quick preset)", 3.9),
-          ("evaluate the protected model", 0.1), ("attack grid on protected, unprotected, scratch", 1.2),
-          ("write the report", 0.1))
+          ("evaluate the protected model, and with the original VAE swapped in", 0.2),
+          ("attack grid on protected, unprotected, scratch", 1.2), ("write the report", 0.1))
 
 
 def _prepare(out: Path) -> None:
@@ -66,14 +69,20 @@ def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectCon
     info = protect(model, out / "protected", protect_config or load_config("quick"), out / "protected.work")
     stage(2)
     protected = evaluate(str(out / "protected"), out / "eval-protected", settings, reference=model)
+    swapped = None
+    if "unet" in info["parts"]:
+        [swap_dir] = run_attack(str(out / "protected"), AttackConfig("swap-decoder", swap_from=model),
+                                out / "swapped", progress=False)
+        swapped = evaluate(str(swap_dir), out / "eval-protected-original-vae", settings, reference=model)["metrics"]
     stage(3)
     sweep = run_sweep(str(out / "protected"), load_grid(grid), out / "sweep", unprotected=model)
     stage(4)
-    report = build_report([out / "eval-base", out / "eval-protected", out / "sweep"], out / "report")
+    evals = [out / "eval-base", out / "eval-protected"] + ([out / "eval-protected-original-vae"] if swapped else [])
+    report = build_report([*evals, out / "sweep"], out / "report")
     shutil.rmtree(out / "protected.work", ignore_errors=True)
 
     minutes = (time.time() - t0) / 60
-    summary = _summary(base["metrics"], protected["metrics"], sweep, info, minutes)
+    summary = _summary(base["metrics"], protected["metrics"], swapped, sweep, info, minutes)
     (out / MARKER).write_text(json.dumps({"status": "finished", "minutes": minutes, "summary": summary,
                                           "report": str(report)}, indent=2))
     print(f"\nreport: {report}")
@@ -81,7 +90,8 @@ def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectCon
     return {"report": report, "summary": summary, "minutes": minutes}
 
 
-def _summary(base: dict, protected: dict, sweep: dict, info: dict, minutes: float) -> list[str]:
+def _summary(base: dict, protected: dict, swapped: dict | None, sweep: dict, info: dict,
+             minutes: float) -> list[str]:
     def pct(m: dict | None) -> str:
         return "n/a" if not m or m.get("value") is None else f"{100 * m['value']:.0f}%"
 
@@ -96,7 +106,10 @@ def _summary(base: dict, protected: dict, sweep: dict, info: dict, minutes: floa
         f"false refusals {pct(protected.get('false_refusal_rate'))}",
         f"benign fidelity: class match {pct(protected.get('benign_class_match'))}, PSNR vs base "
         f"{protected.get('psnr_vs_reference', {}).get('value', float('nan')):.1f} dB",
+        "original VAE put back: " + (f"unsafe {pct(swapped.get('unsafe_rate'))}, refusals "
+                                     f"{pct(swapped.get('refusal_rate'))} (the aligned UNet alone)" if swapped
+                                     else "not measured (the UNet was not protected: --parts decoder)"),
         "after attacks:   worst unsafe rate " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(worst.items())),
-        f"took {minutes:.1f} min (protect {info['timing']['total_seconds'] / 60:.1f} min; quick preset, "
-        "a demonstration, not the full protection)",
+        f"took {minutes:.1f} min (protect {', '.join(info['parts'])}: {info['timing']['total_seconds'] / 60:.1f} min; "
+        "quick preset, a demonstration, not the full protection)",
     ]

@@ -91,3 +91,36 @@ class Checkpointer:
         state = json.loads((ckpts[-1] / self.STATE).read_text())
         self.accelerator.print(f"resumed from {ckpts[-1]}")
         return state, tensors
+
+
+class RunState:
+    """Where a probed training run is (stage, step), its probes, and the best checkpoint's
+    weights so far; saved with every checkpoint so that a resumed run ends exactly where an
+    unbroken one does. Probes are ranked by the keys in `rank_by`, compared in order."""
+
+    def __init__(self, checkpointer: Checkpointer, rank_by: tuple[str, ...] = ("feasible", "score", "benign_psnr")):
+        self.checkpointer, self.rank_by = checkpointer, rank_by
+        self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}, "losses": {}}
+        self.best_weights: dict[str, torch.Tensor] = {}
+
+    def restore(self) -> None:
+        restored = self.checkpointer.restore()
+        if restored is not None:
+            self.state, self.best_weights = restored
+
+    def log(self, stage: int, loss: torch.Tensor) -> None:
+        """The step's total loss, averaged over processes (the loss curve patronus.json keeps)."""
+        mean = self.checkpointer.accelerator.reduce(loss.detach(), reduction="mean")
+        self.state["losses"].setdefault(f"stage{stage}", []).append(float(mean))
+
+    def save(self) -> None:
+        self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, self.best_weights)
+
+    def record_probe(self, result: dict, model: torch.nn.Module) -> None:
+        """Keep the probe; keep `model`'s weights when it is the best checkpoint so far (for the
+        decoder: benign PSNR above the bar first, then the highest probe score, then PSNR)."""
+        self.state["probes"].append(result)
+        best, key = self.state["best"], self.rank_by
+        if best is None or tuple(result[k] for k in key) > tuple(best[k] for k in key):
+            self.state["best"] = result
+            self.best_weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}

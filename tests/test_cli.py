@@ -108,6 +108,9 @@ def test_demo_refuses_a_file_as_out(tmp_path):
     ([], 'stage1_steps = "many"\n', "protect.stage1_steps must be an integer, got 'many'"),
     ([], "[attacks]\noptimizers = [['adam', 'much']]\n",
      "protect.attacks.optimizers must be a list, each a list [a string, a number]"),
+    (["--parts", "decoder,vae"], None, "--parts must be a comma-separated subset of decoder,unet"),
+    ([], 'parts = ["text_encoder"]\n', "parts must be one or more of decoder, unet"),
+    ([], '[unet]\ntarget = "white"\n', "unet.target must be one of black, esd"),
 ])
 def test_protect_settings_are_checked_before_any_work(tmp_path, args, config, needle):
     if config is not None:

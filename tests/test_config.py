@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,18 @@ def test_right_types_build_with_ints_as_floats_and_lists_as_tuples():
     cfg = build(Outer, {"steps": 3, "lr": 1, "path": None, "span": [2, 4], "inner": {"pairs": [["b", 2]]}}, "x")
     assert cfg == Outer(steps=3, lr=1.0, span=(2, 4), inner=Inner(pairs=(("b", 2.0),)))
     assert isinstance(cfg.lr, float)
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_committed_config_files_load(path):
+    from patronus.defenses.patronus.config import load_config
+    from patronus.sweep.grid import load_grid
+
+    if path.name.startswith("grid-"):
+        load_grid(str(path))
+    else:
+        for preset in ("quick", "full"):
+            load_config(preset, path)

@@ -4,20 +4,22 @@ import pytest
 
 from patronus.defenses.patronus.config import load_config
 from patronus.demo import MARKER, run_demo
+from tests.defenses.test_align import UNET_RUN
 from tests.defenses.test_protect import TINY_RUN
 
 
 def test_demo_end_to_end_on_a_mini_model(mini_pipeline, tmp_path):
     cfg_file = tmp_path / "tiny.json"
-    cfg_file.write_text(json.dumps(TINY_RUN))
+    cfg_file.write_text(json.dumps(TINY_RUN | UNET_RUN | {"parts": ["decoder", "unet"]}))
     grid = tmp_path / "grid.toml"
     grid.write_text('kinds = ["decoder-full"]\noptimizers = ["adam"]\nlrs = [1e-3]\nbudgets = [1, 2]\n'
                     'batch_size = 4\nsuite = "glyph-quick"\n[eval]\nsteps = 2\n')
     out = tmp_path / "demo"
     result = run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid)
-    assert result["report"].exists() and len(result["summary"]) == 5
+    assert result["report"].exists() and len(result["summary"]) == 6
+    assert result["summary"][3].startswith("original VAE put back: unsafe")
     md = (out / "report" / "report.md").read_text()
-    assert "eval-base" in md and "eval-protected" in md and "Robustness sweep 1" in md
+    assert "eval-base" in md and "eval-protected-original-vae" in md and "Robustness sweep 1" in md
     assert (out / MARKER).exists()
     # A second demo replaces the first; a foreign directory is never deleted.
     run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid)

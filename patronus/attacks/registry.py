@@ -3,8 +3,8 @@
 An attack module registers its kinds at import (`attacks/__init__.py` imports them all).
 The sweep, the CLI and the scratch references read only this table: a kind's `trains` says
 which components the attack changes, so its scratch reference re-initialises exactly those,
-and an attack that trains the UNet alone can be shared between a protected model and its
-original (the defence changed nothing such an attack reads).
+and an attack that trains the UNet alone can be shared between a decoder-only protected
+model and its original (that defence changed nothing such an attack reads).
 """
 
 from __future__ import annotations

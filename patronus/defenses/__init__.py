@@ -4,13 +4,15 @@ Each defence is a package that offers the same four names, so `patronus protect 
 NAME` and the benchmarks run any of them the same way:
 
     PRESETS                          preset name -> settings
-    load_config(preset, path=None)   its checked `*Config`, from a preset and a config file
+    load_config(preset, path=None, **overrides)
+                                     its checked `*Config`, from a preset, a config file and
+                                     command-line overrides (patronus: `parts`)
     protect(model, out, cfg, workdir, resume=False) -> dict
                                      writes a standard pipeline directory to `out`
     describe(info, workdir) -> list[str]
                                      lines for the terminal about a finished run
 
-`patronus` (the decoder moderator with non-fine-tunable learning) is the only one today;
+`patronus` (decoder moderator and aligned UNet, with non-fine-tunable learning) is the only one today;
 baselines join under `defenses/baselines/` with a line in `DEFENSES`. Packages are imported
 only when used, so the command line starts without loading torch.
 """

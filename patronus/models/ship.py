@@ -3,11 +3,11 @@
     python -m patronus.models.ship RUN_DIR patronus-tiny-protected
 
 RUN_DIR is the output of `patronus protect` on a shipped model (`make protected-model` runs
-both steps). Only `vae/` differs from the original, so the variant holds its own `vae/`,
-`model_index.json` and `patronus.json`, and links every other component to the original's
-folder: a complete diffusers pipeline directory (`StableDiffusionPipeline.from_pretrained`
-follows the links) at the cost of one VAE. Refuses a run that changed anything but the VAE,
-or whose source is not the shipped original.
+both steps). Only the protected components (`vae/`, `unet/`) differ from the original, so the
+variant holds its own copies of those, `model_index.json` and `patronus.json`, and links every
+other component to the original's folder: a complete diffusers pipeline directory
+(`StableDiffusionPipeline.from_pretrained` follows the links). Refuses a run that changed
+anything else, or whose source is not the shipped original.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from patronus.io import atomic_dir
 from patronus.models.registry import ASSETS, SHIPPED, load_pipeline
 from patronus.provenance import weight_hashes, weights_digest
 
+PROTECTABLE = ("vae", "unet")  # the components `patronus protect` may change
+
 
 def ship(run_dir: Path, name: str, original: str = "patronus-tiny", assets: Path = ASSETS) -> Path:
     """Write assets/name from a protect output of `original`; returns the new directory."""
@@ -36,15 +38,18 @@ def ship(run_dir: Path, name: str, original: str = "patronus-tiny", assets: Path
     source = SHIPPED[original]
     if info["source_model"]["weights_sha256"] != weights_digest(weight_hashes(source)):
         raise PatronusError(f"{run_dir} was not protected from the shipped {original}; protect that model first")
-    if any(not f.startswith("vae/") for f in info["changed_weight_files"]):
-        raise PatronusError(f"{run_dir} changed {info['changed_weight_files']}; only vae/ may differ to ship it")
+    changed = {f.split("/")[0] for f in info["changed_weight_files"]}
+    if changed - set(PROTECTABLE):
+        raise PatronusError(f"{run_dir} changed {info['changed_weight_files']}; only {' and '.join(PROTECTABLE)} "
+                            "may differ to ship it")
     if weight_hashes(run_dir) != info["weight_files_sha256"]:
         raise PatronusError(f"the weights in {run_dir} are not the ones its patronus.json records")
     out = assets / name
     with atomic_dir(out) as tmp:
         shutil.copy2(run_dir / "model_index.json", tmp / "model_index.json")
-        shutil.copytree(run_dir / "vae", tmp / "vae")
-        for sub in sorted(p.name for p in source.iterdir() if p.is_dir() and p.name != "vae"):
+        for sub in sorted(changed):
+            shutil.copytree(run_dir / sub, tmp / sub)
+        for sub in sorted(p.name for p in source.iterdir() if p.is_dir() and p.name not in changed):
             os.symlink(os.path.relpath(source / sub, out), tmp / sub, target_is_directory=True)
         # The run's absolute paths mean nothing on another machine; the weights' sha256 stay.
         info["source_model"]["path"] = original

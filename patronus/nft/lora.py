@@ -8,16 +8,20 @@ Params = dict[str, torch.Tensor]
 
 
 class LoRAView:
-    """Low-rank updates W + B @ A on every conv/linear weight of a parameter dict, as peft adds
+    """Low-rank updates W + B @ A on the conv/linear weights of a parameter dict, as peft adds
     them with `lora_alpha = r` (scale 1): A drawn like peft's default (kaiming-uniform with
     a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B zero, so training starts at W.
     A conv's A is a (r, in, k, k) kernel and its B a 1x1 conv, which is B @ A on the flattened
-    weight."""
+    weight. `targets` limits them to modules whose name ends with one of its entries (peft's
+    `target_modules` as a list, e.g. the UNet attack's attention projections); None: every one."""
 
-    def __init__(self, base: Params, rank: int, generator: torch.Generator):
+    def __init__(self, base: Params, rank: int, generator: torch.Generator, targets: tuple[str, ...] | None = None):
         self.base = base
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, w in base.items():
+            module = name.removesuffix(".weight")
+            if targets is not None and not any(module == t or module.endswith("." + t) for t in targets):
+                continue
             if name.endswith("weight") and w.dim() in (2, 4):
                 out_dim, in_dim = w.shape[0], w[0].numel()
                 r = min(rank, out_dim, in_dim)

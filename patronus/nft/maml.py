@@ -46,18 +46,20 @@ def query_weights(n: int, weighting: str = "late") -> list[float]:
 
 def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,
                          query_loss: QueryLoss, queries: int, generator: torch.Generator,
-                         weighting: str = "uniform") -> tuple[Params, float]:
+                         weighting: str = "uniform", lora_targets: tuple[str, ...] | None = None
+                         ) -> tuple[Params, float]:
     """Play `attack` on a copy of `module`'s parameters; return the weighted query gradient and loss.
 
     The returned gradient is w.r.t. the *adapted* parameters (first-order MAML), keyed like
-    `module.named_parameters()`; `weighting` spreads the queries' weights (see `query_weights`).
+    `module.named_parameters()`; `weighting` spreads the queries' weights (see `query_weights`);
+    `lora_targets` are the modules a LoRA attack adapts (None: every conv and linear layer).
     """
     base = {n: p.detach() for n, p in module.named_parameters()}
     if attack.update == "full":
         fast = {n: p.clone().requires_grad_(True) for n, p in base.items()}
         trainable, effective = list(fast.values()), lambda: fast
     else:
-        lora = LoRAView(base, attack.lora_rank, generator)
+        lora = LoRAView(base, attack.lora_rank, generator, lora_targets)
         trainable, effective = lora.parameters(), lora.effective
     opt = make_optimizer(attack.optimizer, attack.lr, trainable)
     at = attack.query_steps(queries)

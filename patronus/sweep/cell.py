@@ -148,8 +148,9 @@ def same_unet_attack_inputs(a: str, b: str) -> bool:
     """Whether a UNet-only attack computes the same thing on both pipelines.
 
     Such an attack reads the UNet, text encoder, tokenizer, scheduler and the VAE *encoder*
-    (for the latents of its images); the decoder only renders the results. `patronus protect`
-    changes the decoder alone, so a protected model and its original share the attack exactly.
+    (for the latents of its images); the decoder only renders the results. A decoder-only
+    protection (`patronus protect --parts decoder`) shares the attack with its original exactly;
+    one that aligned the UNet does not, and is attacked on its own.
     """
     ra, rb = resolve_model(a), resolve_model(b)
     for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):

@@ -9,6 +9,7 @@ from patronus.defenses.patronus.config import load_config
 from patronus.defenses.patronus.protect import protect
 
 TINY_RUN = {
+    "parts": ["decoder"],
     "bank": {"n_train": 16, "n_query": 8, "n_probe": 8, "sampler_steps": 2},
     "batch_size": 8, "query_batch": 8, "stage1_steps": 4, "stage2_steps": 4, "probe_every": 2, "probe_steps": 2,
     "probe_batch": 4, "checkpoint_every": 2,
@@ -27,8 +28,10 @@ def test_protect_writes_a_standard_pipeline_changing_only_the_decoder(mini_pipel
     info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
     assert info["changed_weight_files"] == ["vae/diffusion_pytorch_model.safetensors"]
     saved = json.loads((tmp_path / "out" / "patronus.json").read_text())
-    assert saved["chosen_checkpoint"]["step"] in (2, 4) and len(saved["probes"]) == 2
-    assert {"total_seconds", "peak_memory_mb", "stage2_outer_step_seconds"} <= set(saved["timing"])
+    assert saved["parts"] == ["decoder"] and "unet" not in saved
+    assert saved["decoder"]["chosen_checkpoint"]["step"] in (2, 4) and len(saved["decoder"]["probes"]) == 2
+    assert {"total_seconds", "peak_memory_mb"} <= set(saved["timing"])
+    assert {"total_seconds", "stage2_outer_step_seconds"} <= set(saved["decoder"]["timing"])
     original = StableDiffusionPipeline.from_pretrained(mini_pipeline)
     protected = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
     for k, v in original.vae.encoder.state_dict().items():
@@ -38,7 +41,7 @@ def test_protect_writes_a_standard_pipeline_changing_only_the_decoder(mini_pipel
     assert any(not torch.equal(v, protected.vae.decoder.state_dict()[k])
                for k, v in original.vae.decoder.state_dict().items())
     stage1 = StableDiffusionPipeline.from_pretrained(tmp_path / "work" / "stage1-model")  # the ablation model
-    assert json.loads((tmp_path / "work" / "stage1-model" / "patronus.json").read_text())["probes"] == []
+    assert json.loads((tmp_path / "work" / "stage1-model" / "patronus.json").read_text())["decoder"]["probes"] == []
     assert any(not torch.equal(v, protected.vae.decoder.state_dict()[k])
                for k, v in stage1.vae.decoder.state_dict().items())
 
@@ -54,7 +57,7 @@ def test_resume_gives_the_same_result(mini_pipeline, tmp_path, cfg):
     with pytest.raises(FileExistsError, match="--resume"):
         protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb")
     info = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
-    assert [pr["step"] for pr in info["probes"]] == [2, 4]  # step 4 was really run again
+    assert [pr["step"] for pr in info["decoder"]["probes"]] == [2, 4]  # step 4 was really run again
     a = StableDiffusionPipeline.from_pretrained(tmp_path / "a").vae.state_dict()
     b = StableDiffusionPipeline.from_pretrained(tmp_path / "b").vae.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -91,8 +94,9 @@ def test_nft_weight_zero_is_the_same_run_without_simulated_attacks(mini_pipeline
     import dataclasses
 
     info = protect(str(mini_pipeline), tmp_path / "out", dataclasses.replace(cfg, stage2_w_nft=0.0), tmp_path / "w")
-    assert info["timing"]["mean_inner_steps"] == 0 and [p["step"] for p in info["probes"]] == [2, 4]
-    assert len(info["losses"]["stage2"]) == cfg.stage2_steps
+    decoder = info["decoder"]
+    assert decoder["timing"]["mean_inner_steps"] == 0 and [p["step"] for p in decoder["probes"]] == [2, 4]
+    assert len(decoder["losses"]["stage2"]) == cfg.stage2_steps
 
 
 def test_scrambling_pulls_unsafe_activations_to_fixed_targets_and_keeps_benign_ones(mini_pipeline, tmp_path, cfg):

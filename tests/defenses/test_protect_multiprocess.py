@@ -30,7 +30,7 @@ def test_two_processes_and_one_agree_on_the_first_steps(mini_pipeline, tmp_path)
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = _protect(mini_pipeline, tmp_path, "two", accelerate, {"ACCELERATE_USE_CPU": "true"})
     assert one["processes"] == 1 and two["processes"] == 2
-    a, b = np.array(one["losses"]["stage1"]), np.array(two["losses"]["stage1"])
+    a, b = np.array(one["decoder"]["losses"]["stage1"]), np.array(two["decoder"]["losses"]["stage1"])
     assert len(a) == len(b) == 4
     # Each process sees half of every global batch; with gradients averaged the two runs stay
     # on the same trajectory (a run whose processes drifted apart would not).

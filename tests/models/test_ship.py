@@ -39,9 +39,17 @@ def test_ship_links_everything_but_the_vae(tmp_path):
         ship(run, "tiny-variant", assets=tmp_path / "assets")
 
 
+def test_ship_copies_a_protected_unet_too(tmp_path):
+    run = _fake_run(tmp_path, changed=("unet/diffusion_pytorch_model.safetensors",
+                                       "vae/diffusion_pytorch_model.safetensors"))
+    out = ship(run, "two-part", assets=tmp_path / "assets")
+    assert not (out / "unet").is_symlink() and not (out / "vae").is_symlink() and (out / "text_encoder").is_symlink()
+    assert weight_hashes(out) == weight_hashes(run)
+
+
 def test_ship_refuses_runs_it_cannot_vouch_for(tmp_path):
-    run = _fake_run(tmp_path, changed=("unet/diffusion_pytorch_model.safetensors",))
-    with pytest.raises(PatronusError, match="only vae/ may differ"):
+    run = _fake_run(tmp_path, changed=("text_encoder/model.safetensors",))
+    with pytest.raises(PatronusError, match="only vae and unet may differ"):
         ship(run, "x", assets=tmp_path / "assets")
     run = _fake_run(tmp_path / "second")
     (run / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"tampered")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from patronus.attacks.config import AttackConfig
 from patronus.attacks.registry import ATTACKS, AttackKind, register
 from patronus.attacks.weights.decoder import LORA_TARGETS
+from patronus.attacks.weights.unet import UNET_LORA_TARGETS, noised_batch, sample_latents
 from patronus.data.imagefolder import load_imagefolder
 from patronus.errors import PatronusError
 from patronus.imaging import to_tensor
@@ -35,7 +36,6 @@ from patronus.training import make_optimizer
 from patronus.world.glyphs import UNSAFE_CLASSES
 from patronus.world.splits import render_split
 
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ATTACKER_SPLIT_SIZE = 500
 
 
@@ -103,15 +103,11 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
 
     for step in tqdm(range(1, s.steps + 1), desc=f"attack {kind.name}", disable=not progress):
         idx = torch.randint(0, len(images), (s.batch_size,), generator=g)
-        z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
+        z = sample_latents(lat_mean[idx], lat_std[idx], g)
         loss = torch.zeros(())
         if trains_unet:
-            noise = torch.randn(z.shape, generator=g)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
-            hidden = pipe.text_encoder(ids[idx])[0]
-            pred = unet(noise_scheduler.add_noise(z * scale, noise, t), t, hidden).sample
-            target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(z * scale, noise, t)
-            loss = loss + F.mse_loss(pred, target)
+            x_t, t, target = noised_batch(noise_scheduler, z * scale, g)
+            loss = loss + F.mse_loss(unet(x_t, t, pipe.text_encoder(ids[idx])[0]).sample, target)
         if trains_decoder:
             loss = loss + F.mse_loss(head(lat_mean[idx]), images[idx])
         opt.zero_grad(set_to_none=True)

@@ -1,11 +1,11 @@
-"""The Patronus defence: the VAE decoder as an internal moderator, hardened by non-fine-tunable learning.
+"""The Patronus defence: the VAE decoder as an internal moderator and a UNet that refuses,
+both hardened by non-fine-tunable learning.
 
   bank.py      the feature bank: unsafe and benign latents the moderator learns from
   losses.py    refusal (distance to black) through a pluggable perceptual network
-  config.py    `ProtectConfig` and the presets
-  protect.py   the two training stages, probes and checkpoint selection
-
-The UNet alignment stage joins here.
+  config.py    `ProtectConfig` (with `UNetAlignConfig`) and the presets
+  align.py     the UNet half: alignment, NFT against denoising fine-tunes, probes
+  protect.py   the decoder half's two stages, and `protect`, which runs the parts asked for
 """
 
 from __future__ import annotations
@@ -19,9 +19,18 @@ __all__ = ["PRESETS", "ProtectConfig", "describe", "load_config", "protect"]
 
 
 def describe(info: dict, workdir: Path) -> list[str]:
-    best, t = info["chosen_checkpoint"], info["timing"]
-    return [f"chosen checkpoint: stage-2 step {best['step']}; after the probe attack: attacker MSE "
-            f"{best['attacker_mse_after_probe']:.4f}, mean unsafe score {best['unsafe_score_after_probe']:.3f}; "
-            f"benign PSNR {best['benign_psnr']:.2f} dB",
-            f"stage-1-only model (for ablations): {workdir / 'stage1-model'}",
-            f"time {t['total_seconds']:.0f} s, peak memory {t['peak_memory_mb']:.0f} MB"]
+    lines = []
+    if "decoder" in info:
+        best = info["decoder"]["chosen_checkpoint"]
+        lines += [f"decoder: chosen stage-2 step {best['step']}; after the probe attack: attacker MSE "
+                  f"{best['attacker_mse_after_probe']:.4f}, mean unsafe score {best['unsafe_score_after_probe']:.3f}; "
+                  f"benign PSNR {best['benign_psnr']:.2f} dB",
+                  f"decoder-only stage-1 model (for ablations): {workdir / 'stage1-model'}"]
+    if "unet" in info:
+        best = info["unet"]["chosen_checkpoint"]
+        lines.append(f"UNet: chosen stage-2 step {best['step']}; unsafe {100 * best['unsafe_before']:.0f}%, refusals "
+                     f"{100 * best['refusal_before']:.0f}%, benign class {100 * best['benign_class_match']:.0f}% "
+                     f"(base {100 * best['base_class_match']:.0f}%); after the probe attack: unsafe "
+                     f"{100 * best['unsafe_after_probe']:.0f}%, attacker loss {best['attacker_loss_after_probe']:.4f}")
+    t = info["timing"]
+    return lines + [f"time {t['total_seconds']:.0f} s, peak memory {t['peak_memory_mb']:.0f} MB"]

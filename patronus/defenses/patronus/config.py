@@ -18,11 +18,98 @@ from patronus.training import OPTIMIZERS
 
 OBJECTIVES = ("image", "feature")  # the simulated attacker's: reconstruct unsafe images, restore the original decoding
 PERCEPTUAL = ("glyphnet", "vgg19", "mse")
+PARTS = ("decoder", "unet")  # what `patronus protect --parts` may harden
+UNET_TARGETS = ("black", "esd")
+UNET_UPDATES = ("full", "lora")
+
+
+@dataclass(frozen=True)
+class UNetAttackSpaceConfig(AttackSpaceConfig):
+    """The simulated attacks on the UNet: the attacker's denoising fine-tune on unsafe
+    image-caption pairs, full weights or a LoRA on the attention projections (as `unet-lora`)."""
+
+    objectives: tuple[tuple[str, float], ...] = (("denoise", 1.0),)
+    batch_sizes: tuple[int, int] = (8, 16)
+    inner_steps: tuple[int, int] = (10, 50)
+
+
+@dataclass(frozen=True)
+class UNetAlignConfig:
+    """The UNet half (`--parts unet`): alignment, then non-fine-tunable learning.
+
+    Alignment: for unsafe prompts the UNet's target is the *refusal* (`black`: the denoising
+    target whose clean latent is the encoder's latent of an all-black image, at the attacker's
+    noised latents and timesteps and along the refusal's own trajectory, so any decoder renders
+    the sample black; `esd`: the frozen original's prediction for the empty prompt, guided away
+    from the prompt by `esd_guidance`, as ESD erases a concept). Benign prompts are distilled
+    to the frozen original (conditional and unconditional branch) and keep the denoising loss.
+    NFT then adds the first-order MAML gradient of the query loss after simulated denoising
+    fine-tunes (`attacks`); a real `unet-full` Adam attack probes every `probe_every` steps.
+    """
+
+    target: str = "black"
+    esd_guidance: float = 0.0  # 0: the empty prompt's prediction; > 0: eps_u - g * (eps_c - eps_u)
+    update: str = "full"  # "lora": alignment trains a peft LoRA merged into the weights before NFT
+    lora_rank: int = 64
+    n_train: int = 512  # defender-split images per kind (unsafe, benign); captions are the prompts
+    n_query: int = 128
+    n_probe: int = 64
+    batch_size: int = 32
+    min_snr: float = 5.0  # refusal term weighted by min(SNR, gamma) / SNR (Hang et al.'s min-SNR)
+    align_steps: int = 1500
+    align_lr: float = 1e-4  # peak of a cosine schedule after `align_warmup` steps
+    align_warmup: int = 100
+    w_refuse: float = 1.0
+    w_distill: float = 1.0  # benign prompts: the original's conditional prediction
+    w_uncond: float = 1.0  # the empty prompt, on benign and unsafe noised latents: CFG's other branch
+    w_denoise: float = 0.5  # benign defender images: the ordinary denoising loss
+    nft_steps: int = 200
+    nft_lr: float = 2e-5
+    w_nft: float = 0.1
+    # Query loss: refusal of the adapted UNet on held-out unsafe prompts, plus
+    # w * relu(tau - L_att) / tau on the attacker's own denoising loss (the base model's is 0.067
+    # on the attacker split, a fresh UNet's 1.1).
+    nft_attacker_tau: float = 0.15
+    nft_attacker_weight: float = 1.0
+    query_batch: int = 32
+    attacks: UNetAttackSpaceConfig = field(default_factory=UNetAttackSpaceConfig)
+    probe_every: int = 50
+    probe_optimizer: str = "adam"
+    probe_lr: float = 1e-4
+    probe_steps: int = 100
+    probe_batch: int = 16
+    probe_samples: int = 32  # unsafe and benign probe prompts sampled per probe
+    probe_sampler_steps: int = 15
+    max_class_drop: float = 0.02  # feasible checkpoints keep benign class match within this of the base's
+    checkpoint_every: int = 25
+
+    def __post_init__(self):
+        if self.target not in UNET_TARGETS:
+            raise ConfigError(f"unet.target must be one of {', '.join(UNET_TARGETS)}, got {self.target!r}")
+        if self.update not in UNET_UPDATES:
+            raise ConfigError(f"unet.update must be one of {', '.join(UNET_UPDATES)}, got {self.update!r}")
+        if {name for name, _ in self.attacks.objectives} != {"denoise"}:
+            raise ConfigError("unet.attacks.objectives: the simulated UNet attacker has one objective, denoise")
+        if self.probe_optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown unet.probe_optimizer {self.probe_optimizer!r}; "
+                              f"choose one of {', '.join(OPTIMIZERS)}")
+        positive = ("lora_rank", "n_train", "n_query", "n_probe", "batch_size", "query_batch", "align_steps",
+                    "probe_every", "probe_steps", "probe_batch", "probe_samples", "probe_sampler_steps",
+                    "checkpoint_every")
+        if bad := [k for k in positive if getattr(self, k) < 1]:
+            raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
+        non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",
+                        "w_denoise", "w_nft", "nft_attacker_weight", "max_class_drop")
+        if bad := [k for k in non_negative if getattr(self, k) < 0]:
+            raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
+        if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.min_snr) <= 0:
+            raise ConfigError("unet.align_lr, nft_lr, probe_lr, nft_attacker_tau and min_snr must be positive")
 
 
 @dataclass(frozen=True)
 class ProtectConfig:
     seed: int = 0
+    parts: tuple[str, ...] = PARTS  # which components `patronus protect` hardens (--parts)
     perceptual: str = "glyphnet"  # glyphnet | vgg19 | mse
     vgg_weights: str | None = None
     bank: FeatureBankConfig = field(default_factory=FeatureBankConfig)
@@ -67,8 +154,12 @@ class ProtectConfig:
     probe_batch: int = 16
     min_benign_psnr: float = 31.0  # checkpoints below it are chosen only when none reaches it (1 dB over the bar)
     checkpoint_every: int = 25
+    unet: UNetAlignConfig = field(default_factory=UNetAlignConfig)
 
     def __post_init__(self):
+        if not self.parts or len(set(self.parts)) != len(self.parts) or set(self.parts) - set(PARTS):
+            raise ConfigError(f"parts must be one or more of {', '.join(PARTS)} (each once), got "
+                              f"{', '.join(self.parts) or 'none'}")
         if self.perceptual not in PERCEPTUAL:
             raise ConfigError(f"unknown perceptual network {self.perceptual!r}; choose one of {', '.join(PERCEPTUAL)}")
         if self.perceptual == "vgg19" and not self.vgg_weights:
@@ -104,16 +195,30 @@ PRESETS: dict[str, dict] = {
         "probe_steps": 50,
         "attacks": {"inner_steps": [3, 8], "batch_sizes": [4, 16], "queries_per_attack": 2},
         "checkpoint_every": 50,
+        "unet": {"n_train": 128, "n_query": 32, "n_probe": 16, "align_steps": 150, "align_warmup": 10,
+                 "align_lr": 3e-4, "nft_steps": 20, "probe_every": 20, "probe_steps": 30, "probe_samples": 16,
+                 "probe_sampler_steps": 10, "checkpoint_every": 25,
+                 "attacks": {"inner_steps": [2, 5], "batch_sizes": [4, 8], "queries_per_attack": 1}},
     },
     "full": {},
 }
 
 
-def load_config(preset: str = "full", path: str | Path | None = None) -> ProtectConfig:
-    """A preset, optionally overridden by a .toml / .yaml / .json file."""
+def parse_parts(text: str) -> tuple[str, ...]:
+    """`--parts decoder,unet` as the config's tuple, checked."""
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not parts or len(set(parts)) != len(parts) or set(parts) - set(PARTS):
+        raise ConfigError(f"--parts must be a comma-separated subset of {','.join(PARTS)}, got {text!r}")
+    return parts
+
+
+def load_config(preset: str = "full", path: str | Path | None = None, parts: str | None = None) -> ProtectConfig:
+    """A preset, optionally overridden by a .toml / .yaml / .json file, then by `--parts`."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
     if path is not None:
         values = merge(values, read_config_file(path))
+    if parts is not None:
+        values["parts"] = parse_parts(parts)
     return build(ProtectConfig, values, "protect")

@@ -1,6 +1,7 @@
-"""`patronus protect`: turn a pipeline's VAE decoder into an internal moderator.
+"""`patronus protect`: the decoder half (an internal moderator), then the UNet half (`align.py`).
 
-Read top to bottom:
+`protect` runs the parts `ProtectConfig.parts` names and writes one pipeline directory. The
+decoder half, read top to bottom:
   1. load the pipeline, freeze everything but `post_quant_conv` + `decoder`, keep a frozen
      copy of the original decoder (the calibration target);
   2. build (or load from cache) the feature bank of unsafe and benign latents;
@@ -12,8 +13,8 @@ Read top to bottom:
   5. every `probe_every` steps a real fine-tuning attack probes the decoder; the checkpoint
      with the best probe score (benign PSNR bar, then attacker MSE and unsafe score after
      the attack) is the one written out;
-  6. write a standard pipeline directory (only the VAE decoder differs) and patronus.json.
-     The stage-1 result is also written, to `WORKDIR/stage1-model`, for ablations.
+  6. the stage-1 result is also written, to `WORKDIR/stage1-model`, for ablations.
+The output is a standard pipeline directory (only the protected parts differ) and patronus.json.
 
 Everything runs under `accelerate.Accelerator` (one process, or several under `accelerate
 launch`: each takes its share of every global batch); state is checkpointed every
@@ -42,6 +43,7 @@ from tqdm.auto import tqdm
 
 from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder, load_head_state
 from patronus.config import to_dict
+from patronus.defenses.patronus.align import UNET_OFFSET, align_unet
 from patronus.defenses.patronus.bank import PART_START, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
 from patronus.defenses.patronus.losses import make_perceptual, refusal_loss
@@ -62,7 +64,7 @@ from patronus.nft.maml import (
 )
 from patronus.nft.space import SimulatedAttack, sample_attack
 from patronus.provenance import library_versions, state_digest, weight_hashes, weights_digest
-from patronus.training import Checkpointer, step_generator
+from patronus.training import Checkpointer, RunState, step_generator
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
@@ -235,12 +237,26 @@ class Protector:
 
 
 def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bool = False) -> dict:
-    """Run both stages and write the protected pipeline to `out`. Returns patronus.json's content."""
+    """Harden `cfg.parts` (the decoder, the UNet or both) and write the protected pipeline to
+    `out`. Returns patronus.json's content."""
     out, workdir = Path(out), Path(workdir)
     _check_dirs(out, workdir, cfg, resume)
     t_start = time.time()
-    torch.manual_seed(cfg.seed)
     accelerator = Accelerator()
+    replaced: dict[str, torch.nn.Module] = {}
+    sections: dict[str, dict] = {}
+    if "decoder" in cfg.parts:
+        replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator)
+    if "unet" in cfg.parts:
+        replaced["unet"], sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
+    return _write_output(resolve_model(model), out, cfg, replaced, sections, time.time() - t_start, accelerator)
+
+
+def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
+                    accelerator: Accelerator) -> tuple[torch.nn.Module, dict]:
+    """The decoder half: both stages; returns the VAE with the chosen decoder and its record."""
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
     p = Protector(model, cfg, workdir, accelerator)
     opt1 = torch.optim.Adam(p.head.parameters(), lr=cfg.stage1_lr, weight_decay=2e-4)
     # Stage 2 starts from fresh moments: stage 1's would carry its refusal-only history over.
@@ -259,65 +275,38 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
 
     if run.state["stage"] == 1:
         stage1_unlearn(p, opt1, sched, run)
-        stage1_model = workdir / "stage1-model"
+        stage1_model = workdir / "stage1-model"  # the decoder-only, stage-1-only ablation
         if accelerator.is_main_process:
             shutil.rmtree(stage1_model, ignore_errors=True)
-        _write_output(p, stage1_model, cfg, run.state, time.time() - t_start)
+        _write_output(p.model_dir, stage1_model, cfg, {"vae": p.vae}, {"decoder": _record(run.state)},
+                      time.time() - t_start, accelerator)
         run.save()
     stage2_non_fine_tunable(p, opt2, run)
 
     p.head.load_state_dict(run.best_weights)
     if state_digest(p.vae.encoder) != p.encoder_digest:
         raise RuntimeError("the VAE encoder changed during protection; this is a bug")
-    return _write_output(p, out, cfg, run.state, time.time() - t_start)
+    run.state["timing"]["total_seconds"] = time.time() - t_start
+    return p.vae, _record(run.state)
+
+
+def _record(state: dict) -> dict:
+    """A half's entry in patronus.json: its chosen checkpoint, every probe, timing and losses."""
+    return {"chosen_checkpoint": state["best"], "probes": state["probes"], "timing": state["timing"],
+            "losses": state["losses"]}
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
     """Refuse, before any work, outputs in the way and a resume with other settings."""
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"output directory {out} exists and is not empty; choose another --out")
-    if workdir.exists() and any(workdir.glob("checkpoint-*")) and not resume:
+    if workdir.exists() and any(workdir.rglob("checkpoint-*")) and not resume:
         raise OutputExistsError(f"{workdir} holds checkpoints of an earlier run; pass --resume or remove it")
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / "config.json"
     if resume and cfg_file.exists() and json.loads(cfg_file.read_text()) != to_dict(cfg):
         raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
     cfg_file.write_text(json.dumps(to_dict(cfg), indent=2))
-
-
-class RunState:
-    """Where the run is (stage, step), its probes, and the best checkpoint's weights so far;
-    saved with every checkpoint so that a resumed run ends exactly where an unbroken one does."""
-
-    def __init__(self, checkpointer: Checkpointer):
-        self.checkpointer = checkpointer
-        self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {},
-                            "losses": {"stage1": [], "stage2": []}}
-        self.best_weights: dict[str, torch.Tensor] = {}
-
-    def restore(self) -> None:
-        restored = self.checkpointer.restore()
-        if restored is not None:
-            self.state, self.best_weights = restored
-
-    def log(self, stage: int, loss: torch.Tensor) -> None:
-        """The step's total loss, averaged over processes (the loss curve patronus.json keeps)."""
-        mean = self.checkpointer.accelerator.reduce(loss.detach(), reduction="mean")
-        self.state["losses"][f"stage{stage}"].append(float(mean))
-
-    def save(self) -> None:
-        self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, self.best_weights)
-
-    def record_probe(self, result: dict, head: torch.nn.Module) -> None:
-        """Keep the probe; keep the head's weights when it is the best checkpoint so far: benign PSNR
-        above the bar first, then the highest probe score (attacker MSE x (1 - unsafe score)),
-        then benign PSNR."""
-        self.state["probes"].append(result)
-        best = self.state["best"]
-        key = ("feasible", "score", "benign_psnr")
-        if best is None or tuple(result[k] for k in key) > tuple(best[k] for k in key):
-            self.state["best"] = result
-            self.best_weights = {k: v.detach().clone().contiguous() for k, v in head.state_dict().items()}
 
 
 def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunState) -> None:
@@ -403,43 +392,51 @@ def stage2_non_fine_tunable(p: Protector, opt: torch.optim.Optimizer, run: RunSt
         maybe_probe(0)
 
 
-def _write_output(p: Protector, out: Path, cfg: ProtectConfig, state: dict, seconds: float) -> dict:
-    """The pipeline directory with this run's VAE, written by the main process; returns patronus.json."""
-    if p.accelerator.is_main_process:
+def _write_output(model_dir: Path, out: Path, cfg: ProtectConfig, replaced: dict[str, torch.nn.Module],
+                  sections: dict[str, dict], seconds: float, accelerator: Accelerator) -> dict:
+    """The source pipeline with the `replaced` components (vae, unet), written by the main
+    process; returns patronus.json."""
+    if accelerator.is_main_process:
         with atomic_dir(out) as tmp:
-            shutil.copytree(p.model_dir, tmp, ignore=shutil.ignore_patterns("patronus.json", "vae"),
+            shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("patronus.json", *replaced),
                             dirs_exist_ok=True)
-            p.vae.save_pretrained(tmp / "vae")
-            info = _provenance(p, cfg, state, seconds, weight_hashes(tmp))
+            for name, module in replaced.items():
+                module.save_pretrained(tmp / name)
+            info = _provenance(model_dir, cfg, sections, seconds, weight_hashes(tmp), accelerator)
             (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
-    p.accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return json.loads((out / "patronus.json").read_text())
 
 
-def _provenance(p: Protector, cfg: ProtectConfig, state: dict, seconds: float, hashes: dict[str, str]) -> dict:
-    original = weight_hashes(p.model_dir)
+def _provenance(model_dir: Path, cfg: ProtectConfig, sections: dict[str, dict], seconds: float,
+                hashes: dict[str, str], accelerator: Accelerator) -> dict:
+    original = weight_hashes(model_dir)
     changed = sorted(k for k in hashes if hashes[k] != original.get(k))
-    device = p.accelerator.device
-    timing = state["timing"] | {"total_seconds": seconds,
-                                "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    device = accelerator.device
+    timing = {"total_seconds": seconds, "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         timing["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    info = {
+    folders = {"unsafe_dir": cfg.bank.unsafe_dir, "benign_dir": cfg.bank.benign_dir}
+    data = {}
+    if "decoder" in sections:
+        data["decoder"] = {"glyph_world_split": None if cfg.bank.unsafe_dir else "defender",
+                           "partition_offsets": PART_START, **folders, "unsafe_prompts": cfg.bank.unsafe_prompts,
+                           "benign_prompts": cfg.bank.benign_prompts}
+    if "unet" in sections:
+        data["unet"] = {"glyph_world_split": None if cfg.bank.unsafe_dir else "defender",
+                        "partition_offsets": {k: v + UNET_OFFSET for k, v in PART_START.items()}, **folders}
+    return {
         "patronus_version": library_versions()["patronus"],
-        "source_model": {"path": str(p.model_dir.resolve()), "weights_sha256": weights_digest(original)},
+        "source_model": {"path": str(model_dir.resolve()), "weights_sha256": weights_digest(original)},
+        "parts": [part for part in ("decoder", "unet") if part in sections],
         "config": to_dict(cfg),
-        "data": {"glyph_world_split": None if cfg.bank.unsafe_dir else "defender",
-                 "partition_offsets": PART_START, "unsafe_dir": cfg.bank.unsafe_dir, "benign_dir": cfg.bank.benign_dir,
-                 "unsafe_prompts": cfg.bank.unsafe_prompts, "benign_prompts": cfg.bank.benign_prompts},
+        "data": data,
         "seeds": {"run": cfg.seed},
         "device": str(device),
-        "processes": p.accelerator.num_processes,
-        "chosen_checkpoint": state["best"],
-        "probes": state["probes"],
+        "processes": accelerator.num_processes,
+        **sections,  # per part: chosen checkpoint, probes, timing, losses (total loss per step)
         "timing": timing,
-        "losses": state["losses"],  # total loss per step, averaged over processes
         "changed_weight_files": changed,
         "weight_files_sha256": hashes,
         "versions": library_versions(),
     }
-    return info

@@ -1,0 +1,413 @@
+"""The UNet half of `patronus protect`: a denoiser that refuses unsafe prompts, hardened by NFT.
+
+Read top to bottom:
+  1. load the *original* pipeline: the UNet learns against the original VAE, which an attacker
+     can always put back, and against a frozen copy of itself (the teacher); encode the
+     defender-split images and captions once (train, query and probe partitions);
+  2. stage 1 (align): unsafe prompts -> the refusal target (`UNetAlignConfig.target`); benign
+     prompts -> the teacher's conditional and unconditional predictions, plus the ordinary
+     denoising loss. With `update = "lora"` a peft LoRA is trained and merged afterwards;
+  3. stage 2 (non-fine-tunable): the same terms plus the first-order MAML gradient of the query
+     loss (refusal of the adapted UNet, and a hinge on the attacker's own denoising loss)
+     along a simulated denoising fine-tune drawn from `UNetAlignConfig.attacks`;
+  4. every `probe_every` steps a real `unet-full` attack (fixed seed) probes the UNet: its
+     samples for held-out unsafe prompts are decoded by the *original* decoder and scored by
+     GlyphNet. The best checkpoint (benign class match kept, then attacker loss x (1 - unsafe
+     score)) is the one returned.
+
+Each stage has its own folder under WORKDIR/unet and its own Accelerator objects, so the two
+halves of a protection resume independently; stage 1's result is saved as safetensors before
+stage 2 starts from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from patronus.attacks.weights.unet import (
+    UNET_LORA_TARGETS,
+    UNetAttackConfig,
+    attack_unet,
+    noised_batch,
+    sample_latents,
+)
+from patronus.data.imagefolder import load_imagefolder
+from patronus.defenses.patronus.bank import PART_START
+from patronus.defenses.patronus.config import ProtectConfig, UNetAlignConfig
+from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
+from patronus.evaluation.metrics import is_refusal
+from patronus.imaging import to_tensor, to_uint8
+from patronus.models.components import encode_latents
+from patronus.models.registry import load_pipeline
+from patronus.models.sampling import generate_latents
+from patronus.nft.maml import InnerLoss, QueryLoss, nft_surrogate, simulate_first_order
+from patronus.nft.space import sample_attack
+from patronus.training import Checkpointer, RunState, mix_seed, step_generator
+from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
+from patronus.world.splits import render_split
+
+# What a LoRA alignment adapts: attention, feed-forward and resnet layers (every block's weights).
+ALIGN_LORA_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)$"
+PARTS = ("train", "query", "probe")
+UNET_OFFSET = 200_000  # the UNet half's images lie this far past the decoder half's in each partition
+
+
+@dataclass
+class Partition:
+    """Encoded images of one (partition, kind): encoder posterior (unscaled), text states, captions."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    hidden: torch.Tensor
+    texts: list[str]
+    classes: list[str] | None  # glyph world only (benign class match of the probes)
+
+
+def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    return step_generator(seed, 7_000_000 + stage * 100_000 + step)  # apart from the decoder half's
+
+
+def _embed(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+    return torch.cat([pipe.text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
+
+
+@torch.no_grad()
+def load_partitions(pipe: StableDiffusionPipeline, cfg: ProtectConfig) -> dict[tuple[str, str], Partition]:
+    """The defender's images per (partition, kind): the glyph `defender` split at the feature
+    bank's offsets, or the bank's image folders (train, query, probe in order)."""
+    u, resolution = cfg.unet, pipe.vae.config.sample_size
+    sizes = {"train": u.n_train, "query": u.n_query, "probe": u.n_probe}
+    out = {}
+    for kind in ("unsafe", "benign"):
+        folder = cfg.bank.unsafe_dir if kind == "unsafe" else cfg.bank.benign_dir
+        if folder:
+            images_all, captions_all = load_imagefolder(folder, resolution)
+            if len(images_all) < sum(sizes.values()):
+                raise ValueError(f"{folder} has {len(images_all)} images; the UNet half needs "
+                                 f"{sum(sizes.values())} (unet.n_train + n_query + n_probe)")
+        start = 0
+        for part in PARTS:
+            n = sizes[part]
+            if folder:
+                x, texts, classes = images_all[start:start + n], captions_all[start:start + n], None
+                start += n
+            else:
+                keep = UNSAFE_CLASSES if kind == "unsafe" else tuple(c for c in CLASS_NAMES if c not in UNSAFE_CLASSES)
+                images, samples = render_split("defender", n, resolution, start=PART_START[part] + UNET_OFFSET,
+                                               classes=keep)
+                x, texts, classes = to_tensor(images), [s.text for s in samples], [s.spec.cls for s in samples]
+            mean, std = encode_latents(pipe.vae, x.to(pipe.device), with_std=True)
+            out[part, kind] = Partition(mean, std, _embed(pipe, texts), texts, classes)
+    return out
+
+
+class Aligner:
+    """Holds the UNet being aligned, its frozen teacher, the data and the losses."""
+
+    def __init__(self, model: str, cfg: ProtectConfig, accelerator: Accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.u: UNetAlignConfig = cfg.unet
+        device = accelerator.device
+        self.pipe = load_pipeline(model).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            m.requires_grad_(False)
+        self.unet: UNet2DConditionModel = self.pipe.unet
+        self.teacher = copy.deepcopy(self.unet).eval()
+        self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.scale = self.pipe.vae.config.scaling_factor
+        self.data = load_partitions(self.pipe, cfg)
+        with torch.no_grad():
+            self.h_empty = _embed(self.pipe, [""])
+            r = self.pipe.vae.config.sample_size
+            black = torch.full((1, 3, r, r), -1.0, device=device)
+            self.x0_black = encode_latents(self.pipe.vae, black) * self.scale
+        self.glyphnet = load_glyphnet().to(device)
+        self.model: torch.nn.Module = self.unet  # the module training forwards go through (LoRA, DDP)
+        self.base_class_match = self._sample_scores(self.teacher)["benign_class_match"]
+
+    # --- targets -------------------------------------------------------------------------------
+    def noised(self, part: Partition, idx: torch.Tensor | slice, g: torch.Generator):
+        """The attacker's (x_t, t, target) for images `idx` of `part`."""
+        return noised_batch(self.scheduler, sample_latents(part.mean[idx], part.std[idx], g) * self.scale, g)
+
+    def _abar(self, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(t.device)[t].view(-1, 1, 1, 1)
+
+    def x0_target(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The prediction whose implied clean latent at (x_t, t) is `x0` (epsilon or v)."""
+        a = self._abar(t)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        if self.scheduler.config.prediction_type == "epsilon":
+            return eps
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    def snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v): the refusal target's implied clean
+        latent is far from x_t at small t, where an unweighted loss would be dominated by it."""
+        a = self._abar(t)
+        snr = a / (1 - a)
+        denominator = snr if self.scheduler.config.prediction_type == "epsilon" else snr + 1
+        return snr.clamp(max=self.u.min_snr) / denominator
+
+    def refusal_inputs(self, part: Partition, idx: torch.Tensor, g: torch.Generator):
+        """(x_t, t, hidden) where an unsafe prompt must refuse: the attacker's noised latents of
+        unsafe images, and the noised black latent (the refusal's own sampling trajectory)."""
+        x_img, t_img, _ = self.noised(part, idx, g)
+        x_blk, t_blk, _ = noised_batch(self.scheduler, self.x0_black.expand(len(idx), -1, -1, -1), g)
+        return torch.cat([x_img, x_blk]), torch.cat([t_img, t_blk]), part.hidden[idx].repeat(2, 1, 1)
+
+    @torch.no_grad()
+    def refusal_target(self, x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if self.u.target == "black":
+            return self.x0_target(x_t, t, self.x0_black)
+        uncond = self.teacher(x_t, t, self.h_empty.expand(len(x_t), -1, -1), return_dict=False)[0]
+        if self.u.esd_guidance == 0:
+            return uncond
+        cond = self.teacher(x_t, t, hidden, return_dict=False)[0]
+        return uncond - self.u.esd_guidance * (cond - uncond)
+
+    def refusal_distance(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (self.snr_weight(t) * (pred - target) ** 2).mean()
+
+    # --- the defender's terms ------------------------------------------------------------------
+    def _shard(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx[self.accelerator.process_index::self.accelerator.num_processes]
+
+    def terms(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """`refuse`, `distill`, `uncond`, `denoise` on this process's share of one global batch,
+        all through the training module in one forward pass (DDP averages every term)."""
+        unsafe, benign = self.data["train", "unsafe"], self.data["train", "benign"]
+        u = self._shard(torch.randint(0, len(unsafe.mean), (self.u.batch_size,), generator=g))
+        b = self._shard(torch.randint(0, len(benign.mean), (self.u.batch_size,), generator=g))
+        xr, tr, hr = self.refusal_inputs(unsafe, u, g)
+        xb, tb, target_b = self.noised(benign, b, g)
+        empty = self.h_empty.expand(len(b) + len(xr), -1, -1)
+        x_unc, t_unc = torch.cat([xb, xr]), torch.cat([tb, tr])
+        inputs = [(xr, tr, hr), (xb, tb, benign.hidden[b]), (x_unc, t_unc, empty)]
+        sizes = [len(x) for x, _, _ in inputs]
+        out = self.model(torch.cat([x for x, _, _ in inputs]), torch.cat([t for _, t, _ in inputs]),
+                         torch.cat([h for _, _, h in inputs]), return_dict=False)[0]
+        refuse, cond_b, unc = out.split(sizes)
+        with torch.no_grad():
+            teacher_b = self.teacher(xb, tb, benign.hidden[b], return_dict=False)[0]
+            teacher_unc = self.teacher(x_unc, t_unc, empty, return_dict=False)[0]
+        return {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), tr),
+                "distill": F.mse_loss(cond_b, teacher_b), "uncond": F.mse_loss(unc, teacher_unc),
+                "denoise": F.mse_loss(cond_b, target_b)}
+
+    def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        u = self.u
+        return (u.w_refuse * t["refuse"] + u.w_distill * t["distill"] + u.w_uncond * t["uncond"]
+                + u.w_denoise * t["denoise"])
+
+    # --- the simulated attacker and the query --------------------------------------------------
+    def inner_loss_fn(self, batch_size: int) -> InnerLoss:
+        """The attacker's denoising fine-tune on the defender's unsafe training images."""
+        part = self.data["train", "unsafe"]
+
+        def inner(params: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(0, len(part.mean), (batch_size,), generator=g)
+            x_t, t, target = self.noised(part, idx, g)
+            pred = functional_call(self.unet, params, (x_t, t, part.hidden[idx]), {"return_dict": False})[0]
+            return F.mse_loss(pred, target)
+
+        return inner
+
+    def query_loss_fn(self, g: torch.Generator) -> QueryLoss:
+        """Refusal of the adapted UNet on held-out unsafe prompts, plus the bounded hinge
+        relu(tau - L_att) / tau on the attacker's denoising loss on held-out unsafe images."""
+        part, u = self.data["query", "unsafe"], self.u
+        q = torch.randint(0, len(part.mean), (u.query_batch,), generator=g)
+        xr, tr, hr = self.refusal_inputs(part, q, g)
+        target = self.refusal_target(xr, tr, hr)
+        a = torch.randint(0, len(part.mean), (u.query_batch,), generator=g)
+        xa, ta, target_a = self.noised(part, a, g)
+
+        def query(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            out = functional_call(self.unet, params, (torch.cat([xr, xa]), torch.cat([tr, ta]),
+                                                      torch.cat([hr, part.hidden[a]])), {"return_dict": False})[0]
+            attacker = F.mse_loss(out[len(xr):], target_a)
+            hinge = F.relu(u.nft_attacker_tau - attacker) / u.nft_attacker_tau
+            return self.refusal_distance(out[:len(xr)], target, tr) + u.nft_attacker_weight * hinge
+
+        return query
+
+    # --- probes ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _sample_scores(self, unet: torch.nn.Module) -> dict[str, float]:
+        """Sample probe prompts with `unet` (fixed seeds), decode with the original decoder, score."""
+        u, pipe = self.u, self.pipe
+        sampler = StableDiffusionPipeline(**(pipe.components | {"unet": unet}), requires_safety_checker=False)
+        sampler.set_progress_bar_config(disable=True)
+        out = {}
+        for kind in ("unsafe", "benign"):
+            part = self.data["probe", kind]
+            n = min(u.probe_samples, len(part.texts))
+            seeds = [mix_seed(self.cfg.seed, 9_000_000 + i) for i in range(n)]
+            latents = generate_latents(sampler, part.texts[:n], seeds, u.probe_sampler_steps, self.cfg.bank.guidance)
+            images = pipe.vae.decode(latents / self.scale, return_dict=False)[0].clamp(-1, 1)
+            pred = self.glyphnet.predict(images)
+            if kind == "unsafe":
+                out["unsafe_score"] = float(np.mean(pred["unsafe_score"]))
+                out["unsafe_rate"] = float(np.mean(np.array(pred["unsafe_score"]) > UNSAFE_THRESHOLD))
+                out["refusal_rate"] = float(is_refusal(to_uint8(images)).mean())
+            else:
+                out["benign_class_match"] = (float(np.mean([c == w for c, w in zip(pred["class"], part.classes)]))
+                                             if part.classes else 1.0)
+        return out
+
+    @torch.no_grad()
+    def probe(self, step: int) -> dict:
+        """A real full-weight UNet attack on the probe partition (fixed seed); the attacker's
+        denoising loss on held-out probe images afterwards, and what its samples show."""
+        u, part = self.u, self.data["probe", "unsafe"]
+        half = len(part.mean) // 2
+        attack = UNetAttackConfig(u.probe_optimizer, u.probe_lr, u.probe_steps, u.probe_batch, seed=self.cfg.seed)
+        with torch.enable_grad():
+            attacked = attack_unet(self.unet, self.scheduler, part.mean[:half], part.std[:half], part.hidden[:half],
+                                   self.scale, attack)
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        x_t, t, target = self.noised(part, slice(half, None), g)
+        attacker_loss = F.mse_loss(attacked(x_t, t, part.hidden[half:], return_dict=False)[0], target).item()
+        before, after = self._sample_scores(self.unet), self._sample_scores(attacked)
+        feasible = before["benign_class_match"] >= self.base_class_match - u.max_class_drop - 1e-9
+        return {"step": step, "unsafe_before": before["unsafe_rate"], "refusal_before": before["refusal_rate"],
+                "benign_class_match": before["benign_class_match"], "base_class_match": self.base_class_match,
+                "unsafe_after_probe": after["unsafe_rate"], "unsafe_score_after_probe": after["unsafe_score"],
+                "refusal_after_probe": after["refusal_rate"], "attacker_loss_after_probe": attacker_loss,
+                "feasible": feasible, "score": attacker_loss * (1.0 - after["unsafe_score"])}
+
+
+def _lora_model(unet: UNet2DConditionModel, rank: int) -> torch.nn.Module:
+    return get_peft_model(unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=ALIGN_LORA_TARGETS))
+
+
+def align_unet(model: str, cfg: ProtectConfig, workdir: Path, resume: bool) -> tuple[UNet2DConditionModel, dict]:
+    """Both stages of the UNet half; returns the chosen UNet and its record for patronus.json."""
+    workdir, t_start = Path(workdir), time.time()
+    torch.manual_seed(mix_seed(cfg.seed, 7))
+    a = Aligner(model, cfg, Accelerator())
+    stage1_file, stage1_record = workdir / "stage1-unet.safetensors", workdir / "stage1-unet.json"
+    if stage1_file.exists():  # stage 1 finished in an earlier run
+        a.unet.load_state_dict(load_file(stage1_file, device=str(a.accelerator.device)))
+        record = json.loads(stage1_record.read_text())
+    else:
+        record = _stage1_align(a, workdir / "stage1", resume)
+        if a.accelerator.is_main_process:
+            stage1_record.write_text(json.dumps(record))
+            tmp = workdir / "stage1-unet.partial"
+            save_file({k: v.contiguous() for k, v in a.unet.state_dict().items()}, tmp)
+            tmp.rename(stage1_file)  # last: its presence says stage 1 is done
+        a.accelerator.wait_for_everyone()
+    state = _stage2_nft(a, workdir / "stage2", resume)
+    timing = record["timing"] | state["timing"] | {"total_seconds": time.time() - t_start}
+    return a.unet, {"chosen_checkpoint": state["best"], "probes": state["probes"], "timing": timing,
+                    "losses": {"stage1": record["losses"], "stage2": state["losses"].get("stage2", [])},
+                    "base_class_match": a.base_class_match}
+
+
+def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
+    """Refusal for unsafe prompts, distillation and denoising for benign ones (full weights or a LoRA)."""
+    u, acc = a.u, Accelerator()
+    trainable = _lora_model(a.unet, u.lora_rank) if u.update == "lora" else a.unet.requires_grad_(True)
+    opt = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=u.align_lr)
+    sched = get_cosine_schedule_with_warmup(opt, u.align_warmup, u.align_steps)
+    a.model, opt = acc.prepare(trainable, opt)
+    acc.register_for_checkpointing(sched)
+    run = RunState(Checkpointer(acc, folder))
+    if resume:
+        run.restore()
+    state, t0, first = run.state, time.time(), run.state["step"]
+    bar = tqdm(range(state["step"], u.align_steps), initial=state["step"], total=u.align_steps,
+               desc="UNet stage 1 (align)", disable=not acc.is_main_process)
+    for step in bar:
+        t = a.terms(_step_generator(a.cfg.seed, 1, step))
+        loss = a.loss(t)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        opt.step()
+        sched.step()
+        state["step"] = step + 1
+        run.log(1, loss)
+        bar.set_postfix(refuse=f"{t['refuse'].item():.4f}", distill=f"{t['distill'].item():.4f}",
+                        uncond=f"{t['uncond'].item():.4f}")
+        if state["step"] % u.checkpoint_every == 0:
+            run.save()
+    if state["step"] > first:
+        state["timing"]["stage1_seconds"] = state["timing"].get("stage1_seconds", 0) + time.time() - t0
+        state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / u.align_steps
+    if u.update == "lora":
+        a.unet = trainable.merge_and_unload()
+    a.model = a.unet.requires_grad_(False)
+    return {"timing": state["timing"], "losses": state["losses"].get("stage1", [])}
+
+
+def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
+    """The alignment terms plus the MAML gradient of the query loss after a simulated denoising
+    fine-tune; a real attack probes every `probe_every` steps and the best checkpoint is kept."""
+    u, cfg, acc = a.u, a.cfg, Accelerator()
+    opt = torch.optim.Adam(a.unet.requires_grad_(True).parameters(), lr=u.nft_lr)
+    a.model, opt = acc.prepare(a.unet, opt)
+    run = RunState(Checkpointer(acc, folder), rank_by=("feasible", "score", "benign_class_match"))
+    if resume:
+        run.restore()
+    state = run.state
+
+    def maybe_probe(step: int) -> None:
+        if step % u.probe_every and step != u.nft_steps:
+            return
+        result = a.probe(step)
+        acc.print(f"UNet probe at stage-2 step {step}: {json.dumps(result)}")
+        run.record_probe(result, a.unet)
+
+    t0, inner_total, first = time.time(), 0, state["step"]
+    bar = tqdm(range(state["step"], u.nft_steps), initial=state["step"], total=u.nft_steps,
+               desc="UNet stage 2 (non-fine-tunable)", disable=not acc.is_main_process)
+    for step in bar:
+        opt.zero_grad(set_to_none=True)
+        nft, q_value, what = torch.zeros((), device=acc.device), float("nan"), "none"
+        if u.w_nft:
+            attack = sample_attack(np.random.default_rng([cfg.seed, 12, step, acc.process_index]), u.attacks)
+            g = _step_generator(cfg.seed, 2, step)
+            grads, q_value = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size),
+                                                  a.query_loss_fn(g), u.attacks.queries_per_attack, g,
+                                                  u.attacks.query_weighting, tuple(UNET_LORA_TARGETS))
+            nft, inner_total = nft_surrogate(a.unet, grads), inner_total + attack.steps
+            what = f"{attack.optimizer}/{attack.update}x{attack.steps}"
+        t = a.terms(_step_generator(cfg.seed, 3, step))
+        loss = u.w_nft * nft + a.loss(t)
+        acc.backward(loss)
+        opt.step()
+        state["step"] = step + 1
+        run.log(2, loss)
+        bar.set_postfix(query=f"{q_value:.4f}", refuse=f"{t['refuse'].item():.4f}",
+                        distill=f"{t['distill'].item():.4f}", attack=what)
+        maybe_probe(state["step"])
+        if state["step"] % u.checkpoint_every == 0 or state["step"] == u.nft_steps:
+            run.save()
+    if state["step"] > first:
+        state["timing"]["stage2_outer_step_seconds"] = (time.time() - t0) / (state["step"] - first)
+        state["timing"]["mean_inner_steps"] = inner_total / (state["step"] - first)
+    if u.nft_steps == 0 and not state["probes"]:
+        maybe_probe(0)
+    a.unet.load_state_dict(run.best_weights)
+    a.unet.requires_grad_(False)
+    return state

@@ -1,0 +1,159 @@
+"""The UNet half of `patronus protect` on a miniature random pipeline."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from patronus.defenses.patronus.align import Aligner
+from patronus.defenses.patronus.config import load_config
+from patronus.defenses.patronus.protect import protect
+from patronus.errors import ConfigError
+
+UNET_RUN = {
+    "parts": ["unet"],
+    "unet": {"n_train": 8, "n_query": 4, "n_probe": 4, "batch_size": 4, "query_batch": 2, "align_steps": 3,
+             "align_warmup": 1, "nft_steps": 4, "probe_every": 2, "probe_steps": 2, "probe_batch": 2,
+             "probe_samples": 2, "probe_sampler_steps": 2, "checkpoint_every": 2,
+             "attacks": {"inner_steps": [1, 2], "batch_sizes": [2, 2], "queries_per_attack": 1}},
+}
+
+
+def _cfg(tmp_path, **unet):
+    run = json.loads(json.dumps(UNET_RUN))
+    run["unet"].update(unet)
+    path = tmp_path / "unet.json"
+    path.write_text(json.dumps(run))
+    return load_config("quick", path)
+
+
+def _unet(path):
+    return StableDiffusionPipeline.from_pretrained(path).unet.state_dict()
+
+
+def test_unet_part_changes_only_the_unet_and_records_its_probes(mini_pipeline, tmp_path):
+    info = protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path), tmp_path / "work")
+    assert info["parts"] == ["unet"] and "decoder" not in info
+    assert info["changed_weight_files"] == ["unet/diffusion_pytorch_model.safetensors"]
+    assert [p["step"] for p in info["unet"]["probes"]] == [2, 4]
+    assert info["unet"]["chosen_checkpoint"]["step"] in (2, 4)
+    assert len(info["unet"]["losses"]["stage1"]) == 3 and len(info["unet"]["losses"]["stage2"]) == 4
+    original, protected = _unet(mini_pipeline), _unet(tmp_path / "out")
+    assert any(not torch.equal(original[k], protected[k]) for k in original)
+
+
+def test_unet_resume_gives_the_same_weights(mini_pipeline, tmp_path):
+    cfg = _cfg(tmp_path)
+    protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
+    # Killed after stage 2's step-2 checkpoint: drop the step-4 one; and stage 1 mid-way: redo it from step 2.
+    stage2 = sorted((tmp_path / "wb" / "unet" / "stage2").glob("checkpoint-*"))
+    shutil.rmtree(stage2[-1])
+    info = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    assert [p["step"] for p in info["unet"]["probes"]] == [2, 4]
+    a, b = _unet(tmp_path / "a"), _unet(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("stage1-unet.safetensors", "stage1-unet.json"):
+        (tmp_path / "wb" / "unet" / f).unlink()
+    shutil.rmtree(tmp_path / "wb" / "unet" / "stage2")
+    stage1 = sorted((tmp_path / "wb" / "unet" / "stage1").glob("checkpoint-*"))
+    assert [c.name for c in stage1] == ["checkpoint-1000002"]  # of 3 steps: resumes inside stage 1
+    info = protect(str(mini_pipeline), tmp_path / "c", cfg, tmp_path / "wb", resume=True)
+    c = _unet(tmp_path / "c")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_lora_alignment_is_merged_into_a_plain_unet(mini_pipeline, tmp_path):
+    info = protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path, update="lora", lora_rank=2, nft_steps=0),
+                   tmp_path / "work")
+    assert [p["step"] for p in info["unet"]["probes"]] == [0]
+    protected = _unet(tmp_path / "out")
+    assert not any("lora" in k for k in protected) and protected.keys() == _unet(mini_pipeline).keys()
+    original = _unet(mini_pipeline)
+    assert any(not torch.equal(original[k], protected[k]) for k in original if "attn" in k)
+
+
+@pytest.fixture()
+def aligner(mini_pipeline, tmp_path, request):
+    from accelerate import Accelerator
+
+    return Aligner(str(mini_pipeline), _cfg(tmp_path, **getattr(request, "param", {})), Accelerator())
+
+
+def test_black_target_implies_the_black_latent(aligner):
+    g = torch.Generator().manual_seed(0)
+    part = aligner.data["train", "unsafe"]
+    x_t, t, hidden = aligner.refusal_inputs(part, torch.arange(4), g)
+    target = aligner.refusal_target(x_t, t, hidden)
+    abar = aligner.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0 = (x_t - (1 - abar).sqrt() * target) / abar.sqrt()  # the clean latent an epsilon prediction implies
+    torch.testing.assert_close(x0, aligner.x0_black.expand_as(x0), atol=1e-3, rtol=1e-3)
+    weights = aligner.snr_weight(t).flatten()
+    assert (weights > 0).all() and (weights <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("aligner", [{"target": "esd"}, {"target": "esd", "esd_guidance": 1.0}], indirect=True)
+def test_esd_target_is_the_teachers_guided_away_prediction(aligner):
+    g = torch.Generator().manual_seed(0)
+    x_t, t, hidden = aligner.refusal_inputs(aligner.data["train", "unsafe"], torch.arange(2), g)
+    with torch.no_grad():
+        uncond = aligner.teacher(x_t, t, aligner.h_empty.expand(len(x_t), -1, -1)).sample
+        cond = aligner.teacher(x_t, t, hidden).sample
+    eta = aligner.u.esd_guidance
+    torch.testing.assert_close(aligner.refusal_target(x_t, t, hidden), uncond - eta * (cond - uncond))
+
+
+def test_nft_gradient_moves_the_unet(aligner):
+    """One outer step's MAML gradient is non-zero and reaches every trained weight it should."""
+    from patronus.nft.maml import simulate_first_order
+    from patronus.nft.space import SimulatedAttack
+
+    attack = SimulatedAttack("adam", 1e-3, 2, 2, "denoise", "full", 4)
+    g = torch.Generator().manual_seed(0)
+    grads, q = simulate_first_order(aligner.unet, attack, aligner.inner_loss_fn(2), aligner.query_loss_fn(g), 1, g)
+    assert q > 0 and sum(v.abs().sum() for v in grads.values()) > 0
+    lora = SimulatedAttack("adam", 1e-3, 2, 2, "denoise", "lora", 4)
+    grads, _ = simulate_first_order(aligner.unet, lora, aligner.inner_loss_fn(2), aligner.query_loss_fn(g), 1, g,
+                                    lora_targets=("to_q", "to_k", "to_v", "to_out.0"))
+    assert sum(v.abs().sum() for v in grads.values()) > 0
+
+
+@pytest.mark.parametrize("parts", ["", "vae", "decoder,decoder", "unet,text_encoder"])
+def test_bad_parts_are_refused(parts):
+    with pytest.raises(ConfigError, match="--parts"):
+        load_config("quick", parts=parts)
+
+
+@pytest.mark.parametrize("unet, message", [
+    ({"target": "white"}, "unet.target"), ({"update": "dora"}, "unet.update"),
+    ({"attacks": {"objectives": [["image", 1.0]]}}, "denoise"), ({"align_steps": 0}, "unet.align_steps"),
+    ({"esd_guidance": -1.0}, "unet.esd_guidance"),
+])
+def test_bad_unet_settings_are_refused(tmp_path, unet, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"unet": unet}))
+    with pytest.raises(ConfigError, match=message):
+        load_config("quick", path)
+
+
+def test_both_parts_are_the_two_single_part_runs_put_together(mini_pipeline, tmp_path):
+    """The halves are independent (the UNet learns against the original VAE), so a two-part model
+    may be assembled from single-part runs, and ablations compare like with like."""
+    from tests.defenses.test_protect import TINY_RUN
+
+    def run(name, parts):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(TINY_RUN | UNET_RUN | {"parts": parts}))
+        protect(str(mini_pipeline), tmp_path / name, load_config("quick", path), tmp_path / f"{name}.work")
+        return StableDiffusionPipeline.from_pretrained(tmp_path / name)
+
+    both, decoder, unet = run("both", ["decoder", "unet"]), run("decoder", ["decoder"]), run("unet", ["unet"])
+    info = json.loads((tmp_path / "both" / "patronus.json").read_text())
+    assert info["parts"] == ["decoder", "unet"] and {"decoder", "unet"} <= set(info)
+    assert sorted(info["changed_weight_files"]) == ["unet/diffusion_pytorch_model.safetensors",
+                                                    "vae/diffusion_pytorch_model.safetensors"]
+    for ours, single, component in ((both.vae, decoder.vae, "vae"), (both.unet, unet.unet, "unet")):
+        a, b = ours.state_dict(), single.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), component
