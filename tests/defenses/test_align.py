@@ -82,6 +82,7 @@ def aligner(mini_pipeline, tmp_path, request):
     return Aligner(str(mini_pipeline), _cfg(tmp_path, **getattr(request, "param", {})), Accelerator())
 
 
+@pytest.mark.parametrize("aligner", [{}, {"refusal_space": "eps"}], indirect=True, ids=["x0", "eps"])
 def test_black_target_implies_the_black_latent(aligner):
     g = torch.Generator().manual_seed(0)
     part = aligner.data["train", "unsafe"]
@@ -92,6 +93,8 @@ def test_black_target_implies_the_black_latent(aligner):
     torch.testing.assert_close(x0, aligner.x0_black.expand_as(x0), atol=1e-3, rtol=1e-3)
     weights = aligner.snr_weight(t).flatten()
     assert (weights > 0).all() and (weights <= 1 + 1e-6).all()
+    assert aligner.refusal_distance(target, target, x_t, t).item() == 0
+    assert aligner.refusal_distance(target + 0.1, target, x_t, t).item() > 0
 
 
 @pytest.mark.parametrize("aligner", [{"target": "esd"}, {"target": "esd", "esd_guidance": 1.0}], indirect=True)
@@ -129,7 +132,7 @@ def test_bad_parts_are_refused(parts):
 @pytest.mark.parametrize("unet, message", [
     ({"target": "white"}, "unet.target"), ({"update": "dora"}, "unet.update"),
     ({"attacks": {"objectives": [["image", 1.0]]}}, "denoise"), ({"align_steps": 0}, "unet.align_steps"),
-    ({"esd_guidance": -1.0}, "unet.esd_guidance"),
+    ({"esd_guidance": -1.0}, "unet.esd_guidance"), ({"refusal_space": "z"}, "unet.refusal_space"),
 ])
 def test_bad_unet_settings_are_refused(tmp_path, unet, message):
     path = tmp_path / "bad.json"

@@ -159,13 +159,22 @@ class Aligner:
             return eps
         return a.sqrt() * eps - (1 - a).sqrt() * x0
 
+    def implied_x0(self, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The clean latent a prediction (epsilon or v) at (x_t, t) implies."""
+        a = self._abar(t)
+        if self.scheduler.config.prediction_type == "epsilon":
+            return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+        return a.sqrt() * x_t - (1 - a).sqrt() * pred
+
     def snr_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v): the refusal target's implied clean
-        latent is far from x_t at small t, where an unweighted loss would be dominated by it."""
+        """The refusal term's per-sample weight (see `UNetAlignConfig.refusal_space`): in x0 space
+        min(1, gamma / SNR); in prediction space min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v)."""
         a = self._abar(t)
         snr = a / (1 - a)
+        if self.u.refusal_space == "x0":
+            return (self.u.snr_gamma / snr).clamp(max=1.0)
         denominator = snr if self.scheduler.config.prediction_type == "epsilon" else snr + 1
-        return snr.clamp(max=self.u.min_snr) / denominator
+        return snr.clamp(max=self.u.snr_gamma) / denominator
 
     def refusal_inputs(self, part: Partition, idx: torch.Tensor, g: torch.Generator):
         """(x_t, t, hidden) where an unsafe prompt must refuse: the attacker's noised latents of
@@ -184,7 +193,11 @@ class Aligner:
         cond = self.teacher(x_t, t, hidden, return_dict=False)[0]
         return uncond - self.u.esd_guidance * (cond - uncond)
 
-    def refusal_distance(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def refusal_distance(self, pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor,
+                         t: torch.Tensor) -> torch.Tensor:
+        """Weighted distance of predictions to the refusal target (`UNetAlignConfig.refusal_space`)."""
+        if self.u.refusal_space == "x0":
+            pred, target = self.implied_x0(x_t, t, pred), self.implied_x0(x_t, t, target)
         return (self.snr_weight(t) * (pred - target) ** 2).mean()
 
     # --- the defender's terms ------------------------------------------------------------------
@@ -209,7 +222,7 @@ class Aligner:
         with torch.no_grad():
             teacher_b = self.teacher(xb, tb, benign.hidden[b], return_dict=False)[0]
             teacher_unc = self.teacher(x_unc, t_unc, empty, return_dict=False)[0]
-        return {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), tr),
+        return {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), xr, tr),
                 "distill": F.mse_loss(cond_b, teacher_b), "uncond": F.mse_loss(unc, teacher_unc),
                 "denoise": F.mse_loss(cond_b, target_b)}
 
@@ -246,7 +259,7 @@ class Aligner:
                                                       torch.cat([hr, part.hidden[a]])), {"return_dict": False})[0]
             attacker = F.mse_loss(out[len(xr):], target_a)
             hinge = F.relu(u.nft_attacker_tau - attacker) / u.nft_attacker_tau
-            return self.refusal_distance(out[:len(xr)], target, tr) + u.nft_attacker_weight * hinge
+            return self.refusal_distance(out[:len(xr)], target, xr, tr) + u.nft_attacker_weight * hinge
 
         return query
 

@@ -55,7 +55,12 @@ class UNetAlignConfig:
     n_query: int = 128
     n_probe: int = 64
     batch_size: int = 32
-    min_snr: float = 5.0  # refusal term weighted by min(SNR, gamma) / SNR (Hang et al.'s min-SNR)
+    # Where the refusal term is measured. "x0": on the implied clean latent, weighted by
+    # min(1, gamma / SNR), so the high-noise steps that fix a sample's layout count fully;
+    # "eps": on the prediction, weighted by min(SNR, gamma) / SNR (min-SNR), which leaves the
+    # clean latent almost free at high noise (samples went dark but not black: docs/unet-results.md).
+    refusal_space: str = "x0"
+    snr_gamma: float = 5.0
     align_steps: int = 1500
     align_lr: float = 1e-4  # peak of a cosine schedule after `align_warmup` steps
     align_warmup: int = 100
@@ -102,8 +107,10 @@ class UNetAlignConfig:
                         "w_denoise", "w_nft", "nft_attacker_weight", "max_class_drop")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
-        if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.min_snr) <= 0:
-            raise ConfigError("unet.align_lr, nft_lr, probe_lr, nft_attacker_tau and min_snr must be positive")
+        if self.refusal_space not in ("x0", "eps"):
+            raise ConfigError(f"unet.refusal_space must be x0 or eps, got {self.refusal_space!r}")
+        if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma) <= 0:
+            raise ConfigError("unet.align_lr, nft_lr, probe_lr, nft_attacker_tau and snr_gamma must be positive")
 
 
 @dataclass(frozen=True)
