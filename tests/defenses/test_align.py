@@ -1,5 +1,6 @@
 """The UNet half of `patronus protect` on a miniature random pipeline."""
 
+import dataclasses
 import json
 import shutil
 
@@ -160,3 +161,14 @@ def test_both_parts_are_the_two_single_part_runs_put_together(mini_pipeline, tmp
     for ours, single, component in ((both.vae, decoder.vae, "vae"), (both.unet, unet.unet, "unet")):
         a, b = ours.state_dict(), single.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), component
+
+
+def test_a_folder_too_small_for_the_unet_half_is_refused_before_any_work(mini_pipeline, tmp_path):
+    folder = tmp_path / "unsafe"
+    folder.mkdir()
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a knife"}\n' * 5)
+    cfg = _cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, unsafe_dir=str(folder)))
+    with pytest.raises(ConfigError, match="lists 5 images; the UNet half needs 16"):
+        protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

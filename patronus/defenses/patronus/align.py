@@ -50,6 +50,7 @@ from patronus.data.imagefolder import load_imagefolder
 from patronus.defenses.patronus.bank import PART_START
 from patronus.defenses.patronus.config import ProtectConfig, UNetAlignConfig
 from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
+from patronus.errors import ConfigError
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import to_tensor, to_uint8
 from patronus.models.components import encode_latents
@@ -88,6 +89,19 @@ def _embed(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
     return torch.cat([pipe.text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
 
 
+def check_data(cfg: ProtectConfig) -> None:
+    """Refuse, before any training, image folders too small for the UNet half's partitions."""
+    need = cfg.unet.n_train + cfg.unet.n_query + cfg.unet.n_probe
+    for folder in filter(None, (cfg.bank.unsafe_dir, cfg.bank.benign_dir)):
+        meta = Path(folder) / "metadata.jsonl"
+        if not meta.is_file():
+            raise ConfigError(f"{folder} has no metadata.jsonl (lines of {{\"file_name\": ..., \"text\": ...}})")
+        have = sum(1 for line in meta.read_text().splitlines() if line.strip())
+        if have < need:
+            raise ConfigError(f"{folder} lists {have} images; the UNet half needs {need} "
+                              "(unet.n_train + n_query + n_probe): add images or lower those settings")
+
+
 @torch.no_grad()
 def load_partitions(pipe: StableDiffusionPipeline, cfg: ProtectConfig) -> dict[tuple[str, str], Partition]:
     """The defender's images per (partition, kind): the glyph `defender` split at the feature
@@ -99,9 +113,6 @@ def load_partitions(pipe: StableDiffusionPipeline, cfg: ProtectConfig) -> dict[t
         folder = cfg.bank.unsafe_dir if kind == "unsafe" else cfg.bank.benign_dir
         if folder:
             images_all, captions_all = load_imagefolder(folder, resolution)
-            if len(images_all) < sum(sizes.values()):
-                raise ValueError(f"{folder} has {len(images_all)} images; the UNet half needs "
-                                 f"{sum(sizes.values())} (unet.n_train + n_query + n_probe)")
         start = 0
         for part in PARTS:
             n = sizes[part]

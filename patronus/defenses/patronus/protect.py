@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder, load_head_state
 from patronus.config import to_dict
-from patronus.defenses.patronus.align import UNET_OFFSET, align_unet
+from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_data
 from patronus.defenses.patronus.bank import PART_START, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
 from patronus.defenses.patronus.losses import make_perceptual, refusal_loss
@@ -240,6 +240,8 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     """Harden `cfg.parts` (the decoder, the UNet or both) and write the protected pipeline to
     `out`. Returns patronus.json's content."""
     out, workdir = Path(out), Path(workdir)
+    if "unet" in cfg.parts:
+        check_data(cfg)
     _check_dirs(out, workdir, cfg, resume)
     t_start = time.time()
     accelerator = Accelerator()
