@@ -178,8 +178,9 @@ class Aligner:
         return a.sqrt() * x_t - (1 - a).sqrt() * pred
 
     def snr_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """The refusal term's per-sample weight (see `UNetAlignConfig.refusal_space`): in x0 space
-        min(1, gamma / SNR); in prediction space min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v)."""
+        """The refusal term's per-sample weight (see `UNetAlignConfig.refusal_space`): in prediction
+        space min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), which keeps the refusal target, far
+        from x_t at small timesteps, from dominating; in x0 space min(1, gamma / SNR)."""
         a = self._abar(t)
         snr = a / (1 - a)
         if self.u.refusal_space == "x0":

@@ -55,11 +55,11 @@ class UNetAlignConfig:
     n_query: int = 128
     n_probe: int = 64
     batch_size: int = 32
-    # Where the refusal term is measured. "x0": on the implied clean latent, weighted by
-    # min(1, gamma / SNR), so the high-noise steps that fix a sample's layout count fully;
-    # "eps": on the prediction, weighted by min(SNR, gamma) / SNR (min-SNR), which leaves the
-    # clean latent almost free at high noise (samples went dark but not black: docs/unet-results.md).
-    refusal_space: str = "x0"
+    # Where the refusal term is measured. "eps": on the prediction, weighted by min(SNR, gamma) / SNR
+    # (min-SNR); "x0": on the implied clean latent, weighted by min(1, gamma / SNR), so the
+    # high-noise steps count fully. Both reach the refusal latent; "eps" left the probe attacker a
+    # higher loss (docs/unet-results.md).
+    refusal_space: str = "eps"
     snr_gamma: float = 5.0
     align_steps: int = 1500
     align_lr: float = 1e-4  # peak of a cosine schedule after `align_warmup` steps
