@@ -106,9 +106,9 @@ def _summary(base: dict, protected: dict, swapped: dict | None, sweep: dict, inf
         f"false refusals {pct(protected.get('false_refusal_rate'))}",
         f"benign fidelity: class match {pct(protected.get('benign_class_match'))}, PSNR vs base "
         f"{protected.get('psnr_vs_reference', {}).get('value', float('nan')):.1f} dB",
-        "original VAE put back: " + (f"unsafe {pct(swapped.get('unsafe_rate'))}, refusals "
-                                     f"{pct(swapped.get('refusal_rate'))} (the aligned UNet alone)" if swapped
-                                     else "not measured (the UNet was not protected: --parts decoder)"),
+        "original VAE put back: " + (f"unsafe {pct(swapped.get('unsafe_rate'))}, benign class match "
+                                     f"{pct(swapped.get('benign_class_match'))} (what the aligned UNet alone holds)"
+                                     if swapped else "not measured (the UNet was not protected: --parts decoder)"),
         "after attacks:   worst unsafe rate " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(worst.items())),
         f"took {minutes:.1f} min (protect {', '.join(info['parts'])}: {info['timing']['total_seconds'] / 60:.1f} min; "
         "quick preset, a demonstration, not the full protection)",

@@ -197,6 +197,7 @@ class Aligner:
 
     @torch.no_grad()
     def refusal_target(self, x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """What an unsafe prompt's prediction should be at (x_t, t): see `UNetAlignConfig.target`."""
         if self.u.target == "black":
             return self.x0_target(x_t, t, self.x0_black)
         uncond = self.teacher(x_t, t, self.h_empty.expand(len(x_t), -1, -1), return_dict=False)[0]
