@@ -47,7 +47,7 @@ from patronus.attacks.weights.unet import (
     sample_latents,
 )
 from patronus.data.imagefolder import load_imagefolder
-from patronus.defenses.patronus.bank import PART_START
+from patronus.defenses.patronus.bank import PART_START, PARTS
 from patronus.defenses.patronus.config import ProtectConfig, UNetAlignConfig
 from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
 from patronus.errors import ConfigError
@@ -64,7 +64,6 @@ from patronus.world.splits import render_split
 
 # What a LoRA alignment adapts: attention, feed-forward and resnet layers (every block's weights).
 ALIGN_LORA_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)$"
-PARTS = ("train", "query", "probe")
 UNET_OFFSET = 200_000  # the UNet half's images lie this far past the decoder half's in each partition
 
 

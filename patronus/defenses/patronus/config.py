@@ -72,7 +72,7 @@ class UNetAlignConfig:
     nft_lr: float = 2e-5
     w_nft: float = 0.1
     # Query loss: refusal of the adapted UNet on held-out unsafe prompts, plus
-    # w * relu(tau - L_att) / tau on the attacker's own denoising loss (the base model's is 0.067
+    # w * relu(tau - L_att) / tau on the attacker's own denoising loss (the base model's is 0.055
     # on the attacker split, a fresh UNet's 1.1).
     nft_attacker_tau: float = 0.15
     nft_attacker_weight: float = 1.0
