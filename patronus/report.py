@@ -144,9 +144,15 @@ def group_plot(runs: list[Run], path: Path) -> bool:
     return True
 
 
+# The sweep's models as plotted; "original-vae": the protected model with the original VAE put back.
+SWEEP_STYLES = {"protected": "o-", "original-vae": "d-.", "unprotected": "s--", "scratch": "^:"}
+RATIO_MODELS = {"protected": "the protected model",
+                "original-vae": "the protected model with the original VAE put back"}
+
+
 def robustness_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
     """Rows = attack cell x budget; columns = unsafe rate and benign class match per model."""
-    models = [m for m in ("protected", "unprotected", "scratch") if any(c["model"] == m for c in sweep["cells"])]
+    models = [m for m in SWEEP_STYLES if any(c["model"] == m for c in sweep["cells"])]
     by_key = results_by_cell(sweep)
     seeds = len({k[3] for k in by_key}) > 1  # a seed column only where there is more than one seed
     header = ["attack", "optimizer", "lr"] + ["seed"] * seeds + ["steps"] + [f"unsafe ({m})" for m in models] + \
@@ -191,20 +197,22 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
         return f"{kind} {opt} lr {lr:g}" + (f" seed {seed}" if len(seeds) > 1 else "") + f" @ {step} steps"
 
     out = []
-    worst: dict[str, float] = {}
-    for (kind, *_), r in rows:
-        if "protected" in r:
-            worst[kind] = max(worst.get(kind, 0.0), r["protected"]["unsafe_rate"]["value"])
-    if worst:
-        out.append("Worst unsafe rate of the attacked protected model per attack kind: "
-                   + ", ".join(f"{k} {100 * v:.1f}".removesuffix(".0") + "%" for k, v in sorted(worst.items()))
-                   + ".")
-    above = [name(*k) for k, r in rows if "protected" in r and "scratch" in r
-             and r["protected"]["unsafe_rate"]["value"] > r["scratch"]["unsafe_rate"]["value"]]
-    compared = sum(1 for _, r in rows if "protected" in r and "scratch" in r)
-    if compared:
-        out.append(f"The protected model is above scratch (more unsafe output than the same attack on random "
-                   f"weights) in {len(above)} of {compared} rows" + (f": {'; '.join(above)}." if above else "."))
+    for model, words in RATIO_MODELS.items():
+        worst: dict[str, float] = {}
+        for (kind, *_), r in rows:
+            if model in r:
+                worst[kind] = max(worst.get(kind, 0.0), r[model]["unsafe_rate"]["value"])
+        if worst:
+            out.append(f"Worst unsafe rate of {words} under attack, per attack kind: "
+                       + ", ".join(f"{k} {100 * v:.1f}".removesuffix(".0") + "%" for k, v in sorted(worst.items()))
+                       + ".")
+        above = [name(*k) for k, r in rows if model in r and "scratch" in r
+                 and r[model]["unsafe_rate"]["value"] > r["scratch"]["unsafe_rate"]["value"]]
+        compared = sum(1 for _, r in rows if model in r and "scratch" in r)
+        if compared:
+            out.append(f"{words[0].upper()}{words[1:]} is above scratch (more unsafe output than the same attack on "
+                       f"random weights) in {len(above)} of {compared} rows"
+                       + (f": {'; '.join(above)}." if above else "."))
     broken = [name(*k) for k, r in rows if "protected" in r
               and (r["protected"].get("benign_class_match") or {}).get("value", 1.0) < broken_below]
     if broken:
@@ -230,7 +238,7 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
         if res is None:
             ax.axis("off")
             continue
-        for model, style in (("protected", "o-"), ("unprotected", "s--"), ("scratch", "^:")):
+        for model, style in SWEEP_STYLES.items():
             if model in res:
                 steps = sorted(int(k) for k in res[model])
                 ax.plot(steps, [res[model][str(k)]["unsafe_rate"]["value"] for k in steps], style, label=model,
@@ -412,13 +420,17 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
             name = f"robustness-{i + 1}.png"
             sections.append(Section(f"Robustness sweep {i + 1}: unsafe rate after each attack",
                                     "Protected model against the unprotected original and a scratch model "
-                                    "(attacked components randomly initialised), same attacks and budgets.",
+                                    "(attacked components randomly initialised), same attacks and budgets; "
+                                    "original-vae (UNet-only attacks): the protected model's attacked UNet "
+                                    "rendered by the original VAE, the decoder swapped back.",
                                     table=robustness_rows(sweep), items=robustness_findings(sweep),
                                     figure=name if robustness_plot(sweep, tmp / name) else None))
-            ratios = robustness_ratios(unsafe_rates_by_cell(sweep))
-            if ratios:
-                sections.append(Section(f"Robustness sweep {i + 1}: robustness ratio", RATIO_TEXT,
-                                        table=ratio_rows(ratios), items=[ratio_summary(ratios)]))
+            for model, words in RATIO_MODELS.items():
+                ratios = robustness_ratios(unsafe_rates_by_cell(sweep), model=model)
+                if ratios:
+                    title = "robustness ratio" + ("" if model == "protected" else f" ({model}: {words})")
+                    sections.append(Section(f"Robustness sweep {i + 1}: {title}", RATIO_TEXT,
+                                            table=ratio_rows(ratios), items=[ratio_summary(ratios)]))
         for i, res in enumerate(decoder):
             name = f"decoder-attacks-{i + 1}.png"
             sections.append(Section(

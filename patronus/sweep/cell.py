@@ -1,15 +1,17 @@
-"""One sweep cell: attack one model with one grid cell (or reuse a shared attack), evaluate every checkpoint.
+"""One sweep cell: attack one model with one grid cell (or reuse a twin's attack), evaluate every checkpoint.
 
-A UNet-only attack reads nothing that `patronus protect` changes, so when the protected
-model's UNet, text encoder, tokenizer, scheduler and VAE encoder are bitwise those of the
-unprotected one, its attack is not run twice: the protected cell takes the unprotected
-cell's attacked pipelines with its own VAE put in (`attack_reused_from` in done.json).
+A UNet-only attack reads nothing of the decoder, so two models that differ only there share
+it: the cell takes its twin's attacked pipelines with its own VAE put in (`attack_reused_from`
+in done.json). The protected model's twin is the unprotected one when `patronus protect` left
+the UNet, text encoder, tokenizer, scheduler and VAE encoder bitwise alone (a decoder-only
+protection); the `original-vae` reference (the protected model with the original VAE put back)
+always reuses the protected model's attack.
 
 Sampled latents depend only on the files outside `vae/` (the evaluation's generation
 digest). An evaluation whose digest and settings match one already in the sweep decodes
 that one's saved latents with its own decoder instead of sampling them again
-(`timing.latents_from` in its metrics.json). That covers the protected UNet-only cells and
-every checkpoint of a decoder-full attack after its cell's first (the UNet is untouched).
+(`timing.latents_from` in its metrics.json). That covers every cell that reused an attack
+and every checkpoint of a decoder-full attack after its cell's first (the UNet is untouched).
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ RESULT_METRICS = ("unsafe_rate", "benign_class_match", "refusal_rate")
 class CellJob:
     """Everything one cell needs, picklable for a worker process."""
 
-    model_name: str  # "protected", "unprotected" or "scratch"
+    model_name: str  # one of layout.MODELS
     cell: dict
     target: str  # the pipeline to attack
-    model: str  # the protected model (its VAE goes into a reused attack)
+    vae_from: str  # the model whose VAE goes into a reused attack
     grid: GridConfig
     sweep_root: Path
-    reuse_from: str | None = None  # the unprotected twin's attack directory
+    reuse_from: tuple[str, str] | None = None  # (twin's model name, its attack directory)
     keep_attack: bool = False
     threads: int | None = None  # set in worker processes: torch threads, output to the cell's log
 
@@ -74,21 +76,20 @@ def run_cell(job: CellJob) -> dict:
             traceback.print_exc()
             raise
     done = {"model": job.model_name, "cell": job.cell, "results": results, "seconds": time.time() - t_cell,
-            "finished": time.time(), "attack_reused_from": "unprotected" if job.reuse_from else None}
+            "finished": time.time(), "attack_reused_from": job.reuse_from[0] if job.reuse_from else None}
     tmp = cell.done.with_name("done.json.partial")
     tmp.write_text(json.dumps(done, indent=2))
     tmp.replace(cell.done)  # a cell is done when done.json exists: never half-written
     # Only now the checkpoints go; a kill in between leaves files that the next run removes.
+    # A twin's checkpoints are removed by the runner once every cell reusing them is done.
     if not job.keep_attack:
         shutil.rmtree(cell.attack)
-    if job.reuse_from and not job.grid.keep_checkpoints:
-        shutil.rmtree(job.reuse_from)
     return done
 
 
 def _attack_and_evaluate(job: CellJob, cell: CellLayout) -> dict:
-    if job.reuse_from:  # bitwise the same attack as on the unprotected model: reuse it, render with our decoder
-        ckpts = _reuse_attack(Path(job.reuse_from), job.model, cell.attack, job.grid.budgets)
+    if job.reuse_from:  # bitwise the same attack as on the twin: reuse it, render with our decoder
+        ckpts = _reuse_attack(Path(job.reuse_from[1]), job.vae_from, cell.attack, job.grid.budgets)
     else:
         ckpts = run_attack(job.target, attack_config(job.grid, job.cell), cell.attack)
     settings = job.grid.eval_config()
@@ -118,7 +119,7 @@ def find_latents(layout: SweepLayout, digest: str, settings: EvalConfig) -> Path
 
 
 def _reuse_attack(source: Path, model: str, out: Path, budgets: tuple[int, ...]) -> list[Path]:
-    """The unprotected model's attacked checkpoints with `model`'s VAE put in."""
+    """A twin's attacked checkpoints with `model`'s VAE put in."""
     vae = resolve_model(model) / "vae"
     ckpts = sorted(source.glob("step-*"), key=step_of)
     if [step_of(c) for c in ckpts] != sorted(budgets):
@@ -140,6 +141,19 @@ def make_scratch(model: str, kind: str, out: Path, seed: int = 0) -> Path:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def make_original_vae(model: str, unprotected: str, out: Path) -> Path:
+    """`model` with `unprotected`'s VAE put back: the decoder-swap attack, as a sweep reference."""
+    if out.exists():
+        return out
+    src = resolve_model(model)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=lambda d, names: ["vae"] if Path(d) == src else [])
+    shutil.copytree(resolve_model(unprotected) / "vae", tmp / "vae")
     tmp.rename(out)
     return out
 

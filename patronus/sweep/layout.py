@@ -16,7 +16,9 @@ from pathlib import Path
 
 from patronus.errors import PatronusError
 
-MODELS = ("unprotected", "protected", "scratch")  # in the order the runner queues them
+# In the order the runner queues them. "original-vae" is the protected model with the
+# unprotected model's VAE put back, attacked by the UNet-only kinds: the UNet alone under attack.
+MODELS = ("unprotected", "protected", "original-vae", "scratch")
 
 
 class SweepError(PatronusError):
@@ -81,6 +83,9 @@ class SweepLayout:
 
     def scratch(self, kind: str) -> Path:
         return self.root / "references" / f"scratch-{kind}"
+
+    def original_vae(self) -> Path:
+        return self.root / "references" / "original-vae"
 
     def cell(self, model: str, cell: dict) -> CellLayout:
         return CellLayout(self.root / "cells" / model / cell_id(cell))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from patronus.attacks.registry import ATTACKS
 from patronus.models.registry import resolve_model
-from patronus.sweep.cell import CellJob, make_scratch, same_unet_attack_inputs
+from patronus.sweep.cell import CellJob, make_original_vae, make_scratch, same_unet_attack_inputs
 from patronus.sweep.executors import make_executor
 from patronus.sweep.grid import GridConfig
 from patronus.sweep.layout import MODELS, CellLayout, SweepError, SweepLayout, cell_id
@@ -62,34 +62,60 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
         targets = {"protected": model}
         if "unprotected" in grid.references:
             targets["unprotected"] = unprotected
-        names = [n for n in MODELS if n in targets or n in grid.references]
         share = "unprotected" in targets and same_unet_attack_inputs(model, unprotected)
 
-        def shared(cell: dict) -> bool:
-            return share and ATTACKS[cell["kind"]].unet_only
+        def runs(name: str, cell: dict) -> bool:
+            return name in targets or (name in grid.references
+                                       and (name != "original-vae" or ATTACKS[cell["kind"]].unet_only))
 
-        todo = [(name, cell) for cell in grid.cells() for name in names if not layout.cell(name, cell).done.exists()]
-        # An unprotected UNet-only attack is kept until its protected twin has used it.
-        _remove_leftovers(layout, grid, keep=lambda name, cell: name == "unprotected" and shared(cell)
-                          and not layout.cell("protected", cell).done.exists())
+        def twin(name: str, cell: dict) -> str | None:
+            """The model whose attack this cell reuses: same UNet-only attack, another decoder."""
+            if not ATTACKS[cell["kind"]].unet_only:
+                return None
+            if name == "protected" and share:
+                return "unprotected"
+            return "protected" if name == "original-vae" else None
+
+        def dependents(name: str, cell: dict) -> list[str]:
+            return [n for n in MODELS if runs(n, cell) and twin(n, cell) == name]
+
+        all_cells = [(name, cell) for cell in grid.cells() for name in MODELS if runs(name, cell)]
+        todo = [(name, cell) for name, cell in all_cells if not layout.cell(name, cell).done.exists()]
+        # A twin's attack is kept until every cell reusing it is done.
+        _remove_leftovers(layout, grid, keep=lambda name, cell: any(
+            not layout.cell(d, cell).done.exists() for d in dependents(name, cell)))
         for kind in sorted({cell["kind"] for name, cell in todo if name == "scratch"}):  # before any worker needs it
             targets[f"scratch-{kind}"] = str(make_scratch(unprotected, kind, layout.scratch(kind)))
-        # A protected UNet-only cell waits for its unprotected twin, whose attack it reuses,
-        # and runs as soon as the twin is done.
-        pending_twin = {cell_id(c) for n, c in todo if n == "unprotected" and shared(c)}
-        waiting = {cell_id(c): (n, c) for n, c in todo if n == "protected" and shared(c) and cell_id(c) in pending_twin}
-        queue = deque(t for t in todo if not (t[0] == "protected" and cell_id(t[1]) in waiting))
+        # A cell that reuses a twin's attack waits for the twin and runs as soon as it is done.
+        pending = {(n, cell_id(c)) for n, c in todo}
+        waiting = {(n, cell_id(c)): (n, c) for n, c in todo if (twin(n, c), cell_id(c)) in pending}
+        queue = deque(t for t in todo if (t[0], cell_id(t[1])) not in waiting)
 
         def job(name: str, cell: dict) -> CellJob:
-            source = layout.cell("unprotected", cell).attack
-            reuse = shared(cell) and name == "protected" and source.is_dir()
-            return CellJob(model_name=name, cell=cell,
-                           target=targets[f"scratch-{cell['kind']}" if name == "scratch" else name],
-                           model=model, grid=grid, sweep_root=out,
-                           reuse_from=str(source) if reuse else None,
-                           keep_attack=grid.keep_checkpoints or (shared(cell) and name == "unprotected"))
+            source = layout.cell(twin(name, cell), cell).attack if twin(name, cell) else None
+            reuse = source is not None and source.is_dir()
+            if name == "scratch":
+                target = targets[f"scratch-{cell['kind']}"]
+            elif name == "original-vae":  # its own attack only where the twin's checkpoints are gone
+                target = model if reuse else str(make_original_vae(model, unprotected, layout.original_vae()))
+            else:
+                target = targets[name]
+            return CellJob(model_name=name, cell=cell, target=target,
+                           vae_from=unprotected if name == "original-vae" else model, grid=grid, sweep_root=out,
+                           reuse_from=(twin(name, cell), str(source)) if reuse else None,
+                           keep_attack=grid.keep_checkpoints or bool(dependents(name, cell)))
 
-        print(f"sweep: {len(grid.cells()) * len(names) - len(todo)} cells done, {len(todo)} to run"
+        def release(name: str, cell: dict) -> None:
+            """Queue the cells waiting for this one; remove its twin's checkpoints once nobody needs them."""
+            for n in dependents(name, cell):
+                if (n, cell_id(cell)) in waiting:
+                    queue.appendleft(waiting.pop((n, cell_id(cell))))
+            src = twin(name, cell)
+            if src and not grid.keep_checkpoints and all(layout.cell(d, cell).done.exists()
+                                                         for d in dependents(src, cell)):
+                shutil.rmtree(layout.cell(src, cell).attack, ignore_errors=True)
+
+        print(f"sweep: {len(all_cells) - len(todo)} cells done, {len(todo)} to run"
               f"{f' on {workers} workers (logs in each cell dir)' if workers > 1 else ''}", flush=True)
         bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=not todo)
         executor = make_executor(workers)
@@ -113,8 +139,7 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
                         f"{s}:{100 * r['unsafe_rate']['value']:.0f}%" for s, r in done["results"].items())
                         + f" ({done['seconds'] / 60:.1f} min)")
                     bar.update()
-                    if name == "unprotected" and cell_id(cell) in waiting:
-                        queue.appendleft(waiting.pop(cell_id(cell)))
+                    release(name, cell)
         finally:
             executor.shutdown()
             bar.close()
