@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="pipeline directory or patronus-tiny")
     ev.add_argument("--out", required=True)
     ev.add_argument("--reference", help="second model for PSNR/SSIM of benign outputs at the same seeds")
-    ev.add_argument("--suite", default=default(EvalConfig, "suite"), help="glyph (default) or glyph-quick")
+    ev.add_argument("--suite", default=default(EvalConfig, "suite"),
+                    help="glyph (default), glyph-quick, or new-words (the benign fine-tuning task)")
     ev.add_argument("--unsafe-prompts", help="a .txt (one per line) or I2P-style .csv prompt file")
     ev.add_argument("--benign-prompts", help="a .txt or .csv prompt file (e.g. COCO captions)")
     ev.add_argument("--detector", choices=["glyphnet", "nudenet"], default=default(EvalConfig, "detector"))
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--kind", required=True,
                     help="; ".join(f"{k}: {a.help}" for k, a in ATTACKS.items()))
     at.add_argument("--data", default=default(AttackConfig, "data"),
-                    help="'attacker' (glyph split) or an image folder with metadata.jsonl")
+                    help="'attacker' (glyph split, unsafe), 'new-words' (the benign task) or an image folder "
+                         "with metadata.jsonl")
     at.add_argument("--optimizer", default=default(AttackConfig, "optimizer"),
                     help=f"{', '.join(OPTIMIZERS)} (sgd with momentum 0.9)")
     at.add_argument("--lr", type=float, default=default(AttackConfig, "lr"))
@@ -235,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="attack grid on a model and its unprotected and scratch references")
     sw.add_argument("model", help="the (protected) pipeline directory")
-    sw.add_argument("--grid", default="default", help="a grid .toml/.yaml, or a shipped grid: default, quick")
+    sw.add_argument("--grid", default="default",
+                    help="a grid .toml/.yaml, or a shipped grid: default, quick, new-words")
     sw.add_argument("--unprotected", default="patronus-tiny", help="the original model (unprotected reference)")
     sw.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
     sw.add_argument("--workers", type=int, default=1,

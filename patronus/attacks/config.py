@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from patronus.attacks.registry import ATTACKS
 from patronus.errors import ConfigError
 from patronus.training import OPTIMIZERS
 
+# Built-in training data: the glyph `attacker` split (unsafe classes) and the benign new-words
+# task (world/newwords.py). Anything else is an image folder with metadata.jsonl.
+BUILTIN_DATA = ("attacker", "new-words")
+
+
+def check_data(data: str) -> None:
+    if data not in BUILTIN_DATA and not (Path(data) / "metadata.jsonl").is_file():
+        raise ConfigError(f"data {data!r} is neither built in ({', '.join(BUILTIN_DATA)}) nor an image folder "
+                          f"with metadata.jsonl (write one with `patronus export-split`)")
+
 
 @dataclass(frozen=True)
 class AttackConfig:
     kind: str
-    data: str = "attacker"  # "attacker" (glyph split, unsafe classes) or an image folder
+    data: str = "attacker"  # one of BUILTIN_DATA or an image folder
     optimizer: str = "adam"
     lr: float = 1e-4
     steps: int = 500
@@ -27,6 +38,8 @@ class AttackConfig:
     def __post_init__(self):
         if self.kind not in ATTACKS:
             raise ConfigError(f"unknown attack kind {self.kind!r}; choose one of {', '.join(ATTACKS)}")
+        if self.kind != "swap-decoder":
+            check_data(self.data)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.kind == "swap-decoder" and not self.swap_from:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patronus.errors import PatronusError
+from patronus.world.newwords import new_word_prompts
 from patronus.world.prompts import eval_prompts
 
 
@@ -40,16 +41,25 @@ def glyph_suite(per_unsafe_class: int, per_benign_class: int) -> list[EvalPrompt
     ]
 
 
+def new_words_suite(per_word: int) -> list[EvalPrompt]:
+    """The benign fine-tuning task's prompts (world/newwords.py) as benign prompts of group
+    `new_word`, plus glyph-quick's unsafe prompts: does learning them also bring unsafe back?"""
+    unsafe = [p for p in glyph_suite(*SUITES["glyph-quick"]) if p.kind == "unsafe"]
+    return unsafe + [EvalPrompt(prompt, "benign", "new_word", seed, cls, color, bg)
+                     for prompt, cls, color, bg, seed in new_word_prompts(per_word)]
+
+
 SUITES = {
     "glyph": (72, 24),  # 216 unsafe (72 per word group) + 216 benign (72 hard negatives)
     "glyph-quick": (6, 2),  # 18 unsafe + 18 benign, for tests and the demo
+    "new-words": (24,),  # 72 benign prompts with the new words (24 per word) + glyph-quick's 18 unsafe
 }
 
 
 def load_suite(name: str) -> list[EvalPrompt]:
     if name not in SUITES:
         raise PromptFileError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)} or pass prompt files")
-    return glyph_suite(*SUITES[name])
+    return new_words_suite(*SUITES[name]) if name == "new-words" else glyph_suite(*SUITES[name])
 
 
 def load_prompt_file(path: str | Path, kind: str) -> list[EvalPrompt]:

@@ -60,8 +60,6 @@ class GridConfig:
         if unknown := set(self.eval) - set(allowed):
             raise ConfigError(f"unknown eval setting(s) {', '.join(sorted(unknown))}; choose from {', '.join(allowed)}")
         resolve_prompts(self.eval_config())
-        if self.data != "attacker" and not (Path(self.data) / "metadata.jsonl").is_file():
-            raise ConfigError(f"grid data {self.data!r} is neither 'attacker' nor an image folder with metadata.jsonl")
 
     def cells(self) -> list[dict]:
         def lora(kind: str) -> bool:  # an unknown kind is refused by its AttackConfig
@@ -96,7 +94,7 @@ def attack_config(grid: GridConfig, cell: dict) -> AttackConfig:
 
 
 def load_grid(path: str | Path) -> GridConfig:
-    """A grid file, or the name of one shipped in patronus/grids (`default`, `quick`)."""
+    """A grid file, or the name of one shipped in patronus/grids (`default`, `quick`, `new-words`)."""
     path = Path(path)
     if not path.exists() and (GRIDS_DIR / f"{path}.toml").exists():
         path = GRIDS_DIR / f"{path}.toml"

@@ -15,6 +15,8 @@ def test_shipped_grids_load():
     assert len(default.cells()) == 5 * 2 * 3  # unet-full, lora r4, lora r64, decoder-full, joint
     assert default.budgets == (100, 500, 2000) and default.batch_size == 16
     assert len(load_grid("quick").cells()) == 2
+    benign = load_grid("new-words")
+    assert benign.data == benign.suite == "new-words" and benign.references == ("unprotected",)
     assert GridConfig() == default  # a GridConfig built in Python without arguments is the shipped default
 
 
@@ -35,7 +37,7 @@ def test_bad_grid_files(tmp_path):
         "references: [scratch, random]\n": "unknown reference",
         "eval: {stepz: 2}\n": "unknown eval setting",
         "suite: glyph-huge\n": "unknown suite",
-        "data: nowhere\n": "neither 'attacker' nor an image folder",
+        "data: nowhere\n": "neither built in .attacker, new-words. nor an image folder",
         "- unet-full\n": "must hold settings",
     }
     for i, (text, message) in enumerate(bad.items()):

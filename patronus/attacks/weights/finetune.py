@@ -34,6 +34,7 @@ from patronus.imaging import to_tensor
 from patronus.models.components import DecoderHead, encode_latents
 from patronus.training import make_optimizer
 from patronus.world.glyphs import UNSAFE_CLASSES
+from patronus.world.newwords import render_new_words
 from patronus.world.splits import render_split
 
 ATTACKER_SPLIT_SIZE = 500
@@ -44,10 +45,14 @@ class AttackError(PatronusError):
 
 
 def load_attack_data(data: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """Images in [-1, 1] and captions: the glyph `attacker` split (unsafe classes) or an image folder."""
+    """Images in [-1, 1] and captions: the glyph `attacker` split (unsafe classes), the benign
+    new-words task (world/newwords.py) or an image folder."""
     if data == "attacker":
         images, samples = render_split("attacker", ATTACKER_SPLIT_SIZE, resolution, classes=UNSAFE_CLASSES)
         return to_tensor(images), [s.text for s in samples]
+    if data == "new-words":
+        images, texts, _ = render_new_words(resolution=resolution)
+        return to_tensor(images), texts
     return load_imagefolder(data, resolution)
 
 
