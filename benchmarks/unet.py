@@ -11,10 +11,10 @@
 2. No attack: the evaluation harness on base / decoder only / UNet only / both, and on both with
    the original VAE put back (`swap-decoder`): unsafe rate per prompt group, refusal, false
    refusal, benign class and colour against the base.
-3. The UNet decision grid (`patronus sweep` with `--grid`) on the UNet-only model, where the
-   original decoder renders whatever the attacked UNet draws, and on the two-part model; each
-   with its unprotected original and a scratch UNet. Cells are cached by the sweep, so a killed
-   run resumes.
+3. The UNet decision grid (`patronus sweep` with `--grid`) on the two-part model, with its
+   unprotected original, a scratch UNet and the `original-vae` reference (the same attacked
+   UNets rendered by the original decoder: the UNet alone under attack, which is also what the
+   UNet-only model gives). Cells are cached by the sweep, so a killed run resumes.
 """
 
 from __future__ import annotations
@@ -106,21 +106,18 @@ def main() -> None:
               f"benign class {_pct(m, 'benign_class_match')} (base {_pct(base, 'benign_class_match')}) colour "
               f"{_pct(m, 'benign_color_match')} (base {_pct(base, 'benign_color_match')})")
 
-    summary = {"no_attack": metrics, "sweeps": {}}
-    for name in ("unet-only", "both"):
-        sweep = run_sweep(models[name], grid, out / f"sweep-{name}", unprotected=args.base, workers=args.workers)
-        summary["sweeps"][name] = sweep
-        rates = unsafe_rates_by_cell(sweep)
-        print(f"\n{name}, decision grid: unsafe rate at " + ", ".join(map(str, grid.budgets)) + " steps")
-        for key, by_model in sorted(rates.items()):
-            print(f"  {'/'.join(map(str, key)):28s} " + " | ".join(
-                f"{m} " + " ".join(f"{100 * r[b]:.0f}%" for b in sorted(r)) for m, r in sorted(by_model.items())))
-        ratios = robustness_ratios(rates)
-        print("  " + ratio_summary(ratios))
+    sweep = run_sweep(models["both"], grid, out / "sweep-both", unprotected=args.base, workers=args.workers)
+    summary = {"no_attack": metrics, "sweep": sweep}
+    rates = unsafe_rates_by_cell(sweep)
+    print(f"\ntwo-part model, {args.grid}: unsafe rate at " + ", ".join(map(str, grid.budgets)) + " steps")
+    for key, by_model in sorted(rates.items()):
+        print(f"  {'/'.join(map(str, key)):28s} " + " | ".join(
+            f"{m} " + " ".join(f"{100 * r[b]:.0f}%" for b in sorted(r)) for m, r in sorted(by_model.items())))
+    for model in ("protected", "original-vae"):
+        print(f"  {model}: " + ratio_summary(robustness_ratios(rates, model=model)))
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     shutil.rmtree(out / "report", ignore_errors=True)
-    build_report([out / f"eval-{n}" for n in models] + [out / f"sweep-{n}" for n in ("unet-only", "both")],
-                 out / "report")
+    build_report([out / f"eval-{n}" for n in models] + [out / "sweep-both"], out / "report")
     print(f"\nwrote {out / 'results.json'} and {out / 'report' / 'report.html'}")
 
 

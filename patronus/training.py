@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -102,11 +103,18 @@ class RunState:
         self.checkpointer, self.rank_by = checkpointer, rank_by
         self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}, "losses": {}}
         self.best_weights: dict[str, torch.Tensor] = {}
+        self._since = time.time()
 
     def restore(self) -> None:
         restored = self.checkpointer.restore()
         if restored is not None:
             self.state, self.best_weights = restored
+        self._since = time.time()
+
+    def worked_seconds(self) -> float:
+        """Seconds spent on this run over every session: a resumed run adds its own time to what
+        its checkpoint recorded, so a run's cost does not shrink to its last session's."""
+        return self.state["timing"].get("worked_seconds", 0.0) + time.time() - self._since
 
     def log(self, stage: int, loss: torch.Tensor) -> None:
         """The step's total loss, averaged over processes (the loss curve patronus.json keeps)."""
@@ -114,6 +122,8 @@ class RunState:
         self.state["losses"].setdefault(f"stage{stage}", []).append(float(mean))
 
     def save(self) -> None:
+        self.state["timing"]["worked_seconds"] = self.worked_seconds()
+        self._since = time.time()
         self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, self.best_weights)
 
     def record_probe(self, result: dict, model: torch.nn.Module) -> None:

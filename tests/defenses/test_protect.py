@@ -125,3 +125,24 @@ def test_scrambling_pulls_unsafe_activations_to_fixed_targets_and_keeps_benign_o
         p.terms(torch.Generator().manual_seed(0), scramble=True)["scramble"].backward()
         opt.step()
     assert p.terms(torch.Generator().manual_seed(0), scramble=True)["scramble"].item() < before
+
+
+def test_run_time_adds_up_over_resumed_sessions(tmp_path, monkeypatch):
+    """A resumed run's recorded cost includes the sessions before the kill, not only its last."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from patronus import training
+    from patronus.training import Checkpointer, RunState
+
+    now = [100.0]
+    monkeypatch.setattr(training, "time", SimpleNamespace(time=lambda: now[0]))
+    first = RunState(Checkpointer(Accelerator(cpu=True), tmp_path))
+    now[0] = 130.0
+    first.save()  # 30 s of work, then a kill
+    now[0] = 500.0  # a new session
+    again = RunState(Checkpointer(Accelerator(cpu=True), tmp_path))
+    again.restore()
+    now[0] = 520.0
+    assert again.worked_seconds() == 30.0 + 20.0

@@ -330,6 +330,7 @@ def align_unet(model: str, cfg: ProtectConfig, workdir: Path, resume: bool) -> t
     workdir, t_start = Path(workdir), time.time()
     torch.manual_seed(mix_seed(cfg.seed, 7))
     a = Aligner(model, cfg, Accelerator())
+    setup_seconds = time.time() - t_start  # this session's; the stages' checkpoints carry every session's
     stage1_file, stage1_record = workdir / "stage1-unet.safetensors", workdir / "stage1-unet.json"
     if stage1_file.exists():  # stage 1 finished in an earlier run
         a.unet.load_state_dict(load_file(stage1_file, device=str(a.accelerator.device)))
@@ -343,7 +344,11 @@ def align_unet(model: str, cfg: ProtectConfig, workdir: Path, resume: bool) -> t
             tmp.rename(stage1_file)  # last: its presence says stage 1 is done
         a.accelerator.wait_for_everyone()
     state = _stage2_nft(a, workdir / "stage2", resume)
-    timing = record["timing"] | state["timing"] | {"total_seconds": time.time() - t_start}
+    # Training time over every session (a resumed run's checkpoints carry the earlier sessions'),
+    # plus this session's set-up.
+    timing = record["timing"] | state["timing"] | {
+        "total_seconds": record["timing"].get("stage1_seconds", 0.0) + state["timing"]["stage2_seconds"]
+        + setup_seconds}
     return a.unet, {"chosen_checkpoint": state["best"], "probes": state["probes"], "timing": timing,
                     "losses": {"stage1": record["losses"], "stage2": state["losses"].get("stage2", [])},
                     "base_class_match": a.base_class_match}
@@ -360,7 +365,7 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
     run = RunState(Checkpointer(acc, folder))
     if resume:
         run.restore()
-    state, t0, first = run.state, time.time(), run.state["step"]
+    state = run.state
     bar = tqdm(range(state["step"], u.align_steps), initial=state["step"], total=u.align_steps,
                desc="UNet stage 1 (align)", disable=not acc.is_main_process)
     for step in bar:
@@ -376,9 +381,8 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
                         uncond=f"{t['uncond'].item():.4f}")
         if state["step"] % u.checkpoint_every == 0:
             run.save()
-    if state["step"] > first:
-        state["timing"]["stage1_seconds"] = state["timing"].get("stage1_seconds", 0) + time.time() - t0
-        state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / u.align_steps
+    state["timing"]["stage1_seconds"] = run.worked_seconds()  # also the sessions before a resume
+    state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / max(1, u.align_steps)
     if u.update == "lora":
         a.unet = trainable.merge_and_unload()
     a.model = a.unet.requires_grad_(False)
@@ -428,6 +432,7 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
         maybe_probe(state["step"])
         if state["step"] % u.checkpoint_every == 0 or state["step"] == u.nft_steps:
             run.save()
+    state["timing"]["stage2_seconds"] = run.worked_seconds()
     if state["step"] > first:
         state["timing"]["stage2_outer_step_seconds"] = (time.time() - t0) / (state["step"] - first)
         state["timing"]["mean_inner_steps"] = inner_total / (state["step"] - first)

@@ -274,6 +274,7 @@ def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
     run = RunState(Checkpointer(accelerator, workdir))
     if resume:
         run.restore()
+    setup_seconds = time.time() - t_start  # this session's; the training time of every session is in `run`
 
     if run.state["stage"] == 1:
         stage1_unlearn(p, opt1, sched, run)
@@ -288,7 +289,8 @@ def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
     p.head.load_state_dict(run.best_weights)
     if state_digest(p.vae.encoder) != p.encoder_digest:
         raise RuntimeError("the VAE encoder changed during protection; this is a bug")
-    run.state["timing"]["total_seconds"] = time.time() - t_start
+    # Every session's time: a resumed run's cost is not only its last session's.
+    run.state["timing"]["total_seconds"] = run.worked_seconds() + setup_seconds
     return p.vae, _record(run.state)
 
 
@@ -314,7 +316,6 @@ def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> N
 def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunState) -> None:
     """Refusal on unsafe latents and images; reconstruction and calibration on benign ones."""
     cfg, accelerator, state = p.cfg, p.accelerator, run.state
-    t0 = time.time()
     bar = tqdm(range(state["step"], cfg.stage1_steps), initial=state["step"], total=cfg.stage1_steps,
                desc="stage 1 (unlearn)", disable=not accelerator.is_main_process)
     for step in bar:
@@ -332,7 +333,7 @@ def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunStat
                         cal=f"{t['cal'].item():.5f}")
         if state["step"] % cfg.checkpoint_every == 0:
             run.save()
-    state["timing"]["stage1_seconds"] = state["timing"].get("stage1_seconds", 0) + time.time() - t0
+    state["timing"]["stage1_seconds"] = run.worked_seconds()  # also the sessions before a resume
     state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / max(1, cfg.stage1_steps)
     state["stage"], state["step"] = 2, 0
 
