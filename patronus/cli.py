@@ -25,6 +25,15 @@ class UsageError(PatronusError):
     """A command-line value the user can fix; printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown flag, bad choice, missing argument) as one line, exit 2,
+    like every other bad input, instead of the usage block."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
@@ -64,9 +73,10 @@ def cmd_train_glyphnet(args: argparse.Namespace) -> None:
     from patronus.detectors.glyphnet import GlyphNetTrainConfig, evaluate_glyphnet, train_glyphnet
     from patronus.io import atomic_dir
 
+    cfg = GlyphNetTrainConfig(steps=args.steps, seed=args.seed)
     t0 = time.time()
     with atomic_dir(args.out) as tmp:
-        net = train_glyphnet(GlyphNetTrainConfig(steps=args.steps, seed=args.seed))
+        net = train_glyphnet(cfg)
         net.save_pretrained(tmp)
     print(f"trained in {time.time() - t0:.0f} s; held-out metrics: {json.dumps(evaluate_glyphnet(net))}")
 
@@ -84,6 +94,8 @@ def cmd_export_split(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise UsageError("--n must be at least 1")
+    if args.resolution < 8:
+        raise UsageError(f"--resolution must be at least 8 pixels, got {args.resolution}")
     out = export_imagefolder(args.split, args.n, Path(args.out), resolution=args.resolution)
     print(f"wrote {args.n} images and metadata.jsonl to {out}")
 
@@ -169,10 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from patronus.training import OPTIMIZERS
 
-    p = argparse.ArgumentParser(prog="patronus", description="Protect text-to-image models against white-box misuse.")
+    p = _Parser(prog="patronus", description="Protect text-to-image models against white-box misuse.")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt pickle weights (with weights_only=True); only for models you trust")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="sample images from a pipeline directory or `patronus-tiny`")
     g.add_argument("model")

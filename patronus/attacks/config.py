@@ -15,9 +15,13 @@ BUILTIN_DATA = ("attacker", "new-words")
 
 
 def check_data(data: str) -> None:
-    if data not in BUILTIN_DATA and not (Path(data) / "metadata.jsonl").is_file():
-        raise ConfigError(f"data {data!r} is neither built in ({', '.join(BUILTIN_DATA)}) nor an image folder "
-                          f"with metadata.jsonl (write one with `patronus export-split`)")
+    if data in BUILTIN_DATA:
+        return
+    if not Path(data).is_dir():
+        raise ConfigError(f"data {data!r} is neither built in ({', '.join(BUILTIN_DATA)}) nor an image folder")
+    if not (Path(data) / "metadata.jsonl").is_file():
+        raise ConfigError(f"image folder {data} has no metadata.jsonl (one JSON line per image: file_name, text; "
+                          f"`patronus export-split` writes one)")
 
 
 @dataclass(frozen=True)

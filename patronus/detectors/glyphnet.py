@@ -22,6 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from tqdm.auto import tqdm
 
+from patronus.errors import ConfigError
 from patronus.imaging import to_tensor
 from patronus.models.registry import GLYPHNET_DIR
 from patronus.world.glyphs import BACKGROUND_NAMES, CLASS_NAMES, COLOR_NAMES, UNSAFE_CLASSES
@@ -160,6 +161,10 @@ class GlyphNetTrainConfig:
     seed: int = 0
     resolution: int = 32
     first_index: int = 10_000_000  # base-train indices far from those the diffusion model uses
+
+    def __post_init__(self):
+        if min(self.n_images, self.steps, self.batch, self.resolution) < 1 or self.lr <= 0:
+            raise ConfigError("GlyphNet training needs n_images, --steps, batch and resolution >= 1 and lr > 0")
 
 
 def train_glyphnet(cfg: GlyphNetTrainConfig) -> GlyphNet:

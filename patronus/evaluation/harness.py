@@ -63,6 +63,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.batch_size < 1 or self.steps < 1:
             raise ConfigError("--n-per-prompt, --batch-size and --steps must be at least 1")
+        if self.guidance < 0:
+            raise ConfigError("--guidance must not be negative (1 or less turns classifier-free guidance off)")
 
 
 @dataclass(frozen=True)

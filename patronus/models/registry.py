@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from patronus.errors import PatronusError
 from patronus.io import files_under
@@ -66,6 +68,10 @@ def pickle_files(model_dir: Path) -> list[str]:
 def load_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load a StableDiffusionPipeline offline, turning any loading failure into ModelLoadError."""
     path = resolve_model(name_or_path)
+    # Loading the tiny model takes a fraction of a second; the libraries' loading bars would only
+    # add lines around a one-line error when a file is broken.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     allow = pickle_allowed()
     if not allow and (pickles := pickle_files(path)):
         raise ModelLoadError(f"{path} holds pickle weight files ({', '.join(pickles[:3])}); Patronus loads "

@@ -229,6 +229,8 @@ def _save_pipeline(out: Path, unet, text_encoder, ema_unet: EMAModel, ema_text: 
 
 def train_base(workdir: Path, cfg: BaseTrainConfig, stage: str = "all") -> Path | None:
     """Run the requested stage(s) in `workdir`; returns the pipeline directory when done."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file; give a directory (it is created if missing)")
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / "train_config.json"
     if cfg_file.exists() and json.loads(cfg_file.read_text()) != json.loads(json.dumps(asdict(cfg))):

@@ -240,9 +240,13 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     """Harden `cfg.parts` (the decoder, the UNet or both) and write the protected pipeline to
     `out`. Returns patronus.json's content."""
     out, workdir = Path(out), Path(workdir)
+    _check_dirs(out, workdir, cfg, resume)
+    resolve_model(model)
     if "unet" in cfg.parts:
         check_data(cfg)
-    _check_dirs(out, workdir, cfg, resume)
+    load_pipeline(model)  # a broken model fails here, before the work directory is made
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     t_start = time.time()
     accelerator = Accelerator()
     replaced: dict[str, torch.nn.Module] = {}
@@ -301,16 +305,16 @@ def _record(state: dict) -> dict:
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
-    """Refuse, before any work, outputs in the way and a resume with other settings."""
+    """Refuse, before any work and without writing, outputs in the way and a resume with other settings."""
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"output directory {out} exists and is not empty; choose another --out")
+    if workdir.exists() and not workdir.is_dir():
+        raise OutputExistsError(f"work directory {workdir} is a file; choose another --workdir")
     if workdir.exists() and any(workdir.rglob("checkpoint-*")) and not resume:
         raise OutputExistsError(f"{workdir} holds checkpoints of an earlier run; pass --resume or remove it")
-    workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / "config.json"
     if resume and cfg_file.exists() and json.loads(cfg_file.read_text()) != to_dict(cfg):
         raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
-    cfg_file.write_text(json.dumps(to_dict(cfg), indent=2))
 
 
 def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunState) -> None:

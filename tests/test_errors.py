@@ -1,0 +1,137 @@
+"""Every documented bad input is refused up front: exit 2, one line, nothing written.
+
+Each case runs through the real CLI entry point (`patronus.cli.main`) in-process. The message
+it prints must be the one docs/errors.md lists for it (with the test's temporary directory
+written as $TMP), so the table cannot drift from what users see.
+"""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from patronus.cli import main
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+
+# id -> argv ($TMP is the test's scratch directory with the files made in `scratch`).
+CASES: dict[str, list[str]] = {
+    "generate-n-zero": ["generate", "patronus-tiny", "x", "--n", "0", "--out", "$TMP/o"],
+    "generate-negative-steps": ["generate", "patronus-tiny", "x", "--steps", "-3", "--out", "$TMP/o"],
+    "generate-negative-guidance": ["generate", "patronus-tiny", "x", "--guidance", "-1", "--out", "$TMP/o"],
+    "generate-missing-model": ["generate", "$TMP/missing", "x", "--out", "$TMP/o"],
+    "generate-output-not-empty": ["generate", "patronus-tiny", "x", "--out", "$TMP/nonempty"],
+    "generate-not-a-pipeline": ["generate", "$TMP/emptydir", "x", "--out", "$TMP/o"],
+    "generate-pickle-weights": ["generate", "$TMP/pickled", "x", "--out", "$TMP/o"],
+    "evaluate-unknown-suite": ["evaluate", "patronus-tiny", "--suite", "nope", "--out", "$TMP/o"],
+    "evaluate-one-prompt-file": ["evaluate", "patronus-tiny", "--unsafe-prompts", "$TMP/ok.txt", "--out", "$TMP/o"],
+    "evaluate-missing-prompt-file": ["evaluate", "patronus-tiny", "--unsafe-prompts", "$TMP/none.txt",
+                                     "--benign-prompts", "$TMP/ok.txt", "--out", "$TMP/o"],
+    "evaluate-prompt-file-not-utf8": ["evaluate", "patronus-tiny", "--unsafe-prompts", "$TMP/bad.txt",
+                                      "--benign-prompts", "$TMP/ok.txt", "--out", "$TMP/o"],
+    "evaluate-csv-without-prompt-column": ["evaluate", "patronus-tiny", "--unsafe-prompts", "$TMP/nocol.csv",
+                                           "--benign-prompts", "$TMP/ok.txt", "--out", "$TMP/o"],
+    "evaluate-n-per-prompt-zero": ["evaluate", "patronus-tiny", "--n-per-prompt", "0", "--out", "$TMP/o"],
+    "evaluate-negative-guidance": ["evaluate", "patronus-tiny", "--guidance", "-2", "--out", "$TMP/o"],
+    "evaluate-missing-reference": ["evaluate", "patronus-tiny", "--reference", "$TMP/missing", "--out", "$TMP/o"],
+    "evaluate-corrupt-weights": ["evaluate", "$TMP/broken", "--suite", "glyph-quick", "--out", "$TMP/o"],
+    "evaluate-bad-detector": ["evaluate", "patronus-tiny", "--detector", "clip", "--out", "$TMP/o"],
+    "report-not-a-run": ["report", "$TMP/emptydir", "--out", "$TMP/o"],
+    "protect-unknown-preset": ["protect", "patronus-tiny", "--preset", "nope", "--out", "$TMP/o"],
+    "protect-config-wrong-type": ["protect", "patronus-tiny", "--config", "$TMP/many.toml", "--out", "$TMP/o"],
+    "protect-config-unknown-key": ["protect", "patronus-tiny", "--config", "$TMP/unknown.toml", "--out", "$TMP/o"],
+    "protect-config-missing": ["protect", "patronus-tiny", "--config", "$TMP/none.toml", "--out", "$TMP/o"],
+    "protect-config-negative-lr": ["protect", "patronus-tiny", "--config", "$TMP/neglr.toml", "--out", "$TMP/o"],
+    "protect-config-bad-unet-target": ["protect", "patronus-tiny", "--config", "$TMP/target.toml", "--out", "$TMP/o"],
+    "protect-unknown-part": ["protect", "patronus-tiny", "--parts", "decoder,foo", "--out", "$TMP/o"],
+    "protect-no-parts": ["protect", "patronus-tiny", "--parts", "", "--out", "$TMP/o"],
+    "protect-output-not-empty": ["protect", "patronus-tiny", "--out", "$TMP/nonempty"],
+    "protect-not-a-pipeline": ["protect", "$TMP/emptydir", "--out", "$TMP/o"],
+    "protect-unknown-defense": ["protect", "patronus-tiny", "--defense", "nope", "--out", "$TMP/o"],
+    "attack-unknown-kind": ["attack", "patronus-tiny", "--kind", "nope", "--out", "$TMP/o"],
+    "attack-zero-lr": ["attack", "patronus-tiny", "--kind", "unet-full", "--lr", "0", "--out", "$TMP/o"],
+    "attack-save-at-not-numbers": ["attack", "patronus-tiny", "--kind", "unet-full", "--save-at", "5,x",
+                                   "--out", "$TMP/o"],
+    "attack-save-at-beyond-steps": ["attack", "patronus-tiny", "--kind", "unet-full", "--steps", "10",
+                                    "--save-at", "20", "--out", "$TMP/o"],
+    "attack-swap-without-from": ["attack", "patronus-tiny", "--kind", "swap-decoder", "--out", "$TMP/o"],
+    "attack-rank-zero": ["attack", "patronus-tiny", "--kind", "unet-lora", "--rank", "0", "--out", "$TMP/o"],
+    "attack-unknown-optimizer": ["attack", "patronus-tiny", "--kind", "unet-full", "--optimizer", "lion",
+                                 "--out", "$TMP/o"],
+    "attack-data-nowhere": ["attack", "patronus-tiny", "--kind", "unet-full", "--data", "$TMP/nowhere",
+                            "--out", "$TMP/o"],
+    "attack-data-without-metadata": ["attack", "patronus-tiny", "--kind", "unet-full", "--data", "$TMP/emptydir",
+                                     "--out", "$TMP/o"],
+    "attack-corrupt-weights": ["attack", "$TMP/broken", "--kind", "unet-full", "--steps", "1", "--out", "$TMP/o"],
+    "attack-then-not-unet": ["attack", "patronus-tiny", "--kind", "swap-decoder", "--from", "patronus-tiny",
+                             "--then", "decoder-full", "--out", "$TMP/o"],
+    "sweep-yaml-float-as-text": ["sweep", "patronus-tiny", "--grid", "$TMP/grid.yaml", "--out", "$TMP/o"],
+    "sweep-zero-workers": ["sweep", "patronus-tiny", "--grid", "quick", "--workers", "0", "--out", "$TMP/o"],
+    "sweep-unknown-grid": ["sweep", "patronus-tiny", "--grid", "nope", "--out", "$TMP/o"],
+    "demo-foreign-output": ["demo", "--out", "$TMP/nonempty"],
+    "export-split-n-zero": ["export-split", "attacker", "--n", "0", "--out", "$TMP/o"],
+    "export-split-tiny-resolution": ["export-split", "attacker", "--resolution", "0", "--out", "$TMP/o"],
+    "export-split-unknown-split": ["export-split", "nope", "--out", "$TMP/o"],
+    "train-glyphnet-zero-steps": ["train-glyphnet", "--steps", "0", "--out", "$TMP/o"],
+    "train-glyphnet-output-not-empty": ["train-glyphnet", "--out", "$TMP/nonempty"],
+    "train-base-workdir-is-a-file": ["train-base", "--workdir", "$TMP/ok.txt"],
+    "verify-not-protected": ["verify", "$TMP/emptydir"],
+    "verify-missing": ["verify", "$TMP/missing"],
+    "unknown-command": ["protekt", "patronus-tiny"],
+}
+
+
+def scratch(root: Path, case: str) -> None:
+    """The files the cases point at."""
+    import shutil
+
+    from patronus.models.registry import TINY_DIR
+
+    if "corrupt" in case:  # the shipped model with a UNet weight file that is not safetensors
+        shutil.copytree(TINY_DIR, root / "broken")
+        (root / "broken" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    files = {"many.toml": 'stage1_steps = "many"\n', "unknown.toml": "stage1_stepz = 3\n",
+             "neglr.toml": "stage1_lr = -1.0\n", "target.toml": '[unet]\ntarget = "white"\n',
+             "nocol.csv": "text,x\nhello,1\n", "ok.txt": "a knife\n", "grid.yaml": "kinds: [unet-full]\nlrs: [1e-5]\n",
+             "nonempty/keep": "mine\n"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "bad.txt").write_bytes(b"\xff\xfe bad\n")
+    (root / "emptydir").mkdir()
+    pickled = root / "pickled"
+    pickled.mkdir()
+    for f in TINY_DIR.rglob("*.json"):
+        (pickled / f.relative_to(TINY_DIR)).parent.mkdir(parents=True, exist_ok=True)
+        (pickled / f.relative_to(TINY_DIR)).write_bytes(f.read_bytes())
+    (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+
+
+def documented() -> dict[str, str]:
+    """id -> message from docs/errors.md's table rows `| id | command | message |`."""
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| .*? \| (.*) \|$", DOC.read_text(), flags=re.M)
+    return {case: message.replace("\\|", "|").strip("`") for case, message in rows}
+
+
+def test_the_table_lists_every_case_and_enough_of_them():
+    assert set(documented()) == set(CASES)
+    assert len(CASES) >= 30
+    commands = {argv[0] for argv in CASES.values()}
+    assert {"generate", "evaluate", "report", "protect", "attack", "sweep", "demo", "export-split", "train-base",
+            "train-glyphnet", "verify"} <= commands
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_before_any_work(case, tmp_path, capsys):
+    scratch(tmp_path, case)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = [a.replace("$TMP", str(tmp_path)) for a in CASES[case]]
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(io.StringIO()):
+        main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert lines[0].removeprefix("error: ").replace(str(tmp_path), "$TMP") == documented()[case]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
