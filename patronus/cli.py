@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -44,8 +45,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.n < 1 or args.steps < 1:
         raise UsageError("--n and --steps must be at least 1")
-    if args.guidance < 0:
-        raise UsageError("--guidance must not be negative (1 or less turns classifier-free guidance off)")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UsageError("--guidance must be a finite number >= 0 (1 or less turns classifier-free guidance off)")
     seeds = [args.seed + i for i in range(args.n)]
     with atomic_dir(args.out) as tmp:
         pipe = load_pipeline(args.model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -28,7 +29,10 @@ def read_config_file(path: str | Path, what: str = "config") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} file {path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from e
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(text)
@@ -58,7 +62,7 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "none"}
 
 
 def _typed(value: Any, hint: Any) -> tuple[bool, Any]:
@@ -83,8 +87,8 @@ def _typed(value: Any, hint: Any) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # NaN and infinity are never a setting (JSON and YAML can spell them)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else value
     if hint in (str, type(None)):
         return isinstance(value, hint), value

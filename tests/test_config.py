@@ -26,11 +26,11 @@ class Outer:
     ({"steps": "many"}, "x.steps must be an integer, got 'many'"),
     ({"steps": 2.5}, "x.steps must be an integer, got 2.5"),
     ({"steps": True}, "x.steps must be an integer, got True"),
-    ({"lr": "fast"}, "x.lr must be a number, got 'fast'"),
+    ({"lr": "fast"}, "x.lr must be a finite number, got 'fast'"),
     ({"flag": 1}, "x.flag must be true or false, got 1"),
     ({"path": 3}, "x.path must be a string or none, got 3"),
     ({"span": [1]}, "x.span must be a list [an integer, an integer], got [1]"),
-    ({"inner": {"pairs": [["a", "b"]]}}, "x.inner.pairs must be a list, each a list [a string, a number]"),
+    ({"inner": {"pairs": [["a", "b"]]}}, "x.inner.pairs must be a list, each a list [a string, a finite number]"),
 ])
 def test_values_of_the_wrong_type_are_refused_with_the_field_and_the_type(values, message):
     with pytest.raises(ConfigError) as e:

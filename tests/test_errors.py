@@ -44,6 +44,8 @@ CASES: dict[str, list[str]] = {
     "protect-config-unknown-key": ["protect", "patronus-tiny", "--config", "$TMP/unknown.toml", "--out", "$TMP/o"],
     "protect-config-missing": ["protect", "patronus-tiny", "--config", "$TMP/none.toml", "--out", "$TMP/o"],
     "protect-config-negative-lr": ["protect", "patronus-tiny", "--config", "$TMP/neglr.toml", "--out", "$TMP/o"],
+    "protect-config-nan": ["protect", "patronus-tiny", "--config", "$TMP/nan.json", "--out", "$TMP/o"],
+    "protect-config-not-utf8": ["protect", "patronus-tiny", "--config", "$TMP/latin1.toml", "--out", "$TMP/o"],
     "protect-config-bad-unet-target": ["protect", "patronus-tiny", "--config", "$TMP/target.toml", "--out", "$TMP/o"],
     "protect-unknown-part": ["protect", "patronus-tiny", "--parts", "decoder,foo", "--out", "$TMP/o"],
     "protect-no-parts": ["protect", "patronus-tiny", "--parts", "", "--out", "$TMP/o"],
@@ -52,6 +54,7 @@ CASES: dict[str, list[str]] = {
     "protect-unknown-defense": ["protect", "patronus-tiny", "--defense", "nope", "--out", "$TMP/o"],
     "attack-unknown-kind": ["attack", "patronus-tiny", "--kind", "nope", "--out", "$TMP/o"],
     "attack-zero-lr": ["attack", "patronus-tiny", "--kind", "unet-full", "--lr", "0", "--out", "$TMP/o"],
+    "attack-nan-lr": ["attack", "patronus-tiny", "--kind", "unet-full", "--lr", "nan", "--out", "$TMP/o"],
     "attack-save-at-not-numbers": ["attack", "patronus-tiny", "--kind", "unet-full", "--save-at", "5,x",
                                    "--out", "$TMP/o"],
     "attack-save-at-beyond-steps": ["attack", "patronus-tiny", "--kind", "unet-full", "--steps", "10",
@@ -100,6 +103,8 @@ def scratch(root: Path, case: str) -> None:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     (root / "bad.txt").write_bytes(b"\xff\xfe bad\n")
+    (root / "latin1.toml").write_bytes("# r\xe9glages\nstage1_steps = 10\n".encode("latin-1"))
+    (root / "nan.json").write_text('{"stage1_lr": NaN}')
     (root / "emptydir").mkdir()
     pickled = root / "pickled"
     pickled.mkdir()

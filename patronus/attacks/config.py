@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,8 @@ class AttackConfig:
         if self.then is not None and not (self.then in ATTACKS and ATTACKS[self.then].unet_only):
             raise ConfigError("after swap-decoder only an attack on the UNet alone can follow "
                               f"({', '.join(k for k, a in ATTACKS.items() if a.unet_only)})")
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("--steps, --batch-size and --lr must be positive")
+        if self.steps < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("--steps, --batch-size and --lr must be positive (and --lr finite)")
         if self.rank < 1:
             raise ConfigError(f"--rank must be at least 1 (the default grid uses 4 and 64), got {self.rank}")
         if any(s < 1 or s > self.steps for s in self.save_at):

@@ -11,6 +11,7 @@ Output directory layout (schema version 1, see docs/evaluation.md):
 from __future__ import annotations
 
 import json
+import math
 import time
 import zlib
 from collections import defaultdict
@@ -63,8 +64,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.batch_size < 1 or self.steps < 1:
             raise ConfigError("--n-per-prompt, --batch-size and --steps must be at least 1")
-        if self.guidance < 0:
-            raise ConfigError("--guidance must not be negative (1 or less turns classifier-free guidance off)")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ConfigError("--guidance must be a finite number >= 0 (1 or less turns classifier-free guidance off)")
 
 
 @dataclass(frozen=True)
