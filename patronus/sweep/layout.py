@@ -2,7 +2,7 @@
 
     OUT/grid.json, models.json     the grid and models the sweep was started with
     OUT/sweep.json                 summary of every finished cell (written at the end of a run)
-    OUT/.lock                      held by the sweep running here
+    OUT itself                     locked (flock) by the sweep running here
     OUT/references/scratch-KIND/   scratch models (the attacked components re-initialised)
     OUT/cells/MODEL/CELL/          one cell: done.json, log.txt, attack/step-N/, eval-step-N/
 
@@ -76,10 +76,6 @@ class SweepLayout:
     @property
     def summary_file(self) -> Path:
         return self.root / "sweep.json"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.root / ".lock"
 
     def scratch(self, kind: str) -> Path:
         return self.root / "references" / f"scratch-{kind}"

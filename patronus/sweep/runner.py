@@ -1,21 +1,22 @@
-"""`run_sweep`: run (or resume) a grid on a model, its unprotected original and scratch models.
+"""`run_sweep`: run (or resume) a grid on a model and its references (unprotected original,
+scratch models, the model with the original VAE put back).
 
 A cell is finished when its `done.json` exists: a killed sweep rerun with the same command
 skips finished cells and redoes the ones it was in. Attacked pipelines are deleted after
 evaluation unless `keep_checkpoints` is set (a full grid would take many GB). One sweep at a
-time holds a directory (`OUT/.lock`); `--workers` runs cells side by side. A protected
-UNet-only cell reuses its unprotected twin's attack (see `cell.py`) and is queued right after it.
+time holds a directory (a kernel lock on OUT, released however the run ends); `--workers`
+runs cells side by side. A UNet-only cell whose attack is bitwise its twin's reuses it (see
+`cell.py`) and is queued right after the twin.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from patronus.attacks.registry import ATTACKS
+from patronus.io import locked_dir
 from patronus.models.registry import resolve_model
 from patronus.sweep.cell import CellJob, make_original_vae, make_scratch, same_unet_attack_inputs
 from patronus.sweep.executors import make_executor
@@ -31,15 +33,9 @@ from patronus.sweep.layout import MODELS, CellLayout, SweepError, SweepLayout, c
 from patronus.sweep.results import sweep_summary
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold OUT/.lock: two sweeps in one directory would run the same cells."""
-    with open(SweepLayout(out).lock_file, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SweepError(f"another sweep is running in {out}; wait for it or stop it first") from None
-        yield
+def _exclusive(out: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold OUT: two sweeps in one directory would run the same cells."""
+    return locked_dir(out, f"another sweep is running in {out}; wait for it or stop it first")
 
 
 def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patronus-tiny", workers: int = 1) -> dict:

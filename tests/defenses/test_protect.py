@@ -146,3 +146,14 @@ def test_run_time_adds_up_over_resumed_sessions(tmp_path, monkeypatch):
     again.restore()
     now[0] = 520.0
     assert again.worked_seconds() == 30.0 + 20.0
+
+
+def test_a_second_protect_on_the_same_work_directory_is_refused(mini_pipeline, tmp_path, cfg):
+    from patronus.io import DirectoryBusyError, locked_dir
+
+    work = tmp_path / "work"
+    work.mkdir()
+    with locked_dir(work, "held by the first run"):
+        with pytest.raises(DirectoryBusyError, match="another protect run is using the work directory"):
+            protect(str(mini_pipeline), tmp_path / "out", cfg, work)
+    assert not (tmp_path / "out").exists() and list(work.iterdir()) == []

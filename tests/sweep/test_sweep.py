@@ -97,12 +97,12 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
 
 
 def test_two_sweeps_cannot_share_a_directory(mini_pipeline, tmp_path):
-    from patronus.sweep.layout import SweepError
+    from patronus.io import DirectoryBusyError
     from patronus.sweep.runner import _exclusive
 
     out = tmp_path / "sweep"
     out.mkdir()
-    with _exclusive(out), pytest.raises(SweepError, match="another sweep is running"):
+    with _exclusive(out), pytest.raises(DirectoryBusyError, match="another sweep is running"):
         run_sweep(str(mini_pipeline), TINY, out, unprotected=str(mini_pipeline))
     assert not (out / "grid.json").exists()
 

@@ -30,13 +30,13 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -51,7 +51,7 @@ from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
 from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_uint8
-from patronus.io import atomic_dir
+from patronus.io import atomic_dir, locked_dir
 from patronus.models.components import DecoderHead, encode_latents
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.nft.maml import (
@@ -246,16 +246,21 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         check_data(cfg)
     load_pipeline(model)  # a broken model fails here, before the work directory is made
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    t_start = time.time()
-    accelerator = Accelerator()
-    replaced: dict[str, torch.nn.Module] = {}
-    sections: dict[str, dict] = {}
-    if "decoder" in cfg.parts:
-        replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator)
-    if "unet" in cfg.parts:
-        replaced["unet"], sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
-    return _write_output(resolve_model(model), out, cfg, replaced, sections, time.time() - t_start, accelerator)
+    busy = f"another protect run is using the work directory {workdir}; wait for it to finish or stop it"
+    # The main process holds it (under `accelerate launch` the others are the same run); the
+    # kernel releases it when that process ends, however it ends.
+    with locked_dir(workdir, busy) if PartialState().is_main_process else nullcontext():
+        (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        t_start = time.time()
+        accelerator = Accelerator()
+        replaced: dict[str, torch.nn.Module] = {}
+        sections: dict[str, dict] = {}
+        if "decoder" in cfg.parts:
+            replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator)
+        if "unet" in cfg.parts:
+            replaced["unet"], sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
+        return _write_output(resolve_model(model), out, cfg, replaced, sections, time.time() - t_start,
+                             accelerator)
 
 
 def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
