@@ -18,3 +18,8 @@ class ConfigError(PatronusError):
 
 class OutputExistsError(PatronusError, FileExistsError):
     """An output directory that already holds something we must not overwrite."""
+
+
+class WriteError(PatronusError, OSError):
+    """A write the machine refused (disk full, quota, read-only): what failed, and that the
+    previous checkpoint is intact, so the user frees space and resumes."""

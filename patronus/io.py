@@ -3,6 +3,7 @@ and the files of a model directory."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from patronus.errors import OutputExistsError
+from patronus.errors import OutputExistsError, WriteError
 
 
 class DirectoryBusyError(OutputExistsError):
@@ -62,6 +63,11 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
             if out.exists():
                 out.rmdir()
             tmp.rename(out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the machine's, not a bug: say so
+                raise WriteError(f"cannot write {out} ({e.strerror}); nothing was kept: free space and rerun") from e
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from patronus.errors import ConfigError
+from patronus.errors import ConfigError, WriteError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adadelta")
 
@@ -70,12 +70,20 @@ class Checkpointer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
         final = self.folder / f"checkpoint-{tag}"
+        try:
+            acc.save_state(str(tmp))
+            if acc.is_main_process:
+                (tmp / self.STATE).write_text(json.dumps(state, indent=2))
+                if tensors:
+                    save_file(tensors, tmp / self.TENSORS)
+        except OSError as e:  # disk full, quota, read-only: the older checkpoints are untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.all()
+            raise WriteError(f"cannot write checkpoint {final} ({e.strerror or e}); "
+                             + (f"{previous[-1]} is intact: free space and rerun with --resume" if previous
+                                else "no earlier checkpoint: free space and rerun")) from e
         if acc.is_main_process:
-            (tmp / self.STATE).write_text(json.dumps(state, indent=2))
-            if tensors:
-                save_file(tensors, tmp / self.TENSORS)
             tmp.rename(final)
             for old in self.all()[:-self.keep]:
                 shutil.rmtree(old)

@@ -157,3 +157,43 @@ def test_a_second_protect_on_the_same_work_directory_is_refused(mini_pipeline, t
         with pytest.raises(DirectoryBusyError, match="another protect run is using the work directory"):
             protect(str(mini_pipeline), tmp_path / "out", cfg, work)
     assert not (tmp_path / "out").exists() and list(work.iterdir()) == []
+
+
+def test_a_full_disk_ends_with_a_clear_error_and_a_resumable_checkpoint(mini_pipeline, tmp_path, cfg, monkeypatch):
+    """The second checkpoint write fails (ENOSPC): one clear error naming the intact checkpoint;
+    resuming once there is space again ends with the weights of a run that never failed."""
+    import errno
+
+    from accelerate import Accelerator
+
+    from patronus.errors import WriteError
+
+    whole = protect(str(mini_pipeline), tmp_path / "whole", cfg, tmp_path / "w-whole")
+    real, calls = Accelerator.save_state, []
+
+    def full_disk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    with pytest.raises(WriteError, match=r"No space left on device\); .*checkpoint-1000002 is intact: free space"):
+        protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "work").glob("tmp-checkpoint-*"))
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work", resume=True)
+    assert info["weight_files_sha256"] == whole["weight_files_sha256"]
+
+
+def test_a_full_disk_while_writing_an_output_keeps_nothing(tmp_path):
+    import errno
+
+    from patronus.errors import WriteError
+    from patronus.io import atomic_dir
+
+    with pytest.raises(WriteError, match="cannot write .*out .No space left on device.; nothing was kept"):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "half").write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
