@@ -50,15 +50,18 @@ def make_optimizer(name: str, lr: float, params: Iterable[torch.Tensor]) -> torc
 
 
 class Checkpointer:
-    """`checkpoint-{tag}` directories in one folder: accelerate's state (models, optimizers,
-    schedulers, RNG) plus the loop's own `state.json` and optional tensors, each written to a
-    temporary directory and renamed, so a kill never leaves a half-written checkpoint. The
-    newest `keep` are kept."""
+    """`checkpoint-{tag}` directories in one folder: accelerate's state (models as safetensors;
+    optimizers and RNG states as torch pickles, which accelerate reads back with
+    `weights_only=True`), `schedulers` as JSON, the loop's own `state.json` and optional
+    tensors, each written to a temporary directory and renamed, so a kill never leaves a
+    half-written checkpoint. The newest `keep` are kept. Schedulers go to JSON rather than
+    through `register_for_checkpointing`, whose files accelerate unpickles with
+    `weights_only=False`."""
 
-    STATE, TENSORS = "state.json", "tensors.safetensors"
+    STATE, TENSORS, SCHEDULERS = "state.json", "tensors.safetensors", "schedulers.json"
 
-    def __init__(self, accelerator: Accelerator, folder: Path, keep: int = 2):
-        self.accelerator, self.folder, self.keep = accelerator, Path(folder), keep
+    def __init__(self, accelerator: Accelerator, folder: Path, keep: int = 2, schedulers: tuple = ()):
+        self.accelerator, self.folder, self.keep, self.schedulers = accelerator, Path(folder), keep, schedulers
 
     def all(self) -> list[Path]:
         return sorted(self.folder.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
@@ -75,6 +78,8 @@ class Checkpointer:
             acc.save_state(str(tmp))
             if acc.is_main_process:
                 (tmp / self.STATE).write_text(json.dumps(state, indent=2))
+                if self.schedulers:
+                    (tmp / self.SCHEDULERS).write_text(json.dumps([s.state_dict() for s in self.schedulers]))
                 if tensors:
                     save_file(tensors, tmp / self.TENSORS)
         except OSError as e:  # disk full, quota, read-only: the older checkpoints are untouched
@@ -90,12 +95,23 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
+    def _scheduler_states(self, ckpt: Path) -> list[dict]:
+        if not self.schedulers:
+            return []
+        if (ckpt / self.SCHEDULERS).exists():
+            return json.loads((ckpt / self.SCHEDULERS).read_text())
+        # Checkpoints written before schedulers went to JSON hold accelerate's custom pickles; a
+        # scheduler's state is plain numbers, so the restricted unpickler reads it.
+        return [torch.load(ckpt / f"custom_checkpoint_{i}.pkl", weights_only=True) for i in range(len(self.schedulers))]
+
     def restore(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
         """Load the newest checkpoint into the accelerator's objects; its state and tensors, or None."""
         ckpts = self.all()
         if not ckpts:
             return None
         self.accelerator.load_state(str(ckpts[-1]))
+        for sched, saved in zip(self.schedulers, self._scheduler_states(ckpts[-1])):
+            sched.load_state_dict(saved)
         tensors = load_file(ckpts[-1] / self.TENSORS) if (ckpts[-1] / self.TENSORS).exists() else {}
         state = json.loads((ckpts[-1] / self.STATE).read_text())
         self.accelerator.print(f"resumed from {ckpts[-1]}")

@@ -197,3 +197,17 @@ def test_a_full_disk_while_writing_an_output_keeps_nothing(tmp_path):
             (tmp / "half").write_text("half")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoints_need_no_unrestricted_unpickling(mini_pipeline, tmp_path, cfg):
+    """Models are safetensors, schedulers JSON, optimizer states read with weights_only=True; the
+    only other pickles are accelerate's RNG states, which it reads with weights_only=True too
+    (and fails to, harmlessly: every step draws from its own seeded generator)."""
+    protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    files = [f for f in (tmp_path / "work").rglob("checkpoint-*/*") if f.is_file()]
+    assert files and not [f for f in files if f.name.startswith("custom_checkpoint")]
+    for f in files:
+        if f.suffix == ".bin":
+            torch.load(f, weights_only=True)
+        else:
+            assert f.suffix in (".safetensors", ".json") or f.name.startswith("random_states_"), f

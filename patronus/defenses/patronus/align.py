@@ -361,8 +361,7 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
     opt = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=u.align_lr)
     sched = get_cosine_schedule_with_warmup(opt, u.align_warmup, u.align_steps)
     a.model, opt = acc.prepare(trainable, opt)
-    acc.register_for_checkpointing(sched)
-    run = RunState(Checkpointer(acc, folder))
+    run = RunState(Checkpointer(acc, folder, schedulers=(sched,)))
     if resume:
         run.restore()
     state = run.state

@@ -276,11 +276,10 @@ def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
     # decay lets stage 1 settle on a decoder that stage 2 starts from.
     sched = get_cosine_schedule_with_warmup(opt1, cfg.stage1_warmup, cfg.stage1_steps)
     # The prepared head (DDP-wrapped under `accelerate launch` with several processes) is the
-    # one every training forward goes through. The schedule is only registered: a prepared
-    # one would step once per process.
+    # one every training forward goes through. The schedule is not prepared (a prepared one
+    # would step once per process); the checkpoints keep it as JSON.
     p.model, opt1, opt2 = accelerator.prepare(p.head, opt1, opt2)
-    accelerator.register_for_checkpointing(sched)
-    run = RunState(Checkpointer(accelerator, workdir))
+    run = RunState(Checkpointer(accelerator, workdir, schedulers=(sched,)))
     if resume:
         run.restore()
     setup_seconds = time.time() - t_start  # this session's; the training time of every session is in `run`
