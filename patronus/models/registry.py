@@ -65,6 +65,14 @@ def pickle_files(model_dir: Path) -> list[str]:
     return [str(f.relative_to(model_dir)) for f in files_under(model_dir) if f.suffix in PICKLE_SUFFIXES]
 
 
+def check_no_pickles(path: Path) -> None:
+    """Refuse a model whose weights would be unpickled, unless --allow-pickle was given."""
+    if not pickle_allowed() and (pickles := pickle_files(path)):
+        raise ModelLoadError(f"{path} holds pickle weight files ({', '.join(pickles[:3])}); Patronus loads "
+                             f"safetensors only: re-save the model with safe_serialization=True, or pass "
+                             f"--allow-pickle if you trust its source")
+
+
 def load_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Load a StableDiffusionPipeline offline, turning any loading failure into ModelLoadError."""
     path = resolve_model(name_or_path)
@@ -73,10 +81,7 @@ def load_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float32) 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     allow = pickle_allowed()
-    if not allow and (pickles := pickle_files(path)):
-        raise ModelLoadError(f"{path} holds pickle weight files ({', '.join(pickles[:3])}); Patronus loads "
-                             f"safetensors only: re-save the model with safe_serialization=True, or pass "
-                             f"--allow-pickle if you trust its source")
+    check_no_pickles(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                        use_safetensors=None if allow else True,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from patronus.attacks.registry import ATTACKS
 from patronus.io import locked_dir
-from patronus.models.registry import resolve_model
+from patronus.models.registry import check_no_pickles, resolve_model
 from patronus.sweep.cell import CellJob, make_original_vae, make_scratch, same_unet_attack_inputs
 from patronus.sweep.executors import make_executor
 from patronus.sweep.grid import GridConfig
@@ -48,8 +48,8 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
         raise SweepError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     layout = SweepLayout(out)
-    resolve_model(model)
-    resolve_model(unprotected)
+    for m in (model, unprotected):  # the cells load them; refuse here what they would refuse
+        check_no_pickles(resolve_model(m))
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         _check_same_sweep(layout, grid, {"protected": str(resolve_model(model).resolve()),
