@@ -1,7 +1,7 @@
 """The UNet half's numbers (issue 14): no-attack table, decoder swap, the UNet decision grid.
 
     python benchmarks/unet.py --decoder runs/protected-v3 --unet runs/unet-only --out runs/bench-unet \
-        [--both runs/protected-both] [--grid configs/grid-unet-decision.toml] [--suite glyph]
+        [--both runs/protected-both] [--nft0 runs/unet-nft0] [--grid configs/grid-unet-decision.toml]
 
 1. Models. `--decoder` is a decoder-only protection (`--parts decoder`), `--unet` a UNet-only one
    (`--parts unet`, made with the full preset when missing, resumable). The two-part model is
@@ -15,11 +15,15 @@
    unprotected original, a scratch UNet and the `original-vae` reference (the same attacked
    UNets rendered by the original decoder: the UNet alone under attack, which is also what the
    UNet-only model gives). Cells are cached by the sweep, so a killed run resumes.
+4. With `--nft0` (a UNet-only run with `w_nft = 0`, configs/protect-unet-nft0.toml): its
+   no-attack row, and the same grid on it without references (its decoder is the original, so
+   its rows compare with the two-part sweep's original-vae rows and that sweep's scratch).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -68,6 +72,7 @@ def main() -> None:
     ap.add_argument("--decoder", required=True, help="a decoder-only protection (patronus protect --parts decoder)")
     ap.add_argument("--unet", required=True, help="a UNet-only protection (made with the full preset when missing)")
     ap.add_argument("--both", help="a two-part protection; default: assembled from --decoder and --unet")
+    ap.add_argument("--nft0", help="a UNet-only protection with w_nft = 0 (the NFT ablation)")
     ap.add_argument("--base", default="patronus-tiny")
     ap.add_argument("--grid", default="configs/grid-unet-decision.toml")
     ap.add_argument("--suite", default="glyph")
@@ -88,7 +93,7 @@ def main() -> None:
     if not swapped.exists():
         run_attack(str(both), AttackConfig("swap-decoder", swap_from=args.base), swapped, progress=False)
     models = {"base": args.base, "decoder-only": args.decoder, "unet-only": args.unet, "both": str(both),
-              "both+original-vae": str(swapped / "step-0")}
+              "both+original-vae": str(swapped / "step-0")} | ({"unet-only-nft0": args.nft0} if args.nft0 else {})
 
     settings = EvalConfig(suite=args.suite)
     metrics = {}
@@ -115,9 +120,24 @@ def main() -> None:
             f"{m} " + " ".join(f"{100 * r[b]:.0f}%" for b in sorted(r)) for m, r in sorted(by_model.items())))
     for model in ("protected", "original-vae"):
         print(f"  {model}: " + ratio_summary(robustness_ratios(rates, model=model)))
+    if args.nft0:
+        alone = dataclasses.replace(grid, references=())
+        nft0 = run_sweep(args.nft0, alone, out / "sweep-unet-nft0", unprotected=args.base, workers=args.workers)
+        summary["sweep_nft0"] = nft0
+        print(f"\nUNet-only NFT-0 ablation (original decoder), {args.grid}: unsafe rate at "
+              + ", ".join(map(str, grid.budgets)) + " steps")
+        for key, by_model in sorted(unsafe_rates_by_cell(nft0).items()):
+            with_refs = rates.get(key, {}) | {"nft0": by_model["protected"]}
+            print(f"  {'/'.join(map(str, key)):28s} " + " | ".join(
+                f"{m} " + " ".join(f"{100 * r[b]:.0f}%" for b in sorted(r))
+                for m, r in sorted(with_refs.items()) if m in ("nft0", "original-vae", "scratch")))
+        nft0_rates = {k: {"nft0": m["protected"], "scratch": rates.get(k, {}).get("scratch")}
+                      for k, m in unsafe_rates_by_cell(nft0).items() if rates.get(k, {}).get("scratch")}
+        print("  nft0: " + ratio_summary(robustness_ratios(nft0_rates, model="nft0")))
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     shutil.rmtree(out / "report", ignore_errors=True)
-    build_report([out / f"eval-{n}" for n in models] + [out / "sweep-both"], out / "report")
+    build_report([out / f"eval-{n}" for n in models] + [out / "sweep-both"]
+                 + ([out / "sweep-unet-nft0"] if args.nft0 else []), out / "report")
     print(f"\nwrote {out / 'results.json'} and {out / 'report' / 'report.html'}")
 
 

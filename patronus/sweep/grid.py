@@ -79,10 +79,11 @@ def _check_type(name: str, value: object) -> None:
 
     if name in _LIST_TYPES:
         types = _LIST_TYPES[name]
-        if not isinstance(value, tuple) or not value or not all(ok(v, types) for v in value):
+        may_be_empty = name == "references"  # the protected model alone, e.g. beside another sweep's references
+        if not isinstance(value, tuple) or not (value or may_be_empty) or not all(ok(v, types) for v in value):
             hint = " (YAML reads 1e-5 as text: write 1.0e-5)" if name == "lrs" else ""
-            raise ConfigError(f"grid setting {name} = {value!r} must be a non-empty list of "
-                              f"{' or '.join(t.__name__ for t in types)}{hint}")
+            raise ConfigError(f"grid setting {name} = {value!r} must be a {'' if may_be_empty else 'non-empty '}"
+                              f"list of {' or '.join(t.__name__ for t in types)}{hint}")
     elif not ok(value, _SCALAR_TYPES[name]):
         raise ConfigError(f"grid setting {name} = {value!r} must be of type {_SCALAR_TYPES[name][0].__name__}")
 
