@@ -95,23 +95,30 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
-    def _scheduler_states(self, ckpt: Path) -> list[dict]:
-        if not self.schedulers:
-            return []
-        if (ckpt / self.SCHEDULERS).exists():
-            return json.loads((ckpt / self.SCHEDULERS).read_text())
-        # Checkpoints written before schedulers went to JSON hold accelerate's custom pickles; a
-        # scheduler's state is plain numbers, so the restricted unpickler reads it.
-        return [torch.load(ckpt / f"custom_checkpoint_{i}.pkl", weights_only=True) for i in range(len(self.schedulers))]
+    def _migrate(self, ckpt: Path) -> None:
+        """Checkpoints written before schedulers went to JSON hold them as accelerate's custom
+        pickles, which accelerate would unpickle unrestricted (and refuses to load when nothing is
+        registered). A scheduler's state is plain numbers: read it with the restricted unpickler,
+        keep it as JSON, drop the pickles."""
+        pickles = sorted(ckpt.glob("custom_checkpoint_*.pkl"))
+        if not pickles or (ckpt / self.SCHEDULERS).exists() or not self.accelerator.is_main_process:
+            return
+        states = [torch.load(f, weights_only=True) for f in pickles]
+        (ckpt / self.SCHEDULERS).write_text(json.dumps(states))
+        for f in pickles:
+            f.unlink()
 
     def restore(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
         """Load the newest checkpoint into the accelerator's objects; its state and tensors, or None."""
         ckpts = self.all()
         if not ckpts:
             return None
+        self._migrate(ckpts[-1])
+        self.accelerator.wait_for_everyone()
         self.accelerator.load_state(str(ckpts[-1]))
-        for sched, saved in zip(self.schedulers, self._scheduler_states(ckpts[-1])):
-            sched.load_state_dict(saved)
+        if self.schedulers:
+            for sched, saved in zip(self.schedulers, json.loads((ckpts[-1] / self.SCHEDULERS).read_text())):
+                sched.load_state_dict(saved)
         tensors = load_file(ckpts[-1] / self.TENSORS) if (ckpts[-1] / self.TENSORS).exists() else {}
         state = json.loads((ckpts[-1] / self.STATE).read_text())
         self.accelerator.print(f"resumed from {ckpts[-1]}")

@@ -211,3 +211,35 @@ def test_checkpoints_need_no_unrestricted_unpickling(mini_pipeline, tmp_path, cf
             torch.load(f, weights_only=True)
         else:
             assert f.suffix in (".safetensors", ".json") or f.name.startswith("random_states_"), f
+
+
+def test_checkpoints_from_before_json_schedulers_resume(tmp_path):
+    """A checkpoint whose schedule accelerate pickled (register_for_checkpointing) is read with
+    the restricted unpickler, kept as JSON, and the pickle removed."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from patronus.training import Checkpointer
+
+    def setup():
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return model, opt, get_cosine_schedule_with_warmup(opt, 2, 10)
+
+    acc = Accelerator(cpu=True)
+    model, opt, sched = setup()
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)  # the old way
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    Checkpointer(acc, tmp_path).save(5, {"step": 5})
+    assert (tmp_path / "checkpoint-5" / "custom_checkpoint_0.pkl").exists()
+
+    acc2 = Accelerator(cpu=True)
+    model2, opt2, sched2 = setup()
+    model2, opt2 = acc2.prepare(model2, opt2)
+    state, _ = Checkpointer(acc2, tmp_path, schedulers=(sched2,)).restore()
+    assert state == {"step": 5} and sched2.state_dict() == sched.state_dict()
+    assert not (tmp_path / "checkpoint-5" / "custom_checkpoint_0.pkl").exists()
+    assert (tmp_path / "checkpoint-5" / "schedulers.json").exists()
