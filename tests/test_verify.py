@@ -33,11 +33,14 @@ def test_untouched_protected_model_is_intact(capsys, copy):
     assert verify(copy).intact
 
 
-def test_putting_the_original_decoder_back_is_named_as_a_swap(capsys, copy):
-    shutil.copy(TINY_DIR / VAE, copy / VAE)
+@pytest.mark.parametrize("part", [VAE, UNET])
+def test_putting_an_original_component_back_is_named_as_a_swap(capsys, copy, part):
+    shutil.copy(TINY_DIR / part, copy / part)
     code, out = _run(capsys, str(copy))
     assert code == 1
-    assert "vae/ is not the protected vae" in out.out and "unprotected original's file (a component swap)" in out.out
+    name = part.split("/")[0]
+    assert f"{name}/ is not the protected {name}" in out.out
+    assert "unprotected original's file (a component swap)" in out.out
 
 
 def test_one_edited_tensor_a_missing_and_an_extra_file_are_reported(capsys, copy):
@@ -50,7 +53,7 @@ def test_one_edited_tensor_a_missing_and_an_extra_file_are_reported(capsys, copy
     result = verify(copy)
     assert result.problems == [
         "text_encoder/model.safetensors is missing",
-        f"{UNET} differs from the file that was protected (sha256)",
+        f"unet/ is not the protected unet: {UNET} has a different sha256",
         "vae/extra.bin is an extra weight file, not in the manifest",
     ]
     assert _run(capsys, str(copy))[0] == 1

@@ -58,10 +58,14 @@ def test_ship_refuses_runs_it_cannot_vouch_for(tmp_path):
     assert not (tmp_path / "assets" / "x").exists()
 
 
-def test_shipped_protected_model_is_patronus_tiny_with_its_own_decoder():
+def test_shipped_protected_model_is_patronus_tiny_with_both_parts_protected():
     assert resolve_model("patronus-tiny-protected") == PROTECTED_DIR
     info = json.loads((PROTECTED_DIR / "patronus.json").read_text())
     assert weight_hashes(PROTECTED_DIR) == info["weight_files_sha256"]
-    assert generation_digest(PROTECTED_DIR) == generation_digest(TINY_DIR)
-    assert info["changed_weight_files"] == ["vae/diffusion_pytorch_model.safetensors"]
-    assert info["config"]["stage2_steps"] > 0 and info["shipped_as"] == "patronus-tiny-protected"
+    assert info["parts"] == ["decoder", "unet"]
+    assert info["changed_weight_files"] == ["unet/diffusion_pytorch_model.safetensors",
+                                            "vae/diffusion_pytorch_model.safetensors"]
+    assert info["config"]["stage2_steps"] > 0 and info["config"]["unet"]["nft_steps"] > 0
+    assert info["shipped_as"] == "patronus-tiny-protected"
+    for shared in ("text_encoder", "tokenizer", "scheduler"):  # linked to the original, not copied
+        assert (PROTECTED_DIR / shared).is_symlink()
