@@ -51,6 +51,9 @@ CASES: dict[str, list[str]] = {
     "protect-unknown-part": ["protect", "patronus-tiny", "--parts", "decoder,foo", "--out", "$TMP/o"],
     "protect-no-parts": ["protect", "patronus-tiny", "--parts", "", "--out", "$TMP/o"],
     "protect-output-not-empty": ["protect", "patronus-tiny", "--out", "$TMP/nonempty"],
+    "protect-workdir-is-a-file": ["protect", "patronus-tiny", "--workdir", "$TMP/ok.txt", "--out", "$TMP/o"],
+    "protect-resume-other-settings": ["protect", "patronus-tiny", "--workdir", "$TMP/otherwork", "--resume",
+                                      "--out", "$TMP/o"],
     "protect-not-a-pipeline": ["protect", "$TMP/emptydir", "--out", "$TMP/o"],
     "protect-pickle-weights": ["protect", "$TMP/pickled", "--out", "$TMP/o"],
     "protect-unknown-defense": ["protect", "patronus-tiny", "--defense", "nope", "--out", "$TMP/o"],
@@ -102,7 +105,7 @@ def scratch(root: Path, case: str) -> None:
     files = {"many.toml": 'stage1_steps = "many"\n', "unknown.toml": "stage1_stepz = 3\n",
              "neglr.toml": "stage1_lr = -1.0\n", "target.toml": '[unet]\ntarget = "white"\n',
              "nocol.csv": "text,x\nhello,1\n", "ok.txt": "a knife\n", "grid.yaml": "kinds: [unet-full]\nlrs: [1e-5]\n",
-             "nonempty/keep": "mine\n"}
+             "nonempty/keep": "mine\n", "otherwork/config.json": "{}\n"}
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -247,12 +247,12 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     load_pipeline(model)  # a broken model fails here, before the work directory is made
     workdir.mkdir(parents=True, exist_ok=True)
     busy = f"another protect run is using the work directory {workdir}; wait for it to finish or stop it"
+    accelerator = Accelerator()
     # The main process holds it (under `accelerate launch` the others are the same run); the
     # kernel releases it when that process ends, however it ends.
-    with locked_dir(workdir, busy) if PartialState().is_main_process else nullcontext():
+    with locked_dir(workdir, busy) if accelerator.is_main_process else nullcontext():
         (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         t_start = time.time()
-        accelerator = Accelerator()
         replaced: dict[str, torch.nn.Module] = {}
         sections: dict[str, dict] = {}
         if "decoder" in cfg.parts:
