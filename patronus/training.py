@@ -101,7 +101,8 @@ class Checkpointer:
         registered). A scheduler's state is plain numbers: read it with the restricted unpickler,
         keep it as JSON, drop the pickles."""
         pickles = sorted(ckpt.glob("custom_checkpoint_*.pkl"))
-        if not pickles or (ckpt / self.SCHEDULERS).exists() or not self.accelerator.is_main_process:
+        if (not self.schedulers or len(pickles) != len(self.schedulers) or (ckpt / self.SCHEDULERS).exists()
+                or not self.accelerator.is_main_process):  # e.g. train-base's registered EMA models stay
             return
         states = [torch.load(f, weights_only=True) for f in pickles]
         (ckpt / self.SCHEDULERS).write_text(json.dumps(states))

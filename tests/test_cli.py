@@ -107,7 +107,7 @@ def test_demo_refuses_a_file_as_out(tmp_path):
     ([], "[attacks]\nlr_range = [1e-3, 1e-5]\n", "attacks.lr_range"),
     ([], 'stage1_steps = "many"\n', "protect.stage1_steps must be an integer, got 'many'"),
     ([], "[attacks]\noptimizers = [['adam', 'much']]\n",
-     "protect.attacks.optimizers must be a list, each a list [a string, a number]"),
+     "protect.attacks.optimizers must be a list, each a list [a string, a finite number]"),
     (["--parts", "decoder,vae"], None, "--parts must be a comma-separated subset of decoder,unet"),
     ([], 'parts = ["text_encoder"]\n', "parts must be one or more of decoder, unet"),
     ([], '[unet]\ntarget = "white"\n', "unet.target must be one of black, esd"),
@@ -127,7 +127,7 @@ def test_protect_settings_are_checked_before_any_work(tmp_path, args, config, ne
 @pytest.mark.parametrize("flag,value,needle", [
     ("--steps", "-3", "--n and --steps must be at least 1"),
     ("--n", "0", "--n and --steps must be at least 1"),
-    ("--guidance", "-1", "--guidance must not be negative"),
+    ("--guidance", "-1", "--guidance must be a finite number >= 0"),
 ])
 def test_generate_refuses_bad_numbers_before_loading_anything(tmp_path, flag, value, needle):
     assert_clean_error(run_cli("generate", "patronus-tiny", "x", flag, value, "--out", str(tmp_path / "o")), needle)

@@ -18,6 +18,7 @@ from patronus.errors import ConfigError
 from patronus.evaluation.harness import EvalConfig, resolve_prompts
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"
+# "original-vae" applies to the UNet-only kinds (as `ranks` to the LoRA kinds); other kinds skip it.
 REFERENCES = ("unprotected", "scratch", "original-vae")
 
 # The type every grid setting must have: lists of these (`list`) or a single one.
@@ -53,9 +54,6 @@ class GridConfig:
             attack_config(self, cell)  # raises on a bad kind, optimizer, rank or budget
         if unknown := set(self.references) - set(REFERENCES):
             raise ConfigError(f"unknown reference(s) {', '.join(sorted(unknown))}; choose from {', '.join(REFERENCES)}")
-        if "original-vae" in self.references and not any(ATTACKS[c["kind"]].unet_only for c in self.cells()):
-            raise ConfigError("reference original-vae is attacked by the UNet-only kinds only and the grid has none; "
-                              "add one (e.g. unet-full) or drop the reference")
         allowed = [f for f in EvalConfig.__dataclass_fields__ if f != "suite"]  # the suite is a grid setting
         if unknown := set(self.eval) - set(allowed):
             raise ConfigError(f"unknown eval setting(s) {', '.join(sorted(unknown))}; choose from {', '.join(allowed)}")

@@ -191,5 +191,3 @@ def test_original_vae_reference_on_a_model_with_its_own_unet(mini_pipeline, tmp_
                   for m in ("protected", "original-vae"))
     assert swap["timing"]["latents_from"] == str((out / "cells" / "protected" / cid / "eval-step-2").resolve())
     assert prot["metrics"]["refusal_rate"]["value"] == 1.0 > swap["metrics"]["refusal_rate"]["value"]
-    with pytest.raises(ValueError, match="original-vae is attacked by the UNet-only kinds only"):
-        GridConfig(kinds=("decoder-full",), references=("original-vae",))
