@@ -54,7 +54,10 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     with locked_dir(tmp, f"another run is writing {out} (into {tmp}); wait for it to finish or stop it"):
         for leftover in tmp.iterdir():  # a killed run's partial output
-            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
         try:
             yield tmp
             if out.exists() and (not out.is_dir() or any(out.iterdir())):
