@@ -28,6 +28,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 
+from patronus.attacks.config import AttackConfig
 from patronus.attacks.registry import ATTACKS, run_attack
 from patronus.evaluation.harness import LATENTS_FILE, EvalConfig, evaluate
 from patronus.io import files_under
@@ -146,16 +147,12 @@ def make_scratch(model: str, kind: str, out: Path, seed: int = 0) -> Path:
 
 
 def make_original_vae(model: str, unprotected: str, out: Path) -> Path:
-    """`model` with `unprotected`'s VAE put back: the decoder-swap attack, as a sweep reference."""
-    if out.exists():
-        return out
-    src = resolve_model(model)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=lambda d, names: ["vae"] if Path(d) == src else [])
-    shutil.copytree(resolve_model(unprotected) / "vae", tmp / "vae")
-    tmp.rename(out)
-    return out
+    """`model` with `unprotected`'s VAE put back (the `swap-decoder` attack), as a sweep reference."""
+    if not (out / "step-0").exists():
+        shutil.rmtree(out, ignore_errors=True)  # a killed swap's leftovers
+        run_attack(model, AttackConfig(kind="swap-decoder", swap_from=unprotected, steps=1, save_at=()), out,
+                   progress=False)
+    return out / "step-0"
 
 
 def same_unet_attack_inputs(a: str, b: str) -> bool:
