@@ -40,7 +40,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from patronus.imaging import grid
     from patronus.io import atomic_dir
-    from patronus.models.registry import load_pipeline
+    from patronus.models.inference import read_inference
+    from patronus.models.registry import load_pipeline, resolve_model
     from patronus.models.sampling import generate
 
     if args.n < 1 or args.steps < 1:
@@ -50,8 +51,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     seeds = [args.seed + i for i in range(args.n)]
     with atomic_dir(args.out) as tmp:
         pipe = load_pipeline(args.model)
+        inference = read_inference(resolve_model(args.model))
         images = generate(pipe, [args.prompt] * args.n, seeds, steps=args.steps, guidance=args.guidance,
-                          progress=True)
+                          progress=True, inference=inference)
         for seed, img in zip(seeds, images):
             Image.fromarray(img).save(tmp / f"{seed:06d}.png")
         grid(images, cols=min(8, args.n), upscale=4).save(tmp / "grid.png")
@@ -101,6 +103,19 @@ def cmd_export_split(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} images and metadata.jsonl to {out}")
 
 
+def _read_rewrite(path: str | None) -> dict | None:
+    """A prompt-space attack's attack-prompts.json, or a clear error."""
+    from patronus.evaluation.suites import PromptFileError
+
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PromptFileError(f"--attack-prompts {path} is not a readable JSON file ({e.__class__.__name__}); "
+                              f"give the attack-prompts.json of a prompt-space attack's checkpoint") from e
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from patronus.evaluation.harness import EvalConfig, evaluate
 
@@ -108,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         suite=None if (args.unsafe_prompts or args.benign_prompts) else args.suite,
         unsafe_prompts=args.unsafe_prompts, benign_prompts=args.benign_prompts, detector=args.detector,
         n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, prompt_rewrite=_read_rewrite(args.attack_prompts),
     )
     result = evaluate(args.model, Path(args.out), settings, reference=args.reference)
     m, t = result["metrics"], result["timing"]
@@ -125,11 +140,12 @@ def cmd_protect(args: argparse.Namespace) -> None:
     from patronus.defenses import load_defense
 
     defense = load_defense(args.defense)
-    cfg = defense.load_config(args.preset, args.config, **({} if args.parts is None else {"parts": args.parts}))
+    cfg = defense.load_config(args.preset or defense.DEFAULT_PRESET, args.config,
+                              **({} if args.parts is None else {"parts": args.parts}))
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.with_name(out.name + ".work")
     info = defense.protect(args.model, out, cfg, workdir, resume=args.resume)
-    print(f"protected pipeline: {out} (changed: {', '.join(info['changed_weight_files'])})")
+    print(f"protected pipeline: {out} (changed: {', '.join(info['changed_weight_files']) or 'no weight file'})")
     print("\n".join(defense.describe(info, workdir)))
 
 
@@ -143,7 +159,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
         raise UsageError(f"--save-at must be comma-separated step numbers, got {args.save_at!r}") from e
     cfg = AttackConfig(kind=args.kind, data=args.data, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
                        rank=args.rank, batch_size=args.batch_size, save_at=save_at, seed=args.seed,
-                       swap_from=getattr(args, "from"), swap_part=args.swap_part, then=args.then)
+                       swap_from=getattr(args, "from"), swap_part=args.swap_part, then=args.then,
+                       sampler_steps=args.sampler_steps, guidance=args.guidance)
     dirs = run_attack(args.model, cfg, Path(args.out))
     print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in dirs))
 
@@ -211,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=default(EvalConfig, "steps"))
     ev.add_argument("--guidance", type=float, default=default(EvalConfig, "guidance"))
     ev.add_argument("--batch-size", type=int, default=default(EvalConfig, "batch_size"))
+    ev.add_argument("--attack-prompts", help="a prompt-space attack's attack-prompts.json (in its checkpoint): "
+                                             "ask for the unsafe classes by learned token, or in every wording")
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, decoder moderator and "
@@ -219,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True)
     pr.add_argument("--config", help="a .toml, .yaml or .json file overriding the preset")
     pr.add_argument("--defense", choices=list(DEFENSES), default="patronus")
-    pr.add_argument("--preset", default="full", help="the defence's preset (patronus: quick or full)")
+    pr.add_argument("--preset", help="the defence's preset (patronus: quick or full, default full; sld: weak, "
+                                     "medium, strong or max, default medium; the others: default)")
     pr.add_argument("--workdir", help="checkpoints and the feature-bank cache (default: OUT.work)")
     pr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
     pr.add_argument("--parts", help="patronus: what to harden, comma-separated: decoder, unet "
@@ -245,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--swap-part", choices=["vae", "decoder"], default=default(AttackConfig, "swap_part"),
                     help="swap-decoder: put in the whole VAE, or only its decoder (keeping this model's encoder)")
     at.add_argument("--then", help="swap-decoder: follow with unet-full or unet-lora")
+    at.add_argument("--sampler-steps", type=int, default=default(AttackConfig, "sampler_steps"),
+                    help="soft-prompt: DDIM steps of the differentiable sampler it optimises through")
+    at.add_argument("--guidance", type=float, default=default(AttackConfig, "guidance"),
+                    help="soft-prompt: classifier-free guidance of that sampler")
     at.add_argument("--out", required=True)
     at.set_defaults(func=cmd_attack)
 

@@ -34,6 +34,13 @@ CASES: dict[str, list[str]] = {
                                       "--benign-prompts", "$TMP/ok.txt", "--out", "$TMP/o"],
     "evaluate-csv-without-prompt-column": ["evaluate", "patronus-tiny", "--unsafe-prompts", "$TMP/nocol.csv",
                                            "--benign-prompts", "$TMP/ok.txt", "--out", "$TMP/o"],
+    "evaluate-attack-prompts-missing": ["evaluate", "patronus-tiny", "--attack-prompts", "$TMP/none.json",
+                                        "--out", "$TMP/o"],
+    "evaluate-attack-prompts-unknown-rewrite": ["evaluate", "patronus-tiny", "--attack-prompts", "$TMP/rewrite.json",
+                                                "--out", "$TMP/o"],
+    "evaluate-token-rewrite-with-prompt-files": ["evaluate", "patronus-tiny", "--attack-prompts", "$TMP/tokens.json",
+                                                 "--unsafe-prompts", "$TMP/ok.txt", "--benign-prompts", "$TMP/ok.txt",
+                                                 "--out", "$TMP/o"],
     "evaluate-n-per-prompt-zero": ["evaluate", "patronus-tiny", "--n-per-prompt", "0", "--out", "$TMP/o"],
     "evaluate-negative-guidance": ["evaluate", "patronus-tiny", "--guidance", "-2", "--out", "$TMP/o"],
     "evaluate-missing-reference": ["evaluate", "patronus-tiny", "--reference", "$TMP/missing", "--out", "$TMP/o"],
@@ -57,7 +64,17 @@ CASES: dict[str, list[str]] = {
     "protect-not-a-pipeline": ["protect", "$TMP/emptydir", "--out", "$TMP/o"],
     "protect-pickle-weights": ["protect", "$TMP/pickled", "--out", "$TMP/o"],
     "protect-unknown-defense": ["protect", "patronus-tiny", "--defense", "nope", "--out", "$TMP/o"],
+    "protect-baseline-with-parts": ["protect", "patronus-tiny", "--defense", "checker", "--parts", "unet",
+                                    "--out", "$TMP/o"],
+    "protect-unknown-sld-preset": ["protect", "patronus-tiny", "--defense", "sld", "--preset", "huge",
+                                   "--out", "$TMP/o"],
+    "protect-baseline-output-not-empty": ["protect", "patronus-tiny", "--defense", "negative-prompt",
+                                          "--out", "$TMP/nonempty"],
+    "protect-checker-bad-threshold": ["protect", "patronus-tiny", "--defense", "checker", "--config",
+                                      "$TMP/threshold.toml", "--out", "$TMP/o"],
     "attack-unknown-kind": ["attack", "patronus-tiny", "--kind", "nope", "--out", "$TMP/o"],
+    "attack-soft-prompt-zero-sampler-steps": ["attack", "patronus-tiny", "--kind", "soft-prompt", "--sampler-steps",
+                                              "0", "--out", "$TMP/o"],
     "attack-zero-lr": ["attack", "patronus-tiny", "--kind", "unet-full", "--lr", "0", "--out", "$TMP/o"],
     "attack-nan-lr": ["attack", "patronus-tiny", "--kind", "unet-full", "--lr", "nan", "--out", "$TMP/o"],
     "attack-save-at-not-numbers": ["attack", "patronus-tiny", "--kind", "unet-full", "--save-at", "5,x",
@@ -105,7 +122,8 @@ def scratch(root: Path, case: str) -> None:
     files = {"many.toml": 'stage1_steps = "many"\n', "unknown.toml": "stage1_stepz = 3\n",
              "neglr.toml": "stage1_lr = -1.0\n", "target.toml": '[unet]\ntarget = "white"\n',
              "nocol.csv": "text,x\nhello,1\n", "ok.txt": "a knife\n", "grid.yaml": "kinds: [unet-full]\nlrs: [1e-5]\n",
-             "nonempty/keep": "mine\n", "otherwork/config.json": "{}\n"}
+             "nonempty/keep": "mine\n", "otherwork/config.json": "{}\n", "threshold.toml": "threshold = 1.5\n",
+             "rewrite.json": '{"rewrite": "shout"}', "tokens.json": '{"rewrite": "tokens", "tokens": {"knife": "<t>"}}'}
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from patronus.attacks.registry import ATTACKS
 from patronus.errors import ConfigError
+from patronus.models.sampling import DEFAULT_GUIDANCE
 from patronus.training import OPTIMIZERS
 
 # Built-in training data: the glyph `attacker` split (unsafe classes) and the benign new-words
@@ -39,11 +40,13 @@ class AttackConfig:
     swap_from: str | None = None  # swap-decoder: pipeline whose VAE replaces the model's
     swap_part: str = "vae"  # swap-decoder: "vae" (encoder too) or "decoder" (keep the model's encoder)
     then: str | None = None  # swap-decoder: optional follow-up kind (unet-full or unet-lora)
+    sampler_steps: int = 5  # soft-prompt: DDIM steps of the differentiable sampler
+    guidance: float = DEFAULT_GUIDANCE  # soft-prompt: classifier-free guidance of that sampler
 
     def __post_init__(self):
         if self.kind not in ATTACKS:
             raise ConfigError(f"unknown attack kind {self.kind!r}; choose one of {', '.join(ATTACKS)}")
-        if self.kind != "swap-decoder":
+        if ATTACKS[self.kind].uses_data or self.then:
             check_data(self.data)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -56,6 +59,8 @@ class AttackConfig:
                               f"({', '.join(k for k, a in ATTACKS.items() if a.unet_only)})")
         if self.steps < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("--steps, --batch-size and --lr must be positive (and --lr finite)")
+        if self.sampler_steps < 1 or not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ConfigError("--sampler-steps must be at least 1 and --guidance a finite number >= 0")
         if self.rank < 1:
             raise ConfigError(f"--rank must be at least 1 (the default grid uses 4 and 64), got {self.rank}")
         if any(s < 1 or s > self.steps for s in self.save_at):

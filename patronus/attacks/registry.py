@@ -34,6 +34,10 @@ class AttackKind:
     lora: bool  # a LoRA (rank from the config) instead of full weights
     run: AttackRunner
     help: str
+    one_shot: bool = False  # writes one checkpoint, step-0 (no training steps, optimizer or lr)
+    uses_data: bool = True  # trains on `--data` (checked before anything runs)
+    keeps_filters: bool = True  # checkpoints keep the model's inference settings (models/inference.py)
+    prompt_space: bool = False  # leaves every weight alone; its checkpoints bring their own unsafe prompts
 
     def __post_init__(self):
         if unknown := set(self.trains) - set(COMPONENTS):
@@ -55,12 +59,33 @@ def register(kind: AttackKind) -> AttackKind:
     return kind
 
 
+# A prompt-space attack's checkpoint says how the evaluation should ask for unsafe content
+# (`EvalConfig.prompt_rewrite`): {"rewrite": "tokens", "tokens": {class: learned token}} or
+# {"rewrite": "paraphrase"}. The sweep and `patronus evaluate --attack-prompts` read it.
+ATTACK_PROMPTS = "attack-prompts.json"
+
+
+def source_model(out: Path) -> Path:
+    """The pipeline directory an attack writing to `out` was started on (from its attack.json)."""
+    from patronus.models.registry import resolve_model
+
+    return resolve_model(json.loads((Path(out) / "attack.json").read_text())["model"])
+
+
 def run_attack(model: str, cfg: AttackConfig, out: Path, progress: bool = True) -> list[Path]:
-    """Attack `model` and write one pipeline directory per checkpoint under `out` (atomically)."""
-    from patronus.models.registry import load_pipeline
+    """Attack `model` and write one pipeline directory per checkpoint under `out` (atomically).
+
+    Every checkpoint keeps the model's inference settings (negative prompt, SLD preset) unless
+    the attack is one that removes them (`keeps_filters`).
+    """
+    from patronus.models.inference import copy_inference
+    from patronus.models.registry import load_pipeline, resolve_model
 
     with atomic_dir(out) as tmp:
         pipe = load_pipeline(model)
         (tmp / "attack.json").write_text(json.dumps(asdict(cfg) | {"model": str(model)}, indent=2))
         names = ATTACKS[cfg.kind].run(pipe, cfg, tmp, progress)
+        if ATTACKS[cfg.kind].keeps_filters:
+            for name in names:
+                copy_inference(resolve_model(model), tmp / name)
     return [Path(out) / n for n in names]

@@ -44,4 +44,5 @@ def run_swap(pipe: StableDiffusionPipeline, cfg: AttackConfig, out: Path, progre
 
 
 register(AttackKind("swap-decoder", frozenset(), False, run_swap,
-                    "another pipeline's VAE (--from) put in, optionally followed by a UNet attack (--then)"))
+                    "another pipeline's VAE (--from) put in, optionally followed by a UNet attack (--then)",
+                    one_shot=True, uses_data=False))

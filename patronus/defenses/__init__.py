@@ -12,9 +12,10 @@ NAME` and the benchmarks run any of them the same way:
     describe(info, workdir) -> list[str]
                                      lines for the terminal about a finished run
 
-`patronus` (decoder moderator and aligned UNet, with non-fine-tunable learning) is the only one today;
-baselines join under `defenses/baselines/` with a line in `DEFENSES`. Packages are imported
-only when used, so the command line starts without loading torch.
+`patronus` (decoder moderator and aligned UNet, with non-fine-tunable learning) is ours; the
+baselines it is measured against live under `defenses/baselines/`. Each also names its
+`DEFAULT_PRESET`. Packages are imported only when used, so the command line starts without
+loading torch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ from types import ModuleType
 
 from patronus.errors import ConfigError
 
-DEFENSES: dict[str, str] = {"patronus": "patronus.defenses.patronus"}
+DEFENSES: dict[str, str] = {
+    "patronus": "patronus.defenses.patronus",
+    "negative-prompt": "patronus.defenses.baselines.negative_prompt",
+    "checker": "patronus.defenses.baselines.checker",
+    "sld": "patronus.defenses.baselines.sld",
+}
 
 
 def load_defense(name: str) -> ModuleType:

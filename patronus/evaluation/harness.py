@@ -37,9 +37,17 @@ from patronus.evaluation.metrics import (
     rate,
     ssim_uint8,
 )
-from patronus.evaluation.suites import EvalPrompt, PromptFileError, load_prompt_file, load_suite
+from patronus.evaluation.suites import (
+    EvalPrompt,
+    PromptFileError,
+    check_rewrite,
+    load_prompt_file,
+    load_suite,
+    rewrite_unsafe,
+)
 from patronus.imaging import grid
 from patronus.io import atomic_dir
+from patronus.models.inference import InferenceConfig, read_inference
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, decode_latents, generate_latents
 from patronus.provenance import generation_digest, library_versions, weight_hashes, weights_digest
@@ -60,10 +68,13 @@ class EvalConfig:
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     batch_size: int = 64
+    prompt_rewrite: dict | None = None  # a prompt-space attack's attack-prompts.json (suites.rewrite_unsafe)
 
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.batch_size < 1 or self.steps < 1:
             raise ConfigError("--n-per-prompt, --batch-size and --steps must be at least 1")
+        if self.prompt_rewrite is not None:
+            check_rewrite(self.prompt_rewrite)
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise ConfigError("--guidance must be a finite number >= 0 (1 or less turns classifier-free guidance off)")
 
@@ -82,10 +93,12 @@ def resolve_prompts(s: EvalConfig) -> list[EvalPrompt]:
     if s.unsafe_prompts or s.benign_prompts:
         if not (s.unsafe_prompts and s.benign_prompts):
             raise PromptFileError("give both --unsafe-prompts and --benign-prompts, or a --suite")
-        return load_prompt_file(s.unsafe_prompts, "unsafe") + load_prompt_file(s.benign_prompts, "benign")
-    if not s.suite:
+        prompts = load_prompt_file(s.unsafe_prompts, "unsafe") + load_prompt_file(s.benign_prompts, "benign")
+    elif not s.suite:
         raise PromptFileError("give a --suite or --unsafe-prompts and --benign-prompts")
-    return load_suite(s.suite)
+    else:
+        prompts = load_suite(s.suite)
+    return rewrite_unsafe(prompts, s.prompt_rewrite) if s.prompt_rewrite else prompts
 
 
 def image_seed(run_seed: int, prompt_seed: int, repeat: int) -> int:
@@ -98,9 +111,10 @@ def make_jobs(prompts: list[EvalPrompt], s: EvalConfig) -> list[Job]:
             for p in prompts for j in range(s.n_per_prompt)]
 
 
-def run_jobs(pipe, jobs: list[Job], s: EvalConfig,
-             latents: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
-    """Images and denoised latents of every job, in job order.
+def run_jobs(pipe, jobs: list[Job], s: EvalConfig, latents: torch.Tensor | None = None,
+             inference: InferenceConfig = InferenceConfig()) -> tuple[np.ndarray, torch.Tensor]:
+    """Images and denoised latents of every job, in job order, sampled with the pipeline's
+    `inference` settings (negative prompt, SLD).
 
     Jobs that share a guidance scale are batched together. Given `latents` (from an earlier
     run of the same jobs with the same UNet, text encoder and scheduler) only the decoder runs.
@@ -113,7 +127,7 @@ def run_jobs(pipe, jobs: list[Job], s: EvalConfig,
     for guidance, idx in by_guidance.items():
         lat = latents[idx].to(pipe.vae.device, pipe.vae.dtype) if latents is not None else generate_latents(
             pipe, [jobs[i].prompt.prompt for i in idx], [jobs[i].seed for i in idx], s.steps, guidance,
-            s.batch_size, progress=True)
+            s.batch_size, progress=True, inference=inference)
         for i, img, z in zip(idx, decode_latents(pipe, lat, s.batch_size), lat):
             images[i], out_latents[i] = img, z
     return np.stack(images), torch.stack(out_latents)
@@ -203,13 +217,14 @@ def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detec
     model_dir = resolve_model(model)
     ref_dir = resolve_model(reference) if reference else None
     pipe = load_pipeline(model)
+    inference = read_inference(model_dir)
     detector = detector or make_detector(s.detector)
     jobs = make_jobs(prompts, s)
 
     digest = generation_digest(model_dir)
     given = load_latents(latents_from, s, digest, len(jobs)) if latents_from else None
     t0 = time.time()
-    images, latents = run_jobs(pipe, jobs, s, given)
+    images, latents = run_jobs(pipe, jobs, s, given, inference)
     gen_seconds = time.time() - t0
     detections = detector.detect(images)
     refused = is_refusal(images)
@@ -220,7 +235,8 @@ def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detec
             metrics["frechet_glyphnet"] = fd
     if ref_dir is not None:
         benign = [i for i, j in enumerate(jobs) if j.prompt.kind == "benign"]
-        ref_images, _ = run_jobs(load_pipeline(reference), [jobs[i] for i in benign], s)
+        ref_images, _ = run_jobs(load_pipeline(reference), [jobs[i] for i in benign], s,
+                                 inference=read_inference(ref_dir))
         p, q = psnr_uint8(images[benign], ref_images), ssim_uint8(images[benign], ref_images)
         metrics["psnr_vs_reference"] = {"value": float(p.mean()), "ci": list(bootstrap_ci(p, s.seed)), "n": len(p)}
         metrics["ssim_vs_reference"] = {"value": float(q.mean()), "ci": list(bootstrap_ci(q, s.seed)), "n": len(q)}
@@ -232,7 +248,10 @@ def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detec
                   "weight_files": hashes},
         "reference": ({"name": reference, "path": str(ref_dir.resolve()),
                        "weights_sha256": weights_digest(weight_hashes(ref_dir))} if ref_dir else None),
-        "settings": asdict(s) | {"sampler": type(pipe.scheduler).__name__, "detector": detector.settings(),
+        "settings": asdict(s) | {"sampler": type(pipe.scheduler).__name__, "pipeline": type(pipe).__name__,
+                                 "inference": asdict(inference),
+                                 "safety_checker": type(pipe.safety_checker).__name__ if pipe.safety_checker else None,
+                                 "detector": detector.settings(),
                                  "refusal_threshold": {"mean_below": REFUSAL_MEAN, "max_below": REFUSAL_MAX,
                                                        "scale": "[0, 1]"}},
         "versions": library_versions(),

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patronus.errors import PatronusError
+from patronus.world.captions import make_caption
+from patronus.world.glyphs import UNSAFE_CLASSES
 from patronus.world.newwords import new_word_prompts
-from patronus.world.prompts import eval_prompts
+from patronus.world.prompts import eval_prompts, paraphrase_prompts
+
+REWRITES = ("tokens", "paraphrase")
 
 
 class PromptFileError(PatronusError):
@@ -93,3 +97,35 @@ def load_prompt_file(path: str | Path, kind: str) -> list[EvalPrompt]:
     if not prompts:
         raise PromptFileError(f"prompt file {path} contains no prompts")
     return prompts
+
+
+def check_rewrite(spec: dict) -> None:
+    """A prompt-space attack's `attack-prompts.json`, checked before anything is sampled."""
+    if not isinstance(spec, dict) or spec.get("rewrite") not in REWRITES:
+        raise PromptFileError(f"a prompt rewrite must be {{\"rewrite\": one of {', '.join(REWRITES)}, ...}}, "
+                              f"got {spec!r}")
+    if spec["rewrite"] == "tokens":
+        tokens = spec.get("tokens")
+        if not (isinstance(tokens, dict) and tokens and all(isinstance(v, str) and v.strip() for v in tokens.values())
+                and set(tokens) <= set(UNSAFE_CLASSES)):
+            raise PromptFileError(f"a tokens rewrite maps unsafe classes ({', '.join(UNSAFE_CLASSES)}) to tokens, "
+                                  f"got {tokens!r}")
+
+
+def rewrite_unsafe(prompts: list[EvalPrompt], spec: dict) -> list[EvalPrompt]:
+    """The unsafe prompts as a prompt-space attack asks: each class named by its learned token
+    (`tokens`, same attributes and seeds), or every wording of every class (`paraphrase`, as
+    many per class as the suite has). Benign prompts stay as they are."""
+    check_rewrite(spec)
+    unsafe = [p for p in prompts if p.kind == "unsafe"]
+    benign = [p for p in prompts if p.kind != "unsafe"]
+    if spec["rewrite"] == "paraphrase":
+        per_class = max(1, len(unsafe) // len(UNSAFE_CLASSES))
+        return [EvalPrompt(r.prompt, "unsafe", r.group, r.seed, r.cls, r.color, r.background)
+                for r in paraphrase_prompts(per_class)] + benign
+    if any(p.cls is None or p.color is None for p in unsafe):
+        raise PromptFileError("a tokens rewrite needs a glyph suite (prompts whose class is known), not prompt files")
+    tokens = spec["tokens"]
+    return [EvalPrompt(make_caption(p.cls, p.color, p.background, tokens[p.cls]), "unsafe", "learned_token", p.seed,
+                       p.cls, p.color, p.background, p.guidance) if p.cls in tokens else p
+            for p in unsafe] + benign

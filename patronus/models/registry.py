@@ -11,12 +11,13 @@ diffusers loads them with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionPipelineSafe
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
@@ -28,6 +29,9 @@ TINY_DIR = ASSETS / "patronus-tiny"
 GLYPHNET_DIR = ASSETS / "glyphnet"
 PROTECTED_DIR = ASSETS / "patronus-tiny-protected"  # `make protected-model`: only vae/ differs from TINY_DIR
 SHIPPED: dict[str, Path] = {"patronus-tiny": TINY_DIR, "patronus-tiny-protected": PROTECTED_DIR}
+# The pipeline classes a model directory may name: plain Stable Diffusion, and diffusers' Safe
+# Latent Diffusion (the `sld` baseline). Both take the same components.
+PIPELINE_CLASSES = {c.__name__: c for c in (StableDiffusionPipeline, StableDiffusionPipelineSafe)}
 
 
 class ModelLoadError(PatronusError):
@@ -73,8 +77,22 @@ def check_no_pickles(path: Path) -> None:
                              f"--allow-pickle if you trust its source")
 
 
+def _pipeline_class(path: Path) -> type[StableDiffusionPipeline]:
+    """The directory's own pipeline class, after importing any component Patronus itself defines
+    (the `checker` baseline's safety checker): diffusers loads only modules already imported."""
+    index = json.loads((path / "model_index.json").read_text())
+    name = index.get("_class_name", "StableDiffusionPipeline")
+    if name not in PIPELINE_CLASSES:
+        raise ModelLoadError(f"{path} is a {name}; Patronus loads {' and '.join(PIPELINE_CLASSES)} directories")
+    for entry in index.values():
+        if isinstance(entry, list) and entry and isinstance(entry[0], str) and entry[0].startswith("patronus."):
+            importlib.import_module(entry[0])
+    return PIPELINE_CLASSES[name]
+
+
 def load_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a StableDiffusionPipeline offline, turning any loading failure into ModelLoadError."""
+    """Load a pipeline offline as it was saved (its class and safety checker included), turning
+    any loading failure into ModelLoadError."""
     path = resolve_model(name_or_path)
     # Loading the tiny model takes a fraction of a second; the libraries' loading bars would only
     # add lines around a one-line error when a file is broken.
@@ -83,9 +101,10 @@ def load_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float32) 
     allow = pickle_allowed()
     check_no_pickles(path)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                       use_safetensors=None if allow else True,
-                                                       safety_checker=None, requires_safety_checker=False)
+        pipe = _pipeline_class(path).from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     use_safetensors=None if allow else True)
+    except ModelLoadError:
+        raise
     except Exception as e:  # diffusers raises many types for broken dirs; all mean "cannot load"
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise ModelLoadError(f"cannot load pipeline from {path}: {first}") from e

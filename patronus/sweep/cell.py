@@ -21,7 +21,7 @@ import json
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,9 +29,8 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 
 from patronus.attacks.config import AttackConfig
-from patronus.attacks.registry import ATTACKS, run_attack
+from patronus.attacks.registry import ATTACK_PROMPTS, ATTACKS, run_attack
 from patronus.evaluation.harness import LATENTS_FILE, EvalConfig, evaluate
-from patronus.io import files_under
 from patronus.models.components import reinitialise
 from patronus.models.registry import load_pipeline, pickle_allowed, resolve_model
 from patronus.provenance import generation_digest
@@ -93,10 +92,12 @@ def _attack_and_evaluate(job: CellJob, cell: CellLayout) -> dict:
         ckpts = _reuse_attack(Path(job.reuse_from[1]), job.vae_from, cell.attack, job.grid.budgets)
     else:
         ckpts = run_attack(job.target, attack_config(job.grid, job.cell), cell.attack)
-    settings = job.grid.eval_config()
     results = {}
     for ckpt in ckpts:
         step = step_of(ckpt)
+        settings = job.grid.eval_config()
+        if (ckpt / ATTACK_PROMPTS).is_file():  # a prompt-space attack: ask the way it says
+            settings = replace(settings, prompt_rewrite=json.loads((ckpt / ATTACK_PROMPTS).read_text()))
         latents_from = find_latents(SweepLayout(job.sweep_root), generation_digest(ckpt), settings)
         r = evaluate(str(ckpt), cell.eval(step), settings, latents_from=latents_from)
         results[step] = {k: r["metrics"][k] for k in RESULT_METRICS if k in r["metrics"]}
@@ -156,19 +157,18 @@ def make_original_vae(model: str, unprotected: str, out: Path) -> Path:
 
 
 def same_unet_attack_inputs(a: str, b: str) -> bool:
-    """Whether a UNet-only attack computes the same thing on both pipelines.
+    """Whether a UNet-only attack computes the same thing on both pipelines, and renders it the
+    same way but for the decoder.
 
     Such an attack reads the UNet, text encoder, tokenizer, scheduler and the VAE *encoder*
     (for the latents of its images); the decoder only renders the results. A decoder-only
     protection (`patronus protect --parts decoder`) shares the attack with its original exactly;
-    one that aligned the UNet does not, and is attacked on its own.
+    one that aligned the UNet does not, nor does one that changed how the pipeline is called
+    (a safety checker, a negative prompt, SLD: every file outside vae/ must be the same).
     """
     ra, rb = resolve_model(a), resolve_model(b)
-    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        fa = [f.relative_to(ra) for f in files_under(ra / sub)]
-        fb = [f.relative_to(rb) for f in files_under(rb / sub)]
-        if fa != fb or any((ra / f).read_bytes() != (rb / f).read_bytes() for f in fa):
-            return False
+    if generation_digest(ra) != generation_digest(rb):
+        return False
     safe = None if pickle_allowed() else True
     va, vb = (AutoencoderKL.from_pretrained(r / "vae", use_safetensors=safe) for r in (ra, rb))
     # Everything but the decoder head: the encoder, and quant_conv where the VAE has one.

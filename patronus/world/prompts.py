@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from patronus.world.captions import HELD_OUT_SYNONYMS, SYNONYMS, make_caption, word_group
+from patronus.world.captions import HELD_OUT_SYNONYMS, SYNONYMS, TEMPLATES, make_caption, word_group
 from patronus.world.glyphs import BY_NAME, CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.render import render
 from patronus.world.splits import sample
@@ -67,3 +67,25 @@ def eval_prompts(per_unsafe_class: int = 72, per_benign_class: int = 24, start: 
 def render_reference(cls: str, seed: int, resolution: int = 32) -> np.ndarray:
     """The render an `eval_prompts` record was drawn from: the ground truth for Frechet distance."""
     return render(sample("eval", seed, classes=(cls,)).spec, resolution)
+
+
+PARAPHRASE_START = 7_000_000  # eval-split indices no other prompt set uses
+
+
+def paraphrase_prompts(per_class: int) -> list[PromptRecord]:
+    """Every caption template x every synonym of every unsafe class (held-out synonyms included),
+    repeated with fresh attributes until each class has at least `per_class` prompts.
+
+    The glyph world's vocabulary has no descriptive words, so a concept cannot be spelled out
+    without naming it: these are all the ways a prompt can ask for one.
+    """
+    records = []
+    for c, cls in enumerate(UNSAFE_CLASSES):
+        combos = [(template, word) for word in SYNONYMS[cls] for template in TEMPLATES]
+        for k in range(-(-per_class // len(combos)) * len(combos)):
+            template, word = combos[k % len(combos)]
+            index = PARAPHRASE_START + c * 100_000 + k
+            spec = sample("eval", index, classes=(cls,)).spec
+            records.append(PromptRecord(make_caption(cls, spec.color, spec.background, word, template), cls,
+                                        spec.color, spec.background, word_group(cls, word), index))
+    return records

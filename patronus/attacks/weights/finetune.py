@@ -137,7 +137,9 @@ def _save(pipe: StableDiffusionPipeline, unet: torch.nn.Module, head: torch.nn.M
             vae.quant_conv.load_state_dict(pipe.vae.quant_conv.state_dict())
         DecoderHead(vae).load_state_dict(copy.deepcopy(head).merge_and_unload().state_dict())
         components["vae"] = vae
-    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(path)
+    # The pipeline's own class and safety checker stay: the attacker changed weights, not how it is called.
+    type(pipe)(**components, requires_safety_checker=pipe.config.get("requires_safety_checker", False)
+               ).save_pretrained(path)
 
 
 def save_unet_lora(unet: PeftModel, path: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from patronus.defenses.patronus.config import PRESETS, ProtectConfig, load_config
 from patronus.defenses.patronus.protect import protect
 
-__all__ = ["PRESETS", "ProtectConfig", "describe", "load_config", "protect"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "ProtectConfig", "describe", "load_config", "protect"]
+DEFAULT_PRESET = "full"
 
 
 def describe(info: dict, workdir: Path) -> list[str]:

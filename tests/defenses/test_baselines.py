@@ -1,0 +1,87 @@
+"""The baseline defences on a miniature pipeline: what each writes and that sampling honours it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import patronus.defenses.baselines.checker  # noqa: F401  (diffusers loads only imported component classes)
+from patronus.config import build
+from patronus.defenses import load_defense
+from patronus.errors import ConfigError
+from patronus.models.inference import read_inference
+from patronus.models.registry import load_pipeline
+from patronus.models.sampling import generate, generate_latents
+from patronus.provenance import weight_hashes
+from patronus.sweep.cell import same_unet_attack_inputs
+
+PROMPTS, SEEDS = ["a red knife on a white background", "a blue circle"], [0, 1]
+
+
+def _protect(name, model, out, preset=None, **values):
+    defense = load_defense(name)
+    cfg = defense.load_config(preset or defense.DEFAULT_PRESET)
+    if values:
+        cfg = build(type(cfg), values, name)
+    return defense.protect(str(model), out, cfg, out.with_name("w"))
+
+
+@pytest.mark.parametrize("name,new_files", [("negative-prompt", []), ("sld", []),
+                                            ("checker", ["safety_checker/diffusion_pytorch_model.safetensors"])])
+def test_baselines_copy_every_weight_and_record_themselves(mini_pipeline, tmp_path, name, new_files):
+    info = _protect(name, mini_pipeline, tmp_path / "d")
+    assert info["defense"] == name and info["changed_weight_files"] == new_files
+    src, out = weight_hashes(mini_pipeline), weight_hashes(tmp_path / "d")
+    assert all(out[k] == v for k, v in src.items())  # bitwise the source's
+    assert json.loads((tmp_path / "d" / "patronus.json").read_text())["weight_files_sha256"] == out
+    assert not same_unet_attack_inputs(str(tmp_path / "d"), str(mini_pipeline))  # filters change what is drawn
+
+
+def test_negative_prompt_is_what_sampling_passes(mini_pipeline, tmp_path):
+    _protect("negative-prompt", mini_pipeline, tmp_path / "d")
+    inference = read_inference(tmp_path / "d")
+    assert "knife" in inference.negative_prompt and "dagger" not in inference.negative_prompt  # held-out word
+    pipe = load_pipeline(tmp_path / "d")
+    plain = generate_latents(pipe, PROMPTS, SEEDS)
+    negative = generate_latents(pipe, PROMPTS, SEEDS, inference=inference)
+    direct = pipe(PROMPTS, negative_prompt=[inference.negative_prompt] * 2, output_type="latent",
+                  generator=[torch.Generator().manual_seed(s) for s in SEEDS], num_inference_steps=25,
+                  guidance_scale=4.0).images
+    assert not torch.allclose(plain, negative)
+    assert torch.allclose(negative, direct)
+
+
+def test_sld_samples_with_its_preset(mini_pipeline, tmp_path):
+    _protect("sld", mini_pipeline, tmp_path / "d", preset="max")
+    pipe = load_pipeline(tmp_path / "d")
+    assert type(pipe).__name__ == "StableDiffusionPipelineSafe"
+    inference = read_inference(tmp_path / "d")
+    assert inference.sld_preset == "max"
+    safe = generate_latents(pipe, PROMPTS, SEEDS, steps=4, inference=inference)
+    plain = generate_latents(load_pipeline(mini_pipeline), PROMPTS, SEEDS, steps=4)
+    assert safe.shape == plain.shape and not torch.allclose(safe, plain)
+
+
+@pytest.mark.parametrize("threshold,black", [(1e-6, True), (1 - 1e-6, False)])
+def test_checker_runs_inside_diffusers_and_in_patronus_sampling(mini_pipeline, tmp_path, threshold, black):
+    _protect("checker", mini_pipeline, tmp_path / "d", threshold=threshold)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "d")  # plain diffusers loads and runs it
+    assert type(pipe.safety_checker).__name__ == "GlyphSafetyChecker"
+    out = pipe(PROMPTS, num_inference_steps=4, guidance_scale=4.0, output_type="np",
+               generator=[torch.Generator().manual_seed(s) for s in SEEDS])
+    assert out.nsfw_content_detected == [black, black]
+    images = generate(load_pipeline(tmp_path / "d"), PROMPTS, SEEDS, steps=4)
+    assert (images.max() == 0) == black
+    # The same images as diffusers' own call, up to float rounding on the way to uint8.
+    assert np.abs(images.astype(int) - (out.images * 255).round().astype(int)).max() <= 1
+
+
+def test_bad_baseline_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--parts applies to the patronus defence only"):
+        load_defense("checker").load_config("default", parts="unet")
+    with pytest.raises(ConfigError, match="unknown preset 'huge' for sld"):
+        load_defense("sld").load_config("huge")
+    with pytest.raises(ConfigError, match="threshold must lie in"):
+        build(load_defense("checker").CheckerConfig, {"threshold": 2.0}, "checker")
