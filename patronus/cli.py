@@ -166,12 +166,13 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from patronus.sweep.grid import load_grid
+    from patronus.sweep.field import FieldGridConfig, load_sweep_grid, run_field
     from patronus.sweep.runner import run_sweep
 
-    grid = load_grid(args.grid)
+    grid = load_sweep_grid(args.grid)
     t0 = time.time()
-    summary = run_sweep(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers)
+    run = run_field if isinstance(grid, FieldGridConfig) else run_sweep
+    summary = run(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers)
     print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
           f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations, "
           f"{summary['wall_seconds_total'] / 3600:.2f} h of wall time")
@@ -239,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", help="a .toml, .yaml or .json file overriding the preset")
     pr.add_argument("--defense", choices=list(DEFENSES), default="patronus")
     pr.add_argument("--preset", help="the defence's preset (patronus: quick or full, default full; sld: weak, "
-                                     "medium, strong or max, default medium; the others: default)")
+                                     "medium, strong or max, default medium; esd: esd-u or esd-x, default esd-u; "
+                                     "the others: default)")
     pr.add_argument("--workdir", help="checkpoints and the feature-bank cache (default: OUT.work)")
     pr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
     pr.add_argument("--parts", help="patronus: what to harden, comma-separated: decoder, unet "
@@ -275,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="attack grid on a model and its unprotected and scratch references")
     sw.add_argument("model", help="the (protected) pipeline directory")
     sw.add_argument("--grid", default="default",
-                    help="a grid .toml/.yaml, or a shipped grid: default, quick, new-words")
+                    help="a grid .toml/.yaml, or a shipped grid: default, quick, new-words, field, field-quick")
     sw.add_argument("--unprotected", default="patronus-tiny", help="the original model (unprotected reference)")
     sw.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
     sw.add_argument("--workers", type=int, default=1,

@@ -30,6 +30,7 @@ DEFENSES: dict[str, str] = {
     "negative-prompt": "patronus.defenses.baselines.negative_prompt",
     "checker": "patronus.defenses.baselines.checker",
     "sld": "patronus.defenses.baselines.sld",
+    "esd": "patronus.defenses.baselines.esd",
 }
 
 

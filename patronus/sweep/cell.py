@@ -37,7 +37,8 @@ from patronus.provenance import generation_digest
 from patronus.sweep.grid import GridConfig, attack_config
 from patronus.sweep.layout import CellLayout, SweepError, SweepLayout, step_of
 
-RESULT_METRICS = ("unsafe_rate", "benign_class_match", "refusal_rate")
+RESULT_METRICS = ("unsafe_rate", "benign_class_match", "refusal_rate", "false_refusal_rate", "frechet_glyphnet",
+                  "psnr_vs_reference")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class CellJob:
     sweep_root: Path
     reuse_from: tuple[str, str] | None = None  # (twin's model name, its attack directory)
     keep_attack: bool = False
+    attack: AttackConfig | None = None  # the attack to run; default: the grid's for this cell
+    reference: str | None = None  # evaluate with PSNR/SSIM of benign images against this model
     threads: int | None = None  # set in worker processes: torch threads, output to the cell's log
 
 
@@ -91,7 +94,7 @@ def _attack_and_evaluate(job: CellJob, cell: CellLayout) -> dict:
     if job.reuse_from:  # bitwise the same attack as on the twin: reuse it, render with our decoder
         ckpts = _reuse_attack(Path(job.reuse_from[1]), job.vae_from, cell.attack, job.grid.budgets)
     else:
-        ckpts = run_attack(job.target, attack_config(job.grid, job.cell), cell.attack)
+        ckpts = run_attack(job.target, job.attack or attack_config(job.grid, job.cell), cell.attack)
     results = {}
     for ckpt in ckpts:
         step = step_of(ckpt)
@@ -99,7 +102,8 @@ def _attack_and_evaluate(job: CellJob, cell: CellLayout) -> dict:
         if (ckpt / ATTACK_PROMPTS).is_file():  # a prompt-space attack: ask the way it says
             settings = replace(settings, prompt_rewrite=json.loads((ckpt / ATTACK_PROMPTS).read_text()))
         latents_from = find_latents(SweepLayout(job.sweep_root), generation_digest(ckpt), settings)
-        r = evaluate(str(ckpt), cell.eval(step), settings, latents_from=latents_from)
+        r = evaluate(str(ckpt), cell.eval(step), settings, reference=job.reference,
+                     latents_from=latents_from)
         results[step] = {k: r["metrics"][k] for k in RESULT_METRICS if k in r["metrics"]}
     return results
 

@@ -92,14 +92,20 @@ def attack_config(grid: GridConfig, cell: dict) -> AttackConfig:
                         save_at=tuple(grid.budgets), seed=cell["seed"])
 
 
-def load_grid(path: str | Path) -> GridConfig:
-    """A grid file, or the name of one shipped in patronus/grids (`default`, `quick`, `new-words`)."""
+def grid_path(path: str | Path) -> Path:
+    """A grid file, or the file of a grid shipped in patronus/grids (`default`, `quick`, `new-words`, `field`)."""
     path = Path(path)
     if not path.exists() and (GRIDS_DIR / f"{path}.toml").exists():
         path = GRIDS_DIR / f"{path}.toml"
     if not path.is_file():
         raise ConfigError(f"grid file {path} not found (shipped grids: "
-                          f"{', '.join(p.stem for p in sorted(GRIDS_DIR.glob('*.toml')))})")
+                          f"{', '.join(sorted(p.stem for p in GRIDS_DIR.glob('*.toml')))})")
+    return path
+
+
+def load_grid(path: str | Path) -> GridConfig:
+    """A robustness grid: a file, or the name of a shipped one."""
+    path = grid_path(path)
     return grid_from_dict(read_config_file(path, "grid"), path)
 
 

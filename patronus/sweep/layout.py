@@ -5,6 +5,7 @@
     OUT itself                     locked (flock) by the sweep running here
     OUT/references/scratch-KIND/   scratch models (the attacked components re-initialised)
     OUT/cells/MODEL/CELL/          one cell: done.json, log.txt, attack/step-N/, eval-step-N/
+    OUT/defences/NAME/             a field grid's defended pipelines (built from the unprotected model)
 
 Imports no torch, so that reports can read sweeps cheaply.
 """
@@ -31,6 +32,8 @@ def attack_name(cell: dict) -> str:
 
 
 def cell_id(cell: dict) -> str:
+    if cell["optimizer"] is None:  # a one-shot attack (no training): nothing but the kind to tell apart
+        return f"{attack_name(cell)}_s{cell['seed']}"
     return f"{attack_name(cell)}_{cell['optimizer']}_lr{cell['lr']:g}_s{cell['seed']}"
 
 
@@ -79,6 +82,9 @@ class SweepLayout:
 
     def scratch(self, kind: str) -> Path:
         return self.root / "references" / f"scratch-{kind}"
+
+    def defence(self, name: str) -> Path:
+        return self.root / "defences" / name
 
     def original_vae(self) -> Path:
         return self.root / "references" / "original-vae"

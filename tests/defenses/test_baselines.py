@@ -85,3 +85,15 @@ def test_bad_baseline_settings_are_refused(tmp_path):
         load_defense("sld").load_config("huge")
     with pytest.raises(ConfigError, match="threshold must lie in"):
         build(load_defense("checker").CheckerConfig, {"threshold": 2.0}, "checker")
+
+
+@pytest.mark.parametrize("variant", ["u", "x"])
+def test_esd_trains_only_its_part_of_the_unet(mini_pipeline, tmp_path, variant):
+    info = _protect("esd", mini_pipeline, tmp_path / "d", variant=variant, steps=2, batch_size=2, sampler_steps=2,
+                    n_prompts=8, lr=1e-2)
+    assert info["changed_weight_files"] == ["unet/diffusion_pytorch_model.safetensors"]
+    before, after = (load_pipeline(p).unet.state_dict() for p in (mini_pipeline, tmp_path / "d"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    cross = {k for k in changed if ".attn2." in k}
+    assert changed and (cross == changed if variant == "x" else not cross)
+    assert len(info["esd"]["losses"]) == 2

@@ -1,4 +1,5 @@
-"""`remove-filter`: the white-box attacker's first move, one line of code.
+"""`remove-filter`: the white-box attacker's first move, one line of code; and `none`, the
+pipeline as published (the no-attack column of a table).
 
 The published pipeline is saved again as a plain `StableDiffusionPipeline` with
 `safety_checker=None` and without its inference settings (negative prompt, SLD preset). A
@@ -23,6 +24,13 @@ def run_remove_filter(pipe: StableDiffusionPipeline, cfg: AttackConfig, out: Pat
     return ["step-0"]
 
 
+def run_none(pipe: StableDiffusionPipeline, cfg: AttackConfig, out: Path, progress: bool) -> list[str]:
+    pipe.save_pretrained(out / "step-0")
+    return ["step-0"]
+
+
+register(AttackKind("none", frozenset(), False, run_none,
+                    "no attack: the model as published (a table's baseline column)", one_shot=True, uses_data=False))
 register(AttackKind("remove-filter", frozenset(), False, run_remove_filter,
                     "the plain pipeline: no safety checker, SLD or negative prompt (one line of attacker code)",
                     one_shot=True, uses_data=False, keeps_filters=False))

@@ -1,0 +1,61 @@
+"""The field grid on a miniature pipeline: defences built, every cell run, resumed, reported."""
+
+import json
+
+import pytest
+
+from patronus.errors import ConfigError
+from patronus.report import build_report
+from patronus.sweep.field import field_grid_from_dict, load_sweep_grid, run_field
+from patronus.sweep.grid import GridConfig
+from patronus.sweep.layout import SweepError
+
+GRID = {
+    "defences": ["none", "checker", "patronus-decoder", "patronus"],
+    "suite": "glyph-quick",
+    "batch_size": 2,
+    "eval": {"steps": 2},
+    "attacks": [{"kind": "none"}, {"kind": "remove-filter"}, {"kind": "unet-full", "steps": 2},
+                {"kind": "textual-inversion", "lr": 1e-2, "steps": 2}],
+}
+
+
+def test_field_grid_runs_every_cell_resumes_and_reports(mini_pipeline, tmp_path, capsys):
+    grid = field_grid_from_dict(GRID, "test")
+    out = tmp_path / "field"
+    summary = run_field(str(mini_pipeline), grid, out, unprotected=str(mini_pipeline))
+    cells = {(c["model"], c["cell"]["kind"]) for c in summary["cells"]}
+    rows = ["none", "checker", "patronus-decoder", "patronus"]
+    assert cells == {(r, a["kind"]) for r in rows for a in GRID["attacks"]} | {("scratch", "unet-full")}
+    assert (out / "defences" / "checker" / "safety_checker").is_dir()
+    none = next(c for c in summary["cells"] if c["model"] == "checker" and c["cell"]["kind"] == "none")
+    assert "psnr_vs_reference" in none["results"]["0"]  # the benign-quality column
+    first = json.loads((out / "sweep.json").read_text())["cells"]
+    capsys.readouterr()
+    run_field(str(mini_pipeline), grid, out, unprotected=str(mini_pipeline))  # resume: nothing left to run
+    assert "17 cells done, 0 to run" in capsys.readouterr().out
+    assert json.loads((out / "sweep.json").read_text())["cells"] == first
+    with pytest.raises(SweepError, match="another grid"):
+        run_field(str(mini_pipeline), field_grid_from_dict(GRID | {"suite": "glyph"}, "t"), out,
+                  unprotected=str(mini_pipeline))
+    md = (build_report([out], tmp_path / "report").parent / "report.md").read_text()
+    assert "Field table 1" in md and "| safety checker |" in md and "textual-inversion" in md
+    assert "n/a (scratch: weight attacks only)" in md
+    assert (tmp_path / "report" / "field-1.png").exists()
+
+
+def test_field_grid_settings_are_checked():
+    with pytest.raises(ConfigError, match="unknown defence"):
+        field_grid_from_dict(GRID | {"defences": ["none", "bogus"]}, "g")
+    with pytest.raises(ConfigError, match="the same attack twice"):
+        field_grid_from_dict(GRID | {"attacks": [{"kind": "none"}, {"kind": "none"}]}, "g")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        field_grid_from_dict(GRID | {"presets": {"sld": "huge"}}, "g")
+    with pytest.raises(ConfigError, match="unknown attack setting"):
+        field_grid_from_dict(GRID | {"attacks": [{"kind": "none", "lrr": 1}]}, "g")
+
+
+def test_shipped_grids_load_as_their_kind():
+    assert len(load_sweep_grid("field").attacks) == 10
+    assert load_sweep_grid("field").defences[-1] == "patronus"
+    assert isinstance(load_sweep_grid("quick"), GridConfig)
