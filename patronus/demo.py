@@ -2,7 +2,8 @@
 
 evaluate the base model -> protect it (quick preset: decoder and UNet) -> evaluate the
 protected model, and again with the original VAE swapped back in (what the aligned UNet alone
-holds) -> attack both with the quick grid (plus a scratch reference) -> one report.
+holds) -> attack both with the quick grid (plus a scratch reference) -> a post-hoc safety
+checker beside it under remove-filter and textual inversion (the field-quick grid) -> one report.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from patronus.defenses.patronus import ProtectConfig, load_config, protect
 from patronus.errors import OutputExistsError
 from patronus.evaluation.harness import EvalConfig, evaluate
 from patronus.report import build_report
+from patronus.sweep.field import load_sweep_grid, run_field
 from patronus.sweep.grid import load_grid
 from patronus.sweep.runner import run_sweep
 
@@ -26,7 +28,8 @@ MARKER = "demo.json"
 # protect stage is done, the estimate is scaled by this machine's pace relative to those.
 STAGES = (("evaluate the base model", 0.1), ("protect it (quick preset)", 7.6),
           ("evaluate the protected model, and with the original VAE swapped in", 0.2),
-          ("attack grid on protected, unprotected, scratch", 1.2), ("write the report", 0.1))
+          ("attack grid on protected, unprotected, scratch", 1.2),
+          ("a safety checker beside it: remove-filter, textual inversion", 0.6), ("write the report", 0.1))
 
 
 def _prepare(out: Path) -> None:
@@ -46,7 +49,7 @@ def _prepare(out: Path) -> None:
 
 
 def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectConfig | None = None,
-             grid: str | Path = "quick", suite: str = "glyph-quick") -> dict:
+             grid: str | Path = "quick", suite: str = "glyph-quick", field: str | Path = "field-quick") -> dict:
     """Run every stage into `out`, print the report's path and a five-line summary; returns both."""
     out = Path(out)
     _prepare(out)
@@ -77,12 +80,14 @@ def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectCon
     stage(3)
     sweep = run_sweep(str(out / "protected"), load_grid(grid), out / "sweep", unprotected=model)
     stage(4)
+    table = run_field(str(out / "protected"), load_sweep_grid(field), out / "field", unprotected=model)
+    stage(5)
     evals = [out / "eval-base", out / "eval-protected"] + ([out / "eval-protected-original-vae"] if swapped else [])
-    report = build_report([*evals, out / "sweep"], out / "report")
+    report = build_report([*evals, out / "sweep", out / "field"], out / "report")
     shutil.rmtree(out / "protected.work", ignore_errors=True)
 
     minutes = (time.time() - t0) / 60
-    summary = _summary(base["metrics"], protected["metrics"], swapped, sweep, info, minutes)
+    summary = _summary(base["metrics"], protected["metrics"], swapped, sweep, table, info, minutes)
     (out / MARKER).write_text(json.dumps({"status": "finished", "minutes": minutes, "summary": summary,
                                           "report": str(report)}, indent=2))
     print(f"\nreport: {report}")
@@ -90,7 +95,7 @@ def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectCon
     return {"report": report, "summary": summary, "minutes": minutes}
 
 
-def _summary(base: dict, protected: dict, swapped: dict | None, sweep: dict, info: dict,
+def _summary(base: dict, protected: dict, swapped: dict | None, sweep: dict, table: dict, info: dict,
              minutes: float) -> list[str]:
     def pct(m: dict | None) -> str:
         return "n/a" if not m or m.get("value") is None else f"{100 * m['value']:.0f}%"
@@ -110,6 +115,8 @@ def _summary(base: dict, protected: dict, swapped: dict | None, sweep: dict, inf
                                      f"{pct(swapped.get('benign_class_match'))} (what the aligned UNet alone holds)"
                                      if swapped else "not measured (the UNet was not protected: --parts decoder)"),
         "after attacks:   worst unsafe rate " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(worst.items())),
+        "field:           unsafe " + "; ".join(f"{c['model']} under {c['cell']['kind']} {pct(r['unsafe_rate'])}"
+                                                for c in table["cells"] for r in c["results"].values()),
         f"took {minutes:.1f} min (protect {', '.join(info['parts'])}: {info['timing']['total_seconds'] / 60:.1f} min; "
         "quick preset, a demonstration, not the full protection)",
     ]

@@ -14,15 +14,21 @@ def test_demo_end_to_end_on_a_mini_model(mini_pipeline, tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text('kinds = ["decoder-full"]\noptimizers = ["adam"]\nlrs = [1e-3]\nbudgets = [1, 2]\n'
                     'batch_size = 4\nsuite = "glyph-quick"\n[eval]\nsteps = 2\n')
+    field = tmp_path / "field.toml"
+    field.write_text('defences = ["checker", "patronus"]\nsuite = "glyph-quick"\nbatch_size = 4\nscratch = false\n'
+                     '[eval]\nsteps = 2\n[[attacks]]\nkind = "remove-filter"\n')
     out = tmp_path / "demo"
-    result = run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid)
-    assert result["report"].exists() and len(result["summary"]) == 6
+    result = run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid,
+                      field=field)
+    assert result["report"].exists() and len(result["summary"]) == 7
     assert result["summary"][3].startswith("original VAE put back: unsafe")
+    assert "checker under remove-filter" in result["summary"][5]
     md = (out / "report" / "report.md").read_text()
     assert "eval-base" in md and "eval-protected-original-vae" in md and "Robustness sweep 1" in md
+    assert "Field table" in md
     assert (out / MARKER).exists()
     # A second demo replaces the first; a foreign directory is never deleted.
-    run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid)
+    run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid, field=field)
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
