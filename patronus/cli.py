@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", help="a .toml, .yaml or .json file overriding the preset")
     pr.add_argument("--defense", choices=list(DEFENSES), default="patronus")
     pr.add_argument("--preset", help="the defence's preset (patronus: quick or full, default full; sld: weak, "
-                                     "medium, strong or max, default medium; esd: esd-u or esd-x, default esd-u; "
+                                     "medium, strong or max, default medium; esd: esd-x or esd-u, default esd-x; "
                                      "the others: default)")
     pr.add_argument("--workdir", help="checkpoints and the feature-bank cache (default: OUT.work)")
     pr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")

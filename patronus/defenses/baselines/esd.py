@@ -39,12 +39,12 @@ ESD_START = 3_000_000  # defender-split indices of ESD's prompts (Patronus's par
 
 @dataclass(frozen=True)
 class ESDConfig:
-    variant: str = "u"  # "u": all but cross-attention; "x": cross-attention only
+    variant: str = "x"  # "u": all but cross-attention; "x": cross-attention only
     eta: float = 1.0  # negative guidance strength
-    steps: int = 400
-    lr: float = 1e-4
+    steps: int = 600
+    lr: float = 3e-4
     batch_size: int = 8
-    sampler_steps: int = 25  # DDIM steps of the original's own sampling that x_t is taken from
+    sampler_steps: int = 10  # DDIM steps of the original's own sampling that x_t is taken from
     guidance: float = 4.0  # classifier-free guidance of that sampling
     n_prompts: int = 500
     seed: int = 0
@@ -57,7 +57,9 @@ class ESDConfig:
 
 
 PRESETS: dict[str, dict] = {"esd-u": {"variant": "u"}, "esd-x": {"variant": "x"}}
-DEFAULT_PRESET = "esd-u"
+# Chosen on defender-split prompts (docs/field-results.md): ESD-x kept benign images closest to
+# the original at a lower unsafe rate than ESD-u at the same lr.
+DEFAULT_PRESET = "esd-x"
 
 
 def load_config(preset: str = DEFAULT_PRESET, path: str | Path | None = None, parts: str | None = None):
