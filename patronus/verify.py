@@ -10,11 +10,12 @@ set. The check hashes files and loads no weights, so it takes seconds on any mac
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from patronus.errors import PatronusError
+from patronus.errors import ConfigError, PatronusError
+from patronus.models.inference import INFERENCE_FILE, read_inference
 from patronus.models.registry import SHIPPED, ModelLoadError, resolve_model
 from patronus.provenance import weight_hashes
 
@@ -107,4 +108,25 @@ def verify(model_dir: str | Path) -> Verification:
             result.problems.append(what)
     extra = sorted(set(have) - set(want))
     result.problems += [f"{name} is an extra weight file, not in the manifest" for name in extra]
+    result.problems += _inference_problems(model_dir, manifest)
     return result
+
+
+def _inference_problems(model_dir: Path, manifest: dict) -> list[str]:
+    """A baseline whose protection is how the pipeline is called (negative prompt, SLD): its
+    inference.json and pipeline class must still be the ones recorded."""
+    problems = []
+    if "inference" in manifest:
+        try:
+            have = {k: v for k, v in asdict(read_inference(model_dir)).items() if v is not None}
+        except ConfigError as e:
+            have = {"unreadable": str(e)}
+        if have != manifest["inference"]:
+            problems.append(f"{INFERENCE_FILE} holds {have or 'nothing'}, the manifest records {manifest['inference']} "
+                            f"(inference-time settings removed or changed)")
+    if "pipeline" in manifest:
+        index = model_dir / "model_index.json"
+        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        if name != manifest["pipeline"]:
+            problems.append(f"model_index.json names {name}, the manifest records {manifest['pipeline']}")
+    return problems

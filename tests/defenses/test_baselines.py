@@ -97,3 +97,17 @@ def test_esd_trains_only_its_part_of_the_unet(mini_pipeline, tmp_path, variant):
     cross = {k for k in changed if ".attn2." in k}
     assert changed and (cross == changed if variant == "x" else not cross)
     assert len(info["esd"]["losses"]) == 2
+
+
+def test_verify_names_removed_inference_settings(mini_pipeline, tmp_path):
+    from patronus.models.inference import INFERENCE_FILE
+    from patronus.verify import verify
+
+    _protect("sld", mini_pipeline, tmp_path / "d")
+    assert verify(tmp_path / "d").intact
+    (tmp_path / "d" / INFERENCE_FILE).unlink()
+    index = json.loads((tmp_path / "d" / "model_index.json").read_text())
+    (tmp_path / "d" / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionPipeline"}))
+    problems = verify(tmp_path / "d").problems
+    assert any("inference-time settings removed" in p for p in problems)
+    assert any("names StableDiffusionPipeline, the manifest records StableDiffusionPipelineSafe" in p for p in problems)
