@@ -166,13 +166,16 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from patronus.sweep.executors import ExecutorConfig
     from patronus.sweep.field import FieldGridConfig, load_sweep_grid, run_field
     from patronus.sweep.runner import run_sweep
 
+    executor = ExecutorConfig(args.executor, args.cpus_per_cell, args.gpus_per_cell)
     grid = load_sweep_grid(args.grid)
     t0 = time.time()
     run = run_field if isinstance(grid, FieldGridConfig) else run_sweep
-    summary = run(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers)
+    summary = run(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers,
+                  executor=executor)
     print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
           f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations, "
           f"{summary['wall_seconds_total'] / 3600:.2f} h of wall time")
@@ -281,7 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--unprotected", default="patronus-tiny", help="the original model (unprotected reference)")
     sw.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
     sw.add_argument("--workers", type=int, default=1,
-                    help="cells run side by side in separate processes (CPU threads shared out between them)")
+                    help="cells run at once: local, in separate processes (CPU threads shared out between them); "
+                         "ray, as Ray tasks")
+    sw.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local: this machine's process pool; ray: each cell a Ray task (RAY_ADDRESS or a local "
+                         "instance; pip install -e '.[ray]')")
+    sw.add_argument("--cpus-per-cell", type=float, default=1.0, help="ray: CPUs each cell's task holds")
+    sw.add_argument("--gpus-per-cell", type=float, default=0.0, help="ray: GPUs each cell's task holds")
     sw.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("report", help="turn evaluation runs into report.md and a self-contained report.html")

@@ -95,6 +95,8 @@ CASES: dict[str, list[str]] = {
                              "--then", "decoder-full", "--out", "$TMP/o"],
     "sweep-yaml-float-as-text": ["sweep", "patronus-tiny", "--grid", "$TMP/grid.yaml", "--out", "$TMP/o"],
     "sweep-zero-workers": ["sweep", "patronus-tiny", "--grid", "quick", "--workers", "0", "--out", "$TMP/o"],
+    "sweep-ray-zero-cpus": ["sweep", "patronus-tiny", "--grid", "quick", "--executor", "ray", "--cpus-per-cell", "0",
+                            "--out", "$TMP/o"],
     "sweep-pickle-weights": ["sweep", "$TMP/pickled", "--grid", "quick", "--out", "$TMP/o"],
     "sweep-unknown-grid": ["sweep", "patronus-tiny", "--grid", "nope", "--out", "$TMP/o"],
     "demo-foreign-output": ["demo", "--out", "$TMP/nonempty"],

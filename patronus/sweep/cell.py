@@ -49,11 +49,12 @@ class CellJob:
     cell: dict
     target: str  # the pipeline to attack
     vae_from: str  # the model whose VAE goes into a reused attack
-    grid: GridConfig
+    grid: GridConfig | None  # the robustness grid of the cell (None: a field cell, with `attack` and `settings`)
     sweep_root: Path
     reuse_from: tuple[str, str] | None = None  # (twin's model name, its attack directory)
     keep_attack: bool = False
     attack: AttackConfig | None = None  # the attack to run; default: the grid's for this cell
+    settings: EvalConfig | None = None  # how to evaluate; default: the grid's
     reference: str | None = None  # evaluate with PSNR/SSIM of benign images against this model
     threads: int | None = None  # set in worker processes: torch threads, output to the cell's log
 
@@ -98,7 +99,7 @@ def _attack_and_evaluate(job: CellJob, cell: CellLayout) -> dict:
     results = {}
     for ckpt in ckpts:
         step = step_of(ckpt)
-        settings = job.grid.eval_config()
+        settings = job.settings or job.grid.eval_config()
         if (ckpt / ATTACK_PROMPTS).is_file():  # a prompt-space attack: ask the way it says
             settings = replace(settings, prompt_rewrite=json.loads((ckpt / ATTACK_PROMPTS).read_text()))
         latents_from = find_latents(SweepLayout(job.sweep_root), generation_digest(ckpt), settings)

@@ -41,7 +41,7 @@ from patronus.io import atomic_dir, locked_dir
 from patronus.models.registry import check_no_pickles, resolve_model
 from patronus.provenance import weight_hashes
 from patronus.sweep.cell import CellJob, make_scratch
-from patronus.sweep.executors import make_executor
+from patronus.sweep.executors import ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig, grid_from_dict, grid_path
 from patronus.sweep.layout import SweepError, SweepLayout, attack_name, cell_id
 from patronus.sweep.results import sweep_summary
@@ -109,11 +109,6 @@ class FieldGridConfig:
     def eval_config(self) -> EvalConfig:
         return EvalConfig(suite=self.suite, **self.eval)
 
-    def column_grid(self, attack: FieldAttack) -> GridConfig:
-        """The one-cell robustness grid a column's cells run with (what `run_cell` reads)."""
-        return GridConfig(kinds=(attack.kind,), ranks=(attack.rank or 8,), optimizers=(attack.optimizer,),
-                          lrs=(attack.lr,), budgets=(attack.steps,), seeds=(self.seed,), batch_size=self.batch_size,
-                          data=self.data, suite=self.suite, references=(), eval=self.eval)
 
 
 def is_field_grid(values: dict) -> bool:
@@ -186,7 +181,7 @@ def _check_same_field(layout: SweepLayout, grid: FieldGridConfig, models: dict) 
 
 
 def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "patronus-tiny",
-              workers: int = 1) -> dict:
+              workers: int = 1, executor: ExecutorConfig = ExecutorConfig()) -> dict:
     """Run (or resume) the field grid; returns and writes `sweep.json` with every finished cell."""
     if workers < 1:
         raise SweepError(f"--workers must be at least 1, got {workers}")
@@ -201,25 +196,25 @@ def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "
         targets = build_defences(grid, model, unprotected, layout)
         jobs = []
         for attack in grid.attacks:
-            cell, cfg, cgrid = attack.cell(grid.seed), attack.config(grid, unprotected), grid.column_grid(attack)
+            cell, cfg = attack.cell(grid.seed), attack.config(grid, unprotected)
             rows = list(grid.defences) + (["scratch"] if grid.scratch and ATTACKS[attack.kind].trains else [])
             for name in rows:
                 target = (str(make_scratch(unprotected, attack.kind, layout.scratch(attack.kind)))
                           if name == "scratch" else targets[name])
-                jobs.append(CellJob(model_name=name, cell=cell, target=target, vae_from=target, grid=cgrid,
-                                    sweep_root=out, attack=cfg,
+                jobs.append(CellJob(model_name=name, cell=cell, target=target, vae_from=target, grid=None,
+                                    sweep_root=out, attack=cfg, settings=grid.eval_config(),
                                     reference=unprotected if attack.kind == "none" else None))
         todo = deque(j for j in jobs if not layout.cell(j.model_name, j.cell).done.exists())
         print(f"field: {len(jobs) - len(todo)} cells done, {len(todo)} to run", flush=True)
         bar = tqdm(total=len(todo), desc="field cells", unit="cell", disable=not todo)
-        executor = make_executor(workers)
+        pool = make_executor(workers, executor)
         running: dict[Future, CellJob] = {}
         try:
             while todo or running:
-                while todo and len(running) < executor.slots:
+                while todo and len(running) < pool.slots:
                     job = todo.popleft()
                     bar.set_postfix_str(f"{job.model_name} {attack_name(job.cell)}")
-                    running[executor.submit(job)] = job
+                    running[pool.submit(job)] = job
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     job = running.pop(fut)
@@ -234,7 +229,7 @@ def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "
                               f" ({done['seconds'] / 60:.1f} min)")
                     bar.update()
         finally:
-            executor.shutdown()
+            pool.shutdown()
             bar.close()
         summary = sweep_summary(out) | {"field": {"defences": list(grid.defences), "models": targets,
                                                   "attacks": [asdict(a) for a in grid.attacks],

@@ -27,7 +27,7 @@ from patronus.attacks.registry import ATTACKS
 from patronus.io import locked_dir
 from patronus.models.registry import check_no_pickles, resolve_model
 from patronus.sweep.cell import CellJob, make_original_vae, make_scratch, same_unet_attack_inputs
-from patronus.sweep.executors import make_executor
+from patronus.sweep.executors import ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig
 from patronus.sweep.layout import MODELS, CellLayout, SweepError, SweepLayout, cell_id
 from patronus.sweep.results import sweep_summary
@@ -38,7 +38,8 @@ def _exclusive(out: Path) -> contextlib.AbstractContextManager[None]:
     return locked_dir(out, f"another sweep is running in {out}; wait for it or stop it first")
 
 
-def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patronus-tiny", workers: int = 1) -> dict:
+def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patronus-tiny", workers: int = 1,
+              executor: ExecutorConfig = ExecutorConfig()) -> dict:
     """Run (or resume) the sweep; returns and writes `sweep.json` with every evaluated cell.
 
     `workers` > 1 runs that many cells side by side in spawned processes, the CPU's threads
@@ -114,14 +115,14 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
         print(f"sweep: {len(all_cells) - len(todo)} cells done, {len(todo)} to run"
               f"{f' on {workers} workers (logs in each cell dir)' if workers > 1 else ''}", flush=True)
         bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=not todo)
-        executor = make_executor(workers)
+        pool = make_executor(workers, executor)
         running: dict[Future, tuple[str, dict]] = {}
         try:
             while queue or running:
-                while queue and len(running) < executor.slots:  # feed the workers one cell at a time, in queue order
+                while queue and len(running) < pool.slots:  # feed the workers one cell at a time, in queue order
                     name, cell = queue.popleft()
                     bar.set_postfix_str(f"{name} {cell_id(cell)}")
-                    running[executor.submit(job(name, cell))] = (name, cell)
+                    running[pool.submit(job(name, cell))] = (name, cell)
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     name, cell = running.pop(fut)
@@ -137,7 +138,7 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
                     bar.update()
                     release(name, cell)
         finally:
-            executor.shutdown()
+            pool.shutdown()
             bar.close()
         summary = sweep_summary(out) | {"wall_seconds_this_run": time.time() - t0}
         layout.summary_file.write_text(json.dumps(summary, indent=2))

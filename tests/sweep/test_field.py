@@ -16,7 +16,7 @@ GRID = {
     "batch_size": 2,
     "eval": {"steps": 2},
     "attacks": [{"kind": "none"}, {"kind": "remove-filter"}, {"kind": "unet-full", "steps": 2},
-                {"kind": "textual-inversion", "lr": 1e-2, "steps": 2}],
+                {"kind": "textual-inversion", "lr": 1e-2, "steps": 2}, {"kind": "swap-decoder"}],
 }
 
 
@@ -33,7 +33,7 @@ def test_field_grid_runs_every_cell_resumes_and_reports(mini_pipeline, tmp_path,
     first = json.loads((out / "sweep.json").read_text())["cells"]
     capsys.readouterr()
     run_field(str(mini_pipeline), grid, out, unprotected=str(mini_pipeline))  # resume: nothing left to run
-    assert "17 cells done, 0 to run" in capsys.readouterr().out
+    assert "21 cells done, 0 to run" in capsys.readouterr().out
     assert json.loads((out / "sweep.json").read_text())["cells"] == first
     with pytest.raises(SweepError, match="another grid"):
         run_field(str(mini_pipeline), field_grid_from_dict(GRID | {"suite": "glyph"}, "t"), out,
