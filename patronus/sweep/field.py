@@ -25,7 +25,6 @@ import json
 import shutil
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,8 +42,9 @@ from patronus.provenance import weight_hashes
 from patronus.sweep.cell import CellJob, make_scratch
 from patronus.sweep.executors import ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig, grid_from_dict, grid_path
-from patronus.sweep.layout import SweepError, SweepLayout, attack_name, cell_id
+from patronus.sweep.layout import SweepError, SweepLayout, cell_id
 from patronus.sweep.results import sweep_summary
+from patronus.sweep.runner import run_cells
 
 FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "patronus-decoder", "patronus")
 BASELINES = ("negative-prompt", "checker", "sld", "esd")
@@ -207,30 +207,7 @@ def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "
         todo = deque(j for j in jobs if not layout.cell(j.model_name, j.cell).done.exists())
         print(f"field: {len(jobs) - len(todo)} cells done, {len(todo)} to run", flush=True)
         bar = tqdm(total=len(todo), desc="field cells", unit="cell", disable=not todo)
-        pool = make_executor(workers, executor)
-        running: dict[Future, CellJob] = {}
-        try:
-            while todo or running:
-                while todo and len(running) < pool.slots:
-                    job = todo.popleft()
-                    bar.set_postfix_str(f"{job.model_name} {attack_name(job.cell)}")
-                    running[pool.submit(job)] = job
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    job = running.pop(fut)
-                    if fut.exception() is not None:
-                        bar.write(f"{job.model_name} {cell_id(job.cell)} failed ({fut.exception()!r}; traceback in "
-                                  f"{layout.cell(job.model_name, job.cell).log}); stopping")
-                        todo.clear()
-                        fut.result()
-                    done = fut.result()
-                    r = next(iter(done["results"].values()))
-                    bar.write(f"{job.model_name} {attack_name(job.cell)}: unsafe {100 * r['unsafe_rate']['value']:.0f}%"
-                              f" ({done['seconds'] / 60:.1f} min)")
-                    bar.update()
-        finally:
-            pool.shutdown()
-            bar.close()
+        run_cells(todo, lambda job: job, make_executor(workers, executor), bar, lambda job, done: None)
         summary = sweep_summary(out) | {"field": {"defences": list(grid.defences), "models": targets,
                                                   "attacks": [asdict(a) for a in grid.attacks],
                                                   "finished": time.time()}}

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -27,10 +28,12 @@ from patronus.attacks.registry import ATTACKS
 from patronus.io import locked_dir
 from patronus.models.registry import check_no_pickles, resolve_model
 from patronus.sweep.cell import CellJob, make_original_vae, make_scratch, same_unet_attack_inputs
-from patronus.sweep.executors import ExecutorConfig, make_executor
+from patronus.sweep.executors import Executor, ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig
 from patronus.sweep.layout import MODELS, CellLayout, SweepError, SweepLayout, cell_id
 from patronus.sweep.results import sweep_summary
+
+T = TypeVar("T")
 
 
 def _exclusive(out: Path) -> contextlib.AbstractContextManager[None]:
@@ -115,31 +118,8 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
         print(f"sweep: {len(all_cells) - len(todo)} cells done, {len(todo)} to run"
               f"{f' on {workers} workers (logs in each cell dir)' if workers > 1 else ''}", flush=True)
         bar = tqdm(total=len(todo), desc="sweep cells", unit="cell", disable=not todo)
-        pool = make_executor(workers, executor)
-        running: dict[Future, tuple[str, dict]] = {}
-        try:
-            while queue or running:
-                while queue and len(running) < pool.slots:  # feed the workers one cell at a time, in queue order
-                    name, cell = queue.popleft()
-                    bar.set_postfix_str(f"{name} {cell_id(cell)}")
-                    running[pool.submit(job(name, cell))] = (name, cell)
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    name, cell = running.pop(fut)
-                    if fut.exception() is not None:
-                        bar.write(f"{name} {cell_id(cell)} failed ({fut.exception()!r}; traceback in "
-                                  f"{layout.cell(name, cell).log}); waiting for the running cells, then stopping")
-                        queue.clear()
-                        fut.result()
-                    done = fut.result()
-                    bar.write(f"{name} {cell_id(cell)}: unsafe " + " ".join(
-                        f"{s}:{100 * r['unsafe_rate']['value']:.0f}%" for s, r in done["results"].items())
-                        + f" ({done['seconds'] / 60:.1f} min)")
-                    bar.update()
-                    release(name, cell)
-        finally:
-            pool.shutdown()
-            bar.close()
+        run_cells(queue, lambda item: job(*item), make_executor(workers, executor), bar,
+                  lambda item, done: release(*item))
         summary = sweep_summary(out) | {"wall_seconds_this_run": time.time() - t0}
         layout.summary_file.write_text(json.dumps(summary, indent=2))
         return summary
@@ -163,3 +143,35 @@ def _remove_leftovers(layout: SweepLayout, grid: GridConfig, keep: Callable[[str
             d = json.loads(done.read_text())
             if not keep(d["model"], d["cell"]):
                 shutil.rmtree(attack)
+
+
+def run_cells(queue: deque[T], make_job: Callable[[T], CellJob], pool: Executor, bar: tqdm,
+              on_done: Callable[[T, dict], None]) -> None:
+    """Feed `pool` from `queue`, one cell at a time in queue order (a job is made when it starts,
+    so it sees what finished before it); `on_done` may queue more. A failed cell stops the sweep."""
+    running: dict[Future, tuple[T, CellJob]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < pool.slots:
+                item = queue.popleft()
+                cell_job = make_job(item)
+                bar.set_postfix_str(f"{cell_job.model_name} {cell_id(cell_job.cell)}")
+                running[pool.submit(cell_job)] = (item, cell_job)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                item, cell_job = running.pop(fut)
+                name = f"{cell_job.model_name} {cell_id(cell_job.cell)}"
+                if fut.exception() is not None:
+                    log = SweepLayout(cell_job.sweep_root).cell(cell_job.model_name, cell_job.cell).log
+                    bar.write(f"{name} failed ({fut.exception()!r}; traceback in {log}); stopping")
+                    queue.clear()
+                    fut.result()
+                done = fut.result()
+                bar.write(f"{name}: unsafe " + " ".join(f"{s}:{100 * r['unsafe_rate']['value']:.0f}%"
+                                                        for s, r in done["results"].items())
+                          + f" ({done['seconds'] / 60:.1f} min)")
+                bar.update()
+                on_done(item, done)
+    finally:
+        pool.shutdown()
+        bar.close()
