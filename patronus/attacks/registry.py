@@ -9,12 +9,14 @@ model and its original (that defence changed nothing such an attack reads).
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from patronus.errors import ConfigError
 from patronus.io import atomic_dir
 from patronus.models.components import COMPONENTS
 
@@ -38,6 +40,7 @@ class AttackKind:
     uses_data: bool = True  # trains on `--data` (checked before anything runs)
     keeps_filters: bool = True  # checkpoints keep the model's inference settings (models/inference.py)
     prompt_space: bool = False  # leaves every weight alone; its checkpoints bring their own unsafe prompts
+    distributed: bool = False  # runs under `accelerate launch` with several processes (data-parallel)
 
     def __post_init__(self):
         if unknown := set(self.trains) - set(COMPONENTS):
@@ -76,16 +79,36 @@ def run_attack(model: str, cfg: AttackConfig, out: Path, progress: bool = True) 
     """Attack `model` and write one pipeline directory per checkpoint under `out` (atomically).
 
     Every checkpoint keeps the model's inference settings (negative prompt, SLD preset) unless
-    the attack is one that removes them (`keeps_filters`).
+    the attack is one that removes them (`keeps_filters`). Under `accelerate launch` with several
+    processes (the fine-tuning kinds only) every process trains its shard of each batch and the
+    main process alone writes.
     """
+    from accelerate import Accelerator
+
     from patronus.models.inference import copy_inference
     from patronus.models.registry import load_pipeline, resolve_model
 
-    with atomic_dir(out) as tmp:
+    accelerator = Accelerator()
+    if accelerator.num_processes > 1 and not ATTACKS[cfg.kind].distributed:
+        raise ConfigError(f"{cfg.kind} runs in one process; launch it without accelerate's several processes "
+                          f"(the fine-tuning kinds run in several: "
+                          f"{', '.join(k for k, a in ATTACKS.items() if a.distributed)})")
+    if accelerator.num_processes > 1 and cfg.batch_size % accelerator.num_processes:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split evenly over {accelerator.num_processes} "
+                          f"processes")
+    with atomic_dir(out) if accelerator.is_main_process else _follower_dir(out) as tmp:
         pipe = load_pipeline(model)
-        (tmp / "attack.json").write_text(json.dumps(asdict(cfg) | {"model": str(model)}, indent=2))
-        names = ATTACKS[cfg.kind].run(pipe, cfg, tmp, progress)
-        if ATTACKS[cfg.kind].keeps_filters:
+        if accelerator.is_main_process:
+            (tmp / "attack.json").write_text(json.dumps(asdict(cfg) | {"model": str(model)}, indent=2))
+        names = ATTACKS[cfg.kind].run(pipe, cfg, tmp, progress and accelerator.is_main_process)
+        if ATTACKS[cfg.kind].keeps_filters and accelerator.is_main_process:
             for name in names:
                 copy_inference(resolve_model(model), tmp / name)
+        accelerator.wait_for_everyone()
     return [Path(out) / n for n in names]
+
+
+@contextlib.contextmanager
+def _follower_dir(out: Path) -> Iterator[Path]:
+    """Where the main process writes (`atomic_dir`'s temporary directory); the others only read its name."""
+    yield Path(out).with_name(Path(out).name + ".partial")

@@ -14,10 +14,12 @@ peft adapter (diffusers has no VAE LoRA loader).
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -71,7 +73,14 @@ def run_finetune(pipe: StableDiffusionPipeline, cfg: AttackConfig, out: Path, pr
 
 def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, images: torch.Tensor,
               texts: list[str], out: Path, progress: bool) -> None:
-    """The attacker's training loop; saves a pipeline at every `save_at` step."""
+    """The attacker's training loop; saves a pipeline at every `save_at` step.
+
+    Under `accelerate launch` every process draws the same global batch (same generator) and
+    trains on its shard of the rows; the trained modules are the prepared (DDP) ones, so the
+    gradients are averaged as over the whole batch, and the main process saves.
+    """
+    accelerator = Accelerator()
+    device = accelerator.device
     torch.manual_seed(s.seed)
     g = torch.Generator().manual_seed(s.seed)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -84,42 +93,53 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
     ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     lat_mean, lat_std = encode_latents(pipe.vae, images, with_std=True)
+    pipe.to(device)
 
     unet = pipe.unet
-    params: list[torch.Tensor] = []
+    trained: list[torch.nn.Module] = []
     if trains_unet and kind.lora:
         unet = _lora_unet(pipe.unet, s.rank)
-        params += [p for p in unet.parameters() if p.requires_grad]
     elif trains_unet:
         unet.requires_grad_(True)
-        params += list(unet.parameters())
+    if trains_unet:
+        trained.append(unet)
     if "text_encoder" in kind.trains:
         pipe.text_encoder.requires_grad_(True)
-        params += list(pipe.text_encoder.parameters())
+        trained.append(pipe.text_encoder)
     head: torch.nn.Module = DecoderHead(pipe.vae)
     if trains_decoder and kind.lora:
         head = get_peft_model(head, LoraConfig(r=s.rank, lora_alpha=s.rank, target_modules=LORA_TARGETS))
-        params += [p for p in head.parameters() if p.requires_grad]
     elif trains_decoder:
         head.requires_grad_(True)
-        params += list(head.parameters())
+    if trains_decoder:
+        trained.append(head)
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
     opt = make_optimizer(s.optimizer, s.lr, params)
+    *wrapped, opt = accelerator.prepare(*trained, opt)
+    run = dict(zip(map(id, trained), wrapped))  # forward through the prepared modules
+    unet_f, text_f, head_f = (run.get(id(m), m) for m in (unet, pipe.text_encoder, head))
     scale = pipe.vae.config.scaling_factor
+    shard = slice(accelerator.process_index, None, accelerator.num_processes)
+    losses = []
 
     for step in tqdm(range(1, s.steps + 1), desc=f"attack {kind.name}", disable=not progress):
         idx = torch.randint(0, len(images), (s.batch_size,), generator=g)
         z = sample_latents(lat_mean[idx], lat_std[idx], g)
-        loss = torch.zeros(())
+        mine = idx[shard]
+        loss = torch.zeros((), device=device)
         if trains_unet:
-            x_t, t, target = noised_batch(noise_scheduler, z * scale, g)
-            loss = loss + F.mse_loss(unet(x_t, t, pipe.text_encoder(ids[idx])[0]).sample, target)
+            x_t, t, target = (x[shard].to(device) for x in noised_batch(noise_scheduler, z * scale, g))
+            loss = loss + F.mse_loss(unet_f(x_t, t, text_f(ids[mine].to(device))[0]).sample, target)
         if trains_decoder:
-            loss = loss + F.mse_loss(head(lat_mean[idx]), images[idx])
+            loss = loss + F.mse_loss(head_f(lat_mean[mine].to(device)), images[mine].to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         opt.step()
-        if step in s.save_at:
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+        if step in s.save_at and accelerator.is_main_process:
             _save(pipe, unet, head, kind, out / f"step-{step}")
+    if accelerator.is_main_process:
+        (out / "losses.json").write_text(json.dumps({"loss_per_step": losses, "processes": accelerator.num_processes}))
 
 
 def _save(pipe: StableDiffusionPipeline, unet: torch.nn.Module, head: torch.nn.Module, kind: AttackKind,
@@ -163,4 +183,4 @@ for _name, _trains, _lora, _help in (
     ("decoder-lora", {"decoder"}, True, "a peft LoRA on the VAE decoder's convolutions"),
     ("joint", {"unet", "decoder", "text_encoder"}, False, "UNet, decoder and text encoder together"),
 ):
-    register(AttackKind(_name, frozenset(_trains), _lora, run_finetune, _help))
+    register(AttackKind(_name, frozenset(_trains), _lora, run_finetune, _help, distributed=True))
