@@ -399,8 +399,7 @@ def field_plot(sweep: dict, path: Path) -> bool:
         if row in rows and col in columns:
             grid[rows.index(row), columns.index(col)] = r["unsafe_rate"]["value"]
     fig, ax = plt.subplots(figsize=(1.0 * len(columns) + 2.5, 0.5 * len(rows) + 1.5))
-    cmap = plt.get_cmap("Reds").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("Reds").with_extremes(bad="#dddddd")
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     for i, j in itertools.product(range(len(rows)), range(len(columns))):
         if not np.isnan(grid[i, j]):
