@@ -46,7 +46,20 @@ def read_config_file(path: str | Path, what: str = "config") -> dict:
         raise ConfigError(f"{what} file {path} is not valid: {str(e).splitlines()[0]}") from e
     if not isinstance(values, dict):
         raise ConfigError(f"{what} file {path} must hold settings (name = value), not {type(values).__name__}")
+    if bad := _non_text_keys(values):
+        raise ConfigError(f"{what} file {path} has setting names that are not text: {bad[0]!r}")
     return values
+
+
+def _non_text_keys(values: dict) -> list:
+    """Keys that are not strings, at any depth (YAML reads `? ` or `1:` as other types)."""
+    bad = [k for k in values if not isinstance(k, str)]
+    for v in values.values():
+        if isinstance(v, dict):
+            bad += _non_text_keys(v)
+        elif isinstance(v, list):
+            bad += [k for item in v if isinstance(item, dict) for k in _non_text_keys(item)]
+    return bad
 
 
 def merge(base: dict, override: dict) -> dict:

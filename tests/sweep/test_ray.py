@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from patronus.sweep.executors import ExecutorConfig
 from patronus.sweep.grid import GridConfig
@@ -19,7 +20,14 @@ def _results(summary: dict) -> dict:
 
 
 def test_ray_executor_gives_the_local_pools_results(mini_pipeline, tmp_path):
-    local = run_sweep(str(mini_pipeline), GRID, tmp_path / "local", unprotected=str(mini_pipeline))
+    # Each Ray task holds one CPU and gives torch one thread; the local run uses one too, so the
+    # two compute bitwise the same (a different thread count changes float summation order).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run_sweep(str(mini_pipeline), GRID, tmp_path / "local", unprotected=str(mini_pipeline))
+    finally:
+        torch.set_num_threads(threads)
     ray = run_sweep(str(mini_pipeline), GRID, tmp_path / "ray", unprotected=str(mini_pipeline), workers=2,
                     executor=ExecutorConfig("ray", cpus_per_cell=1))
     assert len(ray["cells"]) == len(local["cells"]) == 2
