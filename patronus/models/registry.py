@@ -86,7 +86,11 @@ def _pipeline_class(path: Path) -> type[StableDiffusionPipeline]:
         raise ModelLoadError(f"{path} is a {name}; Patronus loads {' and '.join(PIPELINE_CLASSES)} directories")
     for entry in index.values():
         if isinstance(entry, list) and entry and isinstance(entry[0], str) and entry[0].startswith("patronus."):
-            importlib.import_module(entry[0])
+            try:
+                importlib.import_module(entry[0])
+            except ImportError as e:
+                raise ModelLoadError(f"{path} names a component from {entry[0]}, which this version of "
+                                     f"patronus does not have") from e
     return PIPELINE_CLASSES[name]
 
 
