@@ -85,11 +85,15 @@ def cmd_train_glyphnet(args: argparse.Namespace) -> None:
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
-    from patronus.models.train_base import BaseTrainConfig, train_base
+    from accelerate import PartialState
 
+    from patronus.models.train_base import load_train_config, train_base
+
+    cfg = load_train_config(args.config)
     t0 = time.time()
-    result = train_base(Path(args.workdir), BaseTrainConfig(), stage=args.stage)
-    print(f"stage {args.stage} done in {time.time() - t0:.0f} s" + (f"; pipeline at {result}" if result else ""))
+    result = train_base(Path(args.workdir), cfg, stage=args.stage)
+    if PartialState().is_main_process:
+        print(f"stage {args.stage} done in {time.time() - t0:.0f} s" + (f"; pipeline at {result}" if result else ""))
 
 
 def cmd_export_split(args: argparse.Namespace) -> None:
@@ -310,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("train-base", help="train patronus-tiny from scratch (checkpoints; rerun to resume)")
     tb.add_argument("--workdir", default="runs/base")
     tb.add_argument("--stage", choices=["vae", "all"], default="all")
+    tb.add_argument("--config", help="a .toml/.yaml/.json file overriding BaseTrainConfig's settings")
     tb.set_defaults(func=cmd_train_base)
 
     tg = sub.add_parser("train-glyphnet", help="train the GlyphNet detector")
@@ -337,6 +342,18 @@ def main(argv: list[str] | None = None) -> None:
     except PatronusError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, close the process group before exit: a gloo group left to the
+    interpreter's shutdown aborts now and then ("terminate called without an active
+    exception"), failing a run whose outputs are already written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,21 @@ def make_optimizer(name: str, lr: float, params: Iterable[torch.Tensor]) -> torc
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+@torch.no_grad()
+def check_replicas_agree(accelerator: Accelerator, module: torch.nn.Module, what: str) -> None:
+    """Under several processes, the trained weights must be bit-identical on every one (DDP
+    averages every gradient, the NFT term's included); a difference means a gradient escaped
+    synchronisation, and the run stops rather than save one process's weights."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p.detach().double() for p in module.parameters()]
+    digest = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
+    every = accelerator.gather(digest[None].to(accelerator.device))
+    if not torch.equal(every, every[:1].expand_as(every)):
+        raise RuntimeError(f"{what}'s weights differ between processes after training: a gradient was not "
+                           "synchronised; this is a bug")
+
+
 class Checkpointer:
     """`checkpoint-{tag}` directories in one folder: accelerate's state (models as safetensors;
     optimizers and RNG states as torch pickles, which accelerate reads back with

@@ -106,6 +106,8 @@ CASES: dict[str, list[str]] = {
     "train-glyphnet-zero-steps": ["train-glyphnet", "--steps", "0", "--out", "$TMP/o"],
     "train-glyphnet-output-not-empty": ["train-glyphnet", "--out", "$TMP/nonempty"],
     "train-base-workdir-is-a-file": ["train-base", "--workdir", "$TMP/ok.txt"],
+    "train-base-unknown-setting": ["train-base", "--config", "$TMP/unknown.toml", "--workdir", "$TMP/w"],
+    "train-base-zero-steps": ["train-base", "--config", "$TMP/zerosteps.toml", "--workdir", "$TMP/w"],
     "verify-not-protected": ["verify", "$TMP/emptydir"],
     "verify-missing": ["verify", "$TMP/missing"],
     "unknown-command": ["protekt", "patronus-tiny"],
@@ -125,6 +127,7 @@ def scratch(root: Path, case: str) -> None:
              "neglr.toml": "stage1_lr = -1.0\n", "target.toml": '[unet]\ntarget = "white"\n',
              "nocol.csv": "text,x\nhello,1\n", "ok.txt": "a knife\n", "grid.yaml": "kinds: [unet-full]\nlrs: [1e-5]\n",
              "nonempty/keep": "mine\n", "otherwork/config.json": "{}\n", "threshold.toml": "threshold = 1.5\n",
+             "zerosteps.toml": "vae_steps = 0\n",
              "rewrite.json": '{"rewrite": "shout"}', "tokens.json": '{"rewrite": "tokens", "tokens": {"knife": "<t>"}}'}
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,10 @@ Two stages, each a plain loop you can read top to bottom:
 
 Both stages run under `accelerate.Accelerator`, checkpoint every `checkpoint_every` steps
 and resume from the newest checkpoint with the same final weights: batch indices come from
-a generator seeded by (seed, step), not from the history of the run.
+a generator seeded by (seed, step), not from the history of the run. Under `accelerate
+launch` every process draws the same global batch and trains the prepared (DDP) modules on
+its share of the rows, so N processes follow the 1-process trajectory; only the main process
+writes. The loss curves (averaged over processes) go to `train_log.json`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
+from patronus.config import build, read_config_file
 from patronus.errors import ConfigError
 from patronus.imaging import psnr, to_tensor
 from patronus.models.components import encode_latents
@@ -40,11 +44,11 @@ from patronus.models.tiny import (
     build_unet,
     build_vae,
 )
-from patronus.training import Checkpointer, step_generator
+from patronus.training import Checkpointer, check_replicas_agree, step_generator
 from patronus.world.splits import render_split
 
 
-@dataclass
+@dataclass(frozen=True)
 class BaseTrainConfig:
     """Every setting of a base-model training run; written next to its checkpoints."""
 
@@ -65,14 +69,59 @@ class BaseTrainConfig:
     snr_gamma: float = 5.0
     model: TinyConfig = field(default_factory=TinyConfig)
 
+    def __post_init__(self):
+        counts = {k: getattr(self, k) for k in ("n_images", "checkpoint_every", "snapshot_every", "vae_steps",
+                                                 "vae_batch", "unet_steps", "unet_batch")}
+        if bad := [k for k, v in counts.items() if v < 1]:
+            raise ConfigError(f"{', '.join(bad)} must be at least 1")
+        if bad := [k for k in ("vae_lr", "unet_lr", "ema_decay") if not 0 < getattr(self, k) < 1]:
+            raise ConfigError(f"{', '.join(bad)} must lie in (0, 1)")
+        if not 0 <= self.caption_dropout < 1 or self.vae_kl_weight < 0 or self.snr_gamma <= 0 or self.unet_warmup < 0:
+            raise ConfigError("caption_dropout must lie in [0, 1), vae_kl_weight and unet_warmup be >= 0 "
+                              "and snr_gamma > 0")
+
+
+def load_train_config(path: str | Path | None) -> BaseTrainConfig:
+    """The defaults, overridden by the settings in a .toml/.yaml/.json file (`model` a nested table)."""
+    return build(BaseTrainConfig, read_config_file(path, "train-base config") if path else {}, "train-base")
+
+
+def _shard(accelerator: Accelerator, rows: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a global batch (all of them in a 1-process run)."""
+    return rows[accelerator.process_index::accelerator.num_processes]
+
+
+def _check_batches(cfg: BaseTrainConfig, accelerator: Accelerator) -> None:
+    """Equal shards, so that averaging the processes' gradients averages over the global batch."""
+    n = accelerator.num_processes
+    if cfg.vae_batch % n or cfg.unet_batch % n:
+        raise ConfigError(f"vae_batch ({cfg.vae_batch}) and unet_batch ({cfg.unet_batch}) must be multiples of "
+                          f"the number of processes ({n})")
+
 
 def _batch_indices(seed: int, step: int, n: int, batch: int) -> torch.Tensor:
     return torch.randint(0, n, (batch,), generator=step_generator(seed, step))
 
 
-def _resume(checkpointer: Checkpointer) -> int:
+def _resume(checkpointer: Checkpointer) -> tuple[int, list[float]]:
+    """The step to continue from and the loss curve so far."""
     restored = checkpointer.restore()
-    return restored[0]["step"] if restored else 0
+    return (restored[0]["step"], restored[0].get("losses", [])) if restored else (0, [])
+
+
+class _VAEStep(torch.nn.Module):
+    """One training forward of the autoencoder (encode, reparameterised sample, decode) as a
+    module, so that under DDP the step goes through the prepared module's `forward`. The
+    sample's noise comes in from the caller, drawn for the global batch."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.mean + posterior.std * eps).sample
+        return recon, posterior.kl()
 
 
 def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
@@ -88,39 +137,56 @@ def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
     val = to_tensor(render_split("eval", 512, cfg.model.resolution)[0])
 
     vae = build_vae(cfg.model)
+    side = cfg.model.resolution // 2 ** (len(cfg.model.vae_channels) - 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, 200, cfg.vae_steps)
-    vae, opt, sched = accelerator.prepare(vae, opt, sched)
-    checkpointer = Checkpointer(accelerator, ckdir)
-    start = _resume(checkpointer)
+    # The schedule is not prepared: a prepared one steps once per process (accelerate assumes
+    # each process brings batches of its own), while here N processes share one global batch.
+    model, opt = accelerator.prepare(_VAEStep(vae), opt)
+    checkpointer = Checkpointer(accelerator, ckdir, schedulers=(sched,))
+    start, losses = _resume(checkpointer)
 
     bar = tqdm(range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="vae",
                disable=not accelerator.is_main_process)
     t0 = time.time()
     for step in bar:
-        x = images[_batch_indices(cfg.seed, step, len(images), cfg.vae_batch)].to(accelerator.device)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * posterior.kl().mean()
+        g = step_generator(cfg.seed, step)
+        idx = torch.randint(0, len(images), (cfg.vae_batch,), generator=g)
+        eps = torch.randn((cfg.vae_batch, cfg.model.latent_channels, side, side), generator=g)
+        x, eps = images[_shard(accelerator, idx)].to(accelerator.device), _shard(accelerator, eps)
+        recon, kl = model(x, eps.to(accelerator.device))
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * kl.mean()
         accelerator.backward(loss)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
         speed = (step + 1 - start) * cfg.vae_batch / (time.time() - t0)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{speed:.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{speed:.0f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            checkpointer.save(step + 1, {"step": step + 1})
-            model = accelerator.unwrap_model(vae)
+            checkpointer.save(step + 1, {"step": step + 1, "losses": losses})
             with torch.no_grad():
-                val_psnr = psnr(model(val).sample, val).mean().item()
-            accelerator.print(f"vae step {step + 1}: loss {loss.item():.4f} val PSNR {val_psnr:.2f} dB")
+                val_psnr = psnr(vae(val).sample, val).mean().item()
+            accelerator.print(f"vae step {step + 1}: loss {losses[-1]:.4f} val PSNR {val_psnr:.2f} dB")
 
-    vae = accelerator.unwrap_model(vae).eval()
+    check_replicas_agree(accelerator, model, "the VAE")
+    vae.eval()
     with torch.no_grad():
         latents = encode_latents(vae, images[:8192], batch_size=512)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    vae.save_pretrained(final)
+    if accelerator.is_main_process:
+        _write_log(workdir, "vae", losses, accelerator.num_processes)
+        vae.save_pretrained(final)
+    accelerator.wait_for_everyone()
     return vae
+
+
+def _write_log(workdir: Path, stage: str, losses: list[float], processes: int) -> None:
+    """Each stage's loss per step (averaged over processes) in `train_log.json`."""
+    path = workdir / "train_log.json"
+    log = json.loads(path.read_text()) if path.exists() else {}
+    log[stage] = {"loss_per_step": losses, "processes": processes}
+    path.write_text(json.dumps(log))
 
 
 def _encode_dataset(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,16 +218,17 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     sched = get_cosine_schedule_with_warmup(opt, cfg.unet_warmup, cfg.unet_steps)
-    unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
+    unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)  # not the schedule: see train_vae
     accelerator.register_for_checkpointing(ema_unet)
     accelerator.register_for_checkpointing(ema_text)
-    checkpointer = Checkpointer(accelerator, ckdir)
-    start = _resume(checkpointer)
+    checkpointer = Checkpointer(accelerator, ckdir, schedulers=(sched,))
+    start, losses = _resume(checkpointer)
 
     bar = tqdm(range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="unet",
                disable=not accelerator.is_main_process)
     t0 = time.time()
     for step in bar:
+        # The global batch's randomness, drawn in the same order by every process; then its share.
         g = step_generator(cfg.seed, step)
         idx = _batch_indices(cfg.seed, step, len(lat_mean), cfg.unet_batch)
         latents = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
@@ -170,6 +237,7 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
         batch_ids[drop] = empty_ids
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+        latents, batch_ids, noise, t = (_shard(accelerator, v) for v in (latents, batch_ids, noise, t))
         noisy = noise_scheduler.add_noise(latents, noise, t)
 
         hidden = text_encoder(batch_ids.to(accelerator.device))[0]
@@ -185,19 +253,25 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
         opt.zero_grad(set_to_none=True)
         ema_unet.step(accelerator.unwrap_model(unet).parameters())
         ema_text.step(accelerator.unwrap_model(text_encoder).parameters())
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
         speed = (step + 1 - start) * cfg.unet_batch / (time.time() - t0)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{speed:.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{speed:.0f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            checkpointer.save(step + 1, {"step": step + 1})
-            accelerator.print(f"unet step {step + 1}: loss {loss.item():.4f}")
-        if (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.unet_steps:
+            checkpointer.save(step + 1, {"step": step + 1, "losses": losses})
+            accelerator.print(f"unet step {step + 1}: loss {losses[-1]:.4f}")
+        if (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.unet_steps and accelerator.is_main_process:
             _save_pipeline(workdir / "pipeline-snapshot", accelerator.unwrap_model(unet),
                            accelerator.unwrap_model(text_encoder), ema_unet, ema_text, vae, tokenizer, sampler)
             accelerator.print(f"unet step {step + 1}: EMA snapshot in {workdir / 'pipeline-snapshot'}")
 
+    check_replicas_agree(accelerator, unet, "the UNet")
+    check_replicas_agree(accelerator, text_encoder, "the text encoder")
     out = workdir / "pipeline"
-    _save_pipeline(out, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
-                   ema_unet, ema_text, vae, tokenizer, sampler)
+    if accelerator.is_main_process:
+        _write_log(workdir, "unet", losses, accelerator.num_processes)
+        _save_pipeline(out, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
+                       ema_unet, ema_text, vae, tokenizer, sampler)
+    accelerator.wait_for_everyone()
     return out
 
 
@@ -231,11 +305,15 @@ def train_base(workdir: Path, cfg: BaseTrainConfig, stage: str = "all") -> Path 
     """Run the requested stage(s) in `workdir`; returns the pipeline directory when done."""
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file; give a directory (it is created if missing)")
-    workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / "train_config.json"
     if cfg_file.exists() and json.loads(cfg_file.read_text()) != json.loads(json.dumps(asdict(cfg))):
         raise ConfigError(f"{cfg_file} holds different settings; use a new --workdir or the same settings to resume")
-    cfg_file.write_text(json.dumps(asdict(cfg), indent=2))
+    accelerator = Accelerator()
+    _check_batches(cfg, accelerator)
+    if accelerator.is_main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg_file.write_text(json.dumps(asdict(cfg), indent=2))
+    accelerator.wait_for_everyone()
     vae = train_vae(cfg, workdir)
     if stage == "vae":
         return None

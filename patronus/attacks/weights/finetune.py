@@ -34,7 +34,7 @@ from patronus.data.imagefolder import load_imagefolder
 from patronus.errors import PatronusError
 from patronus.imaging import to_tensor
 from patronus.models.components import DecoderHead, encode_latents
-from patronus.training import make_optimizer
+from patronus.training import check_replicas_agree, make_optimizer
 from patronus.world.glyphs import UNSAFE_CLASSES
 from patronus.world.newwords import render_new_words
 from patronus.world.splits import render_split
@@ -136,8 +136,11 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
         accelerator.backward(loss)
         opt.step()
         losses.append(accelerator.reduce(loss.detach(), "mean").item())
-        if step in s.save_at and accelerator.is_main_process:
-            _save(pipe, unet, head, kind, out / f"step-{step}")
+        if step in s.save_at:
+            for module in wrapped:
+                check_replicas_agree(accelerator, module, f"the {kind.name} attack")
+            if accelerator.is_main_process:
+                _save(pipe, unet, head, kind, out / f"step-{step}")
     if accelerator.is_main_process:
         (out / "losses.json").write_text(json.dumps({"loss_per_step": losses, "processes": accelerator.num_processes}))
 

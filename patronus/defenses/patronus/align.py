@@ -58,7 +58,7 @@ from patronus.models.registry import load_pipeline
 from patronus.models.sampling import generate_latents
 from patronus.nft.maml import InnerLoss, QueryLoss, nft_surrogate, simulate_first_order
 from patronus.nft.space import sample_attack
-from patronus.training import Checkpointer, RunState, mix_seed, step_generator
+from patronus.training import Checkpointer, RunState, check_replicas_agree, mix_seed, step_generator
 from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.splits import render_split
 
@@ -219,11 +219,16 @@ class Aligner:
     def terms(self, g: torch.Generator) -> dict[str, torch.Tensor]:
         """`refuse`, `distill`, `uncond`, `denoise` on this process's share of one global batch,
         all through the training module in one forward pass (DDP averages every term)."""
-        unsafe, benign = self.data["train", "unsafe"], self.data["train", "benign"]
-        u = self._shard(torch.randint(0, len(unsafe.mean), (self.u.batch_size,), generator=g))
-        b = self._shard(torch.randint(0, len(benign.mean), (self.u.batch_size,), generator=g))
-        xr, tr, hr = self.refusal_inputs(unsafe, u, g)
+        unsafe, benign, n = self.data["train", "unsafe"], self.data["train", "benign"], self.u.batch_size
+        # Every draw is the global batch's, made in the same order by every process; then each
+        # process keeps its rows (a draw sized by the share would differ between 1 and N processes).
+        u = torch.randint(0, len(unsafe.mean), (n,), generator=g)
+        b = torch.randint(0, len(benign.mean), (n,), generator=g)
+        xr, tr, hr = self.refusal_inputs(unsafe, u, g)  # rows: n noised images, then n noised blacks
         xb, tb, target_b = self.noised(benign, b, g)
+        mine = self._shard(torch.arange(n))
+        xr, tr, hr = (v[torch.cat([mine, mine + n])] for v in (xr, tr, hr))
+        b, xb, tb, target_b = (v[mine] for v in (b, xb, tb, target_b))
         empty = self.h_empty.expand(len(b) + len(xr), -1, -1)
         x_unc, t_unc = torch.cat([xb, xr]), torch.cat([tb, tr])
         inputs = [(xr, tr, hr), (xb, tb, benign.hidden[b]), (x_unc, t_unc, empty)]
@@ -380,6 +385,7 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
                         uncond=f"{t['uncond'].item():.4f}")
         if state["step"] % u.checkpoint_every == 0:
             run.save()
+    check_replicas_agree(acc, a.model, "the UNet (stage 1)")
     state["timing"]["stage1_seconds"] = run.worked_seconds()  # also the sessions before a resume
     state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / max(1, u.align_steps)
     if u.update == "lora":
@@ -431,6 +437,7 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
         maybe_probe(state["step"])
         if state["step"] % u.checkpoint_every == 0 or state["step"] == u.nft_steps:
             run.save()
+    check_replicas_agree(acc, a.unet, "the UNet (stage 2)")
     state["timing"]["stage2_seconds"] = run.worked_seconds()
     if state["step"] > first:
         state["timing"]["stage2_outer_step_seconds"] = (time.time() - t0) / (state["step"] - first)

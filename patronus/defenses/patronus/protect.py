@@ -64,7 +64,7 @@ from patronus.nft.maml import (
 )
 from patronus.nft.space import SimulatedAttack, sample_attack
 from patronus.provenance import library_versions, state_digest, weight_hashes, weights_digest
-from patronus.training import Checkpointer, RunState, step_generator
+from patronus.training import Checkpointer, RunState, check_replicas_agree, step_generator
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
@@ -294,6 +294,7 @@ def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
         run.save()
     stage2_non_fine_tunable(p, opt2, run)
 
+    check_replicas_agree(accelerator, p.head, "the decoder")
     p.head.load_state_dict(run.best_weights)
     if state_digest(p.vae.encoder) != p.encoder_digest:
         raise RuntimeError("the VAE encoder changed during protection; this is a bug")
