@@ -127,7 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         suite=None if (args.unsafe_prompts or args.benign_prompts) else args.suite,
         unsafe_prompts=args.unsafe_prompts, benign_prompts=args.benign_prompts, detector=args.detector,
         n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        batch_size=args.batch_size, prompt_rewrite=_read_rewrite(args.attack_prompts),
+        batch_size=args.batch_size, prompt_rewrite=_read_rewrite(args.attack_prompts), vae_slicing=args.vae_slicing,
     )
     result = evaluate(args.model, Path(args.out), settings, reference=args.reference)
     m, t = result["metrics"], result["timing"]
@@ -164,7 +164,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
     cfg = AttackConfig(kind=args.kind, data=args.data, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
                        rank=args.rank, batch_size=args.batch_size, save_at=save_at, seed=args.seed,
                        swap_from=getattr(args, "from"), swap_part=args.swap_part, then=args.then,
-                       sampler_steps=args.sampler_steps, guidance=args.guidance)
+                       sampler_steps=args.sampler_steps, guidance=args.guidance,
+                       gradient_checkpointing=args.gradient_checkpointing, vae_slicing=args.vae_slicing)
     dirs = run_attack(args.model, cfg, Path(args.out))
     print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in dirs))
 
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=default(EvalConfig, "batch_size"))
     ev.add_argument("--attack-prompts", help="a prompt-space attack's attack-prompts.json (in its checkpoint): "
                                              "ask for the unsafe classes by learned token, or in every wording")
+    ev.add_argument("--vae-slicing", action="store_true", help="decode one image at a time (less memory)")
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, decoder moderator and "
@@ -278,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="soft-prompt: DDIM steps of the differentiable sampler it optimises through")
     at.add_argument("--guidance", type=float, default=default(AttackConfig, "guidance"),
                     help="soft-prompt: classifier-free guidance of that sampler")
+    at.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in the backward pass (less memory, about a third slower)")
+    at.add_argument("--vae-slicing", action="store_true", help="encode the attacker's images one at a time")
     at.add_argument("--out", required=True)
     at.set_defaults(func=cmd_attack)
 

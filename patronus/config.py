@@ -153,6 +153,22 @@ def default(cls: type, name: str) -> Any:
     raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
+def settings_changed(saved: dict, current: dict, defaults: dict) -> bool:
+    """Whether a run started with `saved` settings would now run with other ones. A setting the
+    code gained since (absent from `saved`) counts as unchanged while it keeps its default, so
+    that a new option does not strand the work directories of runs started before it."""
+    def filled(s: dict, c: dict, d: dict) -> dict:
+        out = dict(s)
+        for k, v in c.items():
+            if k not in out and k in d and d[k] == v:
+                out[k] = v
+            elif isinstance(v, dict) and isinstance(out.get(k), dict) and isinstance(d.get(k), dict):
+                out[k] = filled(out[k], v, d[k])
+        return out
+
+    return filled(saved, current, defaults) != current
+
+
 def to_dict(cfg: Any) -> dict:
     """A config as plain JSON-able values (tuples become lists), for files and comparisons."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -57,3 +57,14 @@ def test_committed_config_files_load(path):
     else:
         for preset in ("quick", "full"):
             load_config(preset, path)
+
+
+def test_a_setting_added_since_a_run_started_is_unchanged_at_its_default():
+    from patronus.config import settings_changed
+
+    defaults = {"lr": 1.0, "new": False, "bank": {"n": 4, "cache_dir": None}}
+    saved = {"lr": 1.0, "bank": {"n": 4}}  # written before `new` and `bank.cache_dir` existed
+    assert not settings_changed(saved, {"lr": 1.0, "new": False, "bank": {"n": 4, "cache_dir": None}}, defaults)
+    assert settings_changed(saved, {"lr": 1.0, "new": True, "bank": {"n": 4, "cache_dir": None}}, defaults)
+    assert settings_changed(saved, {"lr": 2.0, "new": False, "bank": {"n": 4, "cache_dir": None}}, defaults)
+    assert settings_changed(saved, {"lr": 1.0, "new": False, "bank": {"n": 4, "cache_dir": "/c"}}, defaults)

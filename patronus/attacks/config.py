@@ -42,6 +42,11 @@ class AttackConfig:
     then: str | None = None  # swap-decoder: optional follow-up kind (unet-full or unet-lora)
     sampler_steps: int = 5  # soft-prompt: DDIM steps of the differentiable sampler
     guidance: float = DEFAULT_GUIDANCE  # soft-prompt: classifier-free guidance of that sampler
+    # Memory, for real checkpoints: recompute the trained modules' activations in the backward
+    # pass; encode the attacker's images one at a time. Mixed precision comes from accelerate
+    # (`accelerate launch --mixed_precision bf16`), whose autocast covers each step.
+    gradient_checkpointing: bool = False
+    vae_slicing: bool = False
 
     def __post_init__(self):
         if self.kind not in ATTACKS:

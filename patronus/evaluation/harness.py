@@ -69,6 +69,7 @@ class EvalConfig:
     guidance: float = DEFAULT_GUIDANCE
     batch_size: int = 64
     prompt_rewrite: dict | None = None  # a prompt-space attack's attack-prompts.json (suites.rewrite_unsafe)
+    vae_slicing: bool = False  # decode one image at a time (512 px batches are large): memory, not results
 
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.batch_size < 1 or self.steps < 1:
@@ -211,12 +212,18 @@ def evaluate(model: str, out: Path, s: EvalConfig, reference: str | None = None,
         return _evaluate(model, tmp, s, reference, detector, latents_from)
 
 
+def _sliced(pipe, s: EvalConfig):
+    if s.vae_slicing:
+        pipe.vae.enable_slicing()
+    return pipe
+
+
 def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detector: Detector | None,
               latents_from: Path | None) -> dict:
     prompts = resolve_prompts(s)
     model_dir = resolve_model(model)
     ref_dir = resolve_model(reference) if reference else None
-    pipe = load_pipeline(model)
+    pipe = _sliced(load_pipeline(model), s)
     inference = read_inference(model_dir)
     detector = detector or make_detector(s.detector)
     jobs = make_jobs(prompts, s)
@@ -235,7 +242,7 @@ def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detec
             metrics["frechet_glyphnet"] = fd
     if ref_dir is not None:
         benign = [i for i, j in enumerate(jobs) if j.prompt.kind == "benign"]
-        ref_images, _ = run_jobs(load_pipeline(reference), [jobs[i] for i in benign], s,
+        ref_images, _ = run_jobs(_sliced(load_pipeline(reference), s), [jobs[i] for i in benign], s,
                                  inference=read_inference(ref_dir))
         p, q = psnr_uint8(images[benign], ref_images), ssim_uint8(images[benign], ref_images)
         metrics["psnr_vs_reference"] = {"value": float(p.mean()), "ci": list(bootstrap_ci(p, s.seed)), "n": len(p)}

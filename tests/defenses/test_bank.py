@@ -40,3 +40,10 @@ def test_prompt_files_replace_captions_for_the_unet_latents(mini_pipeline, tmp_p
     with pytest.raises(ValueError, match="unsafe.txt has 1 entries; its train partition"):
         build_feature_bank(pipe, FeatureBankConfig(n_train=4, n_query=2, n_probe=2, sampler_steps=1,
                                               unsafe_dir=str(unsafe), unsafe_prompts=str(prompts)), "d")
+
+
+def test_where_the_bank_is_cached_does_not_name_it():
+    from patronus.defenses.patronus.bank import FeatureBankConfig, bank_key
+
+    a, b = FeatureBankConfig(cache_dir="/shared/banks"), FeatureBankConfig()
+    assert bank_key(a, "w") == bank_key(b, "w") != bank_key(FeatureBankConfig(n_train=3), "w")

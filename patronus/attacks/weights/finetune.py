@@ -92,6 +92,15 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
         raise AttackError(f"the UNet attacks train epsilon or v_prediction models, this one predicts {prediction}")
     ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
+    if s.vae_slicing:
+        pipe.vae.enable_slicing()
+    if s.gradient_checkpointing:  # on the modules that train
+        if trains_unet:
+            pipe.unet.enable_gradient_checkpointing()
+        if trains_decoder:
+            pipe.vae.enable_gradient_checkpointing()
+        if "text_encoder" in kind.trains:
+            pipe.text_encoder.gradient_checkpointing_enable()
     lat_mean, lat_std = encode_latents(pipe.vae, images, with_std=True)
     pipe.to(device)
 
@@ -127,11 +136,12 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
         z = sample_latents(lat_mean[idx], lat_std[idx], g)
         mine = idx[shard]
         loss = torch.zeros((), device=device)
-        if trains_unet:
-            x_t, t, target = (x[shard].to(device) for x in noised_batch(noise_scheduler, z * scale, g))
-            loss = loss + F.mse_loss(unet_f(x_t, t, text_f(ids[mine].to(device))[0]).sample, target)
-        if trains_decoder:
-            loss = loss + F.mse_loss(head_f(lat_mean[mine].to(device)), images[mine].to(device))
+        with accelerator.autocast():  # mixed precision, when accelerate is configured for it
+            if trains_unet:
+                x_t, t, target = (x[shard].to(device) for x in noised_batch(noise_scheduler, z * scale, g))
+                loss = loss + F.mse_loss(unet_f(x_t, t, text_f(ids[mine].to(device))[0]).sample.float(), target)
+            if trains_decoder:
+                loss = loss + F.mse_loss(head_f(lat_mean[mine].to(device)).float(), images[mine].to(device))
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()

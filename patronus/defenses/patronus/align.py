@@ -141,6 +141,10 @@ class Aligner:
             m.requires_grad_(False)
         self.unet: UNet2DConditionModel = self.pipe.unet
         self.teacher = copy.deepcopy(self.unet).eval()
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if cfg.vae_slicing:
+            self.pipe.vae.enable_slicing()
         self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.scale = self.pipe.vae.config.scaling_factor
         self.data = load_partitions(self.pipe, cfg)
@@ -373,8 +377,9 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
     bar = tqdm(range(state["step"], u.align_steps), initial=state["step"], total=u.align_steps,
                desc="UNet stage 1 (align)", disable=not acc.is_main_process)
     for step in bar:
-        t = a.terms(_step_generator(a.cfg.seed, 1, step))
-        loss = a.loss(t)
+        with acc.autocast():  # mixed precision, when accelerate is configured for it
+            t = a.terms(_step_generator(a.cfg.seed, 1, step))
+            loss = a.loss(t)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         opt.step()
@@ -417,17 +422,18 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
                desc="UNet stage 2 (non-fine-tunable)", disable=not acc.is_main_process)
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        nft, q_value, what = torch.zeros((), device=acc.device), float("nan"), "none"
-        if u.w_nft:
-            attack = sample_attack(np.random.default_rng([cfg.seed, 12, step, acc.process_index]), u.attacks)
-            g = _step_generator(cfg.seed, 2, step)
-            grads, q_value = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size),
-                                                  a.query_loss_fn(g), u.attacks.queries_per_attack, g,
-                                                  u.attacks.query_weighting, tuple(UNET_LORA_TARGETS))
-            nft, inner_total = nft_surrogate(a.unet, grads), inner_total + attack.steps
-            what = f"{attack.optimizer}/{attack.update}x{attack.steps}"
-        t = a.terms(_step_generator(cfg.seed, 3, step))
-        loss = u.w_nft * nft + a.loss(t)
+        with acc.autocast():  # the simulated attack too: every forward of the step
+            nft, q_value, what = torch.zeros((), device=acc.device), float("nan"), "none"
+            if u.w_nft:
+                attack = sample_attack(np.random.default_rng([cfg.seed, 12, step, acc.process_index]), u.attacks)
+                g = _step_generator(cfg.seed, 2, step)
+                grads, q_value = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size),
+                                                      a.query_loss_fn(g), u.attacks.queries_per_attack, g,
+                                                      u.attacks.query_weighting, tuple(UNET_LORA_TARGETS))
+                nft, inner_total = nft_surrogate(a.unet, grads), inner_total + attack.steps
+                what = f"{attack.optimizer}/{attack.update}x{attack.steps}"
+            t = a.terms(_step_generator(cfg.seed, 3, step))
+            loss = u.w_nft * nft + a.loss(t)
         acc.backward(loss)
         opt.step()
         state["step"] = step + 1

@@ -53,6 +53,10 @@ class FeatureBankConfig:
     # without them the image folders' captions are the prompts.
     unsafe_prompts: str | None = None
     benign_prompts: str | None = None
+    # Where the bank is cached (default: the work directory's cache/). Runs that share a folder
+    # here build a bank once and read it afterwards, whatever their other settings, as long as
+    # the bank's own settings and the model's weights are the same (they name the file).
+    cache_dir: str | None = None
 
     def __post_init__(self):
         if min(self.n_train, self.n_query, self.n_probe, self.sampler_steps) < 1:
@@ -87,7 +91,8 @@ BANK_FORMAT = 2
 
 
 def bank_key(s: FeatureBankConfig, weights_digest: str) -> str:
-    text = json.dumps(asdict(s), sort_keys=True) + weights_digest + f"format {BANK_FORMAT}"
+    settings = {k: v for k, v in asdict(s).items() if k != "cache_dir"}  # where it is kept is not what it holds
+    text = json.dumps(settings, sort_keys=True) + weights_digest + f"format {BANK_FORMAT}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -162,6 +162,13 @@ class ProtectConfig:
     min_benign_psnr: float = 31.0  # checkpoints below it are chosen only when none reaches it (1 dB over the bar)
     checkpoint_every: int = 25
     unet: UNetAlignConfig = field(default_factory=UNetAlignConfig)
+    # Memory, for real checkpoints: recompute the trained UNet's and decoder's activations in the
+    # backward pass instead of keeping them (about a third slower, far less activation memory),
+    # and encode/decode the feature bank's and probes' images one at a time. Mixed precision
+    # comes from accelerate (`accelerate launch --mixed_precision bf16`): every training step
+    # runs under its autocast.
+    gradient_checkpointing: bool = False
+    vae_slicing: bool = False
 
     def __post_init__(self):
         if not self.parts or len(set(self.parts)) != len(self.parts) or set(self.parts) - set(PARTS):

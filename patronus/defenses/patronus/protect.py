@@ -42,7 +42,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder, load_head_state
-from patronus.config import to_dict
+from patronus.config import settings_changed, to_dict
 from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_data
 from patronus.defenses.patronus.bank import PART_START, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
@@ -105,11 +105,16 @@ class Protector:
         self.original = DecoderHead(copy.deepcopy(self.vae)).requires_grad_(False).eval()
         self.head = DecoderHead(self.vae).requires_grad_(True)
         self.model: torch.nn.Module = self.head  # the prepared (e.g. DDP-wrapped) head, set by `protect`
+        if cfg.gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+        if cfg.vae_slicing:
+            self.vae.enable_slicing()
         self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)
         self.glyphnet = load_glyphnet().to(device)
         digest = weights_digest(weight_hashes(self.model_dir))
+        cache = Path(cfg.bank.cache_dir or workdir / "cache")
         with accelerator.main_process_first():  # one process builds the cache, the others read it
-            bank = build_feature_bank(self.pipe, cfg.bank, digest, cache_dir=workdir / "cache")
+            bank = build_feature_bank(self.pipe, cfg.bank, digest, cache_dir=cache)
         self.bank = {k: v.to(device) for k, v in bank.items()}
         with torch.no_grad():
             self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
@@ -318,7 +323,8 @@ def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> N
     if workdir.exists() and any(workdir.rglob("checkpoint-*")) and not resume:
         raise OutputExistsError(f"{workdir} holds checkpoints of an earlier run; pass --resume or remove it")
     cfg_file = workdir / "config.json"
-    if resume and cfg_file.exists() and json.loads(cfg_file.read_text()) != to_dict(cfg):
+    if resume and cfg_file.exists() and settings_changed(json.loads(cfg_file.read_text()), to_dict(cfg),
+                                                         to_dict(ProtectConfig())):
         raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
 
 
@@ -328,10 +334,11 @@ def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunStat
     bar = tqdm(range(state["step"], cfg.stage1_steps), initial=state["step"], total=cfg.stage1_steps,
                desc="stage 1 (unlearn)", disable=not accelerator.is_main_process)
     for step in bar:
-        t = p.terms(_step_generator(cfg.seed, 1, step), scramble=cfg.stage1_w_scramble > 0)
-        loss = (cfg.stage1_w_refuse_img * t["refuse_img"] + cfg.stage1_w_rec * t["rec"]
-                + cfg.stage1_w_refuse_feat * t["refuse_feat"] + cfg.stage1_w_cal * t["cal"]
-                + cfg.stage1_w_scramble * t.get("scramble", 0.0))
+        with accelerator.autocast():  # mixed precision, when accelerate is configured for it
+            t = p.terms(_step_generator(cfg.seed, 1, step), scramble=cfg.stage1_w_scramble > 0)
+            loss = (cfg.stage1_w_refuse_img * t["refuse_img"] + cfg.stage1_w_rec * t["rec"]
+                    + cfg.stage1_w_refuse_feat * t["refuse_feat"] + cfg.stage1_w_cal * t["cal"]
+                    + cfg.stage1_w_scramble * t.get("scramble", 0.0))
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
@@ -369,22 +376,23 @@ def stage2_non_fine_tunable(p: Protector, opt: torch.optim.Optimizer, run: RunSt
         attack = sample_attack(np.random.default_rng([cfg.seed, 2, step, accelerator.process_index]), cfg.attacks)
         inner, query = p.inner_loss_fn(attack), p.query_loss_fn(g)
         opt.zero_grad(set_to_none=True)
-        if cfg.stage2_w_nft == 0:  # the ablation: every other term, no simulated attack to pay for
-            nft, q_value = torch.zeros((), device=accelerator.device), float("nan")
-        elif cfg.second_order and second_order_applies(attack):
-            nft = simulate_second_order(p.head, attack, inner, query, g)
-            q_value = nft.item()
-        else:
-            grads, q_value = simulate_first_order(p.head, attack, inner, query, cfg.attacks.queries_per_attack, g,
-                                                  cfg.attacks.query_weighting)
-            nft = nft_surrogate(p.head, grads)
-        if cfg.stage2_w_nft:
-            inner_total += attack.steps
-        # The benign and refusal batches have their own stream, so the NFT-0 ablation sees the same ones.
-        t = p.terms(_step_generator(cfg.seed, 3, step), scramble=cfg.stage2_w_scramble > 0)
-        loss = (cfg.stage2_w_nft * nft + cfg.stage2_w_rec * t["rec"] + cfg.stage2_w_cal * t["cal"]
-                + cfg.stage2_w_refuse * (t["refuse_img"] + t["refuse_feat"])
-                + cfg.stage2_w_scramble * t.get("scramble", 0.0))
+        with accelerator.autocast():  # the simulated attack too: every forward of the step
+            if cfg.stage2_w_nft == 0:  # the ablation: every other term, no simulated attack to pay for
+                nft, q_value = torch.zeros((), device=accelerator.device), float("nan")
+            elif cfg.second_order and second_order_applies(attack):
+                nft = simulate_second_order(p.head, attack, inner, query, g)
+                q_value = nft.item()
+            else:
+                grads, q_value = simulate_first_order(p.head, attack, inner, query, cfg.attacks.queries_per_attack,
+                                                      g, cfg.attacks.query_weighting)
+                nft = nft_surrogate(p.head, grads)
+            if cfg.stage2_w_nft:
+                inner_total += attack.steps
+            # The benign and refusal batches have their own stream, so the NFT-0 ablation sees the same ones.
+            t = p.terms(_step_generator(cfg.seed, 3, step), scramble=cfg.stage2_w_scramble > 0)
+            loss = (cfg.stage2_w_nft * nft + cfg.stage2_w_rec * t["rec"] + cfg.stage2_w_cal * t["cal"]
+                    + cfg.stage2_w_refuse * (t["refuse_img"] + t["refuse_feat"])
+                    + cfg.stage2_w_scramble * t.get("scramble", 0.0))
         accelerator.backward(loss)  # one backward: DDP averages and mixed precision scales every term alike
         opt.step()
         state["step"] = step + 1
