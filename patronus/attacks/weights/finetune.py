@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -131,6 +132,7 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
     shard = slice(accelerator.process_index, None, accelerator.num_processes)
     losses = []
 
+    t0 = time.time()
     for step in tqdm(range(1, s.steps + 1), desc=f"attack {kind.name}", disable=not progress):
         idx = torch.randint(0, len(images), (s.batch_size,), generator=g)
         z = sample_latents(lat_mean[idx], lat_std[idx], g)
@@ -152,7 +154,11 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
             if accelerator.is_main_process:
                 _save(pipe, unet, head, kind, out / f"step-{step}")
     if accelerator.is_main_process:
-        (out / "losses.json").write_text(json.dumps({"loss_per_step": losses, "processes": accelerator.num_processes}))
+        timing = {"seconds": time.time() - t0}  # the training loop (saves included), for benchmarks
+        if device.type == "cuda":
+            timing["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        (out / "losses.json").write_text(json.dumps({"loss_per_step": losses, "processes": accelerator.num_processes,
+                                                     "timing": timing}))
 
 
 def _save(pipe: StableDiffusionPipeline, unet: torch.nn.Module, head: torch.nn.Module, kind: AttackKind,

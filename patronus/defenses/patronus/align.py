@@ -347,6 +347,7 @@ def align_unet(model: str, cfg: ProtectConfig, workdir: Path, resume: bool) -> t
     else:
         record = _stage1_align(a, workdir / "stage1", resume)
         if a.accelerator.is_main_process:
+            workdir.mkdir(parents=True, exist_ok=True)  # no checkpoint may have made it (checkpoint_every > steps)
             stage1_record.write_text(json.dumps(record))
             tmp = workdir / "stage1-unet.partial"
             save_file({k: v.contiguous() for k, v in a.unet.state_dict().items()}, tmp)
