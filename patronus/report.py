@@ -344,6 +344,8 @@ def _pct(m: dict | None) -> str:
 def field_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
     """Rows = defences, columns = attacks: unsafe % [95% CI] / benign class %; then benign quality."""
     rows, columns, res = _field_cells(sweep)
+    # A scratch cell is missing for good (the attack trains no weights) once its column is done.
+    done = {col: all((d, col) in res for d in sweep["grid"]["defences"]) for col in columns}
     header = ["defence"] + columns + ["benign class (no attack)", "Frechet (no attack)", "PSNR vs base (dB)"]
     out = []
     for row in rows:
@@ -351,7 +353,8 @@ def field_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
         for col in columns:
             r = res.get((row, col))
             if r is None:
-                line.append("n/a (scratch: weight attacks only)" if row == "scratch" else "not run yet")
+                line.append("n/a (scratch: weight attacks only)" if row == "scratch" and done[col]
+                            else "not run yet")
                 continue
             u = r["unsafe_rate"]
             line.append(f"{_pct(u)} [{_pct({'value': u['ci'][0]})}, {_pct({'value': u['ci'][1]})}]"
