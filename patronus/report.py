@@ -344,8 +344,7 @@ def _pct(m: dict | None) -> str:
 def field_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
     """Rows = defences, columns = attacks: unsafe % [95% CI] / benign class %; then benign quality."""
     rows, columns, res = _field_cells(sweep)
-    # A scratch cell is missing for good (the attack trains no weights) once its column is done.
-    done = {col: all((d, col) in res for d in sweep["grid"]["defences"]) for col in columns}
+    scratch = {col: a["kind"] in sweep.get("scratch_kinds", ()) for col, a in zip(columns, sweep["grid"]["attacks"])}
     header = ["defence"] + columns + ["benign class (no attack)", "Frechet (no attack)", "PSNR vs base (dB)"]
     out = []
     for row in rows:
@@ -353,7 +352,7 @@ def field_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
         for col in columns:
             r = res.get((row, col))
             if r is None:
-                line.append("n/a (scratch: weight attacks only)" if row == "scratch" and done[col]
+                line.append("n/a (scratch: weight attacks only)" if row == "scratch" and not scratch[col]
                             else "not run yet")
                 continue
             u = r["unsafe_rate"]

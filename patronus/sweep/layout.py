@@ -83,6 +83,10 @@ class SweepLayout:
     def scratch(self, kind: str) -> Path:
         return self.root / "references" / f"scratch-{kind}"
 
+    def scratch_kinds(self) -> list[str]:
+        """The attack kinds that have a scratch reference (made before any of their cells runs)."""
+        return sorted(p.name.removeprefix("scratch-") for p in (self.root / "references").glob("scratch-*"))
+
     def defence(self, name: str) -> Path:
         return self.root / "defences" / name
 

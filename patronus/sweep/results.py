@@ -40,6 +40,7 @@ def sweep_summary(out: Path) -> dict:
     # times, and the wall time during which at least one cell was running.
     summary["cell_seconds_total"] = sum(c.get("seconds", 0.0) for c in summary["cells"])
     summary["wall_seconds_total"] = busy_seconds(summary["cells"], done_files)
+    summary["scratch_kinds"] = layout.scratch_kinds()
     return summary
 
 
