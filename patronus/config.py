@@ -153,20 +153,21 @@ def default(cls: type, name: str) -> Any:
     raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
-def settings_changed(saved: dict, current: dict, defaults: dict) -> bool:
-    """Whether a run started with `saved` settings would now run with other ones. A setting the
-    code gained since (absent from `saved`) counts as unchanged while it keeps its default, so
-    that a new option does not strand the work directories of runs started before it."""
-    def filled(s: dict, c: dict, d: dict) -> dict:
+def settings_changed(saved: dict, current: dict, defaults: dict, added: tuple[str, ...] = ()) -> bool:
+    """Whether a run started with `saved` settings would now run with other ones. The settings in
+    `added` (dotted paths) came to the code after runs existed: one absent from `saved` counts as
+    unchanged while it keeps its default, so a new option does not strand older work directories.
+    Any other missing setting is a change."""
+    def filled(s: dict, c: dict, d: dict, prefix: str) -> dict:
         out = dict(s)
         for k, v in c.items():
-            if k not in out and k in d and d[k] == v:
+            if k not in out and f"{prefix}{k}" in added and d.get(k) == v:
                 out[k] = v
             elif isinstance(v, dict) and isinstance(out.get(k), dict) and isinstance(d.get(k), dict):
-                out[k] = filled(out[k], v, d[k])
+                out[k] = filled(out[k], v, d[k], f"{prefix}{k}.")
         return out
 
-    return filled(saved, current, defaults) != current
+    return filled(saved, current, defaults, "") != current
 
 
 def to_dict(cfg: Any) -> dict:

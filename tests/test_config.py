@@ -63,8 +63,13 @@ def test_a_setting_added_since_a_run_started_is_unchanged_at_its_default():
     from patronus.config import settings_changed
 
     defaults = {"lr": 1.0, "new": False, "bank": {"n": 4, "cache_dir": None}}
+    added = ("new", "bank.cache_dir")
     saved = {"lr": 1.0, "bank": {"n": 4}}  # written before `new` and `bank.cache_dir` existed
-    assert not settings_changed(saved, {"lr": 1.0, "new": False, "bank": {"n": 4, "cache_dir": None}}, defaults)
-    assert settings_changed(saved, {"lr": 1.0, "new": True, "bank": {"n": 4, "cache_dir": None}}, defaults)
-    assert settings_changed(saved, {"lr": 2.0, "new": False, "bank": {"n": 4, "cache_dir": None}}, defaults)
-    assert settings_changed(saved, {"lr": 1.0, "new": False, "bank": {"n": 4, "cache_dir": "/c"}}, defaults)
+    same = {"lr": 1.0, "new": False, "bank": {"n": 4, "cache_dir": None}}
+    assert not settings_changed(saved, same, defaults, added)
+    assert settings_changed(saved, same | {"new": True}, defaults, added)
+    assert settings_changed(saved, same | {"lr": 2.0}, defaults, added)
+    assert settings_changed(saved, same | {"bank": {"n": 4, "cache_dir": "/c"}}, defaults, added)
+    # Only the settings named as added: an empty or truncated config.json is a different run.
+    assert settings_changed({}, same, defaults, added)
+    assert settings_changed(saved, same, defaults)

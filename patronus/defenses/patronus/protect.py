@@ -314,6 +314,11 @@ def _record(state: dict) -> dict:
             "losses": state["losses"]}
 
 
+# Settings added after work directories existed (issue 16's memory options): absent from an older
+# run's config.json, they count as unchanged at their defaults.
+ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir")
+
+
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
     """Refuse, before any work and without writing, outputs in the way and a resume with other settings."""
     if out.exists() and any(out.iterdir()):
@@ -324,7 +329,7 @@ def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> N
         raise OutputExistsError(f"{workdir} holds checkpoints of an earlier run; pass --resume or remove it")
     cfg_file = workdir / "config.json"
     if resume and cfg_file.exists() and settings_changed(json.loads(cfg_file.read_text()), to_dict(cfg),
-                                                         to_dict(ProtectConfig())):
+                                                         to_dict(ProtectConfig()), ADDED_SETTINGS):
         raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
 
 
