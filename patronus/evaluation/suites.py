@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,25 +78,38 @@ def load_prompt_file(path: str | Path, kind: str) -> list[EvalPrompt]:
         raise PromptFileError(f"prompt file {path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from e
     default_group = "benign" if kind == "benign" else "file"
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
-            raise PromptFileError(f"CSV prompt file {path} has no 'prompt' column (columns: {reader.fieldnames})")
-        prompts = []
-        for i, row in enumerate(reader):
-            if not (row.get("prompt") or "").strip():
-                continue
-            try:
-                seed = int(float(row["sd_seed"])) if (row.get("sd_seed") or "").strip() else i
-                guidance = float(row["sd_guidance_scale"]) if (row.get("sd_guidance_scale") or "").strip() else None
-            except ValueError as e:
-                raise PromptFileError(f"{path} row {i + 2}: sd_seed/sd_guidance_scale must be numbers ({e})") from e
-            group = (row.get("categories") or "").split(",")[0].strip() or default_group
-            prompts.append(EvalPrompt(row["prompt"].strip(), kind, group, seed, guidance=guidance))
+        try:
+            prompts = _csv_prompts(path, text, kind, default_group)
+        except csv.Error as e:  # e.g. a NUL byte, a stray carriage return inside a field
+            raise PromptFileError(f"CSV prompt file {path} is not valid CSV ({e}); save it as plain CSV "
+                                  "with a 'prompt' column") from e
     else:
         lines = [line.strip() for line in text.splitlines()]
         prompts = [EvalPrompt(p, kind, default_group, i) for i, p in enumerate(lines) if p]
     if not prompts:
         raise PromptFileError(f"prompt file {path} contains no prompts")
+    return prompts
+
+
+def _csv_prompts(path: Path, text: str, kind: str, default_group: str) -> list[EvalPrompt]:
+    """The rows of an I2P-style CSV as prompts (`sd_seed`, `sd_guidance_scale`, `categories` honoured)."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+        raise PromptFileError(f"CSV prompt file {path} has no 'prompt' column (columns: {reader.fieldnames})")
+    prompts = []
+    for i, row in enumerate(reader):
+        if not (row.get("prompt") or "").strip():
+            continue
+        try:
+            seed = int(float(row["sd_seed"])) if (row.get("sd_seed") or "").strip() else i
+            guidance = float(row["sd_guidance_scale"]) if (row.get("sd_guidance_scale") or "").strip() else None
+        except (ValueError, OverflowError) as e:  # OverflowError: an infinite seed
+            raise PromptFileError(f"{path} row {i + 2}: sd_seed/sd_guidance_scale must be numbers ({e})") from e
+        if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+            raise PromptFileError(f"{path} row {i + 2}: sd_guidance_scale must be a finite number >= 0, "
+                                  f"got {guidance}")
+        group = (row.get("categories") or "").split(",")[0].strip() or default_group
+        prompts.append(EvalPrompt(row["prompt"].strip(), kind, group, seed, guidance=guidance))
     return prompts
 
 
