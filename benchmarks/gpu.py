@@ -126,7 +126,8 @@ def table(rows: list[dict], device: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "wall_s" in r:
-            lines.append(f"| {r['model']} | 32 | fp32 | | wall time {r['wall_s'] / 60:.1f} min |||||||| ")
+            cells = [r["model"], "32", "fp32", "", f"wall time {r['wall_s'] / 60:.1f} min"] + [""] * 7
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         lines.append(
             f"| {r['model']} | {r['resolution']} | {r['precision']} | {r['inner_steps']} "
