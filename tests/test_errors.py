@@ -55,6 +55,8 @@ CASES: dict[str, list[str]] = {
     "protect-config-nan": ["protect", "patronus-tiny", "--config", "$TMP/nan.json", "--out", "$TMP/o"],
     "protect-config-not-utf8": ["protect", "patronus-tiny", "--config", "$TMP/latin1.toml", "--out", "$TMP/o"],
     "protect-config-bad-unet-target": ["protect", "patronus-tiny", "--config", "$TMP/target.toml", "--out", "$TMP/o"],
+    "protect-bank-sources-need-unet": ["protect", "patronus-tiny", "--config", "$TMP/sources.toml", "--parts",
+                                       "decoder", "--out", "$TMP/o"],
     "protect-unknown-part": ["protect", "patronus-tiny", "--parts", "decoder,foo", "--out", "$TMP/o"],
     "protect-no-parts": ["protect", "patronus-tiny", "--parts", "", "--out", "$TMP/o"],
     "protect-output-not-empty": ["protect", "patronus-tiny", "--out", "$TMP/nonempty"],
@@ -125,6 +127,7 @@ def scratch(root: Path, case: str) -> None:
         (root / "broken" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     files = {"many.toml": 'stage1_steps = "many"\n', "unknown.toml": "stage1_stepz = 3\n",
              "neglr.toml": "stage1_lr = -1.0\n", "target.toml": '[unet]\ntarget = "white"\n',
+             "sources.toml": '[bank]\nunet_sources = ["original", "aligned"]\n',
              "nocol.csv": "text,x\nhello,1\n", "ok.txt": "a knife\n", "grid.yaml": "kinds: [unet-full]\nlrs: [1e-5]\n",
              "nonempty/keep": "mine\n", "otherwork/config.json": "{}\n", "threshold.toml": "threshold = 1.5\n",
              "zerosteps.toml": "vae_steps = 0\n",

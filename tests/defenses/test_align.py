@@ -172,3 +172,44 @@ def test_a_folder_too_small_for_the_unet_half_is_refused_before_any_work(mini_pi
     with pytest.raises(ConfigError, match="lists 5 images; the UNet half needs 16"):
         protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_the_decoder_can_learn_from_the_aligned_unets_latents(mini_pipeline, tmp_path):
+    """`bank.unet_sources`: the UNet half runs first, and the decoder's bank adds the latents of the
+    aligned UNet and of an attacked copy of it for the same prompts and seeds."""
+    from safetensors.torch import load_file
+
+    from patronus.defenses.patronus.bank import _glyph_part, bank_file, sample_latents
+    from patronus.provenance import state_digest
+    from tests.defenses.test_protect import TINY_RUN
+
+    run = TINY_RUN | UNET_RUN | {"parts": ["decoder", "unet"]}
+    run["bank"] = run["bank"] | {"unet_sources": ["original", "aligned", "aligned-attacked"], "attacked_steps": 2}
+    path = tmp_path / "sources.json"
+    path.write_text(json.dumps(run))
+    cfg = load_config("quick", path)
+    info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert info["config"]["bank"]["unet_sources"] == ["original", "aligned", "aligned-attacked"]
+    cache = tmp_path / "work" / "cache"
+    assert len(list(cache.glob("feature-bank-*.safetensors"))) == 3  # original, aligned, attacked
+    out = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    aligned = load_file(bank_file(cache, cfg.bank, state_digest(out.unet)))
+    # The aligned UNet's latents for the bank's benign training prompts, at the bank's seeds.
+    out.set_progress_bar_config(disable=True)
+    _, texts = _glyph_part("train", cfg.bank.n_train, False, out.vae.config.sample_size)
+    again = sample_latents(out, texts, cfg.bank, seed_offset=1 * 10_000_000)
+    torch.testing.assert_close(aligned["train/benign/z_gen"], again)
+
+
+@pytest.mark.parametrize("bank, parts, message", [
+    ({"unet_sources": ["aligned"]}, "decoder", "need both parts"),
+    ({"unet_sources": ["original", "original"]}, None, "bank.unet_sources"),
+    ({"unet_sources": ["attacked"]}, None, "bank.unet_sources"),
+    ({"attacked_update": "dora"}, None, "bank.attacked_update"),
+    ({"attacked_steps": 0}, None, "attacked_steps"),
+])
+def test_bad_bank_sources_are_refused(tmp_path, bank, parts, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"bank": bank}))
+    with pytest.raises(ConfigError, match=message):
+        load_config("quick", path, parts=parts)

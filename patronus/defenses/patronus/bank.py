@@ -3,6 +3,10 @@
 "Unsafe input features" are latents the *original* pipeline's UNet produces for unsafe
 prompts, plus encoder latents of unsafe images; benign features are made the same way.
 All latents are stored unscaled (decoder inputs, `AutoencoderKL.decode` convention).
+With both parts protected, `unet_sources` can add the latents of other UNets for the same
+prompts and seeds: the aligned UNet (what the shipped model actually feeds its decoder) and
+that UNet after a LoRA fine-tune on defender data (what an attacked copy feeds it), so the
+moderator learns the inputs it will meet and not only the original UNet's.
 
 Data partitions (never overlapping): `train` feeds the losses and the simulated attacks,
 `query` scores simulated attacks (held out from the inner loop), `probe` is for the real
@@ -35,6 +39,9 @@ from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.splits import render_split
 
 PARTS = ("train", "query", "probe")
+# Whose UNet latents (`z_gen`) the moderator learns from; see `FeatureBankConfig.unet_sources`.
+UNET_SOURCES = ("original", "aligned", "aligned-attacked")
+ATTACKED_UPDATES = ("lora", "full")
 # Offsets of the partitions inside the defender split: far apart, so they never overlap.
 PART_START = {"train": 0, "query": 500_000, "probe": 900_000}
 
@@ -57,10 +64,28 @@ class FeatureBankConfig:
     # here build a bank once and read it afterwards, whatever their other settings, as long as
     # the bank's own settings and the model's weights are the same (they name the file).
     cache_dir: str | None = None
+    # The UNets whose latents for the bank's prompts the moderator learns to refuse (unsafe) and to
+    # decode as the original decoder does (benign): "original" (the source pipeline's),
+    # "aligned" (the UNet half's result) and "aligned-attacked" (that UNet after a denoising
+    # fine-tune on the UNet half's defender training images, set by the `attacked_*` fields).
+    # The last two need `--parts decoder,unet`; the UNet half then runs first.
+    unet_sources: tuple[str, ...] = ("original",)
+    attacked_update: str = "lora"  # lora | full
+    attacked_lora_rank: int = 64
+    attacked_steps: int = 300
+    attacked_lr: float = 1e-4
 
     def __post_init__(self):
         if min(self.n_train, self.n_query, self.n_probe, self.sampler_steps) < 1:
             raise ConfigError("bank: n_train, n_query, n_probe and sampler_steps must be at least 1")
+        sources = self.unet_sources
+        if not sources or len(set(sources)) != len(sources) or set(sources) - set(UNET_SOURCES):
+            raise ConfigError(f"bank.unet_sources must be one or more of {', '.join(UNET_SOURCES)} (each once), "
+                              f"got {', '.join(sources) or 'none'}")
+        if self.attacked_update not in ATTACKED_UPDATES:
+            raise ConfigError(f"bank.attacked_update must be lora or full, got {self.attacked_update!r}")
+        if min(self.attacked_lora_rank, self.attacked_steps) < 1 or self.attacked_lr <= 0:
+            raise ConfigError("bank.attacked_lora_rank, attacked_steps and attacked_lr must be positive")
 
 
 def _glyph_part(part: str, n: int, unsafe: bool, resolution: int) -> tuple[torch.Tensor, list[str]]:
@@ -90,16 +115,26 @@ def sample_latents(pipe: StableDiffusionPipeline, prompts: list[str], s: Feature
 BANK_FORMAT = 2
 
 
+# Settings that do not change what one pipeline's bank holds: where it is kept, and which other
+# UNets' banks are built beside it (each of those is keyed by its own UNet's weights).
+NOT_IN_KEY = ("cache_dir", "unet_sources", "attacked_update", "attacked_lora_rank", "attacked_steps", "attacked_lr")
+
+
 def bank_key(s: FeatureBankConfig, weights_digest: str) -> str:
-    settings = {k: v for k, v in asdict(s).items() if k != "cache_dir"}  # where it is kept is not what it holds
+    settings = {k: v for k, v in asdict(s).items() if k not in NOT_IN_KEY}
     text = json.dumps(settings, sort_keys=True) + weights_digest + f"format {BANK_FORMAT}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def bank_file(cache_dir: Path | str, s: FeatureBankConfig, weights_digest: str) -> Path:
+    """Where the bank of these settings and weights is cached."""
+    return Path(cache_dir) / f"feature-bank-{bank_key(s, weights_digest)}.safetensors"
 
 
 def build_feature_bank(pipe: StableDiffusionPipeline, s: FeatureBankConfig, weights_digest: str,
                        cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """Tensors named `{part}/{kind}/{x|z_img|z_gen}`: images, encoder latents, UNet latents."""
-    cache = Path(cache_dir) / f"feature-bank-{bank_key(s, weights_digest)}.safetensors" if cache_dir else None
+    cache = bank_file(cache_dir, s, weights_digest) if cache_dir else None
     if cache is not None and cache.exists():
         return load_file(cache)
     resolution = pipe.vae.config.sample_size

@@ -174,6 +174,9 @@ class ProtectConfig:
         if not self.parts or len(set(self.parts)) != len(self.parts) or set(self.parts) - set(PARTS):
             raise ConfigError(f"parts must be one or more of {', '.join(PARTS)} (each once), got "
                               f"{', '.join(self.parts) or 'none'}")
+        if set(self.bank.unet_sources) - {"original"} and set(self.parts) != set(PARTS):
+            raise ConfigError("bank.unet_sources other than 'original' need both parts (--parts decoder,unet): "
+                              "the decoder then learns from the aligned UNet's latents")
         if self.perceptual not in PERCEPTUAL:
             raise ConfigError(f"unknown perceptual network {self.perceptual!r}; choose one of {', '.join(PERCEPTUAL)}")
         if self.perceptual == "vgg19" and not self.vgg_weights:

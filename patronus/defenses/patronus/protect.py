@@ -4,7 +4,9 @@
 decoder half, read top to bottom:
   1. load the pipeline, freeze everything but `post_quant_conv` + `decoder`, keep a frozen
      copy of the original decoder (the calibration target);
-  2. build (or load from cache) the feature bank of unsafe and benign latents;
+  2. build (or load from cache) the feature bank of unsafe and benign latents: the original
+     UNet's, and with both parts (`bank.unet_sources`) also the aligned UNet's and an attacked
+     copy's, so the UNet half runs first;
   3. stage 1 (unlearn): refusal on unsafe latents/images, reconstruction and calibration on
      benign ones;
   4. stage 2 (non-fine-tunable, fresh optimizer): the same terms plus the first-order MAML
@@ -25,26 +27,30 @@ final result (all randomness is seeded per step, not carried in a stream).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import resource
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder, load_head_state
+from patronus.attacks.weights.unet import UNetAttackConfig, attack_unet
 from patronus.config import settings_changed, to_dict
-from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_data
-from patronus.defenses.patronus.bank import PART_START, build_feature_bank
+from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_data, load_partitions
+from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
 from patronus.defenses.patronus.losses import make_perceptual, refusal_loss
 from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
@@ -64,7 +70,7 @@ from patronus.nft.maml import (
 )
 from patronus.nft.space import SimulatedAttack, sample_attack
 from patronus.provenance import library_versions, state_digest, weight_hashes, weights_digest
-from patronus.training import Checkpointer, RunState, check_replicas_agree, step_generator
+from patronus.training import Checkpointer, RunState, check_replicas_agree, mix_seed, step_generator
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
@@ -92,7 +98,8 @@ def _capture(modules: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
 class Protector:
     """Holds the models, data and losses of one protection run."""
 
-    def __init__(self, model: str, cfg: ProtectConfig, workdir: Path, accelerator: Accelerator):
+    def __init__(self, model: str, cfg: ProtectConfig, workdir: Path, accelerator: Accelerator,
+                 aligned_unet: UNet2DConditionModel | None = None):
         self.cfg, self.workdir, self.accelerator = cfg, workdir, accelerator
         self.model_dir = resolve_model(model)
         device = accelerator.device
@@ -115,6 +122,12 @@ class Protector:
         cache = Path(cfg.bank.cache_dir or workdir / "cache")
         with accelerator.main_process_first():  # one process builds the cache, the others read it
             bank = build_feature_bank(self.pipe, cfg.bank, digest, cache_dir=cache)
+            # `z_gen` holds every source's latents, in `unet_sources` order, for the same prompts
+            # and seeds: entry i belongs to image i % n of its partition.
+            gen = [bank if source == "original" else self._source_bank(source, aligned_unet, cache)
+                   for source in cfg.bank.unet_sources]
+        for key in [k for k in bank if k.endswith("/z_gen")]:
+            bank[key] = torch.cat([b[key] for b in gen])
         self.bank = {k: v.to(device) for k, v in bank.items()}
         with torch.no_grad():
             self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
@@ -124,6 +137,31 @@ class Protector:
                                  if cfg.stage1_w_scramble or cfg.stage2_w_scramble else [])
         self.attack_data = {"x": self.bank["train/unsafe/x"], "z_img": self.bank["train/unsafe/z_img"],
                             "z_gen": self.bank["train/unsafe/z_gen"], "orig_decoded": self.orig_unsafe_gen}
+
+    def _source_bank(self, source: str, aligned: UNet2DConditionModel | None, cache: Path) -> dict[str, torch.Tensor]:
+        """The bank as `source`'s UNet (aligned, or aligned then attacked) makes it: same prompts,
+        same seeds. The attacked copy is a denoising fine-tune on the UNet half's defender
+        training images (never the attacker's), made only when its bank is not cached yet."""
+        if aligned is None:
+            raise ConfigError(f"bank.unet_sources {source!r} needs the aligned UNet: protect with --parts decoder,unet")
+        s = self.cfg.bank
+        digest = state_digest(aligned)
+        if source == "aligned-attacked":
+            attack = UNetAttackConfig("adam", s.attacked_lr, s.attacked_steps, 16,
+                                      s.attacked_lora_rank if s.attacked_update == "lora" else None,
+                                      seed=mix_seed(self.cfg.seed, 11))
+            digest = hashlib.sha256(f"{digest} attacked {json.dumps(asdict(attack))}".encode()).hexdigest()
+            if not bank_file(cache, s, digest).exists():
+                train = load_partitions(self.pipe, self.cfg)["train", "unsafe"]
+                scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+                aligned = attack_unet(aligned, scheduler, train.mean, train.std, train.hidden,
+                                      self.pipe.vae.config.scaling_factor, attack, progress=True)
+        original = self.pipe.unet
+        self.pipe.unet = aligned
+        try:
+            return build_feature_bank(self.pipe, s, digest, cache_dir=cache)
+        finally:
+            self.pipe.unet = original
 
     @staticmethod
     def _decode(head: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -142,14 +180,16 @@ class Protector:
         inputs go through the prepared model in one forward pass, so that under DDP the
         gradients of every term are averaged across processes.
         """
-        b = self._shard(torch.randint(0, len(self.bank["train/benign/x"]), (self.cfg.batch_size,), generator=g))
-        u = self._shard(torch.randint(0, len(self.bank["train/unsafe/x"]), (self.cfg.batch_size,), generator=g))
-        inputs = [self.bank["train/benign/z_img"][b], self.bank["train/benign/z_gen"][b],
-                  self.bank["train/unsafe/z_img"][u], self.bank["train/unsafe/z_gen"][u]]
+        # Indices run over the UNet latents of every source; image i % n goes with latent i.
+        b = self._shard(torch.randint(0, len(self.bank["train/benign/z_gen"]), (self.cfg.batch_size,), generator=g))
+        u = self._shard(torch.randint(0, len(self.bank["train/unsafe/z_gen"]), (self.cfg.batch_size,), generator=g))
+        b_img, u_img = b % len(self.bank["train/benign/x"]), u % len(self.bank["train/unsafe/x"])
+        inputs = [self.bank["train/benign/z_img"][b_img], self.bank["train/benign/z_gen"][b],
+                  self.bank["train/unsafe/z_img"][u_img], self.bank["train/unsafe/z_gen"][u]]
         sizes = [len(x) for x in inputs]
         with _capture(_scramble_layers(self.head) if scramble else []) as acts:
             rec, cal, unsafe_img, unsafe_gen = self.model(torch.cat(inputs)).split(sizes)
-        out = {"rec": F.mse_loss(rec, self.bank["train/benign/x"][b]),
+        out = {"rec": F.mse_loss(rec, self.bank["train/benign/x"][b_img]),
                "cal": F.mse_loss(cal, self.orig_benign_gen[b]),
                "refuse_img": refusal_loss(self.perceptual, unsafe_img),
                "refuse_feat": refusal_loss(self.perceptual, unsafe_gen)}
@@ -183,7 +223,7 @@ class Protector:
                            else (data["z_gen"], data["orig_decoded"]))
 
         def inner(params: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(0, len(data["x"]), (attack.batch_size,), generator=g)
+            idx = torch.randint(0, len(inputs), (attack.batch_size,), generator=g)
             return F.mse_loss(functional_call(self.head, params, (inputs[idx],)), targets[idx])
 
         return inner
@@ -260,20 +300,23 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         t_start = time.time()
         replaced: dict[str, torch.nn.Module] = {}
         sections: dict[str, dict] = {}
-        if "decoder" in cfg.parts:
-            replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator)
+        # The UNet half first: the decoder's bank may hold the aligned UNet's latents.
         if "unet" in cfg.parts:
             replaced["unet"], sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
+        if "decoder" in cfg.parts:
+            replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator,
+                                                                   replaced.get("unet"))
         return _write_output(resolve_model(model), out, cfg, replaced, sections, time.time() - t_start,
                              accelerator)
 
 
-def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
-                    accelerator: Accelerator) -> tuple[torch.nn.Module, dict]:
-    """The decoder half: both stages; returns the VAE with the chosen decoder and its record."""
+def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool, accelerator: Accelerator,
+                    aligned_unet: UNet2DConditionModel | None = None) -> tuple[torch.nn.Module, dict]:
+    """The decoder half: both stages; returns the VAE with the chosen decoder and its record.
+    `aligned_unet`: the UNet half's result, for `bank.unet_sources`."""
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    p = Protector(model, cfg, workdir, accelerator)
+    p = Protector(model, cfg, workdir, accelerator, aligned_unet)
     opt1 = torch.optim.Adam(p.head.parameters(), lr=cfg.stage1_lr, weight_decay=2e-4)
     # Stage 2 starts from fresh moments: stage 1's would carry its refusal-only history over.
     opt2 = torch.optim.Adam(p.head.parameters(), lr=cfg.stage2_lr, weight_decay=2e-4)
@@ -316,7 +359,8 @@ def _record(state: dict) -> dict:
 
 # Settings added after work directories existed (issue 16's memory options): absent from an older
 # run's config.json, they count as unchanged at their defaults.
-ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir")
+ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources",
+                  "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
