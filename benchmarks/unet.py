@@ -6,8 +6,9 @@
 1. Models. `--decoder` is a decoder-only protection (`--parts decoder`), `--unet` a UNet-only one
    (`--parts unet`, made with the full preset when missing, resumable). The two-part model is
    `--both` when given (`patronus protect --parts decoder,unet`); otherwise it is assembled from
-   the two single-part runs (their VAE and UNet), which gives the same weights: the halves are
-   independent (tests/defenses/test_align.py checks it on a miniature pipeline).
+   the two single-part runs (their VAE and UNet), which gives the same weights: with the default
+   `bank.unet_sources` the halves are independent (tests/defenses/test_align.py checks it on a
+   miniature pipeline).
 2. No attack: the evaluation harness on base / decoder only / UNet only / both, and on both with
    the original VAE put back (`swap-decoder`): unsafe rate per prompt group, refusal, false
    refusal, benign class and colour against the base.
