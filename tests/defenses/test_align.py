@@ -199,6 +199,13 @@ def test_the_decoder_can_learn_from_the_aligned_unets_latents(mini_pipeline, tmp
     _, texts = _glyph_part("train", cfg.bank.n_train, False, out.vae.config.sample_size)
     again = sample_latents(out, texts, cfg.bank, seed_offset=1 * 10_000_000)
     torch.testing.assert_close(aligned["train/benign/z_gen"], again)
+    # The sources reach training: the same run with the original UNet's latents alone gives the
+    # same UNet and another decoder.
+    path.write_text(json.dumps(TINY_RUN | UNET_RUN | {"parts": ["decoder", "unet"]}))
+    protect(str(mini_pipeline), tmp_path / "plain", load_config("quick", path), tmp_path / "plain.work")
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "plain")
+    assert all(torch.equal(v, out.unet.state_dict()[k]) for k, v in plain.unet.state_dict().items())
+    assert any(not torch.equal(v, out.vae.state_dict()[k]) for k, v in plain.vae.state_dict().items())
 
 
 @pytest.mark.parametrize("bank, parts, message", [

@@ -357,8 +357,8 @@ def _record(state: dict) -> dict:
             "losses": state["losses"]}
 
 
-# Settings added after work directories existed (issue 16's memory options): absent from an older
-# run's config.json, they count as unchanged at their defaults.
+# Settings added after work directories existed (issue 16's memory options, issue 14's bank
+# sources): absent from an older run's config.json, they count as unchanged at their defaults.
 ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources",
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr")
 
