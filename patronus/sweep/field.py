@@ -44,7 +44,7 @@ from patronus.sweep.executors import ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig, grid_from_dict, grid_path
 from patronus.sweep.layout import SweepError, SweepLayout, cell_id
 from patronus.sweep.results import sweep_summary
-from patronus.sweep.runner import run_cells
+from patronus.sweep.runner import models_record, run_cells
 
 FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "patronus-decoder", "patronus")
 BASELINES = ("negative-prompt", "checker", "sld", "esd")
@@ -176,7 +176,8 @@ def _check_same_field(layout: SweepLayout, grid: FieldGridConfig, models: dict) 
     saved = {"field": True} | to_dict(grid)
     for path, want, what in ((layout.grid_file, saved, "grid"), (layout.models_file, models, "models")):
         if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(want)):
-            raise SweepError(f"{layout.root} holds a sweep of another {what}; use a new --out")
+            raise SweepError(f"{layout.root} holds a sweep of another {what} (other settings, or a model with "
+                              "other weights); use a new --out")
         path.write_text(json.dumps(want, indent=2))
 
 
@@ -191,8 +192,7 @@ def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "
         check_no_pickles(resolve_model(m))
     out.mkdir(parents=True, exist_ok=True)
     with locked_dir(out, f"another sweep is running in {out}; wait for it or stop it first"):
-        _check_same_field(layout, grid, {"protected": str(resolve_model(model).resolve()),
-                                         "unprotected": str(resolve_model(unprotected).resolve())})
+        _check_same_field(layout, grid, models_record(model, unprotected))
         targets = build_defences(grid, model, unprotected, layout)
         jobs = []
         for attack in grid.attacks:

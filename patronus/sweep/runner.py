@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from patronus.attacks.registry import ATTACKS
 from patronus.io import locked_dir
 from patronus.models.registry import check_no_pickles, resolve_model
+from patronus.provenance import weight_hashes, weights_digest
 from patronus.sweep.cell import CellJob, make_original_vae, make_scratch, same_unet_attack_inputs
 from patronus.sweep.executors import Executor, ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig
@@ -56,8 +57,7 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
         check_no_pickles(resolve_model(m))
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        _check_same_sweep(layout, grid, {"protected": str(resolve_model(model).resolve()),
-                                         "unprotected": str(resolve_model(unprotected).resolve())})
+        _check_same_sweep(layout, grid, models_record(model, unprotected))
         t0 = time.time()
         targets = {"protected": model}
         if "unprotected" in grid.references:
@@ -125,11 +125,22 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
         return summary
 
 
+def models_record(model: str, unprotected: str) -> dict[str, str]:
+    """The sweep's models by path and by weights: a model re-made at the same path (a re-shipped
+    `patronus-tiny-protected`) must not resume a sweep whose cells attacked the old weights."""
+    record = {}
+    for name, m in (("protected", model), ("unprotected", unprotected)):
+        path = resolve_model(m).resolve()
+        record |= {name: str(path), f"{name}_weights_sha256": weights_digest(weight_hashes(path))}
+    return record
+
+
 def _check_same_sweep(layout: SweepLayout, grid: GridConfig, models: dict[str, str]) -> None:
     """Refuse to resume a sweep directory with another grid or other models; record them otherwise."""
     for f, ours in ((layout.grid_file, asdict(grid)), (layout.models_file, models)):
         if f.exists() and json.loads(f.read_text()) != json.loads(json.dumps(ours)):
-            raise SweepError(f"{layout.root} holds a sweep with a different {f.stem} ({f}); use a new --out")
+            raise SweepError(f"{layout.root} holds a sweep with a different {f.stem} ({f}: other settings, or a "
+                              "model with other weights); use a new --out")
         f.write_text(json.dumps(ours, indent=2))
 
 

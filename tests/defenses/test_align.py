@@ -208,6 +208,30 @@ def test_the_decoder_can_learn_from_the_aligned_unets_latents(mini_pipeline, tmp
     assert any(not torch.equal(v, out.vae.state_dict()[k]) for k, v in plain.vae.state_dict().items())
 
 
+def test_bank_sources_default_to_all_three_with_both_parts(tmp_path):
+    """The full preset's decoder learns the UNet it ships with; one part, or the quick preset, the
+    original's latents only. A work directory from before the default changed still resumes."""
+    from patronus.config import to_dict
+    from patronus.defenses.patronus.bank import UNET_SOURCES
+    from patronus.defenses.patronus.protect import _check_dirs
+
+    assert load_config("full").bank.unet_sources == UNET_SOURCES
+    assert load_config("full", parts="decoder").bank.unet_sources == ("original",)
+    assert load_config("quick").bank.unet_sources == ("original",)
+
+    def older_run(parts: str) -> None:  # config.json as written before the bank sources existed
+        old = to_dict(load_config("full", parts=parts))
+        for key in ("unet_sources", "attacked_update", "attacked_lora_rank", "attacked_steps", "attacked_lr"):
+            del old["bank"][key]
+        (tmp_path / "config.json").write_text(json.dumps(old))
+
+    older_run("decoder")
+    _check_dirs(tmp_path / "out", tmp_path, load_config("full", parts="decoder"), resume=True)
+    older_run("decoder,unet")  # its decoder learned the original UNet's latents alone
+    with pytest.raises(ConfigError, match="different settings"):
+        _check_dirs(tmp_path / "out", tmp_path, load_config("full"), resume=True)
+
+
 @pytest.mark.parametrize("bank, parts, message", [
     ({"unet_sources": ["aligned"]}, "decoder", "need both parts"),
     ({"unet_sources": ["original", "original"]}, None, "bank.unet_sources"),

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -94,6 +95,27 @@ def test_sweep_runs_all_models_and_resumes(mini_pipeline, tmp_path):
     with pytest.raises(ValueError, match="different models"):
         run_sweep("patronus-tiny", TINY, out, unprotected=str(mini_pipeline))
     assert json.loads((out / "sweep.json").read_text())["grid"]["suite"] == "glyph-quick"
+
+
+def test_a_model_remade_at_the_same_path_does_not_resume_its_old_sweep(mini_pipeline, tmp_path):
+    """Re-shipping `patronus-tiny-protected` keeps its path: the sweep must see the new weights."""
+    from safetensors.torch import load_file, save_file
+
+    from patronus.sweep.layout import SweepError, SweepLayout
+    from patronus.sweep.runner import _check_same_sweep, models_record
+
+    model = tmp_path / "model"
+    shutil.copytree(mini_pipeline, model)
+    layout = SweepLayout(tmp_path / "sweep")
+    layout.root.mkdir()
+    _check_same_sweep(layout, TINY, models_record(str(model), str(mini_pipeline)))
+    _check_same_sweep(layout, TINY, models_record(str(model), str(mini_pipeline)))  # same weights: resumes
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    save_file(tensors | {name: tensors[name] + 1}, weights)
+    with pytest.raises(SweepError, match="different models .*other weights"):
+        _check_same_sweep(layout, TINY, models_record(str(model), str(mini_pipeline)))
 
 
 def test_two_sweeps_cannot_share_a_directory(mini_pipeline, tmp_path):

@@ -68,8 +68,10 @@ class FeatureBankConfig:
     # decode as the original decoder does (benign): "original" (the source pipeline's),
     # "aligned" (the UNet half's result) and "aligned-attacked" (that UNet after a denoising
     # fine-tune on the UNet half's defender training images, set by the `attacked_*` fields).
-    # The last two need `--parts decoder,unet`; the UNet half then runs first.
-    unet_sources: tuple[str, ...] = ("original",)
+    # The last two need `--parts decoder,unet`; the UNet half then runs first. Unset: all three
+    # with both parts (the decoder must refuse what the UNet it ships with draws), "original"
+    # otherwise; `ProtectConfig` fills it in, so `patronus.json` records the sources used.
+    unet_sources: tuple[str, ...] | None = None
     attacked_update: str = "lora"  # lora | full
     attacked_lora_rank: int = 64
     attacked_steps: int = 300
@@ -79,7 +81,8 @@ class FeatureBankConfig:
         if min(self.n_train, self.n_query, self.n_probe, self.sampler_steps) < 1:
             raise ConfigError("bank: n_train, n_query, n_probe and sampler_steps must be at least 1")
         sources = self.unet_sources
-        if not sources or len(set(sources)) != len(sources) or set(sources) - set(UNET_SOURCES):
+        if sources is not None and (not sources or len(set(sources)) != len(sources)
+                                    or set(sources) - set(UNET_SOURCES)):
             raise ConfigError(f"bank.unet_sources must be one or more of {', '.join(UNET_SOURCES)} (each once), "
                               f"got {', '.join(sources) or 'none'}")
         if self.attacked_update not in ATTACKED_UPDATES:

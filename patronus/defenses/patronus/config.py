@@ -7,11 +7,11 @@ A config file holds any subset of the fields below (nested tables for `bank` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from patronus.config import build, merge, read_config_file
-from patronus.defenses.patronus.bank import FeatureBankConfig
+from patronus.defenses.patronus.bank import UNET_SOURCES, FeatureBankConfig
 from patronus.errors import ConfigError
 from patronus.nft.space import AttackSpaceConfig
 from patronus.training import OPTIMIZERS
@@ -174,6 +174,9 @@ class ProtectConfig:
         if not self.parts or len(set(self.parts)) != len(self.parts) or set(self.parts) - set(PARTS):
             raise ConfigError(f"parts must be one or more of {', '.join(PARTS)} (each once), got "
                               f"{', '.join(self.parts) or 'none'}")
+        if self.bank.unet_sources is None:
+            both = set(self.parts) == set(PARTS)
+            object.__setattr__(self, "bank", replace(self.bank, unet_sources=UNET_SOURCES if both else ("original",)))
         if set(self.bank.unet_sources) - {"original"} and set(self.parts) != set(PARTS):
             raise ConfigError("bank.unet_sources other than 'original' need both parts (--parts decoder,unet): "
                               "the decoder then learns from the aligned UNet's latents")
@@ -207,7 +210,9 @@ class ProtectConfig:
 PRESETS: dict[str, dict] = {
     # Seconds on 2 CPU cores: a demonstration of the whole pipeline, not a usable protection.
     "quick": {
-        "bank": {"n_train": 192, "n_query": 64, "n_probe": 64, "sampler_steps": 15},
+        # The decoder learns the original UNet's latents only: the aligned sources' extra sampling
+        # and attacked copy would cost the demo minutes.
+        "bank": {"n_train": 192, "n_query": 64, "n_probe": 64, "sampler_steps": 15, "unet_sources": ["original"]},
         "stage1_steps": 300, "stage1_lr": 5e-4, "stage1_warmup": 20, "stage2_steps": 60, "probe_every": 60,
         "probe_steps": 50,
         "attacks": {"inner_steps": [3, 8], "batch_sizes": [4, 16], "queries_per_attack": 2},

@@ -372,8 +372,10 @@ def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> N
     if workdir.exists() and any(workdir.rglob("checkpoint-*")) and not resume:
         raise OutputExistsError(f"{workdir} holds checkpoints of an earlier run; pass --resume or remove it")
     cfg_file = workdir / "config.json"
+    absent = to_dict(ProtectConfig())  # what an added setting missing from config.json meant then:
+    absent["bank"]["unet_sources"] = ["original"]  # its default before the default came to depend on parts
     if resume and cfg_file.exists() and settings_changed(json.loads(cfg_file.read_text()), to_dict(cfg),
-                                                         to_dict(ProtectConfig()), ADDED_SETTINGS):
+                                                         absent, ADDED_SETTINGS):
         raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
 
 
