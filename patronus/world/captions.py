@@ -78,3 +78,15 @@ def all_caption_words() -> list[str]:
     words.update(BACKGROUND_NAMES)
     return sorted(words)
 
+
+
+def nonsense_words(n: int, seed: int, avoid: set[str]) -> list[str]:
+    """`n` random lower-case strings of 3-6 letters, none in `avoid`: words no tokenizer
+    vocabulary of the glyph world holds, which it spells in byte pieces like a new word."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        word = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=int(rng.integers(3, 7))))
+        if word not in avoid:
+            out.append(word)
+    return out

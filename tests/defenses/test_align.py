@@ -208,6 +208,32 @@ def test_the_decoder_can_learn_from_the_aligned_unets_latents(mini_pipeline, tmp
     assert any(not torch.equal(v, out.vae.state_dict()[k]) for k, v in plain.vae.state_dict().items())
 
 
+def test_unknown_word_prompts_swap_one_word_for_one_the_tokenizer_does_not_know(mini_pipeline):
+    from patronus.defenses.patronus.align import unknown_word_prompts
+    from patronus.world.newwords import NEW_WORDS
+
+    tok = StableDiffusionPipeline.from_pretrained(mini_pipeline).tokenizer
+    vocab = {t.removesuffix("</w>") for t in tok.get_vocab()}
+    texts = ["a red circle on a white background", "a blue star, gray background", "a red heart"] * 20
+    out = unknown_word_prompts(texts, tok, seed=3)
+    assert out == unknown_word_prompts(texts, tok, seed=3) and out != unknown_word_prompts(texts, tok, seed=4)
+    for before, after in zip(texts, out):
+        changed = [(a, b) for a, b in zip(before.split(), after.split()) if a != b]
+        assert len(before.split()) == len(after.split()) and len(changed) == 1
+        new = changed[0][1].rstrip(",")
+        assert new not in vocab and new not in NEW_WORDS and changed[0][0].endswith(",") == changed[0][1].endswith(",")
+
+
+def test_the_unknown_word_term_trains_the_unet(mini_pipeline, tmp_path):
+    """`unet.w_unknown`: an extra distillation term that changes what the UNet learns."""
+    plain = protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path), tmp_path / "plain.work")
+    cfg = _cfg(tmp_path, w_unknown=1.0)
+    unknown = protect(str(mini_pipeline), tmp_path / "unknown", cfg, tmp_path / "unknown.work")
+    assert unknown["config"]["unet"]["w_unknown"] == 1.0 and plain["config"]["unet"]["w_unknown"] == 0.0
+    a, b = _unet(tmp_path / "plain"), _unet(tmp_path / "unknown")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bank_sources_default_to_all_three_with_both_parts(tmp_path):
     """The full preset's decoder learns the UNet it ships with; one part, or the quick preset, the
     original's latents only. A work directory from before the default changed still resumes."""

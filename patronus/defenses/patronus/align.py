@@ -59,12 +59,15 @@ from patronus.models.sampling import generate_latents
 from patronus.nft.maml import InnerLoss, QueryLoss, nft_surrogate, simulate_first_order
 from patronus.nft.space import sample_attack
 from patronus.training import Checkpointer, RunState, check_replicas_agree, mix_seed, step_generator
+from patronus.world.captions import nonsense_words
 from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
+from patronus.world.newwords import NEW_WORDS
 from patronus.world.splits import render_split
 
 # What a LoRA alignment adapts: attention, feed-forward and resnet layers (every block's weights).
 ALIGN_LORA_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)$"
 UNET_OFFSET = 200_000  # the UNet half's images lie this far past the decoder half's in each partition
+UNKNOWN_SEED = 4242  # the nonsense words of `unknown_word_prompts`
 
 
 @dataclass
@@ -128,6 +131,24 @@ def load_partitions(pipe: StableDiffusionPipeline, cfg: ProtectConfig) -> dict[t
     return out
 
 
+def unknown_word_prompts(texts: list[str], tokenizer, seed: int) -> list[str]:
+    """Each caption with one of its words (3+ letters, picked at random) replaced by a nonsense
+    word the tokenizer does not know. Alignment alone learns to refuse *any* word it cannot read
+    (docs/unet-results.md), and then no benign fine-tune can teach a new word; distilled to the
+    original on these, the aligned UNet answers unknown words as the original does. The benign
+    fine-tuning task's own words are never used."""
+    vocab = {t.removesuffix("</w>") for t in tokenizer.get_vocab()}
+    rng = np.random.default_rng(seed + 1)  # which word goes; `seed` itself draws the new words
+    out = []
+    for text, new in zip(texts, nonsense_words(len(texts), seed, vocab | set(NEW_WORDS))):
+        words = text.split()
+        slots = [i for i, w in enumerate(words) if len(w.strip(",.")) >= 3] or [len(words) - 1]
+        i = slots[int(rng.integers(len(slots)))]
+        words[i] = new + words[i][len(words[i].rstrip(",.")):]  # keep the word's trailing punctuation
+        out.append(" ".join(words))
+    return out
+
+
 class Aligner:
     """Holds the UNet being aligned, its frozen teacher, the data and the losses."""
 
@@ -150,6 +171,10 @@ class Aligner:
         self.data = load_partitions(self.pipe, cfg)
         with torch.no_grad():
             self.h_empty = _embed(self.pipe, [""])
+            if self.u.w_unknown > 0:
+                unknown = unknown_word_prompts(self.data["train", "benign"].texts, self.pipe.tokenizer,
+                                               mix_seed(cfg.seed, UNKNOWN_SEED))
+                self.h_unknown = _embed(self.pipe, unknown)
             r = self.pipe.vae.config.sample_size
             black = torch.full((1, 3, r, r), -1.0, device=device)
             self.x0_black = encode_latents(self.pipe.vae, black) * self.scale
@@ -236,21 +261,25 @@ class Aligner:
         empty = self.h_empty.expand(len(b) + len(xr), -1, -1)
         x_unc, t_unc = torch.cat([xb, xr]), torch.cat([tb, tr])
         inputs = [(xr, tr, hr), (xb, tb, benign.hidden[b]), (x_unc, t_unc, empty)]
+        if self.u.w_unknown > 0:  # the same benign latents, their captions with an unknown word
+            inputs.append((xb, tb, self.h_unknown[b]))
         sizes = [len(x) for x, _, _ in inputs]
         out = self.model(torch.cat([x for x, _, _ in inputs]), torch.cat([t for _, t, _ in inputs]),
                          torch.cat([h for _, _, h in inputs]), return_dict=False)[0]
-        refuse, cond_b, unc = out.split(sizes)
+        refuse, cond_b, unc, *unknown = out.split(sizes)
         with torch.no_grad():
             teacher_b = self.teacher(xb, tb, benign.hidden[b], return_dict=False)[0]
             teacher_unc = self.teacher(x_unc, t_unc, empty, return_dict=False)[0]
-        return {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), xr, tr),
-                "distill": F.mse_loss(cond_b, teacher_b), "uncond": F.mse_loss(unc, teacher_unc),
-                "denoise": F.mse_loss(cond_b, target_b)}
+            teacher_unknown = [self.teacher(*inputs[3], return_dict=False)[0]] if unknown else []
+        terms = {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), xr, tr),
+                 "distill": F.mse_loss(cond_b, teacher_b), "uncond": F.mse_loss(unc, teacher_unc),
+                 "denoise": F.mse_loss(cond_b, target_b)}
+        return terms | {"unknown": F.mse_loss(unknown[0], teacher_unknown[0])} if unknown else terms
 
     def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.u
         return (u.w_refuse * t["refuse"] + u.w_distill * t["distill"] + u.w_uncond * t["uncond"]
-                + u.w_denoise * t["denoise"])
+                + u.w_denoise * t["denoise"] + u.w_unknown * t.get("unknown", 0.0))
 
     # --- the simulated attacker and the query --------------------------------------------------
     def inner_loss_fn(self, batch_size: int) -> InnerLoss:
@@ -387,8 +416,7 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
         sched.step()
         state["step"] = step + 1
         run.log(1, loss)
-        bar.set_postfix(refuse=f"{t['refuse'].item():.4f}", distill=f"{t['distill'].item():.4f}",
-                        uncond=f"{t['uncond'].item():.4f}")
+        bar.set_postfix({k: f"{v.item():.4f}" for k, v in t.items() if k != "denoise"})
         if state["step"] % u.checkpoint_every == 0:
             run.save()
     check_replicas_agree(acc, a.model, "the UNet (stage 1)")

@@ -68,6 +68,9 @@ class UNetAlignConfig:
     w_distill: float = 1.0  # benign prompts: the original's conditional prediction
     w_uncond: float = 1.0  # the empty prompt, on benign and unsafe noised latents: CFG's other branch
     w_denoise: float = 0.5  # benign defender images: the ordinary denoising loss
+    # Benign captions with one word replaced by a word the tokenizer does not know, distilled to
+    # the original: keeps refusal from spreading to every unknown word (`unknown_word_prompts`).
+    w_unknown: float = 0.0
     nft_steps: int = 200
     nft_lr: float = 2e-5
     w_nft: float = 0.1
@@ -104,7 +107,7 @@ class UNetAlignConfig:
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
         non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",
-                        "w_denoise", "w_nft", "nft_attacker_weight", "max_class_drop")
+                        "w_denoise", "w_unknown", "w_nft", "nft_attacker_weight", "max_class_drop")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
         if self.refusal_space not in ("x0", "eps"):

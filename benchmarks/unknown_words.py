@@ -1,0 +1,84 @@
+"""Does the aligned UNet treat words it has never seen as unsafe? (issue 14, benign fine-tunability)
+
+    python benchmarks/unknown_words.py --unet patronus-tiny-protected [--unet runs/other] [--base patronus-tiny]
+
+For benign defender images (noised at random timesteps, fixed seed) it prints, per UNet and per
+prompt kind, the denoising loss on the images and how far the prediction moved from the
+original UNet's (mean squared difference), for:
+
+  known      the images' own captions (glyph-world words, as in alignment's benign data)
+  new-words  the same captions with the object word replaced by "orb", "cube" or "petal" (the
+             benign fine-tuning task's words; byte pieces to the tokenizer)
+  nonsense   the same captions with the object word replaced by a random letter string
+  unsafe     unsafe defender images with their own captions (refused by design)
+
+A UNet that moved as far on new words and nonsense as on unsafe captions refuses whatever it
+cannot read, and a benign fine-tune must first undo that refusal.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from patronus.imaging import to_tensor
+from patronus.models.components import encode_latents
+from patronus.models.registry import resolve_model
+from patronus.world.captions import nonsense_words
+from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
+from patronus.world.newwords import NEW_WORDS
+from patronus.world.splits import render_split
+
+START = 700_000  # a stretch of the defender split that protection's partitions do not use
+SEED_OFFSET = 99  # the nonsense words differ from those alignment's `w_unknown` term trains on
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--unet", action="append", required=True, help="pipeline whose UNet to measure (repeatable)")
+    ap.add_argument("--base", default="patronus-tiny", help="the original pipeline (its VAE, text encoder, UNet)")
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    base = StableDiffusionPipeline.from_pretrained(resolve_model(args.base))
+    unets = {name: StableDiffusionPipeline.from_pretrained(resolve_model(name)).unet for name in args.unet}
+    tok = base.tokenizer
+    vocab = {t.removesuffix("</w>") for t in tok.get_vocab()}
+    benign_classes = tuple(c for c in CLASS_NAMES if c not in UNSAFE_CLASSES)
+    images, samples = render_split("defender", args.n, base.vae.config.sample_size, start=START, classes=benign_classes)
+    unsafe_images, unsafe_samples = render_split("defender", args.n, base.vae.config.sample_size, start=START,
+                                                 classes=UNSAFE_CLASSES)
+    new = list(NEW_WORDS)
+    junk = nonsense_words(args.n, args.seed + SEED_OFFSET, vocab | set(NEW_WORDS))
+    prompts = {
+        "known": ([s.text for s in samples], images),
+        "new-words": ([s.text.replace(s.word, new[i % len(new)]) for i, s in enumerate(samples)], images),
+        "nonsense": ([s.text.replace(s.word, junk[i]) for i, s in enumerate(samples)], images),
+        "unsafe": ([s.text for s in unsafe_samples], unsafe_images),
+    }
+    g = torch.Generator().manual_seed(args.seed)
+    sched = DDPMScheduler.from_config(base.scheduler.config)  # the training noise schedule
+    print(f"{args.n} defender images per kind, one random timestep and noise each (seed {args.seed})")
+    print("| UNet | prompts | denoising loss | drift from the original's prediction |")
+    print("|---|---|---|---|")
+    for kind, (texts, imgs) in prompts.items():
+        x0 = encode_latents(base.vae, to_tensor(imgs)) * base.vae.config.scaling_factor
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g)
+        x_t = sched.add_noise(x0, noise, t)
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        hidden = base.text_encoder(ids)[0]
+        original = base.unet(x_t, t, hidden).sample
+        rows = [("original", original)] + [(name, unet(x_t, t, hidden).sample) for name, unet in unets.items()]
+        for name, pred in rows:
+            print(f"| {name} | {kind} | {F.mse_loss(pred, noise).item():.4f} | "
+                  f"{F.mse_loss(pred, original).item():.4f} |")
+
+
+if __name__ == "__main__":
+    main()
