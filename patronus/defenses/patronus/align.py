@@ -270,11 +270,13 @@ class Aligner:
         with torch.no_grad():
             teacher_b = self.teacher(xb, tb, benign.hidden[b], return_dict=False)[0]
             teacher_unc = self.teacher(x_unc, t_unc, empty, return_dict=False)[0]
-            teacher_unknown = [self.teacher(*inputs[3], return_dict=False)[0]] if unknown else []
+            teacher_unknown = self.teacher(*inputs[3], return_dict=False)[0] if unknown else None
         terms = {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), xr, tr),
                  "distill": F.mse_loss(cond_b, teacher_b), "uncond": F.mse_loss(unc, teacher_unc),
                  "denoise": F.mse_loss(cond_b, target_b)}
-        return terms | {"unknown": F.mse_loss(unknown[0], teacher_unknown[0])} if unknown else terms
+        if unknown:
+            terms["unknown"] = F.mse_loss(unknown[0], teacher_unknown)
+        return terms
 
     def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.u
