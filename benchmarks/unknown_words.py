@@ -32,7 +32,7 @@ from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.newwords import NEW_WORDS
 from patronus.world.splits import render_split
 
-START = 700_000  # a stretch of the defender split that protection's partitions do not use
+START = 700_000  # NB: where the UNet half's query partition lies (500_000 + UNET_OFFSET); not a fresh stretch
 SEED_OFFSET = 99  # the nonsense words differ from those alignment's `w_unknown` term trains on
 
 
