@@ -69,8 +69,9 @@ class UNetAlignConfig:
     w_uncond: float = 1.0  # the empty prompt, on benign and unsafe noised latents: CFG's other branch
     w_denoise: float = 0.5  # benign defender images: the ordinary denoising loss
     # Benign captions with one word replaced by a word the tokenizer does not know, distilled to
-    # the original: keeps refusal from spreading to every unknown word (`unknown_word_prompts`).
-    w_unknown: float = 0.0
+    # the original: keeps refusal from spreading to every unknown word (`unknown_word_prompts`),
+    # which otherwise leaves a benign fine-tune nothing to teach new words with (docs/unet-results.md).
+    w_unknown: float = 1.0
     nft_steps: int = 200
     nft_lr: float = 2e-5
     w_nft: float = 0.1

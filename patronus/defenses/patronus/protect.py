@@ -376,6 +376,7 @@ def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> N
     cfg_file = workdir / "config.json"
     absent = to_dict(ProtectConfig())  # what an added setting missing from config.json meant then:
     absent["bank"]["unet_sources"] = ["original"]  # its default before the default came to depend on parts
+    absent["unet"]["w_unknown"] = 0.0  # off until session 14 made it the default
     if resume and cfg_file.exists() and settings_changed(json.loads(cfg_file.read_text()), to_dict(cfg),
                                                          absent, ADDED_SETTINGS):
         raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
