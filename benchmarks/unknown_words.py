@@ -32,7 +32,7 @@ from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.newwords import NEW_WORDS
 from patronus.world.splits import render_split
 
-START = 700_000  # NB: where the UNet half's query partition lies (500_000 + UNET_OFFSET); not a fresh stretch
+START = 4_000_000  # defender-split indices nothing else draws (Patronus's partitions lie below 1.2M, ESD's at 3M)
 SEED_OFFSET = 99  # the nonsense words differ from those alignment's `w_unknown` term trains on
 
 

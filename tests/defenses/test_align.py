@@ -225,13 +225,27 @@ def test_unknown_word_prompts_swap_one_word_for_one_the_tokenizer_does_not_know(
 
 
 def test_the_unknown_word_term_trains_the_unet(mini_pipeline, tmp_path):
-    """`unet.w_unknown`: an extra distillation term that changes what the UNet learns."""
-    plain = protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path), tmp_path / "plain.work")
-    cfg = _cfg(tmp_path, w_unknown=1.0)
-    unknown = protect(str(mini_pipeline), tmp_path / "unknown", cfg, tmp_path / "unknown.work")
+    """`unet.w_unknown` (on by default): an extra distillation term that changes what the UNet learns."""
+    plain = protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path, w_unknown=0.0), tmp_path / "plain.work")
+    unknown = protect(str(mini_pipeline), tmp_path / "unknown", _cfg(tmp_path), tmp_path / "unknown.work")
     assert unknown["config"]["unet"]["w_unknown"] == 1.0 and plain["config"]["unet"]["w_unknown"] == 0.0
     a, b = _unet(tmp_path / "plain"), _unet(tmp_path / "unknown")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_work_dir_from_before_the_unknown_word_term_resumes_only_without_it(tmp_path):
+    """config.json without `unet.w_unknown` was written when the term did not exist: it meant 0."""
+    from patronus.config import to_dict
+    from patronus.defenses.patronus.protect import _check_dirs
+
+    old = to_dict(load_config("full"))
+    del old["unet"]["w_unknown"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="different settings"):
+        _check_dirs(tmp_path / "out", tmp_path, load_config("full"), resume=True)
+    without = tmp_path / "without.toml"
+    without.write_text("[unet]\nw_unknown = 0.0\n")
+    _check_dirs(tmp_path / "out", tmp_path, load_config("full", without), resume=True)
 
 
 def test_bank_sources_default_to_all_three_with_both_parts(tmp_path):
