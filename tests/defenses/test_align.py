@@ -225,9 +225,12 @@ def test_unknown_word_prompts_swap_one_word_for_one_the_tokenizer_does_not_know(
 
 
 def test_the_unknown_word_term_trains_the_unet(mini_pipeline, tmp_path):
-    """`unet.w_unknown` (on by default): an extra distillation term that changes what the UNet learns."""
-    plain = protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path, w_unknown=0.0), tmp_path / "plain.work")
-    unknown = protect(str(mini_pipeline), tmp_path / "unknown", _cfg(tmp_path), tmp_path / "unknown.work")
+    """`unet.w_unknown` (on in the full preset, off in the quick one): an extra distillation term
+    that changes what the UNet learns."""
+    assert load_config("full").unet.w_unknown == 1.0 and load_config("quick").unet.w_unknown == 0.0
+    plain = protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path), tmp_path / "plain.work")
+    cfg = _cfg(tmp_path, w_unknown=1.0)
+    unknown = protect(str(mini_pipeline), tmp_path / "unknown", cfg, tmp_path / "unknown.work")
     assert unknown["config"]["unet"]["w_unknown"] == 1.0 and plain["config"]["unet"]["w_unknown"] == 0.0
     a, b = _unet(tmp_path / "plain"), _unet(tmp_path / "unknown")
     assert any(not torch.equal(a[k], b[k]) for k in a)
