@@ -66,6 +66,7 @@ def test_shipped_protected_model_is_patronus_tiny_with_both_parts_protected():
     assert info["changed_weight_files"] == ["unet/diffusion_pytorch_model.safetensors",
                                             "vae/diffusion_pytorch_model.safetensors"]
     assert info["config"]["stage2_steps"] > 0 and info["config"]["unet"]["nft_steps"] > 0
+    assert info["config"]["unet"]["w_unknown"] == 1.0  # v5: it can still learn new benign words
     assert info["shipped_as"] == "patronus-tiny-protected"
     for shared in ("text_encoder", "tokenizer", "scheduler"):  # linked to the original, not copied
         assert (PROTECTED_DIR / shared).is_symlink()
