@@ -26,8 +26,8 @@ test: .venv/installed chromium
 test-slow: .venv/installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
-# Rebuild the shipped patronus-tiny-protected from scratch (both parts: about 100 min on 2 CPU
-# cores, the UNet 54 min and the decoder 47 min measured; an H200 is only 3-12x faster on this
+# Rebuild the shipped patronus-tiny-protected from scratch (both parts: 116 min on 2 CPU cores
+# in session 14, the UNet 62 min and the decoder 54 min; an H200 is only 3-12x faster on this
 # tiny model, docs/performance.md): the full preset,
 # then its vae/, unet/ and patronus.json go into patronus/assets/.
 protected-model: .venv/installed
