@@ -73,3 +73,16 @@ def test_a_setting_added_since_a_run_started_is_unchanged_at_its_default():
     # Only the settings named as added: an empty or truncated config.json is a different run.
     assert settings_changed({}, same, defaults, added)
     assert settings_changed(saved, same, defaults)
+
+
+def test_the_default_grid_parts_together_are_the_default_grids_protected_cells():
+    from patronus.sweep.grid import load_grid
+
+    default = load_grid("default")
+    parts = [load_grid(CONFIGS / f"grid-default-part{i}.toml") for i in (1, 2)]
+    cells = [frozenset(c.items()) for p in parts for c in p.cells()]
+    assert len(cells) == len(set(cells)) and set(cells) == {frozenset(c.items()) for c in default.cells()}
+    for p in parts:
+        assert p.budgets == default.budgets and (p.batch_size, p.data, p.suite) == (default.batch_size, default.data,
+                                                                                     default.suite)
+        assert p.references == ("original-vae",)  # unprotected and scratch do not depend on the protected model

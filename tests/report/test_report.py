@@ -93,3 +93,15 @@ def test_robustness_findings_say_where_protection_is_above_scratch_or_broken():
     assert worst.endswith("decoder-full 60%, unet-full 0%.")
     assert above.endswith("in 1 of 2 rows: decoder-full adam lr 0.0001 @ 100 steps.")
     assert broken.endswith(": unet-full adam lr 0.0001 @ 100 steps.")
+
+
+def test_the_robustness_text_names_only_the_references_the_sweep_ran():
+    from patronus.report import robustness_text
+
+    everything = robustness_text({"protected", "unprotected", "scratch", "original-vae"})
+    assert "unprotected original and a scratch model" in everything and "original-vae" in everything
+    alone = robustness_text({"protected", "original-vae"})  # a part of the default grid (configs/grid-default-part1.toml)
+    assert "no unprotected or scratch reference" in alone and "original-vae" in alone
+    assert "scratch model (" not in alone
+    assert robustness_text({"protected", "scratch"}) == ("Protected model against a scratch model (attacked "
+                                                          "components randomly initialised), same attacks and budgets.")
