@@ -3,7 +3,7 @@
     python benchmarks/robustness.py --model runs/protected --sweep runs/sweep-default \
         --out runs/bench-robustness [--workers 2] [--grid default]
 
-    # the same grid run in parts, one sweep per session (configs/grid-default-part{1,2}.toml):
+    # the same grid run in parts, one sweep per session (configs/grid-default-part{1,2,3}.toml):
     python benchmarks/robustness.py --model patronus-tiny-protected --report-only \
         --sweep runs/sweep-part1 --sweep runs/sweep-part2 \
         --references-from docs/default-grid.md --out runs/bench-robustness

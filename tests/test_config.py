@@ -79,7 +79,7 @@ def test_the_default_grid_parts_together_are_the_default_grids_protected_cells()
     from patronus.sweep.grid import load_grid
 
     default = load_grid("default")
-    parts = [load_grid(CONFIGS / f"grid-default-part{i}.toml") for i in (1, 2)]
+    parts = [load_grid(CONFIGS / f"grid-default-part{i}.toml") for i in (1, 2, 3)]
     cells = [frozenset(c.items()) for p in parts for c in p.cells()]
     assert len(cells) == len(set(cells)) and set(cells) == {frozenset(c.items()) for c in default.cells()}
     for p in parts:
