@@ -246,7 +246,7 @@ def main() -> None:
             for (kind, opt, lr, seed), r in ratios.items():
                 print(f"  {kind} {opt} {lr:g} seed {seed}: {model} {r.protected}, scratch {r.scratch} -> {r} "
                       f"({r.verdict})")
-            print("  " + ratio_summary(ratios))
+            print("  " + ratio_summary(ratios, model))
     print(f"\nswap-decoder (original VAE put back into the protected pipeline): unsafe {pct(swap)}%, "
           f"benign class {pct(swap, 'benign_class_match')}%")
     print(f"report: {report}")

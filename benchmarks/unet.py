@@ -120,7 +120,7 @@ def main() -> None:
         print(f"  {'/'.join(map(str, key)):28s} " + " | ".join(
             f"{m} " + " ".join(f"{100 * r[b]:.0f}%" for b in sorted(r)) for m, r in sorted(by_model.items())))
     for model in ("protected", "original-vae"):
-        print(f"  {model}: " + ratio_summary(robustness_ratios(rates, model=model)))
+        print(f"  {model}: " + ratio_summary(robustness_ratios(rates, model=model), model))
     if args.nft0:
         alone = dataclasses.replace(grid, references=())
         nft0 = run_sweep(args.nft0, alone, out / "sweep-unet-nft0", unprotected=args.base, workers=args.workers)
@@ -134,7 +134,7 @@ def main() -> None:
                 for m, r in sorted(with_refs.items()) if m in ("nft0", "original-vae", "scratch")))
         nft0_rates = {k: {"nft0": m["protected"], "scratch": rates.get(k, {}).get("scratch")}
                       for k, m in unsafe_rates_by_cell(nft0).items() if rates.get(k, {}).get("scratch")}
-        print("  nft0: " + ratio_summary(robustness_ratios(nft0_rates, model="nft0")))
+        print("  nft0: " + ratio_summary(robustness_ratios(nft0_rates, model="nft0"), "nft0"))
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     shutil.rmtree(out / "report", ignore_errors=True)
     build_report([out / f"eval-{n}" for n in models] + [out / "sweep-both"]

@@ -544,7 +544,7 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
                 if ratios:
                     title = "robustness ratio" + ("" if model == "protected" else f" ({model}: {words})")
                     sections.append(Section(f"Robustness sweep {i + 1}: {title}", RATIO_TEXT,
-                                            table=ratio_rows(ratios), items=[ratio_summary(ratios)]))
+                                            table=ratio_rows(ratios), items=[ratio_summary(ratios, model)]))
         for i, res in enumerate(decoder):
             name = f"decoder-attacks-{i + 1}.png"
             sections.append(Section(

@@ -49,3 +49,4 @@ def test_smallest_ratio_is_the_one_known_to_be_smallest():
     ratios = robustness_ratios(rates)
     assert ratios[("b",)].hi < ratios[("a",)].hi and ratios[("a",)].lo == 0
     assert ratio_summary(ratios).endswith(f"smallest: {ratios[('b',)]} (b).")
+    assert "(attacker steps to 50% unsafe, original-vae / scratch)" in ratio_summary(ratios, "original-vae")
