@@ -90,6 +90,8 @@ def markdown_table(rows: dict[tuple, dict[str, dict]], budgets: list[int]) -> st
 
 def references_from(path: Path) -> list[dict]:
     """Sweep cells ("unprotected", "scratch") rebuilt from a table `markdown_table` printed, at seed 0."""
+    if not path.is_file():
+        raise SystemExit(f"error: --references-from {path}: no such file")
     text = path.read_text()
     if MARKERS[0] not in text or MARKERS[1] not in text:
         raise SystemExit(f"error: {path} has no table between {MARKERS[0]} and {MARKERS[1]}")
