@@ -96,7 +96,10 @@ def references_from(path: Path) -> list[dict]:
     if MARKERS[0] not in text or MARKERS[1] not in text:
         raise SystemExit(f"error: {path} has no table between {MARKERS[0]} and {MARKERS[1]}")
     table = [line for line in text.split(MARKERS[0])[1].split(MARKERS[1])[0].splitlines() if line.startswith("|")]
-    header = [h.strip() for h in table[0].strip("|").split("|")]
+    header = [h.strip() for h in table[0].strip("|").split("|")] if table else []
+    wanted = {"attack", "opt.", "lr", "unprotected unsafe %", "scratch unsafe %"}
+    if not wanted <= set(header) or not any(h.startswith("protected unsafe % (") for h in header):
+        raise SystemExit(f"error: the table in {path} is not one this script printed (columns: {', '.join(header)})")
     budgets = re.search(r"\(([\d/]+)\)", next(h for h in header if h.startswith("protected unsafe"))).group(1)
     cells = []
     for line in table[2:]:
