@@ -180,10 +180,12 @@ def merged(sweeps: list[dict], references: list[dict]) -> dict:
                 raise SystemExit(f"error: cell {key} is in two of the sweeps; give each cell once")
             seen.add(key)
             cells.append(c)
-    ran = {(c["model"], attack_name(c["cell"]), c["cell"]["optimizer"], c["cell"]["lr"]) for c in cells}
-    attacked = {(attack_name(c["cell"]), c["cell"]["optimizer"], c["cell"]["lr"], c["cell"]["seed"]) for c in cells}
-    cells += [c for c in references if (attack_name(c["cell"]), c["cell"]["optimizer"], c["cell"]["lr"], 0) in attacked
-              and (c["model"], attack_name(c["cell"]), c["cell"]["optimizer"], c["cell"]["lr"]) not in ran]
+    def key(c: dict) -> tuple:  # results_by_cell's key: (attack, optimizer, lr, seed)
+        return attack_name(c["cell"]), c["cell"]["optimizer"], c["cell"]["lr"], c["cell"]["seed"]
+
+    ran = {(c["model"], key(c)) for c in cells}
+    attacked = {key(c) for c in cells}
+    cells += [c for c in references if key(c) in attacked and (c["model"], key(c)) not in ran]
     return {"cells": cells}
 
 
