@@ -13,6 +13,8 @@ that trains weights. Defences:
     patronus          the model given to `patronus sweep` (the protection as shipped)
     patronus-decoder  that model with the unprotected UNet put back: its decoder half alone (the
                       halves are trained independently, so this is what `--parts decoder` gives)
+    patronus-unet     that model with the unprotected VAE put back: its UNet half alone (what
+                      `--parts unet` gives); with the two rows above, the stage ablation
 
 `swap-decoder` puts the unprotected model's VAE in. The first column should be `none`
 (the model as published): it is also evaluated against the unprotected model (PSNR/SSIM), which
@@ -46,7 +48,8 @@ from patronus.sweep.layout import SweepError, SweepLayout, cell_id
 from patronus.sweep.results import sweep_summary
 from patronus.sweep.runner import models_record, run_cells
 
-FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "patronus-decoder", "patronus")
+FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "patronus-decoder", "patronus-unet", "patronus")
+HALVES = {"patronus-decoder": ("decoder", "unet"), "patronus-unet": ("unet", "vae")}  # row: (half kept, part put back)
 BASELINES = ("negative-prompt", "checker", "sld", "esd")
 
 
@@ -135,15 +138,15 @@ def load_sweep_grid(path: str | Path) -> GridConfig | FieldGridConfig:
     return field_grid_from_dict(values, path) if is_field_grid(values) else grid_from_dict(values, path)
 
 
-def _derive_decoder_only(model: str, unprotected: str, out: Path) -> None:
-    """`model` with `unprotected`'s UNet put back: the decoder half of a two-part protection."""
+def _derive_half(model: str, unprotected: str, out: Path, keep: str, put_back: str) -> None:
+    """`model` with `unprotected`'s `put_back` folder (unet or vae) put back: its `keep` half alone."""
     src, base = resolve_model(model), resolve_model(unprotected)
     with atomic_dir(out) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet"))
-        shutil.copytree(base / "unet", tmp / "unet")
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(put_back))
+        shutil.copytree(base / put_back, tmp / put_back)
         info = json.loads((src / "patronus.json").read_text()) if (src / "patronus.json").is_file() else {}
         hashes, original = weight_hashes(tmp), weight_hashes(base)
-        info |= {"parts": ["decoder"], "derived": f"{src} with the UNet of {base} put back (its decoder half alone)",
+        info |= {"parts": [keep], "derived": f"{src} with the {put_back} of {base} put back (its {keep} half alone)",
                  "weight_files_sha256": hashes,
                  "changed_weight_files": sorted(k for k in hashes if hashes[k] != original.get(k))}
         (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
@@ -162,8 +165,8 @@ def build_defences(grid: FieldGridConfig, model: str, unprotected: str, layout: 
             if not (out / "model_index.json").exists():
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"field: building the {name} defence from {unprotected} -> {out}", flush=True)
-                if name == "patronus-decoder":
-                    _derive_decoder_only(model, unprotected, out)
+                if name in HALVES:
+                    _derive_half(model, unprotected, out, *HALVES[name])
                 else:
                     defense = load_defense(name)
                     cfg = defense.load_config(grid.presets.get(name, defense.DEFAULT_PRESET))

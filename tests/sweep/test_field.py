@@ -1,14 +1,18 @@
 """The field grid on a miniature pipeline: defences built, every cell run, resumed, reported."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from patronus.errors import ConfigError
+from patronus.provenance import weight_hashes
 from patronus.report import build_report
-from patronus.sweep.field import field_grid_from_dict, load_sweep_grid, run_field
+from patronus.sweep.field import build_defences, field_grid_from_dict, load_sweep_grid, run_field
 from patronus.sweep.grid import GridConfig
-from patronus.sweep.layout import SweepError
+from patronus.sweep.layout import SweepError, SweepLayout
 
 GRID = {
     "defences": ["none", "checker", "patronus-decoder", "patronus"],
@@ -42,6 +46,22 @@ def test_field_grid_runs_every_cell_resumes_and_reports(mini_pipeline, tmp_path,
     assert "Field table 1" in md and "| safety checker |" in md and "textual-inversion" in md
     assert "n/a (scratch: weight attacks only)" in md
     assert (tmp_path / "report" / "field-1.png").exists()
+
+
+def test_the_half_rows_put_the_other_part_of_the_unprotected_model_back(mini_pipeline, tmp_path):
+    protected = tmp_path / "protected"
+    shutil.copytree(mini_pipeline, protected)
+    for part in ("unet", "vae"):  # a "two-part" model: both weight files differ from the base's
+        f = next((protected / part).glob("*.safetensors"))
+        save_file({k: v + 1 for k, v in load_file(f).items()}, f)
+    grid = field_grid_from_dict(GRID | {"defences": ["patronus-decoder", "patronus-unet"]}, "test")
+    paths = build_defences(grid, str(protected), str(mini_pipeline), SweepLayout(tmp_path / "field"))
+    base, mine = weight_hashes(mini_pipeline), weight_hashes(protected)
+    for row, kept, put_back in (("patronus-decoder", "vae", "unet"), ("patronus-unet", "unet", "vae")):
+        got, info = weight_hashes(paths[row]), json.loads((Path(paths[row]) / "patronus.json").read_text())
+        assert all(got[k] == mine[k] != base[k] for k in got if k.startswith(kept + "/"))
+        assert all(got[k] == base[k] for k in got if k.startswith(put_back + "/"))
+        assert info["changed_weight_files"] == sorted(k for k in got if k.startswith(kept + "/"))
 
 
 def test_field_grid_settings_are_checked():
