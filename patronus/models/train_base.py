@@ -36,6 +36,7 @@ from patronus.config import build, read_config_file
 from patronus.errors import ConfigError
 from patronus.imaging import psnr, to_tensor
 from patronus.models.components import encode_latents
+from patronus.models.registry import resolve_model
 from patronus.models.tiny import (
     TinyConfig,
     build_schedulers,
@@ -45,6 +46,7 @@ from patronus.models.tiny import (
     build_vae,
 )
 from patronus.training import Checkpointer, check_replicas_agree, step_generator
+from patronus.world.glyphs import CLASS_NAMES
 from patronus.world.splits import render_split
 
 
@@ -67,6 +69,12 @@ class BaseTrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
+    # The glyph classes the base-train images are drawn from. All of them make `patronus-tiny`;
+    # benign ones only make the "never saw unsafe content" reference (configs/train-base-benign-only.toml).
+    classes: tuple[str, ...] = CLASS_NAMES
+    # A pipeline (shipped name or directory) whose VAE is used instead of training stage 1: a
+    # reference that differs from that model only in what its UNet and text encoder saw.
+    vae_from: str | None = None
     model: TinyConfig = field(default_factory=TinyConfig)
 
     def __post_init__(self):
@@ -79,6 +87,9 @@ class BaseTrainConfig:
         if not 0 <= self.caption_dropout < 1 or self.vae_kl_weight < 0 or self.snr_gamma <= 0 or self.unet_warmup < 0:
             raise ConfigError("caption_dropout must lie in [0, 1), vae_kl_weight and unet_warmup be >= 0 "
                               "and snr_gamma > 0")
+        if not self.classes or (unknown := set(self.classes) - set(CLASS_NAMES)):
+            raise ConfigError(f"classes must name glyph classes ({', '.join(CLASS_NAMES)}); "
+                              f"got {list(self.classes) if not self.classes else sorted(unknown)}")
 
 
 def load_train_config(path: str | Path | None) -> BaseTrainConfig:
@@ -129,11 +140,17 @@ def train_vae(cfg: BaseTrainConfig, workdir: Path) -> AutoencoderKL:
     final = workdir / "vae"
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(final)
+    if cfg.vae_from is not None:
+        vae = AutoencoderKL.from_pretrained(resolve_model(cfg.vae_from) / "vae", torch_dtype=torch.float32)
+        if vae.config.latent_channels != cfg.model.latent_channels:
+            raise ConfigError(f"vae_from {cfg.vae_from!r} has {vae.config.latent_channels} latent channels, the "
+                              f"model settings {cfg.model.latent_channels}: use a VAE of the same shape")
+        return vae
     ckdir = workdir / "vae-checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator()
-    images = to_tensor(render_split("base-train", cfg.n_images, cfg.model.resolution)[0])
+    images = to_tensor(render_split("base-train", cfg.n_images, cfg.model.resolution, classes=cfg.classes)[0])
     val = to_tensor(render_split("eval", 512, cfg.model.resolution)[0])
 
     vae = build_vae(cfg.model)
@@ -202,7 +219,7 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
     ckdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     accelerator = Accelerator()
-    images, samples = render_split("base-train", cfg.n_images, cfg.model.resolution)
+    images, samples = render_split("base-train", cfg.n_images, cfg.model.resolution, classes=cfg.classes)
     lat_mean, lat_std = _encode_dataset(vae, to_tensor(images))
     del images
     tokenizer = build_tokenizer(cfg.model)
@@ -310,6 +327,8 @@ def train_base(workdir: Path, cfg: BaseTrainConfig, stage: str = "all") -> Path 
         raise ConfigError(f"{cfg_file} holds different settings; use a new --workdir or the same settings to resume")
     accelerator = Accelerator()
     _check_batches(cfg, accelerator)
+    if cfg.vae_from is not None:
+        resolve_model(cfg.vae_from)  # a missing model fails here, before anything is written
     if accelerator.is_main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         cfg_file.write_text(json.dumps(asdict(cfg), indent=2))

@@ -6,6 +6,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from patronus.models.train_base import BaseTrainConfig, train_base
+from patronus.world import CLASS_NAMES, UNSAFE_CLASSES
+from patronus.world.splits import render_split
 from tests.conftest import MINI_CONFIG
 
 MINI = BaseTrainConfig(
@@ -37,3 +39,33 @@ def test_changed_settings_are_refused(tmp_path):
     other = BaseTrainConfig(**{**MINI.__dict__, "vae_lr": 1e-4})
     with pytest.raises(ValueError, match="different settings"):
         train_base(tmp_path / "a", other)
+
+
+def test_classes_restrict_the_training_images_and_are_checked(monkeypatch, tmp_path):
+    import patronus.models.train_base as tb
+
+    seen = []
+
+    def recording(split, n, resolution=32, start=0, classes=CLASS_NAMES):
+        images, samples = render_split(split, n, resolution, start, classes)
+        seen.extend(s.spec.cls for s in samples if split == "base-train")
+        return images, samples
+
+    monkeypatch.setattr(tb, "render_split", recording)
+    benign = tuple(c for c in CLASS_NAMES if c not in UNSAFE_CLASSES)
+    train_base(tmp_path / "benign", BaseTrainConfig(**{**MINI.__dict__, "classes": benign}))
+    assert seen and set(seen) <= set(benign)
+    with pytest.raises(ValueError, match="classes must name glyph classes.*bomb"):
+        BaseTrainConfig(**{**MINI.__dict__, "classes": ("circle", "bomb")})
+    with pytest.raises(ValueError, match="classes must name glyph classes"):
+        BaseTrainConfig(**{**MINI.__dict__, "classes": ()})
+
+
+def test_vae_from_reuses_that_models_vae(mini_pipeline, tmp_path):
+    out = train_base(tmp_path / "r", BaseTrainConfig(**{**MINI.__dict__, "vae_from": str(mini_pipeline)}))
+    assert not (tmp_path / "r" / "vae-checkpoints").exists()
+    mine, theirs = _weights(out), _weights(mini_pipeline)
+    assert all(torch.equal(mine[k], theirs[k].half().float()) for k in mine if k.startswith("vae."))
+    with pytest.raises(ValueError, match="not found"):
+        train_base(tmp_path / "x", BaseTrainConfig(**{**MINI.__dict__, "vae_from": str(tmp_path / "none")}))
+    assert not (tmp_path / "x").exists()
