@@ -11,10 +11,12 @@ that trains weights. Defences:
     negative-prompt, checker, sld, esd   the baselines (defenses/baselines), default presets
                       unless `presets` says otherwise
     patronus          the model given to `patronus sweep` (the protection as shipped)
-    patronus-decoder  that model with the unprotected UNet put back: its decoder half alone (the
-                      halves are trained independently, so this is what `--parts decoder` gives)
+    patronus-decoder  that model with the unprotected UNet put back: its decoder half alone
     patronus-unet     that model with the unprotected VAE put back: its UNet half alone (what
-                      `--parts unet` gives); with the two rows above, the stage ablation
+                      `--parts unet` gives); with the two rows above, the stage ablation. The
+                      decoder half is what `--parts decoder` gives only when the decoder's bank
+                      holds the original UNet's latents alone (`bank.unet_sources`, the quick
+                      preset); the full preset's decoder also learned the aligned UNet's
 
 `swap-decoder` puts the unprotected model's VAE in. The first column should be `none`
 (the model as published): it is also evaluated against the unprotected model (PSNR/SSIM), which
