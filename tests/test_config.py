@@ -50,10 +50,13 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_committed_config_files_load(path):
     from patronus.defenses.patronus.config import load_config
+    from patronus.models.train_base import load_train_config
     from patronus.sweep.field import load_sweep_grid
 
     if path.name.startswith("grid-"):  # a robustness grid or a field grid
         load_sweep_grid(str(path))
+    elif path.name.startswith("train-base-"):  # a base-model recipe
+        load_train_config(path)
     else:
         for preset in ("quick", "full"):
             load_config(preset, path)
