@@ -141,6 +141,9 @@ class Checkpointer:
         return state, tensors
 
 
+EXTRA = "extra/"  # RunState.extra's prefix in a checkpoint's tensors; weight names hold no "/"
+
+
 class RunState:
     """Where a probed training run is (stage, step), its probes, and the best checkpoint's
     weights so far; saved with every checkpoint so that a resumed run ends exactly where an
@@ -150,12 +153,15 @@ class RunState:
         self.checkpointer, self.rank_by = checkpointer, rank_by
         self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}, "losses": {}}
         self.best_weights: dict[str, torch.Tensor] = {}
+        self.extra: dict[str, torch.Tensor] = {}  # other tensors the loop resumes from (kept as "extra/NAME")
         self._since = time.time()
 
     def restore(self) -> None:
         restored = self.checkpointer.restore()
         if restored is not None:
-            self.state, self.best_weights = restored
+            self.state, tensors = restored
+            self.best_weights = {k: v for k, v in tensors.items() if not k.startswith(EXTRA)}
+            self.extra = {k.removeprefix(EXTRA): v for k, v in tensors.items() if k.startswith(EXTRA)}
         self._since = time.time()
 
     def worked_seconds(self) -> float:
@@ -171,7 +177,8 @@ class RunState:
     def save(self) -> None:
         self.state["timing"]["worked_seconds"] = self.worked_seconds()
         self._since = time.time()
-        self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, self.best_weights)
+        tensors = self.best_weights | {EXTRA + k: v.contiguous() for k, v in self.extra.items()}
+        self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, tensors)
 
     def record_probe(self, result: dict, model: torch.nn.Module) -> None:
         """Keep the probe; keep `model`'s weights when it is the best checkpoint so far (for the

@@ -46,15 +46,17 @@ def query_weights(n: int, weighting: str = "late") -> list[float]:
 
 def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,
                          query_loss: QueryLoss, queries: int, generator: torch.Generator,
-                         weighting: str = "uniform", lora_targets: tuple[str, ...] | None = None
-                         ) -> tuple[Params, float]:
+                         weighting: str = "uniform", lora_targets: tuple[str, ...] | None = None,
+                         offset: Params | None = None) -> tuple[Params, float]:
     """Play `attack` on a copy of `module`'s parameters; return the weighted query gradient and loss.
 
     The returned gradient is w.r.t. the *adapted* parameters (first-order MAML), keyed like
     `module.named_parameters()`; `weighting` spreads the queries' weights (see `query_weights`);
     `lora_targets` are the modules a LoRA attack adapts (None: every conv and linear layer).
+    `offset` (per parameter) moves the attack's starting point away from the module's weights;
+    the gradient is still applied to the module's own weights, as first-order MAML applies it.
     """
-    base = {n: p.detach() for n, p in module.named_parameters()}
+    base = {n: p.detach() + offset[n] if offset else p.detach() for n, p in module.named_parameters()}
     if attack.update == "full":
         fast = {n: p.clone().requires_grad_(True) for n, p in base.items()}
         trainable, effective = list(fast.values()), lambda: fast

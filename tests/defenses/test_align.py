@@ -66,6 +66,21 @@ def test_unet_resume_gives_the_same_weights(mini_pipeline, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_anchored_nft_resumes_from_its_checkpointed_anchor(mini_pipeline, tmp_path):
+    # Anchors at outer steps 0 and 3; the kill leaves the step-2 checkpoint, whose anchor (step 0's) must come back.
+    cfg = _cfg(tmp_path, nft_anchor_every=3, nft_anchor_steps=2)
+    protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
+    stage2 = sorted((tmp_path / "wb" / "unet" / "stage2").glob("checkpoint-*"))
+    shutil.rmtree(stage2[-1])
+    protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    a, b = _unet(tmp_path / "a"), _unet(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path), tmp_path / "wp")
+    plain = _unet(tmp_path / "plain")
+    assert any(not torch.equal(a[k], plain[k]) for k in a)  # the anchor moved the simulated attacks
+
+
 def test_lora_alignment_is_merged_into_a_plain_unet(mini_pipeline, tmp_path):
     info = protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path, update="lora", lora_rank=2, nft_steps=0),
                    tmp_path / "work")
@@ -134,6 +149,8 @@ def test_bad_parts_are_refused(parts):
     ({"target": "white"}, "unet.target"), ({"update": "dora"}, "unet.update"),
     ({"attacks": {"objectives": [["image", 1.0]]}}, "denoise"), ({"align_steps": 0}, "unet.align_steps"),
     ({"esd_guidance": -1.0}, "unet.esd_guidance"), ({"refusal_space": "z"}, "unet.refusal_space"),
+    ({"nft_anchor_every": -1}, "unet.nft_anchor_every"), ({"nft_anchor_steps": 0}, "unet.nft_anchor_steps"),
+    ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"),
 ])
 def test_bad_unet_settings_are_refused(tmp_path, unet, message):
     path = tmp_path / "bad.json"

@@ -97,6 +97,28 @@ def test_first_order_leaves_the_module_untouched_and_matches_a_manual_attack():
         torch.testing.assert_close(grads[k], manual[k] / len(attack.query_steps(2)), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("update", ["full", "lora"])
+def test_an_offset_starts_the_attack_from_the_moved_weights(update):
+    head, z, x, make_inner, query = _setup()
+    g = torch.Generator().manual_seed(3)
+    offset = {n: 0.01 * torch.randn(p.shape, generator=g) for n, p in head.named_parameters()}
+    moved = copy.deepcopy(head)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            p += offset[n]
+    attack = SimulatedAttack("adam", 1e-3, 4, 3, "image", update, 4)
+    grads, q = simulate_first_order(head, attack, make_inner(4), query, queries=1,
+                                    generator=torch.Generator().manual_seed(1), offset=offset)
+    want, q_want = simulate_first_order(moved, attack, make_inner(4), query, queries=1,
+                                        generator=torch.Generator().manual_seed(1))
+    assert q == pytest.approx(q_want, rel=1e-5)
+    for k in grads:
+        torch.testing.assert_close(grads[k], want[k], rtol=1e-4, atol=1e-7)
+    plain, q_plain = simulate_first_order(head, attack, make_inner(4), query, queries=1,
+                                          generator=torch.Generator().manual_seed(1))
+    assert q_plain != pytest.approx(q, rel=1e-3)  # the offset mattered
+
+
 def test_lora_view_starts_at_the_base_weights_and_learns():
     head, z, x, make_inner, query = _setup()
     base = {n: p.detach() for n, p in head.named_parameters()}

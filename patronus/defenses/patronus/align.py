@@ -68,6 +68,7 @@ from patronus.world.splits import render_split
 ALIGN_LORA_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2)$"
 UNET_OFFSET = 200_000  # the UNet half's images lie this far past the decoder half's in each partition
 UNKNOWN_SEED = 4242  # the nonsense words of `unknown_word_prompts`
+ANCHOR_SEED = 13_000_000  # + the outer step: the real attack of anchored NFT
 
 
 @dataclass
@@ -315,6 +316,18 @@ class Aligner:
 
         return query
 
+    @torch.no_grad()
+    def anchor_offset(self, step: int) -> dict[str, torch.Tensor]:
+        """Anchored NFT: how far a real Adam attack on the defender's unsafe training images
+        moves each weight from where the UNet is now (see `UNetAlignConfig.nft_anchor_every`)."""
+        u, part = self.u, self.data["train", "unsafe"]
+        attack = UNetAttackConfig("adam", u.nft_anchor_lr, u.nft_anchor_steps, 16,
+                                  seed=mix_seed(self.cfg.seed, ANCHOR_SEED + step))
+        with torch.enable_grad():
+            attacked = attack_unet(self.unet, self.scheduler, part.mean, part.std, part.hidden, self.scale, attack)
+        now = dict(self.unet.named_parameters())
+        return {n: w - now[n] for n, w in attacked.named_parameters()}
+
     # --- probes ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _sample_scores(self, unet: torch.nn.Module) -> dict[str, float]:
@@ -452,6 +465,8 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
     bar = tqdm(range(state["step"], u.nft_steps), initial=state["step"], total=u.nft_steps,
                desc="UNet stage 2 (non-fine-tunable)", disable=not acc.is_main_process)
     for step in bar:
+        if u.w_nft and u.nft_anchor_every and step % u.nft_anchor_every == 0:
+            run.extra = a.anchor_offset(step)  # checkpointed: a resumed run starts from the same anchor
         opt.zero_grad(set_to_none=True)
         with acc.autocast():  # the simulated attack too: every forward of the step
             nft, q_value, what = torch.zeros((), device=acc.device), float("nan"), "none"
@@ -460,9 +475,10 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
                 g = _step_generator(cfg.seed, 2, step)
                 grads, q_value = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size),
                                                       a.query_loss_fn(g), u.attacks.queries_per_attack, g,
-                                                      u.attacks.query_weighting, tuple(UNET_LORA_TARGETS))
+                                                      u.attacks.query_weighting, tuple(UNET_LORA_TARGETS),
+                                                      offset=run.extra or None)
                 nft, inner_total = nft_surrogate(a.unet, grads), inner_total + attack.steps
-                what = f"{attack.optimizer}/{attack.update}x{attack.steps}"
+                what = f"{attack.optimizer}/{attack.update}x{attack.steps}" + ("+anchor" if run.extra else "")
             t = a.terms(_step_generator(cfg.seed, 3, step))
             loss = u.w_nft * nft + a.loss(t)
         acc.backward(loss)

@@ -82,6 +82,14 @@ class UNetAlignConfig:
     nft_attacker_weight: float = 1.0
     query_batch: int = 32
     attacks: UNetAttackSpaceConfig = field(default_factory=UNetAttackSpaceConfig)
+    # Anchored NFT (0: off). Every `nft_anchor_every` outer steps a real attack (Adam at
+    # `nft_anchor_lr` for `nft_anchor_steps` steps, batch 16, on the defender's unsafe training
+    # images) runs from the current weights; until the next one, each simulated attack starts from
+    # the current weights plus that attack's displacement. The query then scores where a fine-tune
+    # far longer than the simulated horizon ends up, at the cost of one such attack per anchor.
+    nft_anchor_every: int = 0
+    nft_anchor_steps: int = 100
+    nft_anchor_lr: float = 1e-4
     probe_every: int = 50
     probe_optimizer: str = "adam"
     probe_lr: float = 1e-4
@@ -104,17 +112,19 @@ class UNetAlignConfig:
                               f"choose one of {', '.join(OPTIMIZERS)}")
         positive = ("lora_rank", "n_train", "n_query", "n_probe", "batch_size", "query_batch", "align_steps",
                     "probe_every", "probe_steps", "probe_batch", "probe_samples", "probe_sampler_steps",
-                    "checkpoint_every")
+                    "checkpoint_every", "nft_anchor_steps")
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
         non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",
-                        "w_denoise", "w_unknown", "w_nft", "nft_attacker_weight", "max_class_drop")
+                        "w_denoise", "w_unknown", "w_nft", "nft_attacker_weight", "max_class_drop", "nft_anchor_every")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
         if self.refusal_space not in ("x0", "eps"):
             raise ConfigError(f"unet.refusal_space must be x0 or eps, got {self.refusal_space!r}")
-        if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma) <= 0:
-            raise ConfigError("unet.align_lr, nft_lr, probe_lr, nft_attacker_tau and snr_gamma must be positive")
+        if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma,
+               self.nft_anchor_lr) <= 0:
+            raise ConfigError("unet.align_lr, nft_lr, probe_lr, nft_attacker_tau, snr_gamma and nft_anchor_lr must be "
+                              "positive")
 
 
 @dataclass(frozen=True)
