@@ -161,7 +161,8 @@ class RunState:
         if restored is not None:
             self.state, tensors = restored
             self.best_weights = {k: v for k, v in tensors.items() if not k.startswith(EXTRA)}
-            self.extra = {k.removeprefix(EXTRA): v for k, v in tensors.items() if k.startswith(EXTRA)}
+            device = self.checkpointer.accelerator.device  # load_file reads onto the CPU
+            self.extra = {k.removeprefix(EXTRA): v.to(device) for k, v in tensors.items() if k.startswith(EXTRA)}
         self._since = time.time()
 
     def worked_seconds(self) -> float:

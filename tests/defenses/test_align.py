@@ -69,11 +69,13 @@ def test_unet_resume_gives_the_same_weights(mini_pipeline, tmp_path):
 def test_anchored_nft_resumes_from_its_checkpointed_anchor(mini_pipeline, tmp_path):
     # Anchors at outer steps 0 and 3; the kill leaves the step-2 checkpoint, whose anchor (step 0's) must come back.
     cfg = _cfg(tmp_path, nft_anchor_every=3, nft_anchor_steps=2)
-    protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    whole = protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
     protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
     stage2 = sorted((tmp_path / "wb" / "unet" / "stage2").glob("checkpoint-*"))
     shutil.rmtree(stage2[-1])
-    protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    resumed = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    # Step 2's loss holds the NFT term of the restored anchor; the output may be step 2's checkpoint.
+    assert resumed["unet"]["losses"]["stage2"] == whole["unet"]["losses"]["stage2"]
     a, b = _unet(tmp_path / "a"), _unet(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path), tmp_path / "wp")

@@ -465,9 +465,10 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
     bar = tqdm(range(state["step"], u.nft_steps), initial=state["step"], total=u.nft_steps,
                desc="UNet stage 2 (non-fine-tunable)", disable=not acc.is_main_process)
     for step in bar:
+        opt.zero_grad(set_to_none=True)  # first: the anchor's attack copies the UNet, gradients and all
         if u.w_nft and u.nft_anchor_every and step % u.nft_anchor_every == 0:
-            run.extra = a.anchor_offset(step)  # checkpointed: a resumed run starts from the same anchor
-        opt.zero_grad(set_to_none=True)
+            # Every process plays the same attack (N times the cost); checkpointed for resuming.
+            run.extra = a.anchor_offset(step)
         with acc.autocast():  # the simulated attack too: every forward of the step
             nft, q_value, what = torch.zeros((), device=acc.device), float("nan"), "none"
             if u.w_nft:
