@@ -47,7 +47,8 @@ def query_weights(n: int, weighting: str = "late") -> list[float]:
 def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,
                          query_loss: QueryLoss, queries: int, generator: torch.Generator,
                          weighting: str = "uniform", lora_targets: tuple[str, ...] | None = None,
-                         offset: Params | None = None) -> tuple[Params, float]:
+                         offset: Params | None = None, implicit: tuple[float, int] | None = None
+                         ) -> tuple[Params, float]:
     """Play `attack` on a copy of `module`'s parameters; return the weighted query gradient and loss.
 
     The returned gradient is w.r.t. the *adapted* parameters (first-order MAML), keyed like
@@ -55,6 +56,7 @@ def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner
     `lora_targets` are the modules a LoRA attack adapts (None: every conv and linear layer).
     `offset` (per parameter) moves the attack's starting point away from the module's weights;
     the gradient is still applied to the module's own weights, as first-order MAML applies it.
+    `implicit` = (alpha, iterations) passes each query gradient through `implicit_gradient`.
     """
     base = {n: p.detach() + offset[n] if offset else p.detach() for n, p in module.named_parameters()}
     if attack.update == "full":
@@ -76,10 +78,61 @@ def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner
         if step in weight:
             adapted = {k: v.detach().requires_grad_(True) for k, v in effective().items()}
             q = query_loss(adapted)
-            for (k, v), g in zip(adapted.items(), torch.autograd.grad(q, list(adapted.values()))):
+            qg = dict(zip(adapted, torch.autograd.grad(q, list(adapted.values()))))
+            if implicit:
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+                qg, _ = implicit_gradient(qg, adapted, inner_loss, seed, *implicit)
+            for k, g in qg.items():
                 grads[k] += weight[step] * g
             loss_sum += weight[step] * q.item()
     return grads, loss_sum
+
+
+def implicit_gradient(grads: Params, adapted: Params, inner_loss: InnerLoss, batch_seed: int, alpha: float,
+                      iterations: int, power_iterations: int = 3) -> tuple[Params, float]:
+    """(I + alpha H)^-1 g, with H the Hessian of the attacker's loss at the adapted parameters.
+
+    ResAlign (Li et al., 2025) models the fine-tune as the proximal step
+    argmin_p L_att(p) + |p - w|^2 / (2 alpha). By the implicit function theorem its end point
+    moves with the weights w as (I + alpha H)^-1, where first-order MAML assumes the identity:
+    directions in which the attacker's loss curves steeply are damped, because there the
+    fine-tune ends in the same place wherever it starts. Solved by Richardson iterations
+    v <- v + (g - v - alpha H v) / (1 + alpha |lam|), lam H's eigenvalue of largest magnitude
+    (power iteration), with Hessian-vector products on one attacker batch drawn from `batch_seed`.
+    Returns the corrected gradient and lam.
+    """
+    names = list(adapted)
+    params = [adapted[n].detach().requires_grad_(True) for n in names]
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+        loss = inner_loss(dict(zip(names, params)), torch.Generator().manual_seed(batch_seed))
+        first = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    used = [i for i, f in enumerate(first) if f is not None and f.requires_grad]
+
+    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = torch.autograd.grad([first[i] for i in used], [params[i] for i in used], [v[i] for i in used],
+                                  retain_graph=True, allow_unused=True)
+        hv = [torch.zeros_like(p) for p in params]
+        for i, h in zip(used, out):
+            if h is not None:
+                hv[i] = h
+        return hv
+
+    def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        return sum((x * y).sum() for x, y in zip(a, b))
+
+    g = [grads[n].detach() for n in names]
+    u = [x / dot(g, g).sqrt().clamp_min(1e-30) for x in g]
+    lam = 0.0
+    for _ in range(power_iterations):
+        hu = hvp(u)
+        lam = float(dot(u, hu))
+        u = [x / dot(hu, hu).sqrt().clamp_min(1e-30) for x in hu]
+    step = 1.0 / (1.0 + alpha * abs(lam))
+    v = list(g)
+    for _ in range(iterations):
+        hv = hvp(v)
+        v = [x + step * (gi - x - alpha * h) for x, gi, h in zip(v, g, hv)]
+    return dict(zip(names, v)), lam
 
 
 def simulate_second_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,

@@ -83,6 +83,15 @@ def test_anchored_nft_resumes_from_its_checkpointed_anchor(mini_pipeline, tmp_pa
     assert any(not torch.equal(a[k], plain[k]) for k in a)  # the anchor moved the simulated attacks
 
 
+def test_implicit_nft_trains_the_unet(mini_pipeline, tmp_path):
+    info = protect(str(mini_pipeline), tmp_path / "a", _cfg(tmp_path, nft_implicit_iters=2), tmp_path / "wa")
+    assert len(info["unet"]["losses"]["stage2"]) == 4
+    plain = protect(str(mini_pipeline), tmp_path / "b", _cfg(tmp_path), tmp_path / "wb")
+    # Stage 1 is the same; the damped NFT gradient changes every stage-2 step from the first.
+    assert info["unet"]["losses"]["stage1"] == plain["unet"]["losses"]["stage1"]
+    assert info["unet"]["losses"]["stage2"] != plain["unet"]["losses"]["stage2"]
+
+
 def test_lora_alignment_is_merged_into_a_plain_unet(mini_pipeline, tmp_path):
     info = protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path, update="lora", lora_rank=2, nft_steps=0),
                    tmp_path / "work")
@@ -152,7 +161,8 @@ def test_bad_parts_are_refused(parts):
     ({"attacks": {"objectives": [["image", 1.0]]}}, "denoise"), ({"align_steps": 0}, "unet.align_steps"),
     ({"esd_guidance": -1.0}, "unet.esd_guidance"), ({"refusal_space": "z"}, "unet.refusal_space"),
     ({"nft_anchor_every": -1}, "unet.nft_anchor_every"), ({"nft_anchor_steps": 0}, "unet.nft_anchor_steps"),
-    ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"),
+    ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"), ({"nft_implicit_iters": -1}, "unet.nft_implicit_iters"),
+    ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"),
 ])
 def test_bad_unet_settings_are_refused(tmp_path, unet, message):
     path = tmp_path / "bad.json"

@@ -9,7 +9,13 @@ from torch.func import functional_call
 from patronus.models.components import DecoderHead
 from patronus.models.tiny import build_vae
 from patronus.nft.lora import LoRAView
-from patronus.nft.maml import nft_surrogate, query_weights, simulate_first_order, simulate_second_order
+from patronus.nft.maml import (
+    implicit_gradient,
+    nft_surrogate,
+    query_weights,
+    simulate_first_order,
+    simulate_second_order,
+)
 from patronus.nft.space import AttackSpaceConfig, SimulatedAttack, sample_attack
 from tests.conftest import MINI_CONFIG
 
@@ -117,6 +123,30 @@ def test_an_offset_starts_the_attack_from_the_moved_weights(update):
     plain, q_plain = simulate_first_order(head, attack, make_inner(4), query, queries=1,
                                           generator=torch.Generator().manual_seed(1))
     assert q_plain != pytest.approx(q, rel=1e-3)  # the offset mattered
+
+
+def test_implicit_gradient_solves_the_proximal_system_on_a_quadratic():
+    # L_att = sum c_i (w_i - t_i)^2 / 2: H = diag(c), so (I + alpha H)^-1 g = g / (1 + alpha c).
+    c, target = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, -1.0, 2.0])
+
+    def inner(params, gen):
+        return 0.5 * (c * (params["w"] - target) ** 2).sum()
+
+    g = torch.tensor([1.0, -2.0, 3.0])
+    v, lam = implicit_gradient({"w": g}, {"w": torch.zeros(3)}, inner, batch_seed=0, alpha=0.5, iterations=40)
+    torch.testing.assert_close(v["w"], g / (1 + 0.5 * c))
+    assert lam == pytest.approx(4.0, rel=0.1)  # power iteration finds the largest curvature
+
+
+def test_implicit_nft_goes_through_the_simulated_attack():
+    head, z, x, make_inner, query = _setup()
+    attack = SimulatedAttack("adam", 1e-3, 4, 3, "image", "full", 4)
+    plain, _ = simulate_first_order(head, attack, make_inner(4), query, queries=1,
+                                    generator=torch.Generator().manual_seed(1))
+    damped, _ = simulate_first_order(head, attack, make_inner(4), query, queries=1,
+                                     generator=torch.Generator().manual_seed(1), implicit=(1.0, 3))
+    assert set(damped) == set(plain)
+    assert any(not torch.allclose(damped[k], plain[k]) for k in plain)
 
 
 def test_lora_view_starts_at_the_base_weights_and_learns():

@@ -477,9 +477,12 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
                 grads, q_value = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size),
                                                       a.query_loss_fn(g), u.attacks.queries_per_attack, g,
                                                       u.attacks.query_weighting, tuple(UNET_LORA_TARGETS),
-                                                      offset=run.extra or None)
+                                                      offset=run.extra or None,
+                                                      implicit=((u.nft_implicit_alpha, u.nft_implicit_iters)
+                                                                if u.nft_implicit_iters else None))
                 nft, inner_total = nft_surrogate(a.unet, grads), inner_total + attack.steps
-                what = f"{attack.optimizer}/{attack.update}x{attack.steps}" + ("+anchor" if run.extra else "")
+                what = (f"{attack.optimizer}/{attack.update}x{attack.steps}" + ("+anchor" if run.extra else "")
+                        + ("+implicit" if u.nft_implicit_iters else ""))
             t = a.terms(_step_generator(cfg.seed, 3, step))
             loss = u.w_nft * nft + a.loss(t)
         acc.backward(loss)

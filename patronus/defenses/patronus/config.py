@@ -90,6 +90,11 @@ class UNetAlignConfig:
     nft_anchor_every: int = 0
     nft_anchor_steps: int = 100
     nft_anchor_lr: float = 1e-4
+    # Implicit NFT gradient (0: off; `patronus.nft.maml.implicit_gradient`, ResAlign-style): each
+    # query gradient goes through (I + alpha H)^-1, H the attacker's loss Hessian at the adapted
+    # weights, by `nft_implicit_iters` Richardson iterations (each a Hessian-vector product).
+    nft_implicit_iters: int = 0
+    nft_implicit_alpha: float = 1e-2
     probe_every: int = 50
     probe_optimizer: str = "adam"
     probe_lr: float = 1e-4
@@ -116,15 +121,16 @@ class UNetAlignConfig:
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
         non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",
-                        "w_denoise", "w_unknown", "w_nft", "nft_attacker_weight", "max_class_drop", "nft_anchor_every")
+                        "w_denoise", "w_unknown", "w_nft", "nft_attacker_weight", "max_class_drop", "nft_anchor_every",
+                        "nft_implicit_iters")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
         if self.refusal_space not in ("x0", "eps"):
             raise ConfigError(f"unet.refusal_space must be x0 or eps, got {self.refusal_space!r}")
         if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma,
-               self.nft_anchor_lr) <= 0:
-            raise ConfigError("unet.align_lr, nft_lr, probe_lr, nft_attacker_tau, snr_gamma and nft_anchor_lr must be "
-                              "positive")
+               self.nft_anchor_lr, self.nft_implicit_alpha) <= 0:
+            raise ConfigError("unet.align_lr, nft_lr, probe_lr, nft_attacker_tau, snr_gamma, nft_anchor_lr and "
+                              "nft_implicit_alpha must be positive")
 
 
 @dataclass(frozen=True)
