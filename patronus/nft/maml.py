@@ -95,8 +95,9 @@ def implicit_gradient(grads: Params, adapted: Params, inner_loss: InnerLoss, bat
     ResAlign (Li et al., 2025) models the fine-tune as the proximal step
     argmin_p L_att(p) + |p - w|^2 / (2 alpha). By the implicit function theorem its end point
     moves with the weights w as (I + alpha H)^-1, where first-order MAML assumes the identity:
-    directions in which the attacker's loss curves steeply are damped, because there the
-    fine-tune ends in the same place wherever it starts. Solved by Richardson iterations
+    directions in which the attacker's loss curves steeply upward are damped, because there the
+    fine-tune ends in the same place wherever it starts (downward curvature amplifies, and
+    1 + alpha lam <= 0 has no solution). Solved by Richardson iterations
     v <- v + (g - v - alpha H v) / (1 + alpha |lam|), lam H's eigenvalue of largest magnitude
     (power iteration), with Hessian-vector products on one attacker batch drawn from `batch_seed`.
     Returns the corrected gradient and lam.
