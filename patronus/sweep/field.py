@@ -16,7 +16,7 @@ that trains weights. Defences:
                       `--parts unet` gives); with the two rows above, the stage ablation. The
                       decoder half is what `--parts decoder` gives only when the decoder's bank
                       holds the original UNet's latents alone (`bank.unet_sources`, the quick
-                      preset); the full preset's decoder also learned the aligned UNet's latents
+                      preset); the full preset's decoder also learned the aligned UNet's latents.
 
 `swap-decoder` puts the unprotected model's VAE in. The first column should be `none`
 (the model as published): it is also evaluated against the unprotected model (PSNR/SSIM), which

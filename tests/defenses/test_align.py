@@ -34,14 +34,21 @@ def _unet(path):
     return StableDiffusionPipeline.from_pretrained(path).unet.state_dict()
 
 
-def test_unet_part_changes_only_the_unet_and_records_its_probes(mini_pipeline, tmp_path):
-    info = protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path), tmp_path / "work")
+@pytest.fixture(scope="module")
+def plain(mini_pipeline, tmp_path_factory):
+    """One run of UNET_RUN, read (never written) by every test that compares with it."""
+    tmp = tmp_path_factory.mktemp("plain")
+    return protect(str(mini_pipeline), tmp / "out", _cfg(tmp), tmp / "work"), tmp / "out"
+
+
+def test_unet_part_changes_only_the_unet_and_records_its_probes(mini_pipeline, plain):
+    info, out = plain
     assert info["parts"] == ["unet"] and "decoder" not in info
     assert info["changed_weight_files"] == ["unet/diffusion_pytorch_model.safetensors"]
     assert [p["step"] for p in info["unet"]["probes"]] == [2, 4]
     assert info["unet"]["chosen_checkpoint"]["step"] in (2, 4)
     assert len(info["unet"]["losses"]["stage1"]) == 3 and len(info["unet"]["losses"]["stage2"]) == 4
-    original, protected = _unet(mini_pipeline), _unet(tmp_path / "out")
+    original, protected = _unet(mini_pipeline), _unet(out)
     assert any(not torch.equal(original[k], protected[k]) for k in original)
 
 
@@ -66,7 +73,7 @@ def test_unet_resume_gives_the_same_weights(mini_pipeline, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_anchored_nft_resumes_from_its_checkpointed_anchor(mini_pipeline, tmp_path):
+def test_anchored_nft_resumes_from_its_checkpointed_anchor(mini_pipeline, plain, tmp_path):
     # Anchors at outer steps 0 and 3; the kill leaves the step-2 checkpoint, whose anchor (step 0's) must come back.
     cfg = _cfg(tmp_path, nft_anchor_every=3, nft_anchor_steps=2)
     whole = protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
@@ -78,18 +85,16 @@ def test_anchored_nft_resumes_from_its_checkpointed_anchor(mini_pipeline, tmp_pa
     assert resumed["unet"]["losses"]["stage2"] == whole["unet"]["losses"]["stage2"]
     a, b = _unet(tmp_path / "a"), _unet(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path), tmp_path / "wp")
-    plain = _unet(tmp_path / "plain")
-    assert any(not torch.equal(a[k], plain[k]) for k in a)  # the anchor moved the simulated attacks
+    unanchored = _unet(plain[1])
+    assert any(not torch.equal(a[k], unanchored[k]) for k in a)  # the anchor moved the simulated attacks
 
 
-def test_implicit_nft_trains_the_unet(mini_pipeline, tmp_path):
+def test_implicit_nft_trains_the_unet(mini_pipeline, plain, tmp_path):
     info = protect(str(mini_pipeline), tmp_path / "a", _cfg(tmp_path, nft_implicit_iters=2), tmp_path / "wa")
     assert len(info["unet"]["losses"]["stage2"]) == 4
-    plain = protect(str(mini_pipeline), tmp_path / "b", _cfg(tmp_path), tmp_path / "wb")
     # Stage 1 is the same; the damped NFT gradient changes every stage-2 step from the first.
-    assert info["unet"]["losses"]["stage1"] == plain["unet"]["losses"]["stage1"]
-    assert info["unet"]["losses"]["stage2"] != plain["unet"]["losses"]["stage2"]
+    assert info["unet"]["losses"]["stage1"] == plain[0]["unet"]["losses"]["stage1"]
+    assert info["unet"]["losses"]["stage2"] != plain[0]["unet"]["losses"]["stage2"]
 
 
 def test_lora_alignment_is_merged_into_a_plain_unet(mini_pipeline, tmp_path):
@@ -253,15 +258,14 @@ def test_unknown_word_prompts_swap_one_word_for_one_the_tokenizer_does_not_know(
         assert new not in vocab and new not in NEW_WORDS and changed[0][0].endswith(",") == changed[0][1].endswith(",")
 
 
-def test_the_unknown_word_term_trains_the_unet(mini_pipeline, tmp_path):
+def test_the_unknown_word_term_trains_the_unet(mini_pipeline, plain, tmp_path):
     """`unet.w_unknown` (on in the full preset, off in the quick one): an extra distillation term
     that changes what the UNet learns."""
     assert load_config("full").unet.w_unknown == 1.0 and load_config("quick").unet.w_unknown == 0.0
-    plain = protect(str(mini_pipeline), tmp_path / "plain", _cfg(tmp_path), tmp_path / "plain.work")
     cfg = _cfg(tmp_path, w_unknown=1.0)
     unknown = protect(str(mini_pipeline), tmp_path / "unknown", cfg, tmp_path / "unknown.work")
-    assert unknown["config"]["unet"]["w_unknown"] == 1.0 and plain["config"]["unet"]["w_unknown"] == 0.0
-    a, b = _unet(tmp_path / "plain"), _unet(tmp_path / "unknown")
+    assert unknown["config"]["unet"]["w_unknown"] == 1.0 and plain[0]["config"]["unet"]["w_unknown"] == 0.0
+    a, b = _unet(plain[1]), _unet(tmp_path / "unknown")
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
