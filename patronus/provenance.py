@@ -16,14 +16,19 @@ from patronus.io import files_under
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx")
 
 
-def library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str | int]:
+    """The libraries and machine a result came from.
+
+    `torch_threads` is there because CPU results depend on it: the same sweep cell with 1 and 2
+    threads samples latents up to 6e-4 apart (docs/evaluation.md, "Reproducibility").
+    """
     import diffusers
     import torch
     import transformers
 
     return {"patronus": patronus.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
 
 
 def _update_with_file(h: "hashlib._Hash", path: Path) -> None:
