@@ -22,14 +22,10 @@ The no-attack row (0 steps) checks that q is close to linear at that step size.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from accelerate import Accelerator
-from safetensors.torch import load_file
+from attacker_curvature import load_unet_half, unet_half_parser  # this folder: run as a script
 
 from patronus.defenses.patronus.align import Aligner
-from patronus.defenses.patronus.config import load_config
 from patronus.training import make_optimizer
 
 Params = dict[str, torch.Tensor]
@@ -53,9 +49,7 @@ def norm(x: Params) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("unet", nargs="?", help="UNet weights (.safetensors); default: the base UNet")
-    ap.add_argument("--config", default="configs/protect-unet-med-nft.toml", help="the protect config of the data")
+    ap = unet_half_parser(__doc__)
     ap.add_argument("--attacks", default="adam:1e-4:0,adam:1e-4:10,adam:1e-4:100,adam:1e-3:10,adam:1e-3:100,"
                                          "sgd:1e-3:10,sgd:1e-3:100",
                     help="optimizer:lr:steps, comma-separated")
@@ -63,10 +57,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=1, help="attack seeds (batches and noise) to average over")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    a = Aligner("patronus-tiny", load_config("quick", args.config, "unet"), Accelerator())
-    if args.unet:
-        a.unet.load_state_dict(load_file(args.unet))
+    a = load_unet_half(args)
     w = {n: p.detach().clone() for n, p in a.unet.named_parameters()}
     query = a.query_loss_fn(torch.Generator().manual_seed(1))
     print("| attack | eta | q at the end | predicted change | actual change | actual / predicted | moved |\n"

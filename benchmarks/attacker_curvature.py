@@ -25,18 +25,30 @@ from patronus.defenses.patronus.config import load_config
 from patronus.nft.maml import implicit_gradient
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def unet_half_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the benchmarks that measure the UNet half's attacker: a UNet and the data."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("unet", nargs="?", help="UNet weights (.safetensors); default: the base UNet")
     ap.add_argument("--config", default="configs/protect-unet-med-nft.toml", help="the protect config of the data")
-    ap.add_argument("--alphas", default="1e-3,1e-2,1e-1")
-    ap.add_argument("--batch", type=int, default=8, help="attacker batch of the Hessian-vector products")
-    ap.add_argument("--iterations", type=int, default=5, help="Richardson iterations")
-    args = ap.parse_args()
+    return ap
+
+
+def load_unet_half(args: argparse.Namespace) -> Aligner:
+    """`patronus-tiny`'s UNet half (its losses and the config's data) with the given UNet weights."""
     torch.manual_seed(0)
     a = Aligner("patronus-tiny", load_config("quick", args.config, "unet"), Accelerator())
     if args.unet:
         a.unet.load_state_dict(load_file(args.unet))
+    return a
+
+
+def main() -> None:
+    ap = unet_half_parser(__doc__)
+    ap.add_argument("--alphas", default="1e-3,1e-2,1e-1")
+    ap.add_argument("--batch", type=int, default=8, help="attacker batch of the Hessian-vector products")
+    ap.add_argument("--iterations", type=int, default=5, help="Richardson iterations")
+    args = ap.parse_args()
+    a = load_unet_half(args)
     params = {n: p.detach() for n, p in a.unet.named_parameters()}
     p = {n: v.clone().requires_grad_(True) for n, v in params.items()}
     grads = dict(zip(p, torch.autograd.grad(a.query_loss_fn(torch.Generator().manual_seed(0))(p), list(p.values()))))
