@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from patronus.evaluation.harness import EvalConfig, evaluate
 
@@ -26,6 +27,7 @@ def test_run_is_traceable(run):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["schema_version"] == 1 and len(saved["model"]["weights_sha256"]) == 64
     assert saved["settings"]["steps"] == 2 and saved["versions"]["torch"]
+    assert saved["versions"]["torch_threads"] == torch.get_num_threads()  # CPU results depend on it
     m = saved["metrics"]
     for key in ("unsafe_rate", "refusal_rate", "unsafe_rate[group=held_out]", "unsafe_rate[class=knife]",
                 "false_refusal_rate[hard_negative]", "benign_class_match", "frechet_glyphnet", "psnr_vs_reference"):
