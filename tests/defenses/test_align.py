@@ -97,6 +97,14 @@ def test_implicit_nft_trains_the_unet(mini_pipeline, plain, tmp_path):
     assert info["unet"]["losses"]["stage2"] != plain[0]["unet"]["losses"]["stage2"]
 
 
+def test_several_attacks_per_step_average_their_gradients(mini_pipeline, plain, tmp_path):
+    info = protect(str(mini_pipeline), tmp_path / "a", _cfg(tmp_path, nft_attacks_per_step=3), tmp_path / "wa")
+    assert info["unet"]["losses"]["stage1"] == plain[0]["unet"]["losses"]["stage1"]
+    # The first attack of each step is plain's; the other two change the averaged NFT gradient.
+    assert info["unet"]["losses"]["stage2"] != plain[0]["unet"]["losses"]["stage2"]
+    assert 3 <= info["unet"]["timing"]["mean_inner_steps"] <= 6  # 3 attacks of 1-2 steps each (plain: 1 of 1-2)
+
+
 def test_lora_alignment_is_merged_into_a_plain_unet(mini_pipeline, tmp_path):
     info = protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path, update="lora", lora_rank=2, nft_steps=0),
                    tmp_path / "work")
@@ -167,7 +175,7 @@ def test_bad_parts_are_refused(parts):
     ({"esd_guidance": -1.0}, "unet.esd_guidance"), ({"refusal_space": "z"}, "unet.refusal_space"),
     ({"nft_anchor_every": -1}, "unet.nft_anchor_every"), ({"nft_anchor_steps": 0}, "unet.nft_anchor_steps"),
     ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"), ({"nft_implicit_iters": -1}, "unet.nft_implicit_iters"),
-    ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"),
+    ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
 ])
 def test_bad_unet_settings_are_refused(tmp_path, unet, message):
     path = tmp_path / "bad.json"

@@ -472,16 +472,22 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
         with acc.autocast():  # the simulated attack too: every forward of the step
             nft, q_value, what = torch.zeros((), device=acc.device), float("nan"), "none"
             if u.w_nft:
-                attack = sample_attack(np.random.default_rng([cfg.seed, 12, step, acc.process_index]), u.attacks)
                 g = _step_generator(cfg.seed, 2, step)
-                grads, q_value = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size),
-                                                      a.query_loss_fn(g), u.attacks.queries_per_attack, g,
-                                                      u.attacks.query_weighting, tuple(UNET_LORA_TARGETS),
-                                                      offset=run.extra or None,
-                                                      implicit=((u.nft_implicit_alpha, u.nft_implicit_iters)
-                                                                if u.nft_implicit_iters else None))
-                nft, inner_total = nft_surrogate(a.unet, grads), inner_total + attack.steps
-                what = (f"{attack.optimizer}/{attack.update}x{attack.steps}" + ("+anchor" if run.extra else "")
+                query, n, grads, q_value, names = a.query_loss_fn(g), u.nft_attacks_per_step, {}, 0.0, []
+                for k in range(n):  # one query batch, n attacks: their gradients averaged
+                    rng = np.random.default_rng([cfg.seed, 12, step, acc.process_index] + ([k] if k else []))
+                    attack = sample_attack(rng, u.attacks)
+                    gk = g if k == 0 else _step_generator(mix_seed(cfg.seed, k), 2, step)
+                    gr, q = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size), query,
+                                                 u.attacks.queries_per_attack, gk, u.attacks.query_weighting,
+                                                 tuple(UNET_LORA_TARGETS), offset=run.extra or None,
+                                                 implicit=((u.nft_implicit_alpha, u.nft_implicit_iters)
+                                                           if u.nft_implicit_iters else None))
+                    grads = {key: grads[key] + v for key, v in gr.items()} if grads else gr
+                    q_value, inner_total = q_value + q / n, inner_total + attack.steps
+                    names.append(f"{attack.optimizer}/{attack.update}x{attack.steps}")
+                nft = nft_surrogate(a.unet, {key: v / n for key, v in grads.items()} if n > 1 else grads)
+                what = ((names[0] if n == 1 else f"{n} attacks") + ("+anchor" if run.extra else "")
                         + ("+implicit" if u.nft_implicit_iters else ""))
             t = a.terms(_step_generator(cfg.seed, 3, step))
             loss = u.w_nft * nft + a.loss(t)

@@ -95,6 +95,10 @@ class UNetAlignConfig:
     # weights, by `nft_implicit_iters` Richardson iterations (each a Hessian-vector product).
     nft_implicit_iters: int = 0
     nft_implicit_alpha: float = 1e-2
+    # Simulated attacks per outer step, their first-order gradients averaged (one query batch).
+    # The post-attack loss of a long attack is rough in the weights: one attack's gradient says
+    # little about it, an average over attack seeds more (docs/unet-results.md, session 18).
+    nft_attacks_per_step: int = 1
     probe_every: int = 50
     probe_optimizer: str = "adam"
     probe_lr: float = 1e-4
@@ -117,7 +121,7 @@ class UNetAlignConfig:
                               f"choose one of {', '.join(OPTIMIZERS)}")
         positive = ("lora_rank", "n_train", "n_query", "n_probe", "batch_size", "query_batch", "align_steps",
                     "probe_every", "probe_steps", "probe_batch", "probe_samples", "probe_sampler_steps",
-                    "checkpoint_every", "nft_anchor_steps")
+                    "checkpoint_every", "nft_anchor_steps", "nft_attacks_per_step")
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
         non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",

@@ -358,12 +358,12 @@ def _record(state: dict) -> dict:
 
 
 # Settings added after work directories existed (issue 16's memory options, issue 14's bank
-# sources, unknown-word term, anchored and implicit NFT): absent from an older run's config.json, they count as
-# unchanged at their defaults.
+# sources, unknown-word term, anchored and implicit NFT, attacks per step): absent from an older run's
+# config.json, they count as unchanged at their defaults.
 ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources",
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr",
                   "unet.w_unknown", "unet.nft_anchor_every", "unet.nft_anchor_steps", "unet.nft_anchor_lr",
-                  "unet.nft_implicit_iters", "unet.nft_implicit_alpha")
+                  "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
