@@ -185,13 +185,15 @@ def test_bad_unet_settings_are_refused(tmp_path, unet, message):
 
 
 def test_both_parts_are_the_two_single_part_runs_put_together(mini_pipeline, tmp_path):
-    """The halves are independent (the UNet learns against the original VAE), so a two-part model
-    may be assembled from single-part runs, and ablations compare like with like."""
+    """With the original UNet's latents alone in the decoder's bank, the halves are independent
+    (the UNet learns against the original VAE), so a two-part model may be assembled from
+    single-part runs, and ablations compare like with like."""
     from tests.defenses.test_protect import TINY_RUN
 
     def run(name, parts):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(TINY_RUN | UNET_RUN | {"parts": parts}))
+        bank = TINY_RUN["bank"] | {"unet_sources": ["original"]}
+        path.write_text(json.dumps(TINY_RUN | UNET_RUN | {"parts": parts, "bank": bank}))
         protect(str(mini_pipeline), tmp_path / name, load_config("quick", path), tmp_path / f"{name}.work")
         return StableDiffusionPipeline.from_pretrained(tmp_path / name)
 
@@ -293,15 +295,23 @@ def test_a_work_dir_from_before_the_unknown_word_term_resumes_only_without_it(tm
 
 
 def test_bank_sources_default_to_all_three_with_both_parts(tmp_path):
-    """The full preset's decoder learns the UNet it ships with; one part, or the quick preset, the
-    original's latents only. A work directory from before the default changed still resumes."""
+    """The full preset's decoder learns the UNet it ships with; the quick preset's the original's
+    and the aligned one's; with one part, the original's latents only, whatever the preset and
+    unless a config file says otherwise. A work directory from before the default changed still resumes."""
     from patronus.config import to_dict
     from patronus.defenses.patronus.bank import UNET_SOURCES
     from patronus.defenses.patronus.protect import _check_dirs
 
     assert load_config("full").bank.unet_sources == UNET_SOURCES
     assert load_config("full", parts="decoder").bank.unet_sources == ("original",)
-    assert load_config("quick").bank.unet_sources == ("original",)
+    assert load_config("quick").bank.unet_sources == ("original", "aligned")
+    assert load_config("quick", parts="decoder").bank.unet_sources == ("original",)
+    assert load_config("quick", parts="unet").bank.unet_sources == ("original",)
+    one_part, own_sources = tmp_path / "one-part.toml", tmp_path / "own-sources.toml"
+    one_part.write_text('parts = ["decoder"]\n')
+    own_sources.write_text('[bank]\nunet_sources = ["original"]\n')
+    assert load_config("quick", one_part).bank.unet_sources == ("original",)
+    assert load_config("quick", own_sources).bank.unet_sources == ("original",)
 
     def older_run(parts: str) -> None:  # config.json as written before the bank sources existed
         old = to_dict(load_config("full", parts=parts))

@@ -233,22 +233,28 @@ class ProtectConfig:
 
 PRESETS: dict[str, dict] = {
     # Seconds on 2 CPU cores: a demonstration of the whole pipeline, not a usable protection.
+    # Chosen in session 19 by protect time and the probes' numbers (docs/unet-results.md, "The
+    # quick preset under 5 minutes"): smaller batches and half the NFT steps of the earlier quick preset.
     "quick": {
-        # The decoder learns the original UNet's latents only: the aligned sources' extra sampling
-        # and attacked copy would cost the demo minutes.
+        # With one part the decoder learns the original UNet's latents only; with both, also the
+        # aligned UNet's (`BOTH_PARTS`). The attacked copy would cost the demo minutes.
         "bank": {"n_train": 192, "n_query": 64, "n_probe": 64, "sampler_steps": 15, "unet_sources": ["original"]},
-        "stage1_steps": 300, "stage1_lr": 5e-4, "stage1_warmup": 20, "stage2_steps": 60, "probe_every": 60,
-        "probe_steps": 50,
+        "batch_size": 24, "stage1_steps": 300, "stage1_lr": 5e-4, "stage1_warmup": 20, "stage2_steps": 30,
+        "probe_every": 30, "probe_steps": 50,
         "attacks": {"inner_steps": [3, 8], "batch_sizes": [4, 16], "queries_per_attack": 2},
         "checkpoint_every": 50,
         # Nor the unknown-word term (17% of alignment's cost): the demo never fine-tunes on new words.
-        "unet": {"w_unknown": 0.0, "n_train": 128, "n_query": 32, "n_probe": 16, "align_steps": 150, "align_warmup": 10,
-                 "align_lr": 3e-4, "nft_steps": 20, "probe_every": 20, "probe_steps": 30, "probe_samples": 16,
-                 "probe_sampler_steps": 10, "checkpoint_every": 25,
+        "unet": {"w_unknown": 0.0, "n_train": 128, "n_query": 32, "n_probe": 16, "batch_size": 16,
+                 "align_steps": 125, "align_warmup": 10, "align_lr": 3e-4, "nft_steps": 10, "probe_every": 10,
+                 "probe_steps": 30, "probe_samples": 16, "probe_sampler_steps": 10, "checkpoint_every": 25,
                  "attacks": {"inner_steps": [2, 5], "batch_sizes": [4, 8], "queries_per_attack": 1}},
     },
     "full": {},
 }
+# A preset's settings for a run that protects both parts, under any config file's. The quick
+# decoder that learns only the original UNet's latents renders the aligned UNet's refusals
+# too light to count (17% refusals on glyph-quick against 100% with them).
+BOTH_PARTS: dict[str, dict] = {"quick": {"bank": {"unet_sources": ["original", "aligned"]}}}
 
 
 def parse_parts(text: str) -> tuple[str, ...]:
@@ -260,12 +266,15 @@ def parse_parts(text: str) -> tuple[str, ...]:
 
 
 def load_config(preset: str = "full", path: str | Path | None = None, parts: str | None = None) -> ProtectConfig:
-    """A preset, optionally overridden by a .toml / .yaml / .json file, then by `--parts`."""
+    """A preset (and its `BOTH_PARTS` settings when both parts are protected), overridden by a
+    .toml / .yaml / .json file, then by `--parts`."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
-    if path is not None:
-        values = merge(values, read_config_file(path))
+    overrides = read_config_file(path) if path is not None else {}
     if parts is not None:
-        values["parts"] = parse_parts(parts)
-    return build(ProtectConfig, values, "protect")
+        overrides["parts"] = parse_parts(parts)
+    chosen = overrides.get("parts", PARTS)  # checked by ProtectConfig; here only: are both parts on?
+    if isinstance(chosen, (list, tuple)) and sorted(map(str, chosen)) == sorted(PARTS):
+        values = merge(values, BOTH_PARTS.get(preset, {}))
+    return build(ProtectConfig, merge(values, overrides), "protect")
