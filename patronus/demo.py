@@ -24,12 +24,12 @@ from patronus.sweep.grid import load_grid
 from patronus.sweep.runner import run_sweep
 
 MARKER = "demo.json"
-# Minutes per stage measured on 2 CPU cores (fresh clone, 2026-11-29, both parts); once the
+# Minutes per stage measured on 2 CPU cores (fresh clone, 2026-11-30, both parts); once the
 # protect stage is done, the estimate is scaled by this machine's pace relative to those.
-STAGES = (("evaluate the base model", 0.1), ("protect it (quick preset)", 7.6),
-          ("evaluate the protected model, and with the original VAE swapped in", 0.2),
-          ("attack grid on protected, unprotected, scratch", 1.2),
-          ("a safety checker beside it: remove-filter, textual inversion", 0.6), ("write the report", 0.1))
+STAGES = (("evaluate the base model", 0.1), ("protect it (quick preset)", 4.2),
+          ("evaluate the protected model, and with the original VAE swapped in", 0.1),
+          ("attack grid on protected, unprotected, scratch", 1.3),
+          ("a safety checker beside it: remove-filter, textual inversion", 0.3), ("write the report", 0.1))
 
 
 def _prepare(out: Path) -> None:
