@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +32,19 @@ def mix_seed(seed: int, offset: int) -> int:
 def step_generator(seed: int, offset: int) -> torch.Generator:
     """A CPU generator for one step (or item), the same wherever the run is resumed."""
     return torch.Generator().manual_seed(mix_seed(seed, offset))
+
+
+@contextmanager
+def capture_outputs(modules: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """The outputs of `modules` during the forward passes inside the block, in call order
+    (representation scrambling's activations, in both halves)."""
+    acts: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: acts.append(o)) for m in modules]
+    try:
+        yield acts
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def make_optimizer(name: str, lr: float, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:

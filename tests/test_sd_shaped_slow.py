@@ -79,7 +79,9 @@ def test_sd_shaped_pipeline_through_protect_every_attack_and_evaluate(tmp_path):
     assert info["parts"] == ["decoder", "unet"] and info["config"]["perceptual"] == "vgg19"
     assert sorted(info["changed_weight_files"]) == ["unet/diffusion_pytorch_model.safetensors",
                                                     "vae/diffusion_pytorch_model.safetensors"]
-    assert len(list((tmp_path / "bank-cache").glob("feature-bank-*.safetensors"))) == 1
+    # The quick preset with both parts: one cached bank per UNet the decoder learns (original, aligned).
+    assert info["config"]["bank"]["unet_sources"] == ["original", "aligned"]
+    assert len(list((tmp_path / "bank-cache").glob("feature-bank-*.safetensors"))) == 2
     StableDiffusionPipeline.from_pretrained(protected)
 
     memory = ["--gradient-checkpointing", "--vae-slicing"]

@@ -148,6 +148,32 @@ def test_esd_target_is_the_teachers_guided_away_prediction(aligner):
     torch.testing.assert_close(aligner.refusal_target(x_t, t, hidden), uncond - eta * (cond - uncond))
 
 
+@pytest.mark.parametrize("aligner", [{"w_scramble": 1.0}], indirect=True)
+def test_unet_scrambling_pulls_unsafe_activations_to_fixed_targets_and_keeps_benign_ones(aligner, mini_pipeline,
+                                                                                        tmp_path):
+    from accelerate import Accelerator
+
+    again = Aligner(str(mini_pipeline), _cfg(tmp_path, w_scramble=1.0), Accelerator())
+    assert len(aligner.scramble_targets) == len(aligner.unet.up_blocks)  # the middle block, all up blocks but one
+    assert all(torch.equal(a, b) for a, b in zip(aligner.scramble_targets, again.scramble_targets))  # seeded
+    assert "scramble" not in Aligner(str(mini_pipeline), _cfg(tmp_path), Accelerator()).terms(
+        torch.Generator().manual_seed(0))
+    unet = aligner.unet.requires_grad_(True)
+    terms = aligner.terms(torch.Generator().manual_seed(0))
+    terms["scramble"].backward()
+    assert unet.mid_block.resnets[0].conv1.weight.grad.abs().sum() > 0
+    assert unet.conv_out.weight.grad is None  # after the last scrambled block: untouched
+    assert all(p.grad is None for p in aligner.teacher.parameters())
+    # The UNet still equals its teacher, so benign activations already match: only unsafe ones pull.
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
+    before = terms["scramble"].item()
+    for _ in range(20):
+        opt.zero_grad()
+        aligner.terms(torch.Generator().manual_seed(0))["scramble"].backward()
+        opt.step()
+    assert aligner.terms(torch.Generator().manual_seed(0))["scramble"].item() < before
+
+
 def test_nft_gradient_moves_the_unet(aligner):
     """One outer step's MAML gradient is non-zero and reaches every trained weight it should."""
     from patronus.nft.maml import simulate_first_order
@@ -176,6 +202,7 @@ def test_bad_parts_are_refused(parts):
     ({"nft_anchor_every": -1}, "unet.nft_anchor_every"), ({"nft_anchor_steps": 0}, "unet.nft_anchor_steps"),
     ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"), ({"nft_implicit_iters": -1}, "unet.nft_implicit_iters"),
     ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
+    ({"w_scramble": -1.0}, "unet.w_scramble"),
 ])
 def test_bad_unet_settings_are_refused(tmp_path, unet, message):
     path = tmp_path / "bad.json"

@@ -58,7 +58,14 @@ from patronus.models.registry import load_pipeline
 from patronus.models.sampling import generate_latents
 from patronus.nft.maml import InnerLoss, QueryLoss, nft_surrogate, simulate_first_order
 from patronus.nft.space import sample_attack
-from patronus.training import Checkpointer, RunState, check_replicas_agree, mix_seed, step_generator
+from patronus.training import (
+    Checkpointer,
+    RunState,
+    capture_outputs,
+    check_replicas_agree,
+    mix_seed,
+    step_generator,
+)
 from patronus.world.captions import nonsense_words
 from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.newwords import NEW_WORDS
@@ -69,6 +76,7 @@ ALIGN_LORA_TARGETS = r".*(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.
 UNET_OFFSET = 200_000  # the UNet half's images lie this far past the decoder half's in each partition
 UNKNOWN_SEED = 4242  # the nonsense words of `unknown_word_prompts`
 ANCHOR_SEED = 13_000_000  # + the outer step: the real attack of anchored NFT
+SCRAMBLE_SEED = 14_000_000  # the random patterns of `UNetAlignConfig.w_scramble`
 
 
 @dataclass
@@ -84,6 +92,12 @@ class Partition:
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return step_generator(seed, 7_000_000 + stage * 100_000 + step)  # apart from the decoder half's
+
+
+def _scramble_layers(unet: UNet2DConditionModel) -> list[torch.nn.Module]:
+    """The blocks whose outputs `w_scramble` acts on, in forward order: the middle block and every
+    up block but the last (which must still predict the refusal)."""
+    return [unet.mid_block, *unet.up_blocks[:-1]]
 
 
 def _embed(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
@@ -179,9 +193,22 @@ class Aligner:
             r = self.pipe.vae.config.sample_size
             black = torch.full((1, 3, r, r), -1.0, device=device)
             self.x0_black = encode_latents(self.pipe.vae, black) * self.scale
+        self.scramble_targets = self._make_scramble_targets() if self.u.w_scramble > 0 else []
         self.glyphnet = load_glyphnet().to(device)
         self.model: torch.nn.Module = self.unet  # the module training forwards go through (LoRA, DDP)
         self.base_class_match = self._sample_scores(self.teacher)["benign_class_match"]
+
+    @torch.no_grad()
+    def _make_scramble_targets(self) -> list[torch.Tensor]:
+        """One fixed random pattern per scrambled block, at the scale of the teacher's activations
+        there on noised benign training latents: every unsafe prompt is pulled to the same one."""
+        part = self.data["train", "benign"]
+        idx = torch.arange(min(256, len(part.mean)))
+        x_t, t, _ = self.noised(part, idx, step_generator(self.cfg.seed, SCRAMBLE_SEED))
+        with capture_outputs(_scramble_layers(self.teacher)) as acts:
+            self.teacher(x_t, t, part.hidden[idx], return_dict=False)
+        g = step_generator(self.cfg.seed, SCRAMBLE_SEED + 1)
+        return [(torch.randn(a.shape[1:], generator=g) * a.std().cpu()).to(a.device) for a in acts]
 
     # --- targets -------------------------------------------------------------------------------
     def noised(self, part: Partition, idx: torch.Tensor | slice, g: torch.Generator):
@@ -247,8 +274,9 @@ class Aligner:
         return idx[self.accelerator.process_index::self.accelerator.num_processes]
 
     def terms(self, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """`refuse`, `distill`, `uncond`, `denoise` on this process's share of one global batch,
-        all through the training module in one forward pass (DDP averages every term)."""
+        """`refuse`, `distill`, `uncond`, `denoise` (and `unknown`, `scramble` when on) on this
+        process's share of one global batch, all through the training module in one forward pass
+        (DDP averages every term)."""
         unsafe, benign, n = self.data["train", "unsafe"], self.data["train", "benign"], self.u.batch_size
         # Every draw is the global batch's, made in the same order by every process; then each
         # process keeps its rows (a draw sized by the share would differ between 1 and N processes).
@@ -265,11 +293,14 @@ class Aligner:
         if self.u.w_unknown > 0:  # the same benign latents, their captions with an unknown word
             inputs.append((xb, tb, self.h_unknown[b]))
         sizes = [len(x) for x, _, _ in inputs]
-        out = self.model(torch.cat([x for x, _, _ in inputs]), torch.cat([t for _, t, _ in inputs]),
-                         torch.cat([h for _, _, h in inputs]), return_dict=False)[0]
+        scramble = self.u.w_scramble > 0
+        with capture_outputs(_scramble_layers(self.unet) if scramble else []) as acts:
+            out = self.model(torch.cat([x for x, _, _ in inputs]), torch.cat([t for _, t, _ in inputs]),
+                             torch.cat([h for _, _, h in inputs]), return_dict=False)[0]
         refuse, cond_b, unc, *unknown = out.split(sizes)
         with torch.no_grad():
-            teacher_b = self.teacher(xb, tb, benign.hidden[b], return_dict=False)[0]
+            with capture_outputs(_scramble_layers(self.teacher) if scramble else []) as orig:
+                teacher_b = self.teacher(xb, tb, benign.hidden[b], return_dict=False)[0]
             teacher_unc = self.teacher(x_unc, t_unc, empty, return_dict=False)[0]
             teacher_unknown = self.teacher(*inputs[3], return_dict=False)[0] if unknown else None
         terms = {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), xr, tr),
@@ -277,12 +308,18 @@ class Aligner:
                  "denoise": F.mse_loss(cond_b, target_b)}
         if unknown:
             terms["unknown"] = F.mse_loss(unknown[0], teacher_unknown)
+        if scramble:  # rows: the refusal inputs (unsafe prompts), then the benign conditional ones
+            n_r, n_b = sizes[0], sizes[1]
+            keep = sum(F.mse_loss(a[n_r:n_r + n_b], o) / p.var() for a, o, p in zip(acts, orig, self.scramble_targets))
+            drop = sum(F.mse_loss(a[:n_r], p.expand_as(a[:n_r])) / p.var() for a, p in zip(acts, self.scramble_targets))
+            terms["scramble"] = (keep + drop) / len(acts)
         return terms
 
     def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.u
         return (u.w_refuse * t["refuse"] + u.w_distill * t["distill"] + u.w_uncond * t["uncond"]
-                + u.w_denoise * t["denoise"] + u.w_unknown * t.get("unknown", 0.0))
+                + u.w_denoise * t["denoise"] + u.w_unknown * t.get("unknown", 0.0)
+                + u.w_scramble * t.get("scramble", 0.0))
 
     # --- the simulated attacker and the query --------------------------------------------------
     def inner_loss_fn(self, batch_size: int) -> InnerLoss:

@@ -72,6 +72,11 @@ class UNetAlignConfig:
     # the original: keeps refusal from spreading to every unknown word (`unknown_word_prompts`),
     # which otherwise leaves a benign fine-tune nothing to teach new words with (docs/unet-results.md).
     w_unknown: float = 1.0
+    # Representation scrambling (RepNoise's / TAR's idea, as the decoder's `stage1_w_scramble`; 0:
+    # off): at the middle block and every up block but the last, the activations of unsafe prompts
+    # are pulled to one fixed random pattern per block (what they carried is removed, which an
+    # attacker must then rebuild) and benign prompts' to the teacher's.
+    w_scramble: float = 0.0
     nft_steps: int = 200
     nft_lr: float = 2e-5
     w_nft: float = 0.1
@@ -125,8 +130,8 @@ class UNetAlignConfig:
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
         non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",
-                        "w_denoise", "w_unknown", "w_nft", "nft_attacker_weight", "max_class_drop", "nft_anchor_every",
-                        "nft_implicit_iters")
+                        "w_denoise", "w_unknown", "w_scramble", "w_nft", "nft_attacker_weight", "max_class_drop",
+                        "nft_anchor_every", "nft_implicit_iters")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
         if self.refusal_space not in ("x0", "eps"):

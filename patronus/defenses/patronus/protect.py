@@ -32,8 +32,7 @@ import json
 import resource
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -70,7 +69,14 @@ from patronus.nft.maml import (
 )
 from patronus.nft.space import SimulatedAttack, sample_attack
 from patronus.provenance import library_versions, state_digest, weight_hashes, weights_digest
-from patronus.training import Checkpointer, RunState, check_replicas_agree, mix_seed, step_generator
+from patronus.training import (
+    Checkpointer,
+    RunState,
+    capture_outputs,
+    check_replicas_agree,
+    mix_seed,
+    step_generator,
+)
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
@@ -81,18 +87,6 @@ def _scramble_layers(head: DecoderHead) -> list[torch.nn.Module]:
     """The decoder blocks whose outputs representation scrambling acts on, in forward order:
     the middle block and every up block but the last (which must still render black)."""
     return [head.decoder.mid_block, *head.decoder.up_blocks[:-1]]
-
-
-@contextmanager
-def _capture(modules: list[torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
-    """The outputs of `modules` during the forward passes inside the block, in call order."""
-    acts: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, o: acts.append(o)) for m in modules]
-    try:
-        yield acts
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 class Protector:
@@ -187,7 +181,7 @@ class Protector:
         inputs = [self.bank["train/benign/z_img"][b_img], self.bank["train/benign/z_gen"][b],
                   self.bank["train/unsafe/z_img"][u_img], self.bank["train/unsafe/z_gen"][u]]
         sizes = [len(x) for x in inputs]
-        with _capture(_scramble_layers(self.head) if scramble else []) as acts:
+        with capture_outputs(_scramble_layers(self.head) if scramble else []) as acts:
             rec, cal, unsafe_img, unsafe_gen = self.model(torch.cat(inputs)).split(sizes)
         out = {"rec": F.mse_loss(rec, self.bank["train/benign/x"][b_img]),
                "cal": F.mse_loss(cal, self.orig_benign_gen[b]),
@@ -195,7 +189,7 @@ class Protector:
                "refuse_feat": refusal_loss(self.perceptual, unsafe_gen)}
         if scramble:
             n_benign = sizes[0] + sizes[1]
-            with torch.no_grad(), _capture(_scramble_layers(self.original)) as orig:
+            with torch.no_grad(), capture_outputs(_scramble_layers(self.original)) as orig:
                 self.original(torch.cat(inputs[:2]))
             keep = sum(F.mse_loss(a[:n_benign], o) / t.var() for a, o, t in zip(acts, orig, self.scramble_targets))
             drop = sum(F.mse_loss(a[n_benign:], t.expand_as(a[n_benign:])) / t.var()
@@ -207,7 +201,7 @@ class Protector:
     def _make_scramble_targets(self) -> list[torch.Tensor]:
         """One fixed random activation pattern per scrambled layer, at the scale of the original
         decoder's benign activations there: every unsafe latent is pulled to the same pattern."""
-        with _capture(_scramble_layers(self.original)) as acts:
+        with capture_outputs(_scramble_layers(self.original)) as acts:
             self.original(self.bank["train/benign/z_gen"][:256])
         g = torch.Generator().manual_seed(self.cfg.seed)
         return [(torch.randn(a.shape[1:], generator=g) * a.std()).to(a.device) for a in acts]
@@ -358,12 +352,13 @@ def _record(state: dict) -> dict:
 
 
 # Settings added after work directories existed (issue 16's memory options, issue 14's bank
-# sources, unknown-word term, anchored and implicit NFT, attacks per step): absent from an older run's
-# config.json, they count as unchanged at their defaults.
+# sources, unknown-word term, anchored and implicit NFT, attacks per step, UNet scrambling):
+# absent from an older run's config.json, they count as unchanged at their defaults.
 ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources",
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr",
                   "unet.w_unknown", "unet.nft_anchor_every", "unet.nft_anchor_steps", "unet.nft_anchor_lr",
-                  "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step")
+                  "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
+                  "unet.w_scramble")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
