@@ -58,14 +58,7 @@ from patronus.models.registry import load_pipeline
 from patronus.models.sampling import generate_latents
 from patronus.nft.maml import InnerLoss, QueryLoss, nft_surrogate, simulate_first_order
 from patronus.nft.space import sample_attack
-from patronus.training import (
-    Checkpointer,
-    RunState,
-    capture_outputs,
-    check_replicas_agree,
-    mix_seed,
-    step_generator,
-)
+from patronus.training import Checkpointer, RunState, capture_outputs, check_replicas_agree, mix_seed, step_generator
 from patronus.world.captions import nonsense_words
 from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.newwords import NEW_WORDS

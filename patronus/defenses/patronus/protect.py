@@ -69,14 +69,7 @@ from patronus.nft.maml import (
 )
 from patronus.nft.space import SimulatedAttack, sample_attack
 from patronus.provenance import library_versions, state_digest, weight_hashes, weights_digest
-from patronus.training import (
-    Checkpointer,
-    RunState,
-    capture_outputs,
-    check_replicas_agree,
-    mix_seed,
-    step_generator,
-)
+from patronus.training import Checkpointer, RunState, capture_outputs, check_replicas_agree, mix_seed, step_generator
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
