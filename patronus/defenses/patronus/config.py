@@ -238,8 +238,8 @@ class ProtectConfig:
 
 PRESETS: dict[str, dict] = {
     # Seconds on 2 CPU cores: a demonstration of the whole pipeline, not a usable protection.
-    # Chosen in session 19 by protect time and the probes' numbers (docs/unet-results.md, "The
-    # quick preset under 5 minutes"): smaller batches and half the NFT steps of the earlier quick preset.
+    # Chosen in session 19 by protect time and the probes' numbers (docs/unet-results.md, "A quick
+    # preset of 4-6 minutes"): smaller batches and half the NFT steps of the earlier quick preset.
     "quick": {
         # With one part the decoder learns the original UNet's latents only; with both, also the
         # aligned UNet's (`BOTH_PARTS`). The attacked copy would cost the demo minutes.
