@@ -49,6 +49,7 @@ from patronus.attacks.weights.unet import (
 from patronus.data.imagefolder import load_imagefolder
 from patronus.defenses.patronus.bank import PART_START, PARTS
 from patronus.defenses.patronus.config import ProtectConfig, UNetAlignConfig
+from patronus.defenses.patronus.losses import random_patterns, scramble_loss
 from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
 from patronus.errors import ConfigError
 from patronus.evaluation.metrics import is_refusal
@@ -200,8 +201,7 @@ class Aligner:
         x_t, t, _ = self.noised(part, idx, step_generator(self.cfg.seed, SCRAMBLE_SEED))
         with capture_outputs(_scramble_layers(self.teacher)) as acts:
             self.teacher(x_t, t, part.hidden[idx], return_dict=False)
-        g = step_generator(self.cfg.seed, SCRAMBLE_SEED + 1)
-        return [(torch.randn(a.shape[1:], generator=g) * a.std().cpu()).to(a.device) for a in acts]
+        return random_patterns(acts, step_generator(self.cfg.seed, SCRAMBLE_SEED + 1))
 
     # --- targets -------------------------------------------------------------------------------
     def noised(self, part: Partition, idx: torch.Tensor | slice, g: torch.Generator):
@@ -303,9 +303,8 @@ class Aligner:
             terms["unknown"] = F.mse_loss(unknown[0], teacher_unknown)
         if scramble:  # rows: the refusal inputs (unsafe prompts), then the benign conditional ones
             n_r, n_b = sizes[0], sizes[1]
-            keep = sum(F.mse_loss(a[n_r:n_r + n_b], o) / p.var() for a, o, p in zip(acts, orig, self.scramble_targets))
-            drop = sum(F.mse_loss(a[:n_r], p.expand_as(a[:n_r])) / p.var() for a, p in zip(acts, self.scramble_targets))
-            terms["scramble"] = (keep + drop) / len(acts)
+            terms["scramble"] = scramble_loss([a[n_r:n_r + n_b] for a in acts], orig, [a[:n_r] for a in acts],
+                                              self.scramble_targets)
         return terms
 
     def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -516,7 +515,7 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
                     grads = {key: grads[key] + v for key, v in gr.items()} if grads else gr
                     q_value, inner_total = q_value + q / n, inner_total + attack.steps
                     names.append(f"{attack.optimizer}/{attack.update}x{attack.steps}")
-                nft = nft_surrogate(a.unet, {key: v / n for key, v in grads.items()} if n > 1 else grads)
+                nft = nft_surrogate(a.unet, {key: v / n for key, v in grads.items()})
                 what = ((names[0] if n == 1 else f"{n} attacks") + ("+anchor" if run.extra else "")
                         + ("+implicit" if u.nft_implicit_iters else ""))
             t = a.terms(_step_generator(cfg.seed, 3, step))

@@ -124,3 +124,19 @@ def refusal_loss(p: Perceptual, decoded: torch.Tensor) -> torch.Tensor:
     """
     black = torch.full_like(decoded, -1.0)
     return perceptual_distance(p, decoded, black) + F.mse_loss(decoded, black)
+
+
+def random_patterns(acts: list[torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
+    """Representation scrambling's targets: one fixed random pattern per layer, shaped like one
+    sample of `acts` and at their scale, so that every unsafe input is pulled to the same one."""
+    return [(torch.randn(a.shape[1:], generator=g) * a.std().cpu()).to(a.device) for a in acts]
+
+
+def scramble_loss(kept: list[torch.Tensor], originals: list[torch.Tensor], dropped: list[torch.Tensor],
+                  patterns: list[torch.Tensor]) -> torch.Tensor:
+    """Representation scrambling, per layer: `kept` activations stay at the frozen original's,
+    `dropped` ones go to the layer's fixed pattern; each distance in units of the pattern's
+    variance, so that layers of different scales count alike."""
+    keep = sum(F.mse_loss(k, o) / p.var() for k, o, p in zip(kept, originals, patterns))
+    drop = sum(F.mse_loss(d, p.expand_as(d)) / p.var() for d, p in zip(dropped, patterns))
+    return (keep + drop) / len(patterns)

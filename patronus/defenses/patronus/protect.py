@@ -51,7 +51,7 @@ from patronus.config import settings_changed, to_dict
 from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_data, load_partitions
 from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
-from patronus.defenses.patronus.losses import make_perceptual, refusal_loss
+from patronus.defenses.patronus.losses import make_perceptual, random_patterns, refusal_loss, scramble_loss
 from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
 from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
@@ -184,10 +184,8 @@ class Protector:
             n_benign = sizes[0] + sizes[1]
             with torch.no_grad(), capture_outputs(_scramble_layers(self.original)) as orig:
                 self.original(torch.cat(inputs[:2]))
-            keep = sum(F.mse_loss(a[:n_benign], o) / t.var() for a, o, t in zip(acts, orig, self.scramble_targets))
-            drop = sum(F.mse_loss(a[n_benign:], t.expand_as(a[n_benign:])) / t.var()
-                       for a, t in zip(acts, self.scramble_targets))
-            out["scramble"] = (keep + drop) / len(acts)
+            out["scramble"] = scramble_loss([a[:n_benign] for a in acts], orig, [a[n_benign:] for a in acts],
+                                            self.scramble_targets)
         return out
 
     @torch.no_grad()
@@ -196,8 +194,7 @@ class Protector:
         decoder's benign activations there: every unsafe latent is pulled to the same pattern."""
         with capture_outputs(_scramble_layers(self.original)) as acts:
             self.original(self.bank["train/benign/z_gen"][:256])
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        return [(torch.randn(a.shape[1:], generator=g) * a.std()).to(a.device) for a in acts]
+        return random_patterns(acts, torch.Generator().manual_seed(self.cfg.seed))
 
     def inner_loss_fn(self, attack: SimulatedAttack) -> InnerLoss:
         """The simulated attacker's objective on a batch of its unsafe training data.
