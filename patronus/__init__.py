@@ -2,7 +2,7 @@
 
 import logging
 
-__version__ = "0.1.0"
+from patronus.version import __version__ as __version__
 
 
 class _TorchvisionFallbackNotice(logging.Filter):

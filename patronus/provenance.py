@@ -10,8 +10,8 @@ import hashlib
 import platform
 from pathlib import Path
 
-import patronus
 from patronus.io import files_under
+from patronus.version import __version__
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx")
 
@@ -26,7 +26,7 @@ def library_versions() -> dict[str, str | int]:
     import torch
     import transformers
 
-    return {"patronus": patronus.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+    return {"patronus": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
 

@@ -1,4 +1,5 @@
-"""The package's layering: imports point one way, and reading results needs no torch."""
+"""The package's layering: imports point one way, no module imports itself back, and reading
+results needs no torch."""
 
 import ast
 import subprocess
@@ -58,11 +59,114 @@ def test_no_import_cycles_between_top_level_parts():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def _module_of(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the patronus modules it imports, for every module in the package.
+
+    What counts as an edge: every `import` statement in the file, wherever it stands: at the
+    top, inside a function (a lazy import) or under `if TYPE_CHECKING:`, absolute or relative.
+    `from a.b import c` is an edge to the module `a.b.c` when there is one, else to `a.b` (its
+    `__init__`). Not counted: the parent packages' `__init__` modules that Python runs before
+    a submodule (every module would otherwise sit on a cycle through its own package), and
+    imports by name in strings (`importlib.import_module`, `DEFENSES`)."""
+    files = {_module_of(f, root): f for f in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, f in files.items():
+        package = module if f.name == "__init__.py" else module.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                edges |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+        graph[module] = {e for e in edges if e in files and e != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of more than one node (Tarjan), each one a cycle or more."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    """Not between parts, not between two files of one part, not through a lazy or a
+    type-checking import."""
+    graph = _module_graph()
+    assert {"patronus.attacks.config", "patronus.attacks.registry", "patronus.attacks.kinds"} <= set(graph)
+    assert "patronus.attacks.kinds" in graph["patronus.attacks.config"]  # edges are found
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles among: " + "; ".join(", ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_sees_lazy_type_checking_and_relative_imports(tmp_path):
+    pkg = tmp_path / "patronus"
+    (pkg / "part").mkdir(parents=True)
+    for f in ("__init__.py", "part/__init__.py", "low.py"):
+        (pkg / f).write_text("")
+    (pkg / "part" / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                       "    from patronus.part.b import B\n")
+    (pkg / "part" / "b.py").write_text("def f():\n    from . import a\n")
+    (pkg / "part" / "c.py").write_text("from patronus import low\nfrom ..part import a\n")
+    graph = _module_graph(pkg)
+    assert graph["patronus.part.c"] == {"patronus.low", "patronus.part.a"}
+    assert _cycles(graph) == [["patronus.part.a", "patronus.part.b"]]
+
+
+def test_only_the_front_ends_import_the_public_api():
+    """`patronus.api` sits on top of the layers: the package root (lazily), the CLI and the demo use it."""
+    graph = _module_graph()
+    users = sorted(m for m, edges in graph.items() if "patronus.api" in edges)
+    assert set(users) <= {"patronus", "patronus.cli", "patronus.demo"}, users
+
+
+def test_importing_patronus_imports_no_torch():
+    code = ("import sys, patronus; patronus.__version__; "
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'diffusers'))); "
+            "print(bad[:3]); sys.exit(1 if bad else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, f"import patronus pulls in torch: {run.stdout} {run.stderr[-500:]}"
+
+
 def test_lower_layers_do_not_reach_up():
     graph = _import_graph()
     # The bottom of the data flow knows nothing of what is built on it.
-    for low in ("errors", "config", "io", "imaging", "provenance", "training", "world"):
-        assert not graph[low] - {"errors", "io", "imaging", "config", "world"}, (low, graph[low])
+    for low in ("errors", "version", "config", "io", "imaging", "provenance", "training", "world"):
+        assert not graph[low] - {"errors", "version", "io", "imaging", "config", "world"}, (low, graph[low])
     assert not graph["nft"] & {"defenses", "attacks", "sweep", "evaluation", "report"}  # component-agnostic
     assert not graph["attacks"] & {"defenses", "sweep", "evaluation", "report"}
     assert not graph["evaluation"] & {"defenses", "attacks", "sweep", "report"}

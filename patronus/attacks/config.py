@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from patronus.attacks.registry import ATTACKS
+from patronus.attacks.kinds import ATTACKS
 from patronus.errors import ConfigError
 from patronus.models.sampling import DEFAULT_GUIDANCE
 from patronus.training import OPTIMIZERS
