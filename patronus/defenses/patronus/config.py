@@ -102,7 +102,7 @@ class UNetAlignConfig:
     nft_implicit_alpha: float = 1e-2
     # Simulated attacks per outer step, their first-order gradients averaged (one query batch).
     # The post-attack loss of a long attack is rough in the weights: one attack's gradient says
-    # little about it, an average over attack seeds more (docs/unet-results.md, session 18).
+    # little about it, an average over attack seeds more (docs/unet-results.md, measured 2026-11-30).
     nft_attacks_per_step: int = 1
     probe_every: int = 50
     probe_optimizer: str = "adam"
@@ -159,7 +159,7 @@ class ProtectConfig:
     stage1_w_refuse_feat: float = 1.0
     stage1_w_rec: float = 0.2
     stage1_w_cal: float = 2.0
-    # Representation scrambling (TAR's / RepNoise's idea, issue 13 item 3), off by default: at the
+    # Representation scrambling (TAR's / RepNoise's idea), off by default: at the
     # decoder's intermediate blocks, unsafe latents are pulled to one fixed random pattern (their
     # information removed before the output layers) and benign latents to the original's activations.
     stage1_w_scramble: float = 0.0
@@ -238,7 +238,7 @@ class ProtectConfig:
 
 PRESETS: dict[str, dict] = {
     # Seconds on 2 CPU cores: a demonstration of the whole pipeline, not a usable protection.
-    # Chosen in session 19 by protect time and the probes' numbers (docs/unet-results.md, "A quick
+    # Chosen on 2026-11-30 by protect time and the probes' numbers (docs/unet-results.md, "A quick
     # preset of 4-6 minutes"): smaller batches and half the NFT steps of the earlier quick preset.
     "quick": {
         # With one part the decoder learns the original UNet's latents only; with both, also the

@@ -341,7 +341,7 @@ def _record(state: dict) -> dict:
             "losses": state["losses"]}
 
 
-# Settings added after work directories existed (issue 16's memory options, issue 14's bank
+# Settings added after work directories existed (the memory options, the decoder bank's UNet
 # sources, unknown-word term, anchored and implicit NFT, attacks per step, UNet scrambling):
 # absent from an older run's config.json, they count as unchanged at their defaults.
 ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources",
@@ -362,7 +362,7 @@ def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> N
     cfg_file = workdir / "config.json"
     absent = to_dict(ProtectConfig())  # what an added setting missing from config.json meant then:
     absent["bank"]["unet_sources"] = ["original"]  # its default before the default came to depend on parts
-    absent["unet"]["w_unknown"] = 0.0  # off until session 14 made it the default
+    absent["unet"]["w_unknown"] = 0.0  # off until v5 (2026-11-29) made it the default
     if resume and cfg_file.exists() and settings_changed(json.loads(cfg_file.read_text()), to_dict(cfg),
                                                          absent, ADDED_SETTINGS):
         raise ConfigError(f"{workdir} was started with different settings; resume with the same config")
