@@ -44,10 +44,12 @@ def test_right_types_build_with_ints_as_floats_and_lists_as_tuples():
     assert isinstance(cfg.lr, float)
 
 
-CONFIGS = Path(__file__).parent.parent / "configs"
+ROOT = Path(__file__).parent.parent
+# Reproduction recipes and research experiments.
+CONFIGS = [p for d in ("reproduce", "research/configs") for p in (ROOT / d).rglob("*.toml")]
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CONFIGS), ids=lambda p: str(p.relative_to(ROOT)))
 def test_committed_config_files_load(path):
     from patronus.defenses.patronus.config import load_config
     from patronus.models.train_base import load_train_config
@@ -55,7 +57,7 @@ def test_committed_config_files_load(path):
 
     if path.name.startswith("grid-"):  # a robustness grid or a field grid
         load_sweep_grid(str(path))
-    elif path.name.startswith("train-base-"):  # a base-model recipe
+    elif path.name.startswith("train-"):  # a base-model recipe
         load_train_config(path)
     else:
         for preset in ("quick", "full"):
@@ -82,7 +84,7 @@ def test_the_default_grid_parts_together_are_the_default_grids_protected_cells()
     from patronus.sweep.grid import load_grid
 
     default = load_grid("default")
-    parts = [load_grid(CONFIGS / f"grid-default-part{i}.toml") for i in (1, 2, 3)]
+    parts = [load_grid(ROOT / "reproduce" / f"grid-default-part{i}.toml") for i in (1, 2, 3)]
     cells = [frozenset(c.items()) for p in parts for c in p.cells()]
     assert len(cells) == len(set(cells)) and set(cells) == {frozenset(c.items()) for c in default.cells()}
     for p in parts:

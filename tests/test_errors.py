@@ -1,7 +1,7 @@
 """Every documented bad input is refused up front: exit 2, one line, nothing written.
 
 Each case runs through the real CLI entry point (`patronus.cli.main`) in-process. The message
-it prints must be the one docs/errors.md lists for it (with the test's temporary directory
+it prints must be the one docs/reference/errors.md lists for it (with the test's temporary directory
 written as $TMP), so the table cannot drift from what users see.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 from patronus.cli import main
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "reference" / "errors.md"
 
 # id -> argv ($TMP is the test's scratch directory with the files made in `scratch`).
 CASES: dict[str, list[str]] = {
@@ -148,7 +148,7 @@ def scratch(root: Path, case: str) -> None:
 
 
 def documented() -> dict[str, str]:
-    """id -> message from docs/errors.md's table rows `| id | command | message |`."""
+    """id -> message from docs/reference/errors.md's table rows `| id | command | message |`."""
     rows = re.findall(r"^\| `([a-z0-9-]+)` \| .*? \| (.*) \|$", DOC.read_text(), flags=re.M)
     return {case: message.replace("\\|", "|").strip("`") for case, message in rows}
 

@@ -100,7 +100,7 @@ def test_the_robustness_text_names_only_the_references_the_sweep_ran():
 
     everything = robustness_text({"protected", "unprotected", "scratch", "original-vae"})
     assert "unprotected original and a scratch model" in everything and "original-vae" in everything
-    alone = robustness_text({"protected", "original-vae"})  # configs/grid-default-part1.toml
+    alone = robustness_text({"protected", "original-vae"})  # reproduce/grid-default-part1.toml
     assert "no unprotected or scratch reference" in alone and "original-vae" in alone
     assert "scratch model (" not in alone
     assert robustness_text({"protected", "scratch"}) == ("Protected model against a scratch model (attacked "
