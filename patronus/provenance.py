@@ -11,6 +11,7 @@ import platform
 from pathlib import Path
 
 from patronus.io import files_under
+from patronus.modelcard import CARD_FILE, EVALUATION_FILE
 from patronus.version import __version__
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".onnx")
@@ -55,10 +56,12 @@ def weights_digest(hashes: dict[str, str]) -> str:
 
 def generation_digest(model_dir: str | Path) -> str:
     """sha256 over every file outside vae/ (path and content): what decides the sampled latents.
-    A protection's own record (patronus.json) decides nothing and is left out."""
+    A protection's own records (patronus.json, the model card, its measured numbers) decide
+    nothing and are left out."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
-    for f in (p for p in files_under(model_dir) if p.relative_to(model_dir).parts[0] not in ("vae", "patronus.json")):
+    skip = ("vae", "patronus.json", CARD_FILE, EVALUATION_FILE)
+    for f in (p for p in files_under(model_dir) if p.relative_to(model_dir).parts[0] not in skip):
         h.update(f"{f.relative_to(model_dir)}\n".encode())
         _update_with_file(h, f)
     return h.hexdigest()

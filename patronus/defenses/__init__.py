@@ -38,3 +38,19 @@ def load_defense(name: str) -> ModuleType:
     if name not in DEFENSES:
         raise ConfigError(f"unknown defence {name!r}; choose one of {', '.join(DEFENSES)}")
     return importlib.import_module(DEFENSES[name])
+
+
+def matching_preset(name: str, cfg: object) -> str | None:
+    """The preset of defence `name` whose settings `cfg` equals, or None (settings from a config
+    file or overrides). Patronus's presets are compared at `cfg`'s parts: `--parts` picks what to
+    harden, not how. The model card and patronus.json record it."""
+    defense = load_defense(name)
+    parts = getattr(cfg, "parts", None) if name == "patronus" else None
+    for preset in defense.PRESETS:
+        try:
+            candidate = defense.load_config(preset, None, **({} if parts is None else {"parts": ",".join(parts)}))
+        except ConfigError:
+            continue
+        if candidate == cfg:
+            return preset
+    return None

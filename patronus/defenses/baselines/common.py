@@ -13,8 +13,10 @@ from typing import TypeVar
 from diffusers import StableDiffusionPipeline
 
 from patronus.config import build, merge, read_config_file, to_dict
+from patronus.defenses import matching_preset
 from patronus.errors import ConfigError, OutputExistsError
 from patronus.io import atomic_dir
+from patronus.modelcard import CARD_FILE, EVALUATION_FILE, write_model_card
 from patronus.models.inference import INFERENCE_FILE, InferenceConfig, write_inference
 from patronus.models.registry import resolve_model
 from patronus.provenance import library_versions, weight_hashes, weights_digest
@@ -48,11 +50,13 @@ def write_defended(model: str, out: Path, defense: str, cfg: object, pipe: Stabl
                    new: tuple[str, ...], inference: InferenceConfig, t_start: float,
                    record: dict | None = None) -> dict:
     """The source pipeline copied to `out` (atomically) with `pipe`'s model_index.json, its `new`
-    components (every other file bitwise the source's), its inference settings and patronus.json."""
+    components (every other file bitwise the source's), its inference settings, patronus.json and
+    the model card (README.md)."""
     source = resolve_model(model)
     with atomic_dir(out) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("patronus.json", INFERENCE_FILE, *new))
+        shutil.copytree(source, tmp, dirs_exist_ok=True,  # the source's card and numbers are not ours
+                        ignore=shutil.ignore_patterns("patronus.json", INFERENCE_FILE, CARD_FILE, EVALUATION_FILE,
+                                                      *new))
         pipe.save_config(tmp)
         for name in new:
             getattr(pipe, name).save_pretrained(tmp / name)
@@ -60,6 +64,7 @@ def write_defended(model: str, out: Path, defense: str, cfg: object, pipe: Stabl
         hashes, original = weight_hashes(tmp), weight_hashes(source)
         info = {
             "defense": defense,
+            "preset": matching_preset(defense, cfg),
             "patronus_version": library_versions()["patronus"],
             "source_model": {"path": str(source.resolve()), "weights_sha256": weights_digest(original)},
             "config": to_dict(cfg),
@@ -72,6 +77,7 @@ def write_defended(model: str, out: Path, defense: str, cfg: object, pipe: Stabl
             "versions": library_versions(),
         }
         (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
+        write_model_card(tmp, info, name=out.name)
     return info
 
 

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder, load_head_state
 from patronus.attacks.weights.unet import UNetAttackConfig, attack_unet
 from patronus.config import settings_changed, to_dict
+from patronus.defenses import matching_preset
 from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_data, load_partitions
 from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
@@ -57,6 +58,7 @@ from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_uint8
 from patronus.io import atomic_dir, locked_dir
+from patronus.modelcard import CARD_FILE, EVALUATION_FILE, write_model_card
 from patronus.models.components import DecoderHead, encode_latents
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.nft.maml import (
@@ -458,12 +460,14 @@ def _write_output(model_dir: Path, out: Path, cfg: ProtectConfig, replaced: dict
     process; returns patronus.json."""
     if accelerator.is_main_process:
         with atomic_dir(out) as tmp:
-            shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("patronus.json", *replaced),
-                            dirs_exist_ok=True)
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True,  # the source's card and numbers are not ours
+                            ignore=shutil.ignore_patterns("patronus.json", CARD_FILE, EVALUATION_FILE, *replaced))
             for name, module in replaced.items():
                 module.save_pretrained(tmp / name)
             info = _provenance(model_dir, cfg, sections, seconds, weight_hashes(tmp), accelerator)
+            info["preset"] = matching_preset("patronus", cfg)
             (tmp / "patronus.json").write_text(json.dumps(info, indent=2))
+            write_model_card(tmp, info, name=out.name)
     accelerator.wait_for_everyone()
     return json.loads((out / "patronus.json").read_text())
 
