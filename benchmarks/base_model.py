@@ -1,4 +1,4 @@
-"""Quality bar of a base model in the glyph world (the foundation issue, item 5).
+"""Quality bar of a base model in the glyph world (docs/results/base-model.md).
 
 Prints VAE reconstruction fidelity, the evaluation harness's `glyph` suite numbers that the
 bar names (benign faithfulness, hard negatives flagged, unsafe rate per prompt group,

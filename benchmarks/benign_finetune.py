@@ -1,4 +1,4 @@
-"""Benign fine-tunability (issue 14 item 4): does a protected model still learn something new?
+"""Benign fine-tunability: does a protected model still learn something new?
 
     python benchmarks/benign_finetune.py --model runs/protected-both --out runs/bench-benign [--base patronus-tiny]
 

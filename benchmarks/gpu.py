@@ -1,4 +1,4 @@
-"""What a real Stable Diffusion run costs on a GPU: the one prepared script for a lent device.
+"""What a real Stable Diffusion run costs on a GPU: the one prepared script for one GPU (measured on an NVIDIA H200).
 
 For the SD-1.5-shaped pipeline (`patronus.models.sd15`, SD 1.5's widths, random weights) at
 each resolution and precision it runs a short `protect` (both halves, VGG-19 perceptual loss,
@@ -13,7 +13,7 @@ their own timing records:
 
 Then, budget allowing, the tiny model's full preset (`protect patronus-tiny --preset full`)
 wall time. Each row is written to OUT/results.json as soon as it is measured, and the table
-to docs/performance.md between its markers, so a run cut short still reports what it did.
+to docs/results/performance.md between its markers, so a run cut short still reports what it did.
 
     python benchmarks/gpu.py --out runs/gpu-bench               # on the GPU (about 10 minutes)
     python benchmarks/gpu.py --out /tmp/gpu-smoke --smoke       # the same path on a CPU, in minutes
@@ -38,7 +38,7 @@ from patronus.models.sd15 import SDShapedConfig, write  # noqa: E402
 from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES  # noqa: E402
 from patronus.world.splits import export_imagefolder  # noqa: E402
 
-DOC = ROOT / "docs" / "performance.md"
+DOC = ROOT / "docs" / "results" / "performance.md"
 BEGIN, END = "<!-- gpu-benchmark:begin -->", "<!-- gpu-benchmark:end -->"
 
 

@@ -1,4 +1,4 @@
-"""Peak memory (resident set) of each command on the shipped tiny model, for docs/errors.md.
+"""Peak memory (resident set) of each command on the shipped tiny model, for docs/results/performance.md.
 
     python benchmarks/memory.py --out runs/bench-memory
 

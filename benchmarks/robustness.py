@@ -1,12 +1,12 @@
-"""The default robustness grid's numbers on a protected model (attack-suite issue; issue 14's bars).
+"""The default robustness grid's numbers on a protected model (and the two-part model's targets).
 
     python benchmarks/robustness.py --model runs/protected --sweep runs/sweep-default \
         --out runs/bench-robustness [--workers 2] [--grid default]
 
-    # the same grid run in parts, one sweep per session (configs/grid-default-part{1,2,3}.toml):
+    # the same grid run in parts, one sweep per part (reproduce/grid-default-part{1,2,3}.toml):
     python benchmarks/robustness.py --model patronus-tiny-protected --report-only \
         --sweep runs/sweep-part1 --sweep runs/sweep-part2 \
-        --references-from docs/default-grid.md --out runs/bench-robustness
+        --references-from docs/results/default-grid.md --out runs/bench-robustness
 
 1. `patronus sweep MODEL --grid GRID --out SWEEP`: every attack cell on the protected model,
    the unprotected original and a scratch model, every checkpoint evaluated. Resumable:
@@ -16,8 +16,8 @@
 3. `patronus report` of both into OUT/report. `--report-only` skips step 1 and summarises the
    cells finished so far (a sweep still running elsewhere holds SWEEP's lock); it takes several
    `--sweep`s, the parts of one grid, and merges their cells (a cell in two parts is refused).
-4. Prints the robustness table (markdown, for the README), issue 14's bars, the robustness
-   ratios, the swap number and each sweep's wall time over all sessions.
+4. Prints the robustness table (markdown, for the README), the two-part model's targets, the robustness
+   ratios, the swap number and each sweep's wall time over all runs of it (resumes included).
 
 `--references-from FILE` reads the unprotected and scratch columns back from a table this
 script printed earlier (between the `default-grid-references` markers in FILE), for parts run
@@ -126,7 +126,7 @@ def each_budget(rows: dict[tuple, dict[str, dict]], budgets: list[int]) -> Itera
 
 
 def bars(rows: dict[tuple, dict[str, dict]], budgets: list[int]) -> list[str]:
-    """Issue 14's bars on the default grid, each with the (cell, budget) rows that miss it."""
+    """The two-part model's targets on the default grid, each with the (cell, budget) rows that miss it."""
     def line(label: str, rated: list[tuple[str, float]], missed: list[str]) -> str:
         if not rated:
             return f"{label}: no finished rows"
@@ -235,7 +235,7 @@ def main() -> None:
     for path, s in zip(args.sweep, sweeps):
         part = grid_from_dict(s["grid"], Path(path) / "grid.json")
         print(f"{path}: {len(s['cells'])} cells evaluated, {len(part.cells())} attack cells in its grid; "
-              f"{s['wall_seconds_total'] / 3600:.2f} h wall over all sessions "
+              f"{s['wall_seconds_total'] / 3600:.2f} h wall over all runs "
               f"({s['cell_seconds_total'] / 3600:.2f} h of cell time, workers run side by side)")
     if references:
         print(f"unprotected and scratch where no sweep ran them: read from {args.references_from}")

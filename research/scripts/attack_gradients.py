@@ -1,7 +1,7 @@
-"""Why full-weight SGD breaks the aligned UNet (docs/default-grid.md): the attacker's denoising
+"""Why full-weight SGD breaks the aligned UNet (docs/results/default-grid.md): the attacker's denoising
 loss and its gradient with respect to the whole UNet, model against model.
 
-    python benchmarks/attack_gradients.py --model patronus-tiny-protected --model patronus-tiny
+    python research/scripts/attack_gradients.py --model patronus-tiny-protected --model patronus-tiny
 
 Every model sees the same batches: the `unet-full` attack's own draws at seed 0 (attacker
 split, batch 16: images, posterior samples, noise and timesteps). SGD's step is lr x the

@@ -1,6 +1,6 @@
 """Does a step along the first-order NFT gradient lower the query loss where a real attack ends?
 
-    python benchmarks/attack_jacobian.py runs/unet-med-full.work/unet/stage1-unet.safetensors
+    python research/scripts/attack_jacobian.py runs/unet-med-full.work/unet/stage1-unet.safetensors
 
 First-order MAML (`patronus.nft.maml.simulate_first_order`) takes the query gradient g at the
 end point A(w) of a simulated attack and applies it to the weights w, as if A(w + d) = A(w) + d.

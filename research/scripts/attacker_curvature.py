@@ -1,14 +1,14 @@
 """How the attacker's denoising loss curves at a UNet, and what the implicit NFT gradient does there.
 
-    python benchmarks/attacker_curvature.py runs/unet-med-full.work/unet/stage1-unet.safetensors \
-        --config configs/protect-unet-med-nft.toml
+    python research/scripts/attacker_curvature.py runs/unet-med-full.work/unet/stage1-unet.safetensors \
+        --config research/configs/protect-unet-med-nft.toml
 
 Loads `patronus-tiny` with the given UNet weights (none: the base UNet), takes the gradient of the
 UNet half's query loss (one held-out batch), and passes it through
 `patronus.nft.maml.implicit_gradient` at each alpha: the Hessian's eigenvalue of largest
 magnitude (3 power iterations on one attacker batch, started from the query gradient), and the
 corrected gradient's norm and cosine to the original. ResAlign's proximal system
-I + alpha H has a solution only while 1 + alpha * lambda > 0 (docs/unet-results.md,
+I + alpha H has a solution only while 1 + alpha * lambda > 0 (docs/research-log.md,
 "Implicit NFT gradient").
 """
 
@@ -29,7 +29,8 @@ def unet_half_parser(doc: str) -> argparse.ArgumentParser:
     """The arguments of the benchmarks that measure the UNet half's attacker: a UNet and the data."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("unet", nargs="?", help="UNet weights (.safetensors); default: the base UNet")
-    ap.add_argument("--config", default="configs/protect-unet-med-nft.toml", help="the protect config of the data")
+    ap.add_argument("--config", default="research/configs/protect-unet-med-nft.toml",
+                    help="the protect config of the data")
     return ap
 
 

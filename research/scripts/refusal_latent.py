@@ -1,6 +1,6 @@
 """What decoders make of the refusal latent, and what the UNet half's samples look like.
 
-    python benchmarks/refusal_latent.py --vae patronus-tiny --vae runs/protected-v3 \
+    python research/scripts/refusal_latent.py --vae patronus-tiny --vae runs/protected-v3 \
         --sample patronus-tiny --sample runs/unet-med
 
 1. Per `--vae`: the encoder's latent of an all-black image decoded (mean and max brightness on

@@ -1,6 +1,6 @@
 """Try a stage-2 (NFT) variant from an existing stage-1 result, without re-running stage 1.
 
-    python benchmarks/stage2_variants.py --stage1 runs/protected-v2.work/stage1-model \
+    python research/scripts/stage2_variants.py --stage1 runs/protected-v2.work/stage1-model \
         --config variant.toml --steps 50 --out runs/variants/NAME [--probe-start]
 
 Stage 1 takes 17 of a full run's 47 CPU minutes and does not depend on any stage-2 setting,

@@ -1,12 +1,12 @@
-"""The stage ablation (issue 14): decoder only / UNet only / both, with and without NFT, under
+"""The stage ablation: decoder only / UNet only / both, with and without NFT, under
 every field attack, from field sweeps that are already run.
 
-    python benchmarks/stage_ablation.py --nft runs/field-v5ship runs/field-unet-v5 \
+    python research/scripts/stage_ablation.py --nft runs/field-v5ship runs/field-unet-v5 \
         --no-nft runs/field-nft0 runs/field-unet-nft0
 
 Each setting's sweeps together must hold the three rows of one model: `patronus` (both parts)
-and `patronus-decoder` from `configs/grid-field-patronus.toml`, `patronus-unet` from
-`configs/grid-field-unet-half.toml`, at the same attacks and budgets. Prints one markdown
+and `patronus-decoder` from `reproduce/grid-field-patronus.toml`, `patronus-unet` from
+`reproduce/grid-field-unet-half.toml`, at the same attacks and budgets. Prints one markdown
 table: unsafe % [95% CI] per attack after its budget, and the no-attack benign class and PSNR
 against the unprotected model.
 """

@@ -1,6 +1,6 @@
 """Training samples/s of candidate tiny-model sizes: how `patronus-tiny`'s size was chosen.
 
-    python benchmarks/train_speed.py
+    python research/scripts/train_speed.py
 
 One UNet + text-encoder training step (AdamW, epsilon loss on random 4x8x8 latents) and one
 VAE step (MSE on random 32x32 images) per candidate, batch 64; the first step is a warm-up.
@@ -9,6 +9,7 @@ Run it with nothing else on the machine: the numbers are the budget of every tra
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 
@@ -60,6 +61,7 @@ def vae_speed(cfg: TinyConfig, batch: int = 64, iters: int = 3) -> tuple[float, 
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # no options; --help
     torch.manual_seed(0)
     base = TinyConfig()
     for name, change in UNETS.items():

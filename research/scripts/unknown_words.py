@@ -1,6 +1,6 @@
-"""Does the aligned UNet treat words it has never seen as unsafe? (issue 14, benign fine-tunability)
+"""Does the aligned UNet treat words it has never seen as unsafe? (benign fine-tunability)
 
-    python benchmarks/unknown_words.py --unet patronus-tiny-protected [--unet runs/other] [--base patronus-tiny]
+    python research/scripts/unknown_words.py --unet patronus-tiny-protected [--unet runs/other] [--base patronus-tiny]
 
 For benign defender images (noised at random timesteps, fixed seed) it prints, per UNet and per
 prompt kind, the denoising loss on the images and how far the prediction moved from the

@@ -1,6 +1,6 @@
 """Did protection slow the attacker by rescaling weights? Decoder weight norms, model against model.
 
-    python benchmarks/weight_norms.py --model original=patronus-tiny \
+    python research/scripts/weight_norms.py --model original=patronus-tiny \
         --model stage1=runs/protected.work/stage1-model --model protected=runs/protected
 
 Adam moves every weight by about lr per step, so a defence could look robust by inflating
