@@ -142,6 +142,66 @@ class UNetAlignConfig:
                               "nft_implicit_alpha must be positive")
 
 
+TEXT_ENCODER_MODES = ("distil", "keep")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation (`[distill]`, off by default): the protected pipeline is the teacher, and a
+    student whose weights are the teacher's mixed with a fresh initialisation,
+    (1 - alpha) * teacher + alpha * fresh, learns only the teacher's outputs. Alignment hides the
+    unsafe capability in the weights (a few fine-tuning steps bring it back); a student that
+    never held those weights and never saw an unsafe image inherits the behaviour without it
+    (Lee et al., 2025, "Distillation robustifies unlearning").
+
+    UNet (and text encoder): the teacher's noise predictions for benign, unknown-word, unsafe
+    and empty prompts at noised benign defender latents and along the teacher's own sampling
+    trajectories. Decoder: the protected decoder's images for benign latents, the teacher's
+    refusal latents and the original UNet's unsafe latents (rendered black by the teacher).
+    Unsafe images are never targets, and by default never inputs either (`unsafe_latents`).
+    """
+
+    enabled: bool = False
+    # A protected pipeline (name or directory) to distil instead of the one this run's parts
+    # produce; the model `protect` is given is then the original (its UNet makes the decoder's
+    # unsafe latents) and no part is hardened again.
+    teacher: str | None = None
+    alpha: float = 1.0  # 1: a fresh student; 0: the teacher's own weights
+    text_encoder: str = "distil"  # "distil": trained with the UNet (alpha-mixed); "keep": the teacher's
+    decoder: bool = True  # also distil the VAE decoder (the encoder always stays the teacher's)
+    # Noised latents of the defender's unsafe images as UNet inputs too (never as targets).
+    unsafe_latents: bool = False
+    n_prompts: int = 512  # defender prompts per kind (the UNet half's train partition)
+    sampler_steps: int = 25  # the teacher's trajectories: DDIM steps at `guidance`
+    guidance: float = 4.0
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4  # peak of a cosine schedule after `warmup` steps
+    warmup: int = 200
+    snr_gamma: float = 5.0  # min-SNR weighting, as the base model was trained
+    ema_decay: float = 0.999
+    decoder_steps: int = 1500
+    decoder_batch: int = 64
+    decoder_lr: float = 1e-3
+    checkpoint_every: int = 250
+
+    def __post_init__(self):
+        if self.text_encoder not in TEXT_ENCODER_MODES:
+            raise ConfigError(f"distill.text_encoder must be distil or keep, got {self.text_encoder!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"distill.alpha must lie in [0, 1] (1: a fresh student), got {self.alpha}")
+        positive = ("n_prompts", "sampler_steps", "unet_steps", "unet_batch", "decoder_batch", "checkpoint_every")
+        if bad := [k for k in positive if getattr(self, k) < 1]:
+            raise ConfigError(f"distill.{', distill.'.join(bad)} must be at least 1")
+        if self.unet_batch % 8:
+            raise ConfigError(f"distill.unet_batch must be a multiple of 8 (its rows are split 3:1:2:2 between "
+                              f"benign, unknown-word, unsafe and empty prompts), got {self.unet_batch}")
+        if self.decoder_steps < 0 or self.warmup < 0 or self.guidance < 0:
+            raise ConfigError("distill.decoder_steps, warmup and guidance must not be negative")
+        if min(self.unet_lr, self.decoder_lr, self.snr_gamma) <= 0 or not 0 < self.ema_decay < 1:
+            raise ConfigError("distill.unet_lr, decoder_lr and snr_gamma must be positive, ema_decay in (0, 1)")
+
+
 @dataclass(frozen=True)
 class ProtectConfig:
     seed: int = 0
@@ -198,8 +258,12 @@ class ProtectConfig:
     # runs under its autocast.
     gradient_checkpointing: bool = False
     vae_slicing: bool = False
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
+        if self.distill.teacher is not None and not self.distill.enabled:
+            raise ConfigError("distill.teacher is set but distill.enabled is false: enable distillation or drop "
+                              "the teacher")
         if not self.parts or len(set(self.parts)) != len(self.parts) or set(self.parts) - set(PARTS):
             raise ConfigError(f"parts must be one or more of {', '.join(PARTS)} (each once), got "
                               f"{', '.join(self.parts) or 'none'}")

@@ -52,6 +52,7 @@ from patronus.defenses import matching_preset
 from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_data, load_partitions
 from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
+from patronus.defenses.patronus.distill import distill
 from patronus.defenses.patronus.losses import make_perceptual, random_patterns, refusal_loss, scramble_loss
 from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
 from patronus.errors import ConfigError, OutputExistsError
@@ -273,9 +274,11 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     out, workdir = Path(out), Path(workdir)
     _check_dirs(out, workdir, cfg, resume)
     resolve_model(model)
-    if "unet" in cfg.parts:
+    if "unet" in cfg.parts or cfg.distill.enabled:
         check_data(cfg)
     load_pipeline(model)  # a broken model fails here, before the work directory is made
+    if cfg.distill.teacher is not None:
+        load_pipeline(cfg.distill.teacher)
     workdir.mkdir(parents=True, exist_ok=True)
     busy = f"another protect run is using the work directory {workdir}; wait for it to finish or stop it"
     accelerator = Accelerator()
@@ -286,13 +289,23 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         t_start = time.time()
         replaced: dict[str, torch.nn.Module] = {}
         sections: dict[str, dict] = {}
-        # The UNet half first: the decoder's bank may hold the aligned UNet's latents.
-        if "unet" in cfg.parts:
-            replaced["unet"], sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
-        if "decoder" in cfg.parts:
-            replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator,
-                                                                   replaced.get("unet"))
-        return _write_output(resolve_model(model), out, cfg, replaced, sections, time.time() - t_start,
+        source = resolve_model(model)
+        if cfg.distill.teacher is None:
+            # The UNet half first: the decoder's bank may hold the aligned UNet's latents.
+            if "unet" in cfg.parts:
+                replaced["unet"], sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
+            if "decoder" in cfg.parts:
+                replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator,
+                                                                       replaced.get("unet"))
+        if not cfg.distill.enabled:
+            return _write_output(source, out, cfg, replaced, sections, time.time() - t_start, accelerator)
+        teacher = cfg.distill.teacher
+        if teacher is None:  # this run's protected pipeline, kept in the work directory
+            teacher = workdir / "teacher"
+            if not (teacher / "patronus.json").exists():
+                _write_output(source, teacher, cfg, replaced, sections, time.time() - t_start, accelerator)
+        replaced, sections["distill"] = distill(model, teacher, cfg, workdir / "distill", resume)
+        return _write_output(resolve_model(teacher), out, cfg, replaced, sections, time.time() - t_start,
                              accelerator)
 
 
@@ -350,7 +363,7 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr",
                   "unet.w_unknown", "unet.nft_anchor_every", "unet.nft_anchor_steps", "unet.nft_anchor_lr",
                   "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
-                  "unet.w_scramble")
+                  "unet.w_scramble", "distill")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
@@ -492,7 +505,7 @@ def _provenance(model_dir: Path, cfg: ProtectConfig, sections: dict[str, dict], 
     return {
         "patronus_version": library_versions()["patronus"],
         "source_model": {"path": str(model_dir.resolve()), "weights_sha256": weights_digest(original)},
-        "parts": [part for part in ("decoder", "unet") if part in sections],
+        "parts": [part for part in ("decoder", "unet", "distill") if part in sections],
         "config": to_dict(cfg),
         "data": data,
         "seeds": {"run": cfg.seed},

@@ -1,0 +1,105 @@
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from patronus.defenses.patronus.config import load_config
+from patronus.defenses.patronus.distill import mix_fresh, unet_batch
+from patronus.defenses.patronus.protect import protect
+from patronus.errors import ConfigError
+from patronus.provenance import weight_hashes
+
+TINY_DISTILL = {
+    "bank": {"n_train": 16, "n_query": 8, "n_probe": 8, "sampler_steps": 2},
+    "unet": {"n_train": 16, "n_query": 8, "n_probe": 8},
+    "distill": {"enabled": True, "n_prompts": 16, "sampler_steps": 3, "unet_steps": 4, "unet_batch": 16,
+                "decoder_steps": 4, "decoder_batch": 8, "checkpoint_every": 2, "warmup": 1},
+}
+
+
+def _cfg(tmp_path, teacher, **distill):
+    values = json.loads(json.dumps(TINY_DISTILL))
+    values["distill"] |= {"teacher": str(teacher), **distill}
+    path = tmp_path / "distill.json"
+    path.write_text(json.dumps(values))
+    return load_config("full", path)
+
+
+def test_mixing_with_a_fresh_initialisation_interpolates_every_weight():
+    a, fresh = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = a.weight.detach().clone()
+    mix_fresh(a, fresh, 0.0)
+    assert torch.equal(a.weight, before)
+    mix_fresh(a, fresh, 0.25)
+    assert torch.allclose(a.weight, 0.75 * before + 0.25 * fresh.weight)
+    mix_fresh(a, fresh, 1.0)
+    assert torch.equal(a.weight, fresh.weight) and torch.equal(a.bias, fresh.bias)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"alpha": 1.5}, "alpha must lie in"), ({"unet_batch": 12}, "multiple of 8"),
+    ({"text_encoder": "fresh"}, "distil or keep"), ({"enabled": False}, "distill.enabled is false"),
+])
+def test_bad_distill_settings_are_refused(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(tmp_path, "patronus-tiny-protected", **bad)
+
+
+class _Data:
+    """UNetData's fields, with unsafe image latents that would show up as NaN wherever used."""
+
+    def __init__(self):
+        n, k = 8, 5
+        self.scale = 1.0
+        self.benign_mean, self.benign_std = torch.randn(n, 4, 8, 8), torch.ones(n, 4, 8, 8) * 0.1
+        self.unsafe_mean, self.unsafe_std = torch.full((n, 4, 8, 8), float("nan")), torch.ones(n, 4, 8, 8)
+        self.traj_benign, self.traj_unsafe = torch.randn(k, n, 4, 8, 8), torch.randn(k, n, 4, 8, 8)
+        self.timesteps = torch.arange(k) * 200 + 1
+        self.ids = {kind: torch.arange(n * 3).view(n, 3) for kind in ("benign", "unknown", "unsafe")}
+        self.ids["empty"] = torch.zeros(1, 3, dtype=torch.long)
+        self.hidden = {kind: torch.randn(len(v), 3, 2) for kind, v in self.ids.items()}
+
+
+def test_unsafe_images_are_never_inputs_unless_asked_for():
+    data, scheduler = _Data(), DDPMScheduler()
+    x, t, ids, hidden = unet_batch(data, scheduler, 32, False, torch.Generator().manual_seed(0))
+    assert x.shape == (32, 4, 8, 8) and len(t) == len(ids) == len(hidden) == 32
+    assert torch.isfinite(x).all()
+    x, *_ = unet_batch(data, scheduler, 32, True, torch.Generator().manual_seed(0))
+    assert torch.isnan(x).any()  # the switch does feed them: the check above is not vacuous
+
+
+def test_distilling_a_teacher_replaces_unet_text_encoder_and_decoder(mini_pipeline, tmp_path):
+    cfg = _cfg(tmp_path, mini_pipeline)
+    info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert info["parts"] == ["distill"]
+    assert info["changed_weight_files"] == ["text_encoder/model.safetensors",
+                                            "unet/diffusion_pytorch_model.safetensors",
+                                            "vae/diffusion_pytorch_model.safetensors"]
+    record = info["distill"]
+    assert record["alpha"] == 1.0 and len(record["unet"]["losses"]) == 4 and len(record["decoder"]["losses"]) == 4
+    teacher, student = (StableDiffusionPipeline.from_pretrained(p) for p in (mini_pipeline, tmp_path / "out"))
+    for k, v in teacher.vae.encoder.state_dict().items():  # the latent space stays the teacher's
+        assert torch.equal(v, student.vae.encoder.state_dict()[k])
+    image = student("a red star", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_a_kept_text_encoder_is_the_teachers(mini_pipeline, tmp_path):
+    cfg = _cfg(tmp_path, mini_pipeline, text_encoder="keep", decoder=False)
+    info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert info["changed_weight_files"] == ["unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_a_resumed_distillation_ends_with_the_same_weights(mini_pipeline, tmp_path):
+    cfg = _cfg(tmp_path, mini_pipeline)
+    protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
+    for stage in ("unet", "decoder"):  # killed after step 2 of each stage: drop the final checkpoints
+        ckpts = sorted((tmp_path / "wb" / "distill" / stage).glob("checkpoint-*"), key=lambda c: int(c.name[11:]))
+        assert ckpts[-1].name == "checkpoint-4"
+        shutil.rmtree(ckpts[-1])
+    info = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    assert weight_hashes(tmp_path / "a") == weight_hashes(tmp_path / "b") == info["weight_files_sha256"]
