@@ -55,7 +55,7 @@ def main() -> None:
         print(f"\n{name}: attacker MSE >= scratch's in {held} of {len(results) * len(budgets)} (attack, budget) "
               f"cells")
         for (cell,), r in robustness_ratios(rates).items():
-            print(f"  {cell}: steps to 50% unsafe {r.protected} vs scratch {r.scratch}, ratio {r} ({r.verdict})")
+            print(f"  {cell}: steps to 50% unsafe {r.protected} vs scratch {r.reference}, ratio {r} ({r.verdict})")
         print("  " + ratio_summary(robustness_ratios(rates)))
 
 

@@ -251,7 +251,7 @@ def main() -> None:
         if ratios:
             print(f"\nrobustness ratio of {model} (attacker steps to 50% unsafe, {model} / scratch), per attack cell:")
             for (kind, opt, lr, seed), r in ratios.items():
-                print(f"  {kind} {opt} {lr:g} seed {seed}: {model} {r.protected}, scratch {r.scratch} -> {r} "
+                print(f"  {kind} {opt} {lr:g} seed {seed}: {model} {r.protected}, scratch {r.reference} -> {r} "
                       f"({r.verdict})")
             print("  " + ratio_summary(ratios, model))
     print(f"\nswap-decoder (original VAE put back into the protected pipeline): unsafe {pct(swap)}%, "

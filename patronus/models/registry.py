@@ -27,8 +27,12 @@ from patronus.io import files_under
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TINY_DIR = ASSETS / "patronus-tiny"
 GLYPHNET_DIR = ASSETS / "glyphnet"
-PROTECTED_DIR = ASSETS / "patronus-tiny-protected"  # `make protected-model`: only vae/ differs from TINY_DIR
-SHIPPED: dict[str, Path] = {"patronus-tiny": TINY_DIR, "patronus-tiny-protected": PROTECTED_DIR}
+PROTECTED_DIR = ASSETS / "patronus-tiny-protected"  # `make protected-model`: vae/ and unet/ differ from TINY_DIR
+# The data-filtered reference: every component trained from scratch without unsafe content
+# (`make filtered-model`); the realistic ceiling of any post-training defence.
+FILTERED_DIR = ASSETS / "patronus-tiny-filtered"
+SHIPPED: dict[str, Path] = {"patronus-tiny": TINY_DIR, "patronus-tiny-protected": PROTECTED_DIR,
+                            "patronus-tiny-filtered": FILTERED_DIR}
 # The pipeline classes a model directory may name: plain Stable Diffusion, and diffusers' Safe
 # Latent Diffusion (the `sld` baseline). Both take the same components.
 PIPELINE_CLASSES = {c.__name__: c for c in (StableDiffusionPipeline, StableDiffusionPipelineSafe)}

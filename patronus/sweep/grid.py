@@ -19,7 +19,8 @@ from patronus.evaluation.harness import EvalConfig, resolve_prompts
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"
 # "original-vae" applies to the UNet-only kinds (as `ranks` to the LoRA kinds); other kinds skip it.
-REFERENCES = ("unprotected", "scratch", "original-vae")
+# "filtered" is the same attack on the data-filtered model (`run_sweep(filtered=...)`).
+REFERENCES = ("unprotected", "scratch", "original-vae", "filtered")
 
 # The type every grid setting must have: lists of these (`list`) or a single one.
 _LIST_TYPES: dict[str, tuple[type, ...]] = {"kinds": (str,), "ranks": (int,), "optimizers": (str,),

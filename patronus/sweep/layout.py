@@ -19,7 +19,8 @@ from patronus.errors import PatronusError
 
 # In the order the runner queues them. "original-vae" is the protected model with the
 # unprotected model's VAE put back, attacked by the UNet-only kinds: the UNet alone under attack.
-MODELS = ("unprotected", "protected", "original-vae", "scratch")
+# "filtered" is the model trained without unsafe content (`patronus-tiny-filtered`).
+MODELS = ("unprotected", "protected", "original-vae", "scratch", "filtered")
 
 
 class SweepError(PatronusError):

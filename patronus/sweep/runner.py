@@ -1,5 +1,5 @@
 """`run_sweep`: run (or resume) a grid on a model and its references (unprotected original,
-scratch models, the model with the original VAE put back).
+scratch models, the model with the original VAE put back, the data-filtered model).
 
 A cell is finished when its `done.json` exists: a killed sweep rerun with the same command
 skips finished cells and redoes the ones it was in. Attacked pipelines are deleted after
@@ -43,23 +43,25 @@ def _exclusive(out: Path) -> contextlib.AbstractContextManager[None]:
 
 
 def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patronus-tiny", workers: int = 1,
-              executor: ExecutorConfig = ExecutorConfig()) -> dict:
+              executor: ExecutorConfig = ExecutorConfig(), filtered: str = "patronus-tiny-filtered") -> dict:
     """Run (or resume) the sweep; returns and writes `sweep.json` with every evaluated cell.
 
     `workers` > 1 runs that many cells side by side in spawned processes, the CPU's threads
-    shared out between them.
+    shared out between them. `filtered`: the data-filtered reference (used when the grid's
+    references name it).
     """
     if workers < 1:
         raise SweepError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     layout = SweepLayout(out)
-    for m in (model, unprotected):  # the cells load them; refuse here what they would refuse
+    references = {"filtered": filtered} if "filtered" in grid.references else {}
+    for m in (model, unprotected, *references.values()):  # the cells load them; refuse here what they would refuse
         check_no_pickles(resolve_model(m))
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        _check_same_sweep(layout, grid, models_record(model, unprotected))
+        _check_same_sweep(layout, grid, models_record(model, unprotected, references))
         t0 = time.time()
-        targets = {"protected": model}
+        targets = {"protected": model} | references
         if "unprotected" in grid.references:
             targets["unprotected"] = unprotected
         share = "unprotected" in targets and same_unet_attack_inputs(model, unprotected)
@@ -125,11 +127,11 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
         return summary
 
 
-def models_record(model: str, unprotected: str) -> dict[str, str]:
+def models_record(model: str, unprotected: str, references: dict[str, str] | None = None) -> dict[str, str]:
     """The sweep's models by path and by weights: a model re-made at the same path (a re-shipped
     `patronus-tiny-protected`) must not resume a sweep whose cells attacked the old weights."""
     record = {}
-    for name, m in (("protected", model), ("unprotected", unprotected)):
+    for name, m in (("protected", model), ("unprotected", unprotected), *(references or {}).items()):
         path = resolve_model(m).resolve()
         record |= {name: str(path), f"{name}_weights_sha256": weights_digest(weight_hashes(path))}
     return record
