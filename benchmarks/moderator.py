@@ -62,7 +62,7 @@ CELLS = [(r, o, lr) for r in RANKS for o in OPTIMIZERS for lr in LRS]
 DECISION_CELLS = [(None, "adam", 1e-4), (None, "adam", 1e-3)]
 
 
-NFT0_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "protect-nft0.toml"
+NFT0_CONFIG = Path(__file__).resolve().parent.parent / "research" / "configs" / "protect-nft0.toml"
 
 
 def ensure_protected(base: str, out: Path, preset: str, config: Path | None = None) -> dict:
