@@ -1,7 +1,7 @@
 """The UNet half's numbers: no-attack table, decoder swap, the UNet decision grid.
 
     python benchmarks/unet.py --decoder runs/protected-v3 --unet runs/unet-only --out runs/bench-unet \
-        [--both runs/protected-both] [--nft0 runs/unet-nft0] [--grid research/configs/grid-unet-decision.toml]
+        [--both runs/protected-both] [--nft0 runs/unet-nft0] [--grid reproduce/grid-unet-decision.toml]
 
 1. Models. `--decoder` is a decoder-only protection (`--parts decoder`), `--unet` a UNet-only one
    (`--parts unet`, made with the full preset when missing, resumable). The two-part model is
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--both", help="a two-part protection; default: assembled from --decoder and --unet")
     ap.add_argument("--nft0", help="a UNet-only protection with w_nft = 0 (the NFT ablation)")
     ap.add_argument("--base", default="patronus-tiny")
-    ap.add_argument("--grid", default="research/configs/grid-unet-decision.toml")
+    ap.add_argument("--grid", default="reproduce/grid-unet-decision.toml")
     ap.add_argument("--suite", default="glyph")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", required=True)
