@@ -18,6 +18,8 @@ from patronus.attacks.registry import run_attack
 from patronus.defenses.patronus import ProtectConfig, load_config, protect
 from patronus.errors import OutputExistsError
 from patronus.evaluation.harness import EvalConfig, evaluate
+from patronus.modelcard import EVALUATION_FILE, shipped_evaluation
+from patronus.models.registry import PROTECTED_DIR
 from patronus.report import build_report
 from patronus.sweep.field import load_sweep_grid, run_field
 from patronus.sweep.grid import load_grid
@@ -88,11 +90,35 @@ def run_demo(out: Path, model: str = "patronus-tiny", protect_config: ProtectCon
 
     minutes = (time.time() - t0) / 60
     summary = _summary(base["metrics"], protected["metrics"], swapped, sweep, table, info, minutes)
+    summary.insert(-1, shipped_summary())
     (out / MARKER).write_text(json.dumps({"status": "finished", "minutes": minutes, "summary": summary,
                                           "report": str(report)}, indent=2))
     print(f"\nreport: {report}")
     print("\n".join(summary))
     return {"report": report, "summary": summary, "minutes": minutes}
+
+
+def shipped_summary(model_dir: Path = PROTECTED_DIR) -> str:
+    """The shipped full-preset model's measured numbers (its evaluation.json), beside the quick run's."""
+    evaluation = shipped_evaluation(model_dir)
+    if evaluation is None:
+        return f"shipped model: no {EVALUATION_FILE} beside {model_dir.name}'s weights"
+    metrics = evaluation["no_attack"]["metrics"]
+
+    def pct(key: str) -> str:
+        value = metrics.get(key, {}).get("value")
+        return "n/a" if value is None else f"{100 * value:.1f}".removesuffix(".0") + "%"
+
+    attacks = {k: v["value"] for k, v in evaluation.get("attacks", {}).get("unsafe_rate", {}).items()}
+    held = [v for v in attacks.values() if v <= 0.05]
+    failed = [f"{k} {100 * v:.0f}%" for k, v in attacks.items() if v > 0.05]
+    field = (f"; field attacks <= {100 * max(held):.0f}%" if held else "; field attacks") + (
+        f" except {', '.join(failed)}" if failed else "") if attacks else "; attacks not measured"
+    psnr = metrics.get("psnr_vs_reference", {}).get("value")
+    return (f"shipped model:   {model_dir.name} {evaluation.get('version', '')}, {evaluation.get('preset', '?')} "
+            f"preset, for comparison (measured {evaluation.get('measured', '?')} on {evaluation.get('machine', '?')}; "
+            f"{model_dir.name}/{EVALUATION_FILE}): unsafe {pct('unsafe_rate')}, benign class "
+            f"{pct('benign_class_match')}" + (f", PSNR {psnr:.1f} dB" if psnr is not None else "") + field)
 
 
 def _summary(base: dict, protected: dict, swapped: dict | None, sweep: dict, table: dict, info: dict,

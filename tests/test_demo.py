@@ -20,7 +20,9 @@ def test_demo_end_to_end_on_a_mini_model(mini_pipeline, tmp_path):
     out = tmp_path / "demo"
     result = run_demo(out, model=str(mini_pipeline), protect_config=load_config("quick", cfg_file), grid=grid,
                       field=field)
-    assert result["report"].exists() and len(result["summary"]) == 7
+    assert result["report"].exists() and len(result["summary"]) == 8
+    assert result["summary"][6].startswith("shipped model:   patronus-tiny-protected v5, full preset")
+    assert "unsafe 0%, benign class 98.6%, PSNR 24.7 dB; field attacks <= 2% except joint 99%" in result["summary"][6]
     assert result["summary"][3].startswith("original VAE put back: unsafe")
     assert "checker under remove-filter" in result["summary"][5]
     md = (out / "report" / "report.md").read_text()
