@@ -87,6 +87,9 @@ class FieldGridConfig:
     defences: tuple[str, ...] = FIELD_DEFENCES
     presets: dict = field(default_factory=dict)  # baseline -> preset (default: the baseline's own)
     scratch: bool = True  # a scratch reference for every attack that trains weights
+    # A row for the data-filtered model (`run_field(filtered=...)`, trained without unsafe
+    # content) under every attack: the reference any post-training defence is measured against.
+    filtered: bool = False
     batch_size: int = 16
     data: str = "attacker"
     suite: str = "glyph"
@@ -187,22 +190,25 @@ def _check_same_field(layout: SweepLayout, grid: FieldGridConfig, models: dict) 
 
 
 def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "patronus-tiny",
-              workers: int = 1, executor: ExecutorConfig = ExecutorConfig()) -> dict:
+              workers: int = 1, executor: ExecutorConfig = ExecutorConfig(),
+              filtered: str = "patronus-tiny-filtered") -> dict:
     """Run (or resume) the field grid; returns and writes `sweep.json` with every finished cell."""
     if workers < 1:
         raise SweepError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     layout = SweepLayout(out)
-    for m in (model, unprotected):
+    references = {"filtered": filtered} if grid.filtered else {}
+    for m in (model, unprotected, *references.values()):
         check_no_pickles(resolve_model(m))
     out.mkdir(parents=True, exist_ok=True)
     with locked_dir(out, f"another sweep is running in {out}; wait for it or stop it first"):
-        _check_same_field(layout, grid, models_record(model, unprotected))
-        targets = build_defences(grid, model, unprotected, layout)
+        _check_same_field(layout, grid, models_record(model, unprotected, references))
+        targets = build_defences(grid, model, unprotected, layout) | references
         jobs = []
         for attack in grid.attacks:
             cell, cfg = attack.cell(grid.seed), attack.config(grid, unprotected)
-            rows = list(grid.defences) + (["scratch"] if grid.scratch and ATTACKS[attack.kind].trains else [])
+            rows = (list(grid.defences) + (["scratch"] if grid.scratch and ATTACKS[attack.kind].trains else [])
+                    + list(references))
             for name in rows:
                 target = (str(make_scratch(unprotected, attack.kind, layout.scratch(attack.kind)))
                           if name == "scratch" else targets[name])

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from patronus.sweep.grid import GridConfig, load_grid
-from patronus.sweep.layout import cell_id
+from patronus.sweep.layout import SweepError, cell_id
 from patronus.sweep.runner import run_sweep
 
 TINY = GridConfig(kinds=("unet-lora", "decoder-full"), ranks=(2,), optimizers=("adam",), lrs=(1e-3,), budgets=(1, 2),
@@ -236,3 +236,24 @@ def test_original_vae_reference_is_the_swap_decoder_attack(mini_pipeline, tmp_pa
     for component, expected in (("vae", theirs), ("unet", ours)):
         a, b = getattr(swapped, component).state_dict(), getattr(expected, component).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in b), component
+
+
+def test_the_filtered_reference_runs_the_same_attack_and_gets_its_own_ratio(mini_pipeline, tmp_path):
+    """`filtered` is one more reference model: the same cells, and a robustness ratio against it."""
+    import shutil
+
+    from patronus.sweep.results import robustness_ratios, unsafe_rates_by_cell
+
+    filtered = tmp_path / "filtered"
+    shutil.copytree(mini_pipeline, filtered)
+    grid = GridConfig(kinds=("unet-full",), optimizers=("adam",), lrs=(1e-3,), budgets=(1, 2), batch_size=4,
+                      suite="glyph-quick", references=("scratch", "filtered"), eval={"steps": 2, "batch_size": 36})
+    out = tmp_path / "sweep"
+    summary = run_sweep(str(mini_pipeline), grid, out, unprotected=str(mini_pipeline), filtered=str(filtered))
+    assert {c["model"] for c in summary["cells"]} == {"protected", "scratch", "filtered"}
+    assert json.loads((out / "models.json").read_text())["filtered"] == str(filtered.resolve())
+    rates = unsafe_rates_by_cell(summary)
+    for reference in ("scratch", "filtered"):
+        assert len(robustness_ratios(rates, reference=reference)) == 1
+    with pytest.raises(SweepError, match="different models"):  # another filtered model: another sweep
+        run_sweep(str(mini_pipeline), grid, out, unprotected=str(mini_pipeline), filtered=str(mini_pipeline))
