@@ -180,7 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     t0 = time.time()
     run = run_field if isinstance(grid, FieldGridConfig) else run_sweep
     summary = run(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers,
-                  executor=executor)
+                  executor=executor, filtered=args.filtered)
     print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
           f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations, "
           f"{summary['wall_seconds_total'] / 3600:.2f} h of wall time")
@@ -286,11 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--out", required=True)
     at.set_defaults(func=cmd_attack)
 
-    sw = sub.add_parser("sweep", help="attack grid on a model and its unprotected and scratch references")
+    sw = sub.add_parser("sweep", help="attack grid on a model and its references (unprotected, scratch, filtered)")
     sw.add_argument("model", help="the (protected) pipeline directory")
     sw.add_argument("--grid", default="default",
                     help="a grid .toml/.yaml, or a shipped grid: default, quick, new-words, field, field-quick")
     sw.add_argument("--unprotected", default="patronus-tiny", help="the original model (unprotected reference)")
+    sw.add_argument("--filtered", default="patronus-tiny-filtered",
+                    help="the model trained without unsafe content (the `filtered` reference, where the grid names it)")
     sw.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")
     sw.add_argument("--workers", type=int, default=1,
                     help="cells run at once: local, in separate processes (CPU threads shared out between them); "
