@@ -1,6 +1,6 @@
 # Two commands set up everything on a fresh machine: `make demo` and `make test`.
-# torch is pinned to 2.13.0 in pyproject.toml: on these machines that takes the local CPU wheel
-# (an unpinned torch, pulled in by accelerate, would download a CUDA build).
+# torch is pinned to 2.13.0 in pyproject.toml, so pip keeps the torch 2.13.0 build already
+# installed (CPU or CUDA) instead of fetching another for accelerate (docs/getting-started.md).
 PY := .venv/bin/python
 
 .venv/installed: pyproject.toml
@@ -26,10 +26,10 @@ test: .venv/installed chromium
 test-slow: .venv/installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
-# Rebuild the shipped patronus-tiny-protected from scratch (both parts: 116 min on 2 CPU cores
-# in session 14, the UNet 62 min and the decoder 54 min; an H200 is only 3-12x faster on this
-# tiny model, docs/performance.md): the full preset,
-# then its vae/, unet/ and patronus.json go into patronus/assets/.
+# Rebuild the shipped patronus-tiny-protected (v5) from scratch: the full preset, both parts
+# (116 min on a 2-core CPU: the UNet 62 min, the decoder 54; an H200 is only 3-12x faster on this
+# tiny model, docs/results/performance.md), then its vae/, unet/ and patronus.json go into
+# patronus/assets/ (docs/how-to/protect.md, "Rebuild the shipped model").
 protected-model: .venv/installed
 	rm -rf runs/protected-full runs/protected-full.work patronus/assets/patronus-tiny-protected
 	HF_HUB_OFFLINE=1 .venv/bin/patronus protect patronus-tiny --preset full --out runs/protected-full
