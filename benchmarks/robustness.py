@@ -160,7 +160,7 @@ def bars(rows: dict[tuple, dict[str, dict]], budgets: list[int]) -> list[str]:
 
 
 def joint_bar(ratios: dict[tuple, RobustnessRatio]) -> str:
-    """Issue 14: `joint` is never easier than scratch (robustness ratio >= 1 in every row)."""
+    """The two-part model's `joint` goal: never easier than scratch (robustness ratio >= 1 in every row)."""
     rows = {cell: r for cell, r in ratios.items() if cell[0] == "joint"}
     if not rows:
         return "joint: robustness ratio >= 1 in every row: no joint cell with a scratch reference"
