@@ -9,7 +9,7 @@ PY := .venv/bin/python
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-.PHONY: demo test test-slow chromium protected-model
+.PHONY: demo test test-slow chromium protected-model filtered-model
 demo: .venv/installed
 	HF_HUB_OFFLINE=1 .venv/bin/patronus demo
 
@@ -34,3 +34,11 @@ protected-model: .venv/installed
 	rm -rf runs/protected-full runs/protected-full.work patronus/assets/patronus-tiny-protected
 	HF_HUB_OFFLINE=1 .venv/bin/patronus protect patronus-tiny --preset full --out runs/protected-full
 	$(PY) -m patronus.models.ship runs/protected-full patronus-tiny-protected
+
+# Rebuild the data-filtered reference patronus-tiny-filtered: patronus-tiny's recipe on benign and
+# hard-negative glyphs only (reproduce/train-filtered.toml; resumable: rerun to continue), then
+# its pipeline goes into patronus/assets/.
+filtered-model: .venv/installed
+	HF_HUB_OFFLINE=1 .venv/bin/patronus train-base --config reproduce/train-filtered.toml --workdir runs/filtered
+	rm -rf patronus/assets/patronus-tiny-filtered
+	cp -r runs/filtered/pipeline patronus/assets/patronus-tiny-filtered
