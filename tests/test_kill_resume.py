@@ -41,7 +41,7 @@ eval = {steps = 2, batch_size = 36}
 # Once in CI a cell that finished in a fresh process, killed run or not, gave Frechet 796.14003
 # vs 796.14088 (interval ends 7.6e-6 apart): the same rates, a few pixels one rounding step apart.
 # At lr 1e-1 a fresh clone's run differed by 2e-4. Neither reproduced; here only the thread count
-# changes the bytes (docs/evaluation.md, "Reproducibility"), now recorded in metrics.json.
+# changes the bytes (docs/how-to/evaluate.md, "Reproducibility"), now recorded in metrics.json.
 # So distances are compared to SWEEP_RTOL, and a budget mix-up is caught by them only where a
 # cell's budgets lie more than 10x SWEEP_RTOL apart (decoder-full here; unet-lora by its rates).
 SWEEP_RTOL = 1e-4
