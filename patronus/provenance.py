@@ -21,7 +21,7 @@ def library_versions() -> dict[str, str | int]:
     """The libraries and machine a result came from.
 
     `torch_threads` is there because CPU results depend on it: the same sweep cell with 1 and 2
-    threads samples latents up to 6e-4 apart (docs/evaluation.md, "Reproducibility").
+    threads samples latents up to 6e-4 apart (docs/how-to/evaluate.md).
     """
     import diffusers
     import torch

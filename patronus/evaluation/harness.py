@@ -1,6 +1,6 @@
 """`patronus evaluate`: generate for a prompt suite, detect, and write traceable metrics.
 
-Output directory layout (schema version 1, see docs/evaluation.md):
+Output directory layout (schema version 1, see docs/reference/file-formats.md):
     metrics.json    model, weights hash, settings, library versions, timing, metrics with CIs
     records.jsonl   one line per generated image: prompt, group, seed, detector output, refused
     images/         every generated image as PNG, named by its record index

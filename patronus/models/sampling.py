@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from patronus.models.inference import InferenceConfig
 
-# Defaults for the tiny model, chosen by the base-model benchmark (docs/base-model.md).
+# Defaults for the tiny model, chosen by the base-model benchmark (docs/results/base-model.md).
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
 

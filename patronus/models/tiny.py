@@ -2,7 +2,7 @@
 
 Nothing here is a custom module: the UNet, VAE, text encoder and tokenizer are the same
 classes Stable Diffusion uses, so every tool that attacks or protects SD works unchanged.
-Sizes were chosen by measuring training samples/s on the 2-core CPU (see docs/base-model.md).
+Sizes were chosen by measuring training samples/s on the 2-core CPU (see docs/results/base-model.md).
 """
 
 from __future__ import annotations

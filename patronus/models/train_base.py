@@ -70,7 +70,8 @@ class BaseTrainConfig:
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
     # The glyph classes the base-train images are drawn from. All of them make `patronus-tiny`;
-    # benign ones only make the "never saw unsafe content" reference (configs/train-base-benign-only.toml).
+    # benign ones only make the data-filtered reference `patronus-tiny-filtered`
+    # (reproduce/train-filtered.toml; reproduce/train-base-benign-only.toml keeps patronus-tiny's VAE).
     classes: tuple[str, ...] = CLASS_NAMES
     # A pipeline (shipped name or directory) whose VAE is used instead of training stage 1: a
     # reference that differs from that model only in what its UNet and text encoder saw.

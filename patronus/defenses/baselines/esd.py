@@ -57,7 +57,7 @@ class ESDConfig:
 
 
 PRESETS: dict[str, dict] = {"esd-u": {"variant": "u"}, "esd-x": {"variant": "x"}}
-# Chosen on defender-split prompts (docs/field-results.md): ESD-x kept benign images closest to
+# Chosen on defender-split prompts (docs/results/field.md): ESD-x kept benign images closest to
 # the original at a lower unsafe rate than ESD-u at the same lr.
 DEFAULT_PRESET = "esd-x"
 

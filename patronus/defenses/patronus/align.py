@@ -143,7 +143,7 @@ def load_partitions(pipe: StableDiffusionPipeline, cfg: ProtectConfig) -> dict[t
 def unknown_word_prompts(texts: list[str], tokenizer, seed: int) -> list[str]:
     """Each caption with one of its words (3+ letters, picked at random) replaced by a nonsense
     word the tokenizer does not know. Alignment alone learns to refuse *any* word it cannot read
-    (docs/unet-results.md), and then no benign fine-tune can teach a new word; distilled to the
+    (docs/research-log.md), and then no benign fine-tune can teach a new word; distilled to the
     original on these, the aligned UNet answers unknown words as the original does. The benign
     fine-tuning task's own words are never used."""
     vocab = {t.removesuffix("</w>") for t in tokenizer.get_vocab()}

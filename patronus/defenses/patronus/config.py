@@ -58,7 +58,7 @@ class UNetAlignConfig:
     # Where the refusal term is measured. "eps": on the prediction, weighted by min(SNR, gamma) / SNR
     # (min-SNR); "x0": on the implied clean latent, weighted by min(1, gamma / SNR), so the
     # high-noise steps count fully. Both reach the refusal latent; "eps" left the probe attacker a
-    # higher loss (docs/unet-results.md).
+    # higher loss (docs/research-log.md).
     refusal_space: str = "eps"
     snr_gamma: float = 5.0
     align_steps: int = 1500
@@ -70,7 +70,7 @@ class UNetAlignConfig:
     w_denoise: float = 0.5  # benign defender images: the ordinary denoising loss
     # Benign captions with one word replaced by a word the tokenizer does not know, distilled to
     # the original: keeps refusal from spreading to every unknown word (`unknown_word_prompts`),
-    # which otherwise leaves a benign fine-tune nothing to teach new words with (docs/unet-results.md).
+    # which otherwise leaves a benign fine-tune nothing to teach new words with (docs/research-log.md).
     w_unknown: float = 1.0
     # Representation scrambling (RepNoise's / TAR's idea, as the decoder's `stage1_w_scramble`; 0:
     # off): at the middle block and every up block but the last, the activations of unsafe prompts
@@ -102,7 +102,7 @@ class UNetAlignConfig:
     nft_implicit_alpha: float = 1e-2
     # Simulated attacks per outer step, their first-order gradients averaged (one query batch).
     # The post-attack loss of a long attack is rough in the weights: one attack's gradient says
-    # little about it, an average over attack seeds more (docs/unet-results.md, measured 2026-11-30).
+    # little about it, an average over attack seeds more (docs/research-log.md, 2026-11-30).
     nft_attacks_per_step: int = 1
     probe_every: int = 50
     probe_optimizer: str = "adam"
@@ -229,7 +229,7 @@ class ProtectConfig:
     stage2_w_nft: float = 0.1
     stage2_w_refuse: float = 0.3
     stage2_w_rec: float = 0.2
-    stage2_w_cal: float = 10.0  # 2.0 lost 5-8 dB of benign PSNR to the NFT gradient (docs/moderator-results.md)
+    stage2_w_cal: float = 10.0  # 2.0 lost 5-8 dB of benign PSNR to the NFT gradient (docs/research-log.md)
     stage2_w_scramble: float = 0.0
     query_batch: int = 32
     # What the query loss scores after a simulated attack. "refusal": distance of the adapted
@@ -302,7 +302,7 @@ class ProtectConfig:
 
 PRESETS: dict[str, dict] = {
     # Seconds on 2 CPU cores: a demonstration of the whole pipeline, not a usable protection.
-    # Chosen on 2026-11-30 by protect time and the probes' numbers (docs/unet-results.md, "A quick
+    # Chosen on 2026-11-30 by protect time and the probes' numbers (docs/research-log.md, "A quick
     # preset of 4-6 minutes"): smaller batches and half the NFT steps of the earlier quick preset.
     "quick": {
         # With one part the decoder learns the original UNet's latents only; with both, also the
