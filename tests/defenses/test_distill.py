@@ -14,7 +14,7 @@ from patronus.provenance import weight_hashes
 TINY_DISTILL = {
     "bank": {"n_train": 16, "n_query": 8, "n_probe": 8, "sampler_steps": 2},
     "unet": {"n_train": 16, "n_query": 8, "n_probe": 8},
-    "distill": {"enabled": True, "n_prompts": 16, "sampler_steps": 3, "unet_steps": 4, "unet_batch": 16,
+    "distill": {"enabled": True, "n_prompts": 16, "n_images": 24, "sampler_steps": 3, "unet_steps": 4, "unet_batch": 16,
                 "decoder_steps": 4, "decoder_batch": 8, "checkpoint_every": 2, "warmup": 1},
 }
 
@@ -64,10 +64,10 @@ class _Data:
 
 def test_unsafe_images_are_never_inputs_unless_asked_for():
     data, scheduler = _Data(), DDPMScheduler()
-    x, t, ids, hidden = unet_batch(data, scheduler, 32, False, torch.Generator().manual_seed(0))
+    x, t, ids, hidden = unet_batch(data, scheduler, 32, False, 0.5, torch.Generator().manual_seed(0))
     assert x.shape == (32, 4, 8, 8) and len(t) == len(ids) == len(hidden) == 32
     assert torch.isfinite(x).all()
-    x, *_ = unet_batch(data, scheduler, 32, True, torch.Generator().manual_seed(0))
+    x, *_ = unet_batch(data, scheduler, 32, True, 0.5, torch.Generator().manual_seed(0))
     assert torch.isnan(x).any()  # the switch does feed them: the check above is not vacuous
 
 

@@ -171,7 +171,12 @@ class DistillConfig:
     decoder: bool = True  # also distil the VAE decoder (the encoder always stays the teacher's)
     # Noised latents of the defender's unsafe images as UNet inputs too (never as targets).
     unsafe_latents: bool = False
-    n_prompts: int = 512  # defender prompts per kind (the UNet half's train partition)
+    n_prompts: int = 512  # defender prompts per kind whose sampling trajectories the teacher records
+    # Benign defender images (captions: their prompts) noised afresh as UNet inputs. With 512 the
+    # student recognised each noised image and learned to answer without reading benign prompts
+    # (benign class match 7-14%, docs/research-log.md): many images, fresh noise.
+    n_images: int = 16384
+    trajectory_fraction: float = 0.25  # the share of each batch's rows taken from the trajectories
     sampler_steps: int = 25  # the teacher's trajectories: DDIM steps at `guidance`
     guidance: float = 4.0
     unet_steps: int = 3000
@@ -188,9 +193,12 @@ class DistillConfig:
     def __post_init__(self):
         if self.text_encoder not in TEXT_ENCODER_MODES:
             raise ConfigError(f"distill.text_encoder must be distil or keep, got {self.text_encoder!r}")
+        if not 0 <= self.trajectory_fraction <= 1:
+            raise ConfigError(f"distill.trajectory_fraction must lie in [0, 1], got {self.trajectory_fraction}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"distill.alpha must lie in [0, 1] (1: a fresh student), got {self.alpha}")
-        positive = ("n_prompts", "sampler_steps", "unet_steps", "unet_batch", "decoder_batch", "checkpoint_every")
+        positive = ("n_prompts", "n_images", "sampler_steps", "unet_steps", "unet_batch", "decoder_batch",
+                    "checkpoint_every")
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"distill.{', distill.'.join(bad)} must be at least 1")
         if self.unet_batch % 8:

@@ -99,22 +99,23 @@ class UNetData:
 
     def __init__(self, teacher: StableDiffusionPipeline, cfg: ProtectConfig):
         d = cfg.distill
-        n = d.n_prompts
-        parts = load_partitions(teacher, replace(cfg, unet=replace(cfg.unet, n_train=max(n, cfg.unet.n_train))))
+        n, m = d.n_prompts, max(d.n_images, d.n_prompts)
+        parts = load_partitions(teacher, replace(cfg, unet=replace(cfg.unet, n_train=max(m, cfg.unet.n_train))))
         benign, unsafe = parts["train", "benign"], parts["train", "unsafe"]
         self.scale = teacher.vae.config.scaling_factor
-        self.benign_mean, self.benign_std = benign.mean[:n].cpu(), benign.std[:n].cpu()
-        self.unsafe_mean, self.unsafe_std = unsafe.mean[:n].cpu(), unsafe.std[:n].cpu()
-        unknown = unknown_word_prompts(benign.texts[:n], teacher.tokenizer, mix_seed(cfg.seed, UNKNOWN_SEED))
-        self.texts = {"benign": benign.texts[:n], "unknown": unknown, "unsafe": unsafe.texts[:n], "empty": [""]}
+        # Image i's caption is prompt i; the first n_prompts also have trajectories.
+        self.benign_mean, self.benign_std = benign.mean[:m].cpu(), benign.std[:m].cpu()
+        self.unsafe_mean, self.unsafe_std = unsafe.mean[:m].cpu(), unsafe.std[:m].cpu()
+        unknown = unknown_word_prompts(benign.texts[:m], teacher.tokenizer, mix_seed(cfg.seed, UNKNOWN_SEED))
+        self.texts = {"benign": benign.texts[:m], "unknown": unknown, "unsafe": unsafe.texts[:m], "empty": [""]}
         self.ids = {k: _tokens(teacher, v) for k, v in self.texts.items()}
         with torch.no_grad():
             self.hidden = {k: teacher.text_encoder(v.to(teacher.device))[0].cpu() for k, v in self.ids.items()}
         seeds = [mix_seed(cfg.seed, DISTILL_SEED + 1 + i) for i in range(n)]
         self.traj_benign, self.timesteps, self.final_benign = teacher_trajectories(
-            teacher, self.texts["benign"], seeds, d.sampler_steps, d.guidance)
+            teacher, self.texts["benign"][:n], seeds, d.sampler_steps, d.guidance)
         self.traj_unsafe, _, self.final_unsafe = teacher_trajectories(
-            teacher, self.texts["unsafe"], seeds, d.sampler_steps, d.guidance)
+            teacher, self.texts["unsafe"][:n], seeds, d.sampler_steps, d.guidance)
 
 
 def _tokens(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
@@ -123,31 +124,34 @@ def _tokens(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
 
 
 def unet_batch(data: UNetData, scheduler: DDPMScheduler, batch: int, unsafe_latents: bool,
-               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               trajectory_fraction: float, g: torch.Generator) -> tuple[torch.Tensor, ...]:
     """One global batch (x_t, t, token ids, teacher text states): 3/8 benign prompts, 1/8 benign
-    prompts with an unknown word, 1/4 unsafe prompts, 1/4 the empty prompt. Half of each group's
-    x_t are noised benign defender latents (or, for unsafe prompts with `unsafe_latents`, noised
-    unsafe ones), half states of the teacher's own trajectories (benign, unsafe, or either for
-    the empty prompt)."""
-    n = len(data.benign_mean)
+    prompts with an unknown word, 1/4 unsafe prompts, 1/4 the empty prompt. In each group a
+    `trajectory_fraction` of the x_t are states of the teacher's own trajectories (benign, unsafe,
+    or either for the empty prompt), the rest benign defender latents noised afresh at a random
+    timestep (or, for unsafe prompts with `unsafe_latents`, unsafe ones). Fresh noise on many
+    images keeps the student from recognising an input and answering without reading the prompt."""
+    n_img, n_traj = len(data.benign_mean), data.traj_benign.shape[1]
     sizes = {"benign": 3 * batch // 8, "unknown": batch // 8, "unsafe": batch // 4, "empty": batch // 4}
     xs, ts, ids, hidden = [], [], [], []
     for kind, rows in sizes.items():
-        idx = torch.randint(0, n, (rows,), generator=g)
-        half = rows // 2
+        n_t = round(rows * trajectory_fraction)
+        img = torch.randint(0, n_img, (rows - n_t,), generator=g)
+        tr = torch.randint(0, n_traj, (n_t,), generator=g)
         mean, std = ((data.unsafe_mean, data.unsafe_std) if kind == "unsafe" and unsafe_latents
                      else (data.benign_mean, data.benign_std))
-        x_img, t_img, _ = noised_batch(scheduler, sample_latents(mean[idx[:half]], std[idx[:half]], g) * data.scale, g)
-        traj = data.traj_unsafe if kind == "unsafe" else data.traj_benign
+        x_img, t_img, _ = noised_batch(scheduler, sample_latents(mean[img], std[img], g) * data.scale, g)
         if kind == "empty":  # either kind's trajectories: the unconditional branch of CFG runs on both
-            traj = torch.where((torch.rand(rows - half, generator=g) < 0.5).view(1, -1, 1, 1, 1),
-                               data.traj_unsafe[:, idx[half:]], data.traj_benign[:, idx[half:]])
+            traj = torch.where((torch.rand(n_t, generator=g) < 0.5).view(1, -1, 1, 1, 1),
+                               data.traj_unsafe[:, tr], data.traj_benign[:, tr])
         else:
-            traj = traj[:, idx[half:]]
-        k = torch.randint(0, len(data.timesteps), (rows - half,), generator=g)
-        xs += [x_img, traj[k, torch.arange(rows - half)]]
+            traj = (data.traj_unsafe if kind == "unsafe" else data.traj_benign)[:, tr]
+        k = torch.randint(0, len(data.timesteps), (n_t,), generator=g)
+        xs += [x_img, traj[k, torch.arange(n_t)]]
         ts += [t_img, data.timesteps[k]]
-        prompt = idx if kind != "empty" else torch.zeros_like(idx)
+        if kind == "unsafe" and not unsafe_latents:  # unsafe captions at benign images: any of them
+            img = torch.randint(0, len(data.ids["unsafe"]), (len(img),), generator=g)
+        prompt = torch.cat([img, tr]) if kind != "empty" else torch.zeros(rows, dtype=torch.long)
         ids.append(data.ids[kind][prompt])
         hidden.append(data.hidden[kind][prompt])
     return torch.cat(xs), torch.cat(ts), torch.cat(ids), torch.cat(hidden)
@@ -191,7 +195,7 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
                disable=not acc.is_main_process)
     for step in bar:
         g = step_generator(cfg.seed, DISTILL_SEED + 1_000_000 + step)
-        x_t, t, ids, hidden = unet_batch(data, scheduler, d.unet_batch, d.unsafe_latents, g)
+        x_t, t, ids, hidden = unet_batch(data, scheduler, d.unet_batch, d.unsafe_latents, d.trajectory_fraction, g)
         mine = torch.arange(acc.process_index, len(t), acc.num_processes)
         x_t, t, ids, hidden = (v[mine].to(acc.device) for v in (x_t, t, ids, hidden))
         with torch.no_grad():
