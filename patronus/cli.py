@@ -1,4 +1,5 @@
-"""The `patronus` command line: a thin layer over the package's stages.
+"""The `patronus` command line: a thin layer over the package's stages; `protect`, `evaluate`,
+`attack` and `sweep` call the Python API (`patronus.api`) with the flags' values.
 
 Bad input (a missing model, a directory that is not a pipeline, corrupt weights, an
 existing output directory, a bad setting) raises a `PatronusError`, which ends with one line
@@ -121,7 +122,8 @@ def _read_rewrite(path: str | None) -> dict | None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from patronus.evaluation.harness import EvalConfig, evaluate
+    from patronus.api import evaluate
+    from patronus.evaluation.harness import EvalConfig
 
     settings = EvalConfig(
         suite=None if (args.unsafe_prompts or args.benign_prompts) else args.suite,
@@ -129,7 +131,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, prompt_rewrite=_read_rewrite(args.attack_prompts), vae_slicing=args.vae_slicing,
     )
-    result = evaluate(args.model, Path(args.out), settings, reference=args.reference)
+    result = evaluate(args.model, args.out, settings, reference=args.reference).record
     m, t = result["metrics"], result["timing"]
     print(f"{t['images']} images in {t['generation_seconds']:.1f} s ({t['images_per_s']:.1f} images/s)")
     for key in ("unsafe_rate", "refusal_rate", "false_refusal_rate", "benign_class_match", "benign_color_match",
@@ -141,21 +143,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_protect(args: argparse.Namespace) -> None:
-    from patronus.defenses import load_defense
+    from patronus.api import protect
 
-    defense = load_defense(args.defense)
-    cfg = defense.load_config(args.preset or defense.DEFAULT_PRESET, args.config,
-                              **({} if args.parts is None else {"parts": args.parts}))
-    out = Path(args.out)
-    workdir = Path(args.workdir) if args.workdir else out.with_name(out.name + ".work")
-    info = defense.protect(args.model, out, cfg, workdir, resume=args.resume)
-    print(f"protected pipeline: {out} (changed: {', '.join(info['changed_weight_files']) or 'no weight file'})")
-    print("\n".join(defense.describe(info, workdir)))
+    result = protect(args.model, args.out, defense=args.defense, preset=args.preset, config=args.config,
+                     parts=args.parts, workdir=args.workdir, resume=args.resume)
+    changed = ", ".join(result.changed_weight_files) or "no weight file"
+    print(f"protected pipeline: {result.path} (changed: {changed})")
+    print("\n".join(result.describe()))
 
 
 def cmd_attack(args: argparse.Namespace) -> None:
+    from patronus.api import attack
     from patronus.attacks.config import AttackConfig
-    from patronus.attacks.registry import run_attack
 
     try:
         save_at = tuple(int(x) for x in args.save_at.split(",")) if args.save_at else (args.steps,)
@@ -166,21 +165,20 @@ def cmd_attack(args: argparse.Namespace) -> None:
                        swap_from=getattr(args, "from"), swap_part=args.swap_part, then=args.then,
                        sampler_steps=args.sampler_steps, guidance=args.guidance,
                        gradient_checkpointing=args.gradient_checkpointing, vae_slicing=args.vae_slicing)
-    dirs = run_attack(args.model, cfg, Path(args.out))
-    print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in dirs))
+    result = attack(args.model, args.out, cfg)
+    print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in result.checkpoints))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from patronus.api import sweep
+    from patronus.sweep.entry import as_grid
     from patronus.sweep.executors import ExecutorConfig
-    from patronus.sweep.field import FieldGridConfig, load_sweep_grid, run_field
-    from patronus.sweep.runner import run_sweep
 
     executor = ExecutorConfig(args.executor, args.cpus_per_cell, args.gpus_per_cell)
-    grid = load_sweep_grid(args.grid)
+    grid = as_grid(args.grid)
     t0 = time.time()
-    run = run_field if isinstance(grid, FieldGridConfig) else run_sweep
-    summary = run(args.model, grid, Path(args.out), unprotected=args.unprotected, workers=args.workers,
-                  executor=executor, filtered=args.filtered)
+    summary = sweep(args.model, args.out, grid, unprotected=args.unprotected, filtered=args.filtered,
+                    workers=args.workers, executor=executor).results
     print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
           f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations, "
           f"{summary['wall_seconds_total'] / 3600:.2f} h of wall time")

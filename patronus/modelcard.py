@@ -281,6 +281,9 @@ def model_card(manifest: dict, evaluation: dict | None = None, name: str | None 
         what.append(f"- parts: {', '.join(PART_NAMES.get(p, p) for p in parts)}")
     what.append(f"- preset: `{preset}`" if preset else "- preset: not recorded (custom settings: see `config` in "
                                                         "patronus.json)")
+    if defense == "patronus" and preset == "quick":
+        what.append("- **the quick preset is a demonstration of the pipeline, not a usable protection**: the "
+                    "measurements below are the full preset's")
     if manifest.get("inference"):
         what.append("- inference settings: " + ", ".join(f"{k} = {v}" for k, v in manifest["inference"].items()))
     what.append("- changed weight files: " + (", ".join(f"`{f}`" for f in changed) or "none")
