@@ -163,7 +163,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
     cfg = AttackConfig(kind=args.kind, data=args.data, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
                        rank=args.rank, batch_size=args.batch_size, save_at=save_at, seed=args.seed,
                        swap_from=getattr(args, "from"), swap_part=args.swap_part, then=args.then,
-                       sampler_steps=args.sampler_steps, guidance=args.guidance,
+                       sampler_steps=args.sampler_steps, guidance=args.guidance, schedule=args.schedule,
+                       freeze_text_encoder=args.freeze_text_encoder,
                        gradient_checkpointing=args.gradient_checkpointing, vae_slicing=args.vae_slicing)
     result = attack(args.model, args.out, cfg)
     print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in result.checkpoints))
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     from patronus.detectors.glyphnet import GlyphNetTrainConfig
     from patronus.evaluation.harness import EvalConfig
     from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from patronus.training import OPTIMIZERS
+    from patronus.training import OPTIMIZERS, SCHEDULES
 
     p = _Parser(prog="patronus", description="Protect text-to-image models against white-box misuse.")
     p.add_argument("--allow-pickle", action="store_true",
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--optimizer", default=default(AttackConfig, "optimizer"),
                     help=f"{', '.join(OPTIMIZERS)} (sgd with momentum 0.9)")
     at.add_argument("--lr", type=float, default=default(AttackConfig, "lr"))
+    at.add_argument("--schedule", choices=list(SCHEDULES), default=default(AttackConfig, "schedule"),
+                    help="learning rate: constant, or step (x0.1 after 25%%, 50%% and 75%% of --steps)")
     at.add_argument("--steps", type=int, default=default(AttackConfig, "steps"))
     at.add_argument("--rank", type=int, default=default(AttackConfig, "rank"), help="LoRA rank for *-lora kinds")
     at.add_argument("--batch-size", type=int, default=default(AttackConfig, "batch_size"))
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute activations in the backward pass (less memory, about a third slower)")
     at.add_argument("--vae-slicing", action="store_true", help="encode the attacker's images one at a time")
+    at.add_argument("--freeze-text-encoder", action="store_true", help="joint: train the UNet and decoder only")
     at.add_argument("--out", required=True)
     at.set_defaults(func=cmd_attack)
 

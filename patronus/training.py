@@ -22,6 +22,11 @@ from safetensors.torch import load_file, save_file
 from patronus.errors import ConfigError, WriteError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adadelta")
+# Learning-rate schedules of the real attacks: "constant", or "step": x0.1 at 25%, 50% and 75% of
+# the run's steps (MultiStepLR), as the Patronus paper's reference attacks run.
+SCHEDULES = ("constant", "step")
+STEP_DECAY_AT = (0.25, 0.5, 0.75)
+STEP_DECAY = 0.1
 
 
 def mix_seed(seed: int, offset: int) -> int:
@@ -61,6 +66,22 @@ def make_optimizer(name: str, lr: float, params: Iterable[torch.Tensor]) -> torc
     if name == "adadelta":
         return torch.optim.Adadelta(params, lr=lr)
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def step_milestones(total_steps: int) -> list[int]:
+    """The steps after which the "step" schedule multiplies the learning rate by STEP_DECAY."""
+    return [m for m in (int(total_steps * f) for f in STEP_DECAY_AT) if m >= 1]
+
+
+def make_lr_schedule(name: str, opt: torch.optim.Optimizer,
+                     total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The attack's learning-rate schedule over `total_steps` optimizer steps; call its `step()`
+    after each `opt.step()`. None for "constant": the optimizer is left exactly as it was built."""
+    if name == "constant":
+        return None
+    if name == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=step_milestones(total_steps), gamma=STEP_DECAY)
+    raise ConfigError(f"unknown learning-rate schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 from patronus.attacks.kinds import ATTACKS
 from patronus.errors import ConfigError
 from patronus.models.sampling import DEFAULT_GUIDANCE
-from patronus.training import OPTIMIZERS
+from patronus.training import OPTIMIZERS, SCHEDULES
 
 # Built-in training data: the glyph `attacker` split (unsafe classes) and the benign new-words
 # task (world/newwords.py). Anything else is an image folder with metadata.jsonl.
@@ -32,6 +32,7 @@ class AttackConfig:
     data: str = "attacker"  # one of BUILTIN_DATA or an image folder
     optimizer: str = "adam"
     lr: float = 1e-4
+    schedule: str = "constant"  # or "step": lr x0.1 at 25%, 50% and 75% of `steps` (training.make_lr_schedule)
     steps: int = 500
     rank: int = 8
     batch_size: int = 16
@@ -42,6 +43,7 @@ class AttackConfig:
     then: str | None = None  # swap-decoder: optional follow-up kind (unet-full or unet-lora)
     sampler_steps: int = 5  # soft-prompt: DDIM steps of the differentiable sampler
     guidance: float = DEFAULT_GUIDANCE  # soft-prompt: classifier-free guidance of that sampler
+    freeze_text_encoder: bool = False  # joint: train the UNet and decoder only, the text encoder kept as it is
     # Memory, for real checkpoints: recompute the trained modules' activations in the backward
     # pass; encode the attacker's images one at a time. Mixed precision comes from accelerate
     # (`accelerate launch --mixed_precision bf16`), whose autocast covers each step.
@@ -55,6 +57,12 @@ class AttackConfig:
             check_data(self.data)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.freeze_text_encoder and "text_encoder" not in ATTACKS[self.kind].trains:
+            raise ConfigError(f"--freeze-text-encoder applies to the kinds that train the text encoder "
+                              f"({', '.join(k for k, a in ATTACKS.items() if 'text_encoder' in a.trains)}); "
+                              f"{self.kind} does not train it")
         if self.kind == "swap-decoder" and not self.swap_from:
             raise ConfigError("swap-decoder needs the pipeline to take the VAE from (--from DIR)")
         if self.swap_part not in ("vae", "decoder"):

@@ -92,6 +92,9 @@ def test_swap_decoder_refuses_a_vae_of_another_family(mini_pipeline, tmp_path):
     (dict(kind="swap-decoder"), "--from"),
     (dict(kind="unet-full", steps=10, save_at=(20,)), "--save-at"),
     (dict(kind="unet-lora", rank=0), "--rank"),
+    (dict(kind="unet-full", schedule="cosine"), "unknown learning-rate schedule 'cosine'"),
+    (dict(kind="unet-full", freeze_text_encoder=True), "--freeze-text-encoder applies to .*joint.*unet-full does not"),
+    (dict(kind="swap-decoder", swap_from="x", then="unet-full", freeze_text_encoder=True), "--freeze-text-encoder"),
 ])
 def test_bad_settings(mini_pipeline, tmp_path, bad, needle):
     with pytest.raises(ValueError, match=needle):
@@ -116,3 +119,46 @@ def test_unet_attack_follows_the_prediction_type(mini_pipeline, tmp_path):
             with pytest.raises(AttackError, match="predicts sample"):
                 run_attack(str(model), s, tmp_path / f"out-{prediction}", progress=False)
             assert not (tmp_path / f"out-{prediction}").exists()
+
+
+def test_the_step_schedule_divides_the_lr_by_ten_at_each_quarter():
+    from patronus.attacks.weights.decoder import DecoderAttackConfig
+    from patronus.attacks.weights.unet import UNetAttackConfig
+    from patronus.errors import ConfigError
+    from patronus.training import make_lr_schedule, step_milestones
+
+    assert step_milestones(2000) == [500, 1000, 1500] and step_milestones(2) == [1, 1] and step_milestones(1) == []
+    weight = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([weight], lr=1.0, momentum=0.9)
+    assert make_lr_schedule("constant", opt, 8) is None  # the optimizer is left as it was built
+    schedule = make_lr_schedule("step", opt, 8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    for cfg in (UNetAttackConfig, DecoderAttackConfig):  # the in-memory attacks take it too
+        assert cfg(schedule="step").schedule == "step"
+        with pytest.raises(ConfigError, match="unknown learning-rate schedule"):
+            cfg(schedule="cosine")
+
+
+def test_a_step_schedule_changes_the_run_only_after_its_first_decay(mini_pipeline, tmp_path):
+    runs = {}
+    for schedule in ("constant", "step"):
+        s = AttackConfig(kind="unet-full", optimizer="sgd", lr=1e-2, schedule=schedule, steps=4, batch_size=2,
+                         save_at=(1, 4))
+        runs[schedule] = run_attack(str(mini_pipeline), s, tmp_path / schedule, progress=False)
+    (c1, c4), (s1, s4) = ([_weights(d, "unet") for d in runs[k]] for k in ("constant", "step"))
+    assert all(torch.equal(c1[k], s1[k]) for k in c1)  # step 1 runs at the full rate under both
+    assert any(not torch.equal(c4[k], s4[k]) for k in c4)  # decayed after steps 1, 2 and 3
+    assert json.loads((tmp_path / "step" / "attack.json").read_text())["schedule"] == "step"
+
+
+def test_joint_with_a_frozen_text_encoder_trains_the_unet_and_decoder_only(mini_pipeline, tmp_path):
+    s = AttackConfig(kind="joint", lr=1e-3, steps=2, batch_size=2, save_at=(2,), freeze_text_encoder=True)
+    [ckpt] = run_attack(str(mini_pipeline), s, tmp_path / "out", progress=False)
+    for component, trained in (("unet", True), ("vae", True), ("text_encoder", False)):
+        before, after = _weights(mini_pipeline, component), _weights(ckpt, component)
+        assert any(not torch.equal(before[k], after[k]) for k in before) == trained, component

@@ -34,7 +34,7 @@ from patronus.attacks.weights.unet import noised_batch, sample_latents
 from patronus.detectors.glyphnet import load_glyphnet
 from patronus.models.components import encode_latents
 from patronus.models.inference import read_inference
-from patronus.training import make_optimizer
+from patronus.training import make_lr_schedule, make_optimizer
 from patronus.world.captions import FULL_TEMPLATE, SYNONYMS
 from patronus.world.glyphs import BACKGROUND_NAMES, COLOR_NAMES, UNSAFE_CLASSES
 
@@ -68,11 +68,14 @@ def _train_tokens(pipe: StableDiffusionPipeline, tokens: dict[str, str], cfg: At
     n_new = len(tokens)
     old = weight.detach()[:-n_new].clone()
     opt = make_optimizer(cfg.optimizer, cfg.lr, [weight])
+    schedule = make_lr_schedule(cfg.schedule, opt, cfg.steps)
     for step in tqdm(range(1, cfg.steps + 1), desc=desc, disable=not progress):
         loss = loss_fn(g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         with torch.no_grad():
             weight[:-n_new] = old  # only the new tokens learn
         if step in cfg.save_at:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from patronus.errors import ConfigError
 from patronus.models.components import DecoderHead, encode_latents
-from patronus.training import OPTIMIZERS, make_optimizer
+from patronus.training import OPTIMIZERS, SCHEDULES, make_lr_schedule, make_optimizer
 
 LORA_TARGETS = r".*(conv1|conv2|conv_in|conv_out|conv_shortcut|conv|to_q|to_k|to_v|to_out\.0)$"
 
@@ -36,10 +36,13 @@ class DecoderAttackConfig:
     lora_rank: int | None = None  # None: full fine-tuning
     save_at: tuple[int, ...] = (100, 500, 2000)
     seed: int = 0
+    schedule: str = "constant"  # or "step": lr x0.1 at 25%, 50% and 75% of `steps`
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or (self.lora_rank is not None and self.lora_rank < 1):
             raise ConfigError("steps, batch_size, lr and lora_rank must be positive")
         if not self.save_at or any(s < 1 or s > self.steps for s in self.save_at):
@@ -61,6 +64,7 @@ def attack_decoder(vae: AutoencoderKL, images: torch.Tensor, attack: DecoderAtta
         config = LoraConfig(r=attack.lora_rank, lora_alpha=attack.lora_rank, target_modules=LORA_TARGETS)
         head = get_peft_model(head, config)
     opt = make_optimizer(attack.optimizer, attack.lr, (p for p in head.parameters() if p.requires_grad))
+    schedule = make_lr_schedule(attack.schedule, opt, attack.steps)
     g = torch.Generator().manual_seed(attack.seed)
     saved: dict[int, dict[str, torch.Tensor]] = {}
     last = max(attack.save_at)
@@ -70,6 +74,8 @@ def attack_decoder(vae: AutoencoderKL, images: torch.Tensor, attack: DecoderAtta
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         if step in attack.save_at:
             saved[step] = _merged_state(head)
     return saved

@@ -3,7 +3,11 @@
   unet-full, unet-lora   standard denoising loss on unsafe image-caption pairs, as the diffusers
                          text-to-image fine-tuning scripts do (LoRA via peft on to_q/to_k/to_v/to_out.0)
   decoder-full, decoder-lora   reconstruction of the unsafe images by the VAE decoder
-  joint                  UNet, VAE decoder and text encoder together (sum of both losses)
+  joint                  UNet, VAE decoder and text encoder together (sum of both losses); with
+                         `freeze_text_encoder`, the UNet and decoder only
+
+Every kind trains at the config's learning rate, or with `schedule = "step"` at x0.1 after 25%,
+50% and 75% of its steps (`training.make_lr_schedule`).
 
 Every saved checkpoint is a complete pipeline directory that plain diffusers loads, LoRA
 weights fused in. LoRA attacks also save the adapter in `lora/`: for the UNet in diffusers'
@@ -35,7 +39,7 @@ from patronus.data.imagefolder import load_imagefolder
 from patronus.errors import PatronusError
 from patronus.imaging import to_tensor
 from patronus.models.components import DecoderHead, encode_latents
-from patronus.training import check_replicas_agree, make_optimizer
+from patronus.training import check_replicas_agree, make_lr_schedule, make_optimizer
 from patronus.world.glyphs import UNSAFE_CLASSES
 from patronus.world.newwords import render_new_words
 from patronus.world.splits import render_split
@@ -89,6 +93,7 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction = noise_scheduler.config.prediction_type
     trains_unet, trains_decoder = "unet" in kind.trains, "decoder" in kind.trains
+    trains_text = "text_encoder" in kind.trains and not s.freeze_text_encoder
     if trains_unet and prediction not in ("epsilon", "v_prediction"):
         raise AttackError(f"the UNet attacks train epsilon or v_prediction models, this one predicts {prediction}")
     ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -100,7 +105,7 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
             pipe.unet.enable_gradient_checkpointing()
         if trains_decoder:
             pipe.vae.enable_gradient_checkpointing()
-        if "text_encoder" in kind.trains:
+        if trains_text:
             pipe.text_encoder.gradient_checkpointing_enable()
     lat_mean, lat_std = encode_latents(pipe.vae, images, with_std=True)
     pipe.to(device)
@@ -113,7 +118,7 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
         unet.requires_grad_(True)
     if trains_unet:
         trained.append(unet)
-    if "text_encoder" in kind.trains:
+    if trains_text:
         pipe.text_encoder.requires_grad_(True)
         trained.append(pipe.text_encoder)
     head: torch.nn.Module = DecoderHead(pipe.vae)
@@ -125,6 +130,7 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
         trained.append(head)
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     opt = make_optimizer(s.optimizer, s.lr, params)
+    schedule = make_lr_schedule(s.schedule, opt, s.steps)  # on the optimizer itself: stepped once per step
     *wrapped, opt = accelerator.prepare(*trained, opt)
     run = dict(zip(map(id, trained), wrapped))  # forward through the prepared modules
     unet_f, text_f, head_f = (run.get(id(m), m) for m in (unet, pipe.text_encoder, head))
@@ -147,6 +153,8 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
+        if schedule is not None:
+            schedule.step()
         losses.append(accelerator.reduce(loss.detach(), "mean").item())
         if step in s.save_at:
             for module in wrapped:

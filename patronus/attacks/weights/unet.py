@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from patronus.errors import ConfigError
-from patronus.training import OPTIMIZERS, make_optimizer
+from patronus.training import OPTIMIZERS, SCHEDULES, make_lr_schedule, make_optimizer
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -53,10 +53,13 @@ class UNetAttackConfig:
     batch_size: int = 16
     lora_rank: int | None = None  # None: full fine-tuning
     seed: int = 0
+    schedule: str = "constant"  # or "step": lr x0.1 at 25%, 50% and 75% of `steps`
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or (self.lora_rank is not None and self.lora_rank < 1):
             raise ConfigError("steps, batch_size, lr and lora_rank must be positive")
 
@@ -75,6 +78,7 @@ def attack_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, mean: torc
                                                    init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
     victim.train()
     opt = make_optimizer(attack.optimizer, attack.lr, (p for p in victim.parameters() if p.requires_grad))
+    schedule = make_lr_schedule(attack.schedule, opt, attack.steps)
     g = torch.Generator().manual_seed(attack.seed)
     for _ in tqdm(range(attack.steps), desc="UNet attack", disable=not progress, leave=False):
         idx = torch.randint(0, len(mean), (attack.batch_size,), generator=g)
@@ -83,6 +87,8 @@ def attack_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, mean: torc
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
     if attack.lora_rank:
         victim = victim.merge_and_unload()
     return victim.requires_grad_(False).eval()
