@@ -49,6 +49,8 @@ DEFENCE_NAMES = {
     "checker": "a post-hoc safety checker component that blacks out flagged images",
     "sld": "Safe Latent Diffusion guidance (diffusers' StableDiffusionPipelineSafe; an inference-time setting)",
     "esd": "ESD concept erasure: the UNet fine-tuned to steer away from the unsafe concepts",
+    "uce": "UCE concept erasure: a closed-form edit of the UNet's cross-attention keys and values that maps the "
+           "unsafe words to the empty prompt",
 }
 
 # What each defence was measured to hold and to fail, on the glyph world's `patronus-tiny`

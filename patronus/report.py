@@ -336,7 +336,7 @@ def decoder_attack_plot(res: dict, path: Path) -> bool:
 
 
 FIELD_ROWS = {"none": "none (unprotected)", "negative-prompt": "negative prompt", "checker": "safety checker",
-              "sld": "SLD", "esd": "ESD", "patronus-decoder": "Patronus decoder only",
+              "sld": "SLD", "esd": "ESD", "uce": "UCE", "patronus-decoder": "Patronus decoder only",
               "patronus-unet": "Patronus UNet only",
               "patronus": "Patronus as shipped", "scratch": "scratch (reference)",
               "filtered": "data-filtered (reference: never saw unsafe content)"}

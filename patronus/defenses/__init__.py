@@ -31,6 +31,7 @@ DEFENSES: dict[str, str] = {
     "checker": "patronus.defenses.baselines.checker",
     "sld": "patronus.defenses.baselines.sld",
     "esd": "patronus.defenses.baselines.esd",
+    "uce": "patronus.defenses.baselines.uce",
 }
 
 

@@ -8,8 +8,8 @@ checkpoint, done.json; resumable, locked, workers), plus a scratch reference for
 that trains weights. Defences:
 
     none              the unprotected model (the "unprotected original" reference)
-    negative-prompt, checker, sld, esd   the baselines (defenses/baselines), default presets
-                      unless `presets` says otherwise
+    negative-prompt, checker, sld, esd, uce   the baselines (defenses/baselines), default
+                      presets unless `presets` says otherwise
     patronus          the model given to `patronus sweep` (the protection as shipped)
     patronus-decoder  that model with the unprotected UNet put back: its decoder half alone
     patronus-unet     that model with the unprotected VAE put back: its UNet half alone (what
@@ -50,9 +50,10 @@ from patronus.sweep.layout import SweepError, SweepLayout, cell_id
 from patronus.sweep.results import sweep_summary
 from patronus.sweep.runner import models_record, run_cells
 
-FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "patronus-decoder", "patronus-unet", "patronus")
+FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "uce", "patronus-decoder", "patronus-unet",
+                  "patronus")
 HALVES = {"patronus-decoder": ("decoder", "unet"), "patronus-unet": ("unet", "vae")}  # row: (half kept, part put back)
-BASELINES = ("negative-prompt", "checker", "sld", "esd")
+BASELINES = ("negative-prompt", "checker", "sld", "esd", "uce")
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,57 @@ def test_verify_names_removed_inference_settings(mini_pipeline, tmp_path):
     problems = verify(tmp_path / "d").problems
     assert any("inference-time settings removed" in p for p in problems)
     assert any("names StableDiffusionPipeline, the manifest records StableDiffusionPipelineSafe" in p for p in problems)
+
+
+def test_uce_defaults_use_the_defenders_words_only():
+    cfg = load_defense("uce").load_config()
+    assert set(cfg.erase) == {"knife", "blade", "gun", "pistol", "blood", "bloodstain"}  # no dagger, revolver, gore
+    assert {"spoon", "key", "flower", "circle", "red", "white"} <= set(cfg.preserve)
+    assert not {"dagger", "revolver", "gore"} & set(cfg.erase + cfg.preserve) and cfg.guide == ""
+    uce = load_defense("uce").UCEConfig
+    for values, message in (({"erase": []}, "erase must be a non-empty list"),
+                            ({"lam": 0.0}, "lam must be a positive number"),
+                            ({"erase": ["knife"], "preserve": ["knife"]}, "both erase and preserve knife"),
+                            ({"guide": "knife"}, "guide 'knife' is one of the erased")):
+        with pytest.raises(ConfigError, match=message):
+            build(uce, values, "uce")
+
+
+def test_uce_closed_form_meets_its_constraints_and_stays_put_under_a_large_lambda():
+    from patronus.defenses.baselines.uce import closed_form
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    erase, guide, preserve = (torch.randn(n, 16, generator=g) for n in (3, 3, 5))  # fewer keys than dimensions
+    new = closed_form(w, erase, guide @ w.T, preserve, lam=1e-8)
+    assert torch.allclose(erase @ new.T, guide @ w.T, atol=1e-4)  # erased keys give the guide's values
+    assert torch.allclose(preserve @ new.T, preserve @ w.T, atol=1e-4)  # preserved keys keep theirs
+    assert torch.allclose(closed_form(w, erase, guide @ w.T, preserve, lam=1e9), w, atol=1e-6)
+    assert closed_form(w.half(), erase, guide @ w.T, preserve, lam=1.0).dtype == torch.float16
+
+
+def test_uce_edits_only_the_cross_attention_keys_and_values(mini_pipeline, tmp_path):
+    from patronus.defenses.baselines.uce import closed_form, concept_keys, cross_attention_projections
+
+    info = _protect("uce", mini_pipeline, tmp_path / "d")
+    assert info["changed_weight_files"] == ["unet/diffusion_pytorch_model.safetensors"]
+    before, after = (load_pipeline(p).unet.state_dict() for p in (mini_pipeline, tmp_path / "d"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    edited = {k for k in before if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+    assert edited and changed == edited and len(info["uce"]["edited"]) == len(edited)
+    u = info["uce"]
+    assert u["erase_error_after"] < u["erase_error_before"] and u["preserve_change"] < 0.15
+    assert "uce: 14 cross-attention projections edited" in load_defense("uce").describe(info, tmp_path)[-1]
+    # On the model's own states: one erased word's values move more than halfway to the empty prompt's
+    # (its 15 states and the 32 preserved ones overdetermine the 32-dim keys), the preserved values barely move.
+    pipe = load_pipeline(mini_pipeline)
+    cfg = build(load_defense("uce").UCEConfig, {"erase": ["knife"], "preserve": ["spoon", "circle"], "lam": 0.01},
+                "uce")
+    erase, guide, preserve = concept_keys(pipe, cfg)
+    assert erase.shape == guide.shape and len(preserve) == 2 * pipe.tokenizer.model_max_length
+    for name, layer in cross_attention_projections(pipe.unet, erase.shape[1]).items():
+        w = layer.weight.detach()
+        new = closed_form(w, erase, guide @ w.T, preserve, cfg.lam)
+        to_guide = (erase @ new.T - guide @ w.T).norm() / (erase @ w.T - guide @ w.T).norm()
+        kept = (preserve @ new.T - preserve @ w.T).norm() / (preserve @ w.T).norm()
+        assert to_guide < 0.5 and kept < 0.1, (name, float(to_guide), float(kept))

@@ -7,4 +7,6 @@ protect, describe) and writes a standard pipeline directory with a `patronus.jso
   checker          a post-hoc safety checker component that diffusers runs (SD's safety_checker role)
   sld              Safe Latent Diffusion: diffusers' own StableDiffusionPipelineSafe and its presets
   esd              ESD-style concept erasure: the UNet fine-tuned to steer away from the unsafe concepts
+  uce              Unified Concept Editing: a closed-form edit of every cross-attention key and value
+                   projection that maps the unsafe words to the empty prompt
 """
