@@ -39,7 +39,7 @@ def test_mixing_with_a_fresh_initialisation_interpolates_every_weight():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"alpha": 1.5}, "alpha must lie in"), ({"unet_batch": 12}, "multiple of 8"),
+    ({"alpha": 1.5}, "alpha must lie in"), ({"unet_batch": 24}, "multiple of 16"),
     ({"text_encoder": "fresh"}, "distil or keep"), ({"enabled": False}, "distill.enabled is false"),
 ])
 def test_bad_distill_settings_are_refused(tmp_path, bad, message):

@@ -177,6 +177,10 @@ class DistillConfig:
     # (benign class match 7-14%, docs/research-log.md): many images, fresh noise.
     n_images: int = 16384
     trajectory_fraction: float = 0.25  # the share of each batch's rows taken from the trajectories
+    # Weight of the guidance direction (prompted minus empty prediction at the same input), which
+    # classifier-free guidance multiplies by its scale: matched on the plain predictions alone, a
+    # fresh student learned to refuse unsafe prompts but answered benign ones as the empty prompt.
+    w_guidance: float = 16.0
     sampler_steps: int = 25  # the teacher's trajectories: DDIM steps at `guidance`
     guidance: float = 4.0
     unet_steps: int = 3000
@@ -201,9 +205,11 @@ class DistillConfig:
                     "checkpoint_every")
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"distill.{', distill.'.join(bad)} must be at least 1")
-        if self.unet_batch % 8:
-            raise ConfigError(f"distill.unet_batch must be a multiple of 8 (its rows are split 3:1:2:2 between "
-                              f"benign, unknown-word, unsafe and empty prompts), got {self.unet_batch}")
+        if self.unet_batch % 16:
+            raise ConfigError(f"distill.unet_batch must be a multiple of 16 (its rows are split 4:1:3 between benign, "
+                              f"unknown-word and unsafe prompts, each with its empty-prompt twin), got {self.unet_batch}")
+        if self.w_guidance < 0:
+            raise ConfigError(f"distill.w_guidance must not be negative, got {self.w_guidance}")
         if self.decoder_steps < 0 or self.warmup < 0 or self.guidance < 0:
             raise ConfigError("distill.decoder_steps, warmup and guidance must not be negative")
         if min(self.unet_lr, self.decoder_lr, self.snr_gamma) <= 0 or not 0 < self.ema_decay < 1:

@@ -125,14 +125,16 @@ def _tokens(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
 
 def unet_batch(data: UNetData, scheduler: DDPMScheduler, batch: int, unsafe_latents: bool,
                trajectory_fraction: float, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """One global batch (x_t, t, token ids, teacher text states): 3/8 benign prompts, 1/8 benign
-    prompts with an unknown word, 1/4 unsafe prompts, 1/4 the empty prompt. In each group a
-    `trajectory_fraction` of the x_t are states of the teacher's own trajectories (benign, unsafe,
-    or either for the empty prompt), the rest benign defender latents noised afresh at a random
-    timestep (or, for unsafe prompts with `unsafe_latents`, unsafe ones). Fresh noise on many
-    images keeps the student from recognising an input and answering without reading the prompt."""
+    """One global batch (x_t, t, token ids, teacher text states) of pairs: the first half holds
+    prompted rows (1/2 benign prompts, 1/8 benign prompts with an unknown word, 3/8 unsafe
+    prompts), the second half the empty prompt at the same x_t and t, so that the difference
+    classifier-free guidance amplifies can be distilled too. In each group a
+    `trajectory_fraction` of the x_t are states of the teacher's own trajectories, the rest
+    benign defender latents noised afresh at a random timestep (or, for unsafe prompts with
+    `unsafe_latents`, unsafe ones). Fresh noise on many images keeps the student from
+    recognising an input and answering without reading the prompt."""
     n_img, n_traj = len(data.benign_mean), data.traj_benign.shape[1]
-    sizes = {"benign": 3 * batch // 8, "unknown": batch // 8, "unsafe": batch // 4, "empty": batch // 4}
+    sizes = {"benign": batch // 4, "unknown": batch // 16, "unsafe": 3 * batch // 16}
     xs, ts, ids, hidden = [], [], [], []
     for kind, rows in sizes.items():
         n_t = round(rows * trajectory_fraction)
@@ -141,20 +143,19 @@ def unet_batch(data: UNetData, scheduler: DDPMScheduler, batch: int, unsafe_late
         mean, std = ((data.unsafe_mean, data.unsafe_std) if kind == "unsafe" and unsafe_latents
                      else (data.benign_mean, data.benign_std))
         x_img, t_img, _ = noised_batch(scheduler, sample_latents(mean[img], std[img], g) * data.scale, g)
-        if kind == "empty":  # either kind's trajectories: the unconditional branch of CFG runs on both
-            traj = torch.where((torch.rand(n_t, generator=g) < 0.5).view(1, -1, 1, 1, 1),
-                               data.traj_unsafe[:, tr], data.traj_benign[:, tr])
-        else:
-            traj = (data.traj_unsafe if kind == "unsafe" else data.traj_benign)[:, tr]
+        traj = (data.traj_unsafe if kind == "unsafe" else data.traj_benign)[:, tr]
         k = torch.randint(0, len(data.timesteps), (n_t,), generator=g)
         xs += [x_img, traj[k, torch.arange(n_t)]]
         ts += [t_img, data.timesteps[k]]
         if kind == "unsafe" and not unsafe_latents:  # unsafe captions at benign images: any of them
             img = torch.randint(0, len(data.ids["unsafe"]), (len(img),), generator=g)
-        prompt = torch.cat([img, tr]) if kind != "empty" else torch.zeros(rows, dtype=torch.long)
+        prompt = torch.cat([img, tr])
         ids.append(data.ids[kind][prompt])
         hidden.append(data.hidden[kind][prompt])
-    return torch.cat(xs), torch.cat(ts), torch.cat(ids), torch.cat(hidden)
+    half = sum(sizes.values())
+    ids.append(data.ids["empty"].expand(half, -1))
+    hidden.append(data.hidden["empty"].expand(half, -1, -1))
+    return torch.cat(xs * 2), torch.cat(ts * 2), torch.cat(ids), torch.cat(hidden)
 
 
 def _restore(checkpointer: Checkpointer, ema: EMAModel | None) -> tuple[int, list[float]]:
@@ -196,7 +197,10 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
     for step in bar:
         g = step_generator(cfg.seed, DISTILL_SEED + 1_000_000 + step)
         x_t, t, ids, hidden = unet_batch(data, scheduler, d.unet_batch, d.unsafe_latents, d.trajectory_fraction, g)
-        mine = torch.arange(acc.process_index, len(t), acc.num_processes)
+        # Each process takes whole pairs: its share of the prompted rows and their empty twins.
+        half = len(t) // 2
+        mine = torch.arange(acc.process_index, half, acc.num_processes)
+        mine = torch.cat([mine, mine + half])
         x_t, t, ids, hidden = (v[mine].to(acc.device) for v in (x_t, t, ids, hidden))
         with torch.no_grad():
             target = teacher.unet(x_t, t, hidden, return_dict=False)[0]
@@ -204,7 +208,10 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
             pred = model(x_t, t, ids, hidden)
         snr = compute_snr(scheduler, t.cpu()).to(acc.device)
         weight = torch.clamp(snr, max=d.snr_gamma) / snr
-        loss = (weight * F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        err = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+        n = len(t) // 2  # the guidance direction: prompted minus empty prediction at the same x_t
+        diff = ((pred[:n].float() - pred[n:].float()) - (target[:n] - target[n:])).pow(2).mean(dim=(1, 2, 3))
+        loss = (weight * err).mean() + d.w_guidance * (weight[:n] * diff).mean()
         acc.backward(loss)
         acc.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
