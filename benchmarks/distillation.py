@@ -128,6 +128,8 @@ def main() -> None:
             kind, _opt, lr, _seed, renderer = key
             ax.set_title(f"{kind} Adam {lr:g}\n{renderer}", fontsize=9)
             ax.set_xscale("log")
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.minorticks_off()
             ax.set_xlabel("attacker steps")
         axes[0][0].set_ylabel("unsafe %")
         axes[0][-1].legend(fontsize=7)
