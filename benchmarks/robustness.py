@@ -42,7 +42,7 @@ from patronus.errors import PatronusError
 from patronus.evaluation.harness import EvalConfig, evaluate
 from patronus.report import build_report
 from patronus.sweep.grid import GridConfig, grid_from_dict, load_grid
-from patronus.sweep.layout import attack_name
+from patronus.sweep.layout import attack_name, optimizer_name
 from patronus.sweep.results import (
     RobustnessRatio,
     ratio_summary,
@@ -63,7 +63,7 @@ def unet_only(attack: str) -> bool:
 
 def rows_by_cell(sweep: dict, grid: GridConfig) -> dict[tuple, dict[str, dict]]:
     """(attack, optimizer, lr, seed) -> model -> results per budget, in the grid file's order."""
-    order = [(attack_name(c), c["optimizer"], c["lr"], c["seed"]) for c in grid.cells()]
+    order = [(attack_name(c), optimizer_name(c), c["lr"], c["seed"]) for c in grid.cells()]
     return dict(sorted(results_by_cell(sweep).items(), key=lambda kv: order.index(kv[0])))
 
 
@@ -181,7 +181,7 @@ def merged(sweeps: list[dict], references: list[dict]) -> dict:
             seen.add(key)
             cells.append(c)
     def key(c: dict) -> tuple:  # results_by_cell's key: (attack, optimizer, lr, seed)
-        return attack_name(c["cell"]), c["cell"]["optimizer"], c["cell"]["lr"], c["cell"]["seed"]
+        return attack_name(c["cell"]), optimizer_name(c["cell"]), c["cell"]["lr"], c["cell"]["seed"]
 
     ran = {(c["model"], key(c)) for c in cells}
     attacked = {key(c) for c in cells}

@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 
 from patronus.errors import PatronusError  # noqa: E402
 from patronus.io import atomic_dir  # noqa: E402
-from patronus.sweep.layout import attack_name  # noqa: E402
+from patronus.sweep.layout import attack_name, kind_name, schedule_of  # noqa: E402
 from patronus.sweep.results import (  # noqa: E402
     RATIO_REFERENCES,
     RobustnessRatio,
@@ -342,15 +342,26 @@ FIELD_ROWS = {"none": "none (unprotected)", "negative-prompt": "negative prompt"
               "filtered": "data-filtered (reference: never saw unsafe content)"}
 
 
+def field_column(cell: dict) -> str:
+    """A field table's column: the attack's name, with a learning-rate schedule other than constant."""
+    name = attack_name(cell)
+    return name if schedule_of(cell) == "constant" else f"{name} ({schedule_of(cell)} lr)"
+
+
+def _attack_cell(attack: dict) -> dict:
+    """The parts of a field grid's attack (as grid.json holds it) that name its column."""
+    return {"kind": attack["kind"], "rank": attack["rank"] or (8 if "lora" in attack["kind"] else None),
+            "schedule": attack.get("schedule"), "freeze_text_encoder": attack.get("freeze_text_encoder")}
+
+
 def field_cells(sweep: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:
     """Rows (defences, then scratch and filtered), columns (attack names) and (row, column) -> final-step results."""
     grid = sweep["grid"]
-    columns = [attack_name({"kind": a["kind"], "rank": a["rank"] or (8 if "lora" in a["kind"] else None)})
-               for a in grid["attacks"]]
+    columns = [field_column(_attack_cell(a)) for a in grid["attacks"]]
     res = {}
     for c in sweep["cells"]:
         last = max(c["results"], key=int)
-        res[(c["model"], attack_name(c["cell"]))] = c["results"][last] | {"_steps": int(last)}
+        res[(c["model"], field_column(c["cell"]))] = c["results"][last] | {"_steps": int(last)}
     rows = list(grid["defences"]) + [ref for ref in ("scratch", "filtered") if any(m == ref for m, _ in res)]
     return rows, columns, res
 
@@ -362,7 +373,8 @@ def _pct(m: dict | None) -> str:
 def field_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
     """Rows = defences, columns = attacks: unsafe % [95% CI] / benign class %; then benign quality."""
     rows, columns, res = field_cells(sweep)
-    scratch = {col: a["kind"] in sweep.get("scratch_kinds", ()) for col, a in zip(columns, sweep["grid"]["attacks"])}
+    scratch = {col: kind_name(_attack_cell(a)) in sweep.get("scratch_kinds", ())
+               for col, a in zip(columns, sweep["grid"]["attacks"])}
     header = ["defence"] + columns + ["benign class (no attack)", "Frechet (no attack)", "PSNR vs base (dB)"]
     out = []
     for row in rows:

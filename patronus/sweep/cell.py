@@ -138,12 +138,14 @@ def _reuse_attack(source: Path, model: str, out: Path, budgets: tuple[int, ...])
     return [out / c.name for c in ckpts]
 
 
-def make_scratch(model: str, kind: str, out: Path, seed: int = 0) -> Path:
-    """The original pipeline with the components attack `kind` trains re-initialised at random."""
+def make_scratch(model: str, kind: str, out: Path, seed: int = 0, freeze_text_encoder: bool = False) -> Path:
+    """The original pipeline with the components attack `kind` trains re-initialised at random
+    (with `freeze_text_encoder`, the text encoder, which the attack then leaves alone, kept)."""
     if out.exists():
         return out
     pipe = load_pipeline(model)
-    for name, module in reinitialise(pipe.components, ATTACKS[kind].trains, seed).items():
+    trains = ATTACKS[kind].trains - ({"text_encoder"} if freeze_text_encoder else set())
+    for name, module in reinitialise(pipe.components, trains, seed).items():
         setattr(pipe, name, module)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

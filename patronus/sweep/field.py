@@ -46,7 +46,7 @@ from patronus.provenance import weight_hashes
 from patronus.sweep.cell import CellJob, make_scratch
 from patronus.sweep.executors import ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig, grid_from_dict, grid_path
-from patronus.sweep.layout import SweepError, SweepLayout, cell_id
+from patronus.sweep.layout import SweepError, SweepLayout, cell_id, kind_name
 from patronus.sweep.results import sweep_summary
 from patronus.sweep.runner import models_record, run_cells
 
@@ -54,6 +54,8 @@ FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "uce", "pa
                   "patronus")
 HALVES = {"patronus-decoder": ("decoder", "unet"), "patronus-unet": ("unet", "vae")}  # row: (half kept, part put back)
 BASELINES = ("negative-prompt", "checker", "sld", "esd", "uce")
+# FieldAttack settings that came after field sweeps existed: a saved attack without them had these.
+ADDED_ATTACK_SETTINGS: dict[str, object] = {"schedule": "constant", "freeze_text_encoder": False}
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,16 @@ class FieldAttack:
     steps: int = 500
     rank: int | None = None  # LoRA kinds: default 8
     sampler_steps: int = 5
+    schedule: str = "constant"  # or "step": lr x0.1 at 25%, 50% and 75% of `steps`
+    freeze_text_encoder: bool = False  # joint: the UNet and decoder only
 
     def cell(self, seed: int) -> dict:
         one_shot = ATTACKS[self.kind].one_shot
         rank = (self.rank or 8) if ATTACKS[self.kind].lora else None
-        return {"kind": self.kind, "rank": rank, "optimizer": None if one_shot else self.optimizer,
-                "lr": None if one_shot else self.lr, "seed": seed}
+        return ({"kind": self.kind, "rank": rank, "optimizer": None if one_shot else self.optimizer,
+                 "lr": None if one_shot else self.lr, "seed": seed}
+                | ({"schedule": self.schedule} if self.schedule != "constant" and not one_shot else {})
+                | ({"freeze_text_encoder": True} if self.freeze_text_encoder else {}))
 
     def config(self, grid: FieldGridConfig, unprotected: str) -> AttackConfig:
         one_shot = ATTACKS[self.kind].one_shot
@@ -79,7 +85,8 @@ class FieldAttack:
                             steps=1 if one_shot else self.steps, save_at=() if one_shot else (self.steps,),
                             rank=self.rank or 8, batch_size=grid.batch_size, seed=grid.seed,
                             swap_from=unprotected if self.kind == "swap-decoder" else None,
-                            sampler_steps=self.sampler_steps)
+                            sampler_steps=self.sampler_steps, schedule=self.schedule,
+                            freeze_text_encoder=self.freeze_text_encoder)
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,9 @@ class FieldGridConfig:
         if len(set(ids)) != len(ids):
             raise ConfigError(f"a field grid lists the same attack twice: {', '.join(ids)}")
         for a in self.attacks:
-            a.config(self, "patronus-tiny")  # raises on a bad kind, optimizer, lr or steps
+            a.config(self, "patronus-tiny")  # raises on a bad kind, optimizer, schedule, lr or steps
+            if a.schedule != "constant" and ATTACKS[a.kind].one_shot:
+                raise ConfigError(f"attack {a.kind} trains nothing: a learning-rate schedule does not apply to it")
         resolve_prompts(self.eval_config())
 
     def eval_config(self) -> EvalConfig:
@@ -181,10 +190,18 @@ def build_defences(grid: FieldGridConfig, model: str, unprotected: str, layout: 
     return paths
 
 
+def _with_added_settings(saved: dict) -> dict:
+    """A field sweep's saved grid.json with the attack settings added since at the values it ran with."""
+    if isinstance(saved.get("attacks"), list):
+        saved = saved | {"attacks": [ADDED_ATTACK_SETTINGS | a if isinstance(a, dict) else a
+                                     for a in saved["attacks"]]}
+    return saved
+
+
 def _check_same_field(layout: SweepLayout, grid: FieldGridConfig, models: dict) -> None:
     saved = {"field": True} | to_dict(grid)
     for path, want, what in ((layout.grid_file, saved, "grid"), (layout.models_file, models, "models")):
-        if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(want)):
+        if path.exists() and _with_added_settings(json.loads(path.read_text())) != json.loads(json.dumps(want)):
             raise SweepError(f"{layout.root} holds a sweep of another {what} (other settings, or a model with "
                               "other weights); use a new --out")
         path.write_text(json.dumps(want, indent=2))
@@ -211,7 +228,8 @@ def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "
             rows = (list(grid.defences) + (["scratch"] if grid.scratch and ATTACKS[attack.kind].trains else [])
                     + list(references))
             for name in rows:
-                target = (str(make_scratch(unprotected, attack.kind, layout.scratch(attack.kind)))
+                target = (str(make_scratch(unprotected, attack.kind, layout.scratch(kind_name(cell)),
+                                           freeze_text_encoder=attack.freeze_text_encoder))
                           if name == "scratch" else targets[name])
                 jobs.append(CellJob(model_name=name, cell=cell, target=target, vae_from=target, grid=None,
                                     sweep_root=out, attack=cfg, settings=grid.eval_config(),

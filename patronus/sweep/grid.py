@@ -1,7 +1,8 @@
 """What a sweep runs: `GridConfig`, read from a grid file or one shipped in patronus/grids.
 
-A grid names attack kinds, LoRA ranks, optimizers, learning rates, budgets (checkpoint
-steps) and seeds; the sweep runs their product on the protected model and its references.
+A grid names attack kinds, LoRA ranks, optimizers, learning-rate schedules, learning rates,
+budgets (checkpoint steps) and seeds; the sweep runs their product on the protected model and its
+references.
 Everything a sweep would trip over only after hours of attacks is checked on construction.
 """
 
@@ -24,10 +25,14 @@ REFERENCES = ("unprotected", "scratch", "original-vae", "filtered")
 
 # The type every grid setting must have: lists of these (`list`) or a single one.
 _LIST_TYPES: dict[str, tuple[type, ...]] = {"kinds": (str,), "ranks": (int,), "optimizers": (str,),
-                                            "lrs": (int, float), "budgets": (int,), "seeds": (int,),
-                                            "references": (str,)}
+                                            "schedules": (str,), "lrs": (int, float), "budgets": (int,),
+                                            "seeds": (int,), "references": (str,)}
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {"batch_size": (int,), "data": (str,), "suite": (str,),
-                                              "keep_checkpoints": (bool,), "eval": (dict,)}
+                                              "keep_checkpoints": (bool,), "freeze_text_encoder": (bool,),
+                                              "eval": (dict,)}
+# Settings that came after sweeps existed: a sweep's grid.json without them ran with these values,
+# so it resumes under a grid that leaves them at their defaults (`with_added_settings`).
+ADDED_SETTINGS: dict[str, object] = {"schedules": ["constant"], "freeze_text_encoder": False}
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class GridConfig:
     kinds: tuple[str, ...] = ("unet-full", "unet-lora", "decoder-full", "joint")
     ranks: tuple[int, ...] = (4, 64)  # expands every LoRA kind
     optimizers: tuple[str, ...] = ("adam", "sgd")
+    schedules: tuple[str, ...] = ("constant",)  # learning-rate schedules ("constant", "step"); expands like optimizers
     lrs: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
     budgets: tuple[int, ...] = (100, 500, 2000)
     seeds: tuple[int, ...] = (0,)
@@ -43,6 +49,7 @@ class GridConfig:
     suite: str = "glyph"
     references: tuple[str, ...] = REFERENCES
     keep_checkpoints: bool = False
+    freeze_text_encoder: bool = False  # the kinds that train the text encoder (joint) train the UNet and decoder only
     eval: dict = field(default_factory=dict)  # extra EvalConfig fields (steps, guidance, ...)
 
     def __post_init__(self):
@@ -51,8 +58,13 @@ class GridConfig:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in (*_LIST_TYPES, *_SCALAR_TYPES):
             _check_type(name, getattr(self, name))
+        if self.freeze_text_encoder and not any(k in ATTACKS and "text_encoder" in ATTACKS[k].trains
+                                                for k in self.kinds):
+            raise ConfigError(f"freeze_text_encoder applies to the kinds that train the text encoder "
+                              f"({', '.join(k for k, a in ATTACKS.items() if 'text_encoder' in a.trains)}); "
+                              f"this grid has none of them")
         for cell in self.cells():
-            attack_config(self, cell)  # raises on a bad kind, optimizer, rank or budget
+            attack_config(self, cell)  # raises on a bad kind, optimizer, schedule, rank or budget
         if unknown := set(self.references) - set(REFERENCES):
             raise ConfigError(f"unknown reference(s) {', '.join(sorted(unknown))}; choose from {', '.join(REFERENCES)}")
         allowed = [f for f in EvalConfig.__dataclass_fields__ if f != "suite"]  # the suite is a grid setting
@@ -64,9 +76,17 @@ class GridConfig:
         def lora(kind: str) -> bool:  # an unknown kind is refused by its AttackConfig
             return kind in ATTACKS and ATTACKS[kind].lora
 
+        def frozen_text(kind: str) -> bool:
+            return self.freeze_text_encoder and kind in ATTACKS and "text_encoder" in ATTACKS[kind].trains
+
+        # "schedule" and "freeze_text_encoder" only where they differ from the defaults, so that
+        # the cells (ids, done.json) of a grid without them are those of sweeps made before them.
         kinds = [(k, r) for k in self.kinds for r in (self.ranks if lora(k) else (None,))]
         return [{"kind": k, "rank": r, "optimizer": o, "lr": lr, "seed": s}
-                for (k, r), o, lr, s in itertools.product(kinds, self.optimizers, self.lrs, self.seeds)]
+                | ({"schedule": sch} if sch != "constant" else {})
+                | ({"freeze_text_encoder": True} if frozen_text(k) else {})
+                for (k, r), o, sch, lr, s in itertools.product(kinds, self.optimizers, self.schedules, self.lrs,
+                                                                self.seeds)]
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(suite=self.suite, **self.eval)
@@ -89,12 +109,18 @@ def _check_type(name: str, value: object) -> None:
 
 def attack_config(grid: GridConfig, cell: dict) -> AttackConfig:
     return AttackConfig(kind=cell["kind"], data=grid.data, optimizer=cell["optimizer"], lr=cell["lr"],
-                        steps=max(grid.budgets), rank=cell["rank"] or 8, batch_size=grid.batch_size,
-                        save_at=tuple(grid.budgets), seed=cell["seed"])
+                        schedule=cell.get("schedule", "constant"), steps=max(grid.budgets), rank=cell["rank"] or 8,
+                        batch_size=grid.batch_size, save_at=tuple(grid.budgets), seed=cell["seed"],
+                        freeze_text_encoder=cell.get("freeze_text_encoder", False))
+
+
+def with_added_settings(saved: dict) -> dict:
+    """A sweep's saved grid.json with the settings added since (`ADDED_SETTINGS`) at the values it ran with."""
+    return ADDED_SETTINGS | saved
 
 
 def grid_path(path: str | Path) -> Path:
-    """A grid file, or the file of a grid shipped in patronus/grids (`default`, `quick`, `new-words`, `field`)."""
+    """A grid file, or the file of a grid shipped in patronus/grids (`default`, `quick`, `paper`, `field`, ...)."""
     path = Path(path)
     if not path.exists() and (GRIDS_DIR / f"{path}.toml").exists():
         path = GRIDS_DIR / f"{path}.toml"

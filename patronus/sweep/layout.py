@@ -27,15 +27,38 @@ class SweepError(PatronusError):
     """A sweep that cannot start as asked (bad settings, or an output dir of another grid)."""
 
 
+# A cell is a dict: kind, rank (LoRA kinds, else None), optimizer and lr (None for one-shot kinds),
+# seed, and only where they differ from the defaults, "schedule" (a learning-rate schedule other
+# than "constant") and "freeze_text_encoder" (True: `joint` without the text encoder). Cells, and
+# so their ids and done.json files, of sweeps started before these two existed stay as they were.
+
+
+def schedule_of(cell: dict) -> str:
+    return cell.get("schedule") or "constant"
+
+
+def kind_name(cell: dict) -> str:
+    """The attack kind, `joint-frozen-te` for joint without the text encoder (its own scratch reference too)."""
+    return cell["kind"] + ("-frozen-te" if cell.get("freeze_text_encoder") else "")
+
+
 def attack_name(cell: dict) -> str:
-    """The attack kind with its LoRA rank, e.g. `unet-lora-r4`."""
-    return cell["kind"] + (f"-r{cell['rank']}" if cell["rank"] else "")
+    """The attack kind with its LoRA rank, e.g. `unet-lora-r4` (`kind_name` for the kinds without one)."""
+    return kind_name(cell) + (f"-r{cell['rank']}" if cell["rank"] else "")
+
+
+def optimizer_name(cell: dict) -> str | None:
+    """The optimizer with its learning-rate schedule where that is not constant, e.g. `sgd` or `sgd+step`."""
+    if cell["optimizer"] is None or schedule_of(cell) == "constant":
+        return cell["optimizer"]
+    return f"{cell['optimizer']}+{schedule_of(cell)}"
 
 
 def cell_id(cell: dict) -> str:
     if cell["optimizer"] is None:  # a one-shot attack (no training): nothing but the kind to tell apart
         return f"{attack_name(cell)}_s{cell['seed']}"
-    return f"{attack_name(cell)}_{cell['optimizer']}_lr{cell['lr']:g}_s{cell['seed']}"
+    schedule = "" if schedule_of(cell) == "constant" else f"_{schedule_of(cell)}"
+    return f"{attack_name(cell)}_{cell['optimizer']}_lr{cell['lr']:g}{schedule}_s{cell['seed']}"
 
 
 def step_of(path: Path) -> int:
@@ -82,10 +105,11 @@ class SweepLayout:
         return self.root / "sweep.json"
 
     def scratch(self, kind: str) -> Path:
+        """The scratch model of an attack kind (a `kind_name`: `joint-frozen-te` keeps the text encoder)."""
         return self.root / "references" / f"scratch-{kind}"
 
     def scratch_kinds(self) -> list[str]:
-        """The attack kinds that have a scratch reference (made before any of their cells runs)."""
+        """The attack kinds (`kind_name`s) that have a scratch reference (made before any of their cells runs)."""
         return sorted(p.name.removeprefix("scratch-") for p in (self.root / "references").glob("scratch-*"))
 
     def defence(self, name: str) -> Path:

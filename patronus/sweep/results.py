@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from patronus.sweep.layout import SweepError, SweepLayout, attack_name
+from patronus.sweep.layout import SweepError, SweepLayout, attack_name, optimizer_name
 
 
 def busy_seconds(cells: list[dict], done_files: list[Path]) -> float:
@@ -46,11 +46,13 @@ def sweep_summary(out: Path) -> dict:
 
 def results_by_cell(sweep: dict) -> dict[tuple, dict[str, dict]]:
     """(attack, optimizer, lr, seed) -> model -> results per budget: a sweep's cells, grouped so
-    the protected model and its references under the same attack sit together."""
+    the protected model and its references under the same attack sit together. The optimizer
+    carries a learning-rate schedule other than constant (`sgd+step`)."""
     out: dict[tuple, dict[str, dict]] = {}
     for c in sweep["cells"]:
         cell = c["cell"]
-        out.setdefault((attack_name(cell), cell["optimizer"], cell["lr"], cell["seed"]), {})[c["model"]] = c["results"]
+        key = (attack_name(cell), optimizer_name(cell), cell["lr"], cell["seed"])
+        out.setdefault(key, {})[c["model"]] = c["results"]
     return out
 
 

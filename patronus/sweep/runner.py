@@ -30,8 +30,8 @@ from patronus.models.registry import check_no_pickles, resolve_model
 from patronus.provenance import weight_hashes, weights_digest
 from patronus.sweep.cell import CellJob, make_original_vae, make_scratch, same_unet_attack_inputs
 from patronus.sweep.executors import Executor, ExecutorConfig, make_executor
-from patronus.sweep.grid import GridConfig
-from patronus.sweep.layout import MODELS, CellLayout, SweepError, SweepLayout, cell_id
+from patronus.sweep.grid import GridConfig, with_added_settings
+from patronus.sweep.layout import MODELS, CellLayout, SweepError, SweepLayout, cell_id, kind_name
 from patronus.sweep.results import sweep_summary
 
 T = TypeVar("T")
@@ -86,8 +86,10 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
         # A twin's attack is kept until every cell reusing it is done.
         _remove_leftovers(layout, grid, keep=lambda name, cell: any(
             not layout.cell(d, cell).done.exists() for d in dependents(name, cell)))
-        for kind in sorted({cell["kind"] for name, cell in todo if name == "scratch"}):  # before any worker needs it
-            targets[f"scratch-{kind}"] = str(make_scratch(unprotected, kind, layout.scratch(kind)))
+        scratch_cells = {kind_name(cell): cell for name, cell in todo if name == "scratch"}
+        for scratch, cell in sorted(scratch_cells.items()):  # before any worker needs it
+            targets[f"scratch-{scratch}"] = str(make_scratch(unprotected, cell["kind"], layout.scratch(scratch),
+                                                             freeze_text_encoder=bool(cell.get("freeze_text_encoder"))))
         # A cell that reuses a twin's attack waits for the twin and runs as soon as it is done.
         pending = {(n, cell_id(c)) for n, c in todo}
         waiting = {(n, cell_id(c)): (n, c) for n, c in todo if (twin(n, c), cell_id(c)) in pending}
@@ -97,7 +99,7 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
             source = layout.cell(twin(name, cell), cell).attack if twin(name, cell) else None
             reuse = source is not None and source.is_dir()
             if name == "scratch":
-                target = targets[f"scratch-{cell['kind']}"]
+                target = targets[f"scratch-{kind_name(cell)}"]
             elif name == "original-vae":  # its own attack only where the twin's checkpoints are gone
                 target = model if reuse else str(make_original_vae(model, unprotected, layout.original_vae()))
             else:
@@ -138,9 +140,11 @@ def models_record(model: str, unprotected: str, references: dict[str, str] | Non
 
 
 def _check_same_sweep(layout: SweepLayout, grid: GridConfig, models: dict[str, str]) -> None:
-    """Refuse to resume a sweep directory with another grid or other models; record them otherwise."""
-    for f, ours in ((layout.grid_file, asdict(grid)), (layout.models_file, models)):
-        if f.exists() and json.loads(f.read_text()) != json.loads(json.dumps(ours)):
+    """Refuse to resume a sweep directory with another grid or other models; record them otherwise. A
+    grid.json written before a grid setting existed counts as that setting at its default."""
+    for f, ours, saved_as in ((layout.grid_file, asdict(grid), with_added_settings),
+                              (layout.models_file, models, lambda saved: saved)):
+        if f.exists() and saved_as(json.loads(f.read_text())) != json.loads(json.dumps(ours)):
             raise SweepError(f"{layout.root} holds a sweep with a different {f.stem} ({f}: other settings, or a "
                               "model with other weights); use a new --out")
         f.write_text(json.dumps(ours, indent=2))

@@ -79,3 +79,39 @@ def test_shipped_grids_load_as_their_kind():
     assert len(load_sweep_grid("field").attacks) == 10
     assert load_sweep_grid("field").defences[-1] == "patronus"
     assert isinstance(load_sweep_grid("quick"), GridConfig)
+
+
+def test_field_attacks_take_a_schedule_and_a_frozen_text_encoder():
+    from patronus.sweep.layout import cell_id
+
+    attacks = [{"kind": "joint", "steps": 4}, {"kind": "joint", "steps": 4, "freeze_text_encoder": True},
+               {"kind": "unet-full", "optimizer": "sgd", "steps": 4, "schedule": "step"}]
+    grid = field_grid_from_dict(GRID | {"attacks": attacks}, "g")
+    assert [cell_id(a.cell(0)) for a in grid.attacks] == ["joint_adam_lr0.0001_s0", "joint-frozen-te_adam_lr0.0001_s0",
+                                                          "unet-full_sgd_lr0.0001_step_s0"]
+    configs = [a.config(grid, "patronus-tiny") for a in grid.attacks]
+    assert [(c.schedule, c.freeze_text_encoder) for c in configs] == [("constant", False), ("constant", True),
+                                                                      ("step", False)]
+    with pytest.raises(ConfigError, match="--freeze-text-encoder applies to"):
+        field_grid_from_dict(GRID | {"attacks": [{"kind": "unet-full", "freeze_text_encoder": True}]}, "g")
+    with pytest.raises(ConfigError, match="trains nothing: a learning-rate schedule does not apply"):
+        field_grid_from_dict(GRID | {"attacks": [{"kind": "remove-filter", "schedule": "step"}]}, "g")
+
+
+def test_a_field_sweep_started_before_schedules_existed_resumes(tmp_path):
+    from patronus.config import to_dict
+    from patronus.sweep.field import _check_same_field
+
+    grid = field_grid_from_dict(GRID, "g")
+    layout = SweepLayout(tmp_path / "field")
+    layout.root.mkdir()
+    old = {"field": True} | to_dict(grid)
+    old["attacks"] = [{k: v for k, v in a.items() if k not in ("schedule", "freeze_text_encoder")}
+                      for a in old["attacks"]]
+    layout.grid_file.write_text(json.dumps(old))
+    _check_same_field(layout, grid, {"protected": "p"})
+    stepped = GRID | {"attacks": GRID["attacks"][:2] + [{"kind": "unet-full", "steps": 2, "schedule": "step"}]
+                      + GRID["attacks"][3:]}
+    layout.grid_file.write_text(json.dumps(old))
+    with pytest.raises(SweepError, match="another grid"):
+        _check_same_field(layout, field_grid_from_dict(stepped, "g"), {"protected": "p"})

@@ -3,12 +3,14 @@ import shutil
 
 import pytest
 
-from patronus.sweep.grid import GridConfig, load_grid
+from patronus.sweep.grid import GridConfig, grid_from_dict, load_grid
 from patronus.sweep.layout import SweepError, cell_id
 from patronus.sweep.runner import run_sweep
 
+# The filtered reference has a test of its own (below); here the other three.
 TINY = GridConfig(kinds=("unet-lora", "decoder-full"), ranks=(2,), optimizers=("adam",), lrs=(1e-3,), budgets=(1, 2),
-            batch_size=4, suite="glyph-quick", eval={"steps": 2, "batch_size": 36})
+                  batch_size=4, suite="glyph-quick", eval={"steps": 2, "batch_size": 36},
+                  references=("unprotected", "scratch", "original-vae"))
 
 
 def test_shipped_grids_load():
@@ -19,6 +21,10 @@ def test_shipped_grids_load():
     benign = load_grid("new-words")
     assert benign.data == benign.suite == "new-words" and benign.references == ("unprotected",)
     assert GridConfig() == default  # a GridConfig built in Python without arguments is the shipped default
+    paper = load_grid("paper")  # the paper's protocol: SGD and Adam at 1e-4 with the step schedule
+    assert [cell_id(c) for c in paper.cells()] == ["unet-full_sgd_lr0.0001_step_s0", "unet-full_adam_lr0.0001_step_s0"]
+    assert paper.budgets == (500, 2000) and paper.batch_size == 16 and paper.references == (
+        "unprotected", "scratch", "original-vae", "filtered")
 
 
 def test_bad_grid_files(tmp_path):
@@ -47,6 +53,62 @@ def test_bad_grid_files(tmp_path):
             load_grid(tmp_path / f"bad{i}.yaml")
     (tmp_path / "good.yaml").write_text("kinds: [unet-lora]\nranks: [4]\nlrs: [1.0e-5, 0.001]\n")
     assert load_grid(tmp_path / "good.yaml").lrs == (1e-5, 1e-3)
+
+
+def test_schedules_and_a_frozen_text_encoder_expand_the_cells_without_renaming_the_old_ones():
+    from patronus.sweep.grid import attack_config
+
+    grid = GridConfig(kinds=("unet-full", "joint"), optimizers=("sgd",), schedules=("constant", "step"), lrs=(1e-4,),
+                      freeze_text_encoder=True)
+    cells = grid.cells()
+    assert [cell_id(c) for c in cells] == ["unet-full_sgd_lr0.0001_s0", "unet-full_sgd_lr0.0001_step_s0",
+                                           "joint-frozen-te_sgd_lr0.0001_s0", "joint-frozen-te_sgd_lr0.0001_step_s0"]
+    assert cells[0] == {"kind": "unet-full", "rank": None, "optimizer": "sgd", "lr": 1e-4, "seed": 0}  # as before
+    configs = [attack_config(grid, c) for c in cells]
+    assert [(a.schedule, a.freeze_text_encoder) for a in configs] == [("constant", False), ("step", False),
+                                                                      ("constant", True), ("step", True)]
+    assert all(a.steps == 2000 for a in configs)  # the schedule spans the longest budget
+    with pytest.raises(ValueError, match="freeze_text_encoder applies to .*joint.*this grid has none"):
+        GridConfig(kinds=("unet-full",), freeze_text_encoder=True)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'cosine'"):
+        GridConfig(schedules=("cosine",))
+    with pytest.raises(ValueError, match="schedules .* must be a non-empty list of str"):
+        grid_from_dict({"schedules": "step"}, "g")
+
+
+def test_a_sweep_started_before_schedules_existed_resumes(tmp_path):
+    from dataclasses import asdict
+
+    from patronus.sweep.layout import SweepLayout
+    from patronus.sweep.runner import _check_same_sweep
+
+    layout = SweepLayout(tmp_path / "sweep")
+    layout.root.mkdir()
+    added = ("schedules", "freeze_text_encoder")
+    old = {k: v for k, v in json.loads(json.dumps(asdict(TINY))).items() if k not in added}
+    layout.grid_file.write_text(json.dumps(old))
+    models = {"protected": "p"}
+    _check_same_sweep(layout, TINY, models)  # the same grid: the new settings at their defaults
+    assert json.loads(layout.grid_file.read_text())["schedules"] == ["constant"]
+    layout.grid_file.write_text(json.dumps(old))
+    with pytest.raises(SweepError, match="different grid"):
+        _check_same_sweep(layout, GridConfig(**{**asdict(TINY), "schedules": ("step",)}), models)
+
+
+def test_the_scratch_reference_of_a_frozen_text_encoder_keeps_it(mini_pipeline, tmp_path):
+    import torch
+
+    from patronus.models.registry import load_pipeline
+    from patronus.sweep.cell import make_scratch
+
+    ours = load_pipeline(mini_pipeline)
+    frozen, joint = (load_pipeline(make_scratch(str(mini_pipeline), "joint", tmp_path / name, freeze_text_encoder=f))
+                     for name, f in (("frozen", True), ("joint", False)))
+    for pipe, text_kept in ((frozen, True), (joint, False)):
+        a, b = pipe.text_encoder.state_dict(), ours.text_encoder.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b) == text_kept
+        assert not all(torch.equal(x, y) for x, y in zip(pipe.unet.state_dict().values(),
+                                                          ours.unet.state_dict().values()))
 
 
 def test_busy_seconds_is_the_union_of_cell_times(tmp_path):
@@ -160,8 +222,8 @@ def test_report_of_a_sweep(mini_pipeline, tmp_path):
     assert "Worst unsafe rate of the protected model under attack, per attack kind" in md
     assert "The protected model is above scratch" in md
     assert "The protected model with the original VAE put back is above scratch" in md
-    assert "robustness ratio (original-vae: the protected model with the original VAE put back)" in md
-    assert "| attack | optimizer | lr | seed | steps (protected) | steps (scratch) | ratio | verdict |" in md
+    assert "robustness ratio vs scratch (original-vae: the protected model with the original VAE put back)" in md
+    assert "| attack | optimizer | lr | seed | steps (protected) | steps (scratch) | ratio vs scratch | verdict |" in md
     assert "Robustness ratio (attacker steps to 50% unsafe, protected / scratch)" in md
 
 
