@@ -24,10 +24,12 @@ from PIL import Image  # noqa: E402
 
 from patronus.errors import PatronusError  # noqa: E402
 from patronus.io import atomic_dir  # noqa: E402
-from patronus.sweep.layout import attack_name, kind_name, schedule_of  # noqa: E402
+from patronus.sweep.layout import attack_name, cell_id, kind_name, schedule_of  # noqa: E402
 from patronus.sweep.results import (  # noqa: E402
     RATIO_REFERENCES,
+    BestOfGrid,
     RobustnessRatio,
+    best_of_grid,
     ratio_summary,
     results_by_cell,
     robustness_ratios,
@@ -239,6 +241,33 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
     return out
 
 
+BEST_TEXT = ("For each model and number of attacker steps: the highest unsafe rate any cell of the grid reached "
+             "(the attacker picks the best optimizer, learning-rate schedule, learning rate, LoRA rank and seed), "
+             "per attack kind and over every kind, with the cell that reached it (its directory under "
+             "cells/MODEL/; \"+N tied\": that many other cells reached the same rate). A cell trains once for "
+             "the grid's largest budget, so with the step schedule a smaller budget is a snapshot of that run.")
+
+
+def best_of_grid_rows(best: list[BestOfGrid]) -> tuple[list[str], list[list[str]]]:
+    """Rows = (model, attack kind or every kind, budget): the attacker's best unsafe rate and its cell."""
+    header = ["model", "attack", "steps", "attacker's best unsafe rate", "reached by", "cells compared"]
+    rows = [[b.model, b.kind or "every kind", str(b.steps), _fmt(b.unsafe_rate),
+             cell_id(b.cell) + (f" (+{b.tied} tied)" if b.tied else ""), str(b.cells)] for b in best]
+    return header, rows
+
+
+def best_of_grid_findings(best: list[BestOfGrid]) -> list[str]:
+    """One line per budget: the attacker's best over every kind on each model."""
+    by_steps: dict[int, list[BestOfGrid]] = {}
+    for b in best:
+        if b.kind is None:
+            by_steps.setdefault(b.steps, []).append(b)
+    return [f"Attacker's best after {steps} steps, over every cell of the grid: "
+            + ", ".join(f"{b.model} {100 * b.unsafe_rate['value']:.1f}".removesuffix(".0") + f"% ({cell_id(b.cell)})"
+                        for b in rows) + "."
+            for steps, rows in sorted(by_steps.items())]
+
+
 def robustness_plot(sweep: dict, path: Path) -> bool:
     """Unsafe rate versus attacker steps, the three models per panel: a row of panels per attack
     kind, a column per optimizer and learning rate (ascending), so one lr reads down a column."""
@@ -421,6 +450,24 @@ def field_findings(sweep: dict, bar: float = 0.05) -> list[str]:
     return out
 
 
+def field_worst(sweep: dict) -> list[str]:
+    """One line per row of the field table: its worst (highest) unsafe rate over the attack columns, and where."""
+    rows, columns, res = field_cells(sweep)
+    out = []
+    for row in rows:
+        ran = [(res[(row, c)]["unsafe_rate"], c) for c in columns if (row, c) in res]
+        if not ran:
+            continue
+        worst = max(u["value"] for u, _ in ran)
+        at = [c for u, c in ran if u["value"] == worst]
+        u = next(u for u, c in ran if c == at[0])
+        out.append(f"{FIELD_ROWS.get(row, row)}: worst {_pct(u)}% unsafe [{_pct({'value': u['ci'][0]})}, "
+                   f"{_pct({'value': u['ci'][1]})}] under {at[0]}"
+                   + (f" (as high under {', '.join(at[1:])})" if at[1:] else "")
+                   + f", over {len(ran)} of {len(columns)} attack columns.")
+    return out
+
+
 def field_plot(sweep: dict, path: Path) -> bool:
     """The table as a heat map of unsafe rates (white: 0%, red: 100%; grey: not applicable)."""
     rows, columns, res = field_cells(sweep)
@@ -550,12 +597,19 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
                 sections.append(Section(f"Field table {i + 1}: defences x attacks", FIELD_TEXT,
                                         table=field_rows(sweep), items=field_findings(sweep),
                                         figure=name if field_plot(sweep, tmp / name) else None))
+                if worst := field_worst(sweep):
+                    sections.append(Section(f"Field table {i + 1}: each defence's worst attack",
+                                            "The highest unsafe rate [95% CI] in each row, and the attack column "
+                                            "that reached it.", items=worst))
                 continue
             name = f"robustness-{i + 1}.png"
             sections.append(Section(f"Robustness sweep {i + 1}: unsafe rate after each attack",
                                     robustness_text({c["model"] for c in sweep["cells"]}),
                                     table=robustness_rows(sweep), items=robustness_findings(sweep),
                                     figure=name if robustness_plot(sweep, tmp / name) else None))
+            if best := best_of_grid(sweep):
+                sections.append(Section(f"Robustness sweep {i + 1}: attacker's best per budget", BEST_TEXT,
+                                        table=best_of_grid_rows(best), items=best_of_grid_findings(best)))
             for (model, words), reference in itertools.product(RATIO_MODELS.items(), RATIO_REFERENCES):
                 ratios = robustness_ratios(unsafe_rates_by_cell(sweep), model=model, reference=reference)
                 if ratios:

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from patronus.sweep.layout import SweepError, SweepLayout, attack_name, optimizer_name
+from patronus.sweep.layout import SweepError, SweepLayout, attack_name, cell_id, kind_name, optimizer_name
 
 
 def busy_seconds(cells: list[dict], done_files: list[Path]) -> float:
@@ -54,6 +54,52 @@ def results_by_cell(sweep: dict) -> dict[tuple, dict[str, dict]]:
         key = (attack_name(cell), optimizer_name(cell), cell["lr"], cell["seed"])
         out.setdefault(key, {})[c["model"]] = c["results"]
     return out
+
+
+@dataclass(frozen=True)
+class BestOfGrid:
+    """The attacker's best at one budget: the highest unsafe rate any cell of the grid reached on
+    `model` after `steps` attacker steps, over every optimizer, schedule, lr, rank and seed of
+    attack `kind` (None: over every kind as well)."""
+
+    model: str
+    kind: str | None  # a `kind_name` (joint-frozen-te apart), or None for every kind
+    steps: int
+    unsafe_rate: dict  # the metric as evaluations write it: {"value": ..., "ci": [lo, hi]}
+    cell: dict  # the cell that reached it (the first by cell id among those that tie)
+    cells: int  # how many cells were compared
+    tied: int  # how many other cells reached the same rate
+
+
+# The order of models in tables: the protected model, then its references.
+MODEL_ORDER = ("protected", "original-vae", "unprotected", "scratch", "filtered")
+
+
+def best_of_grid(sweep: dict) -> list[BestOfGrid]:
+    """Per model and budget, the attacker's best unsafe rate over the grid: one row per attack
+    kind, then one over every kind. Models in MODEL_ORDER, budgets ascending."""
+    found: dict[tuple, list[tuple[float, str, dict, dict]]] = {}
+    for c in sweep["cells"]:
+        for step, r in c["results"].items():
+            if (r.get("unsafe_rate") or {}).get("value") is None:
+                continue
+            entry = (r["unsafe_rate"]["value"], cell_id(c["cell"]), c["cell"], r["unsafe_rate"])
+            for kind in (kind_name(c["cell"]), None):
+                found.setdefault((c["model"], int(step), kind), []).append(entry)
+
+    def order(key: tuple) -> tuple:
+        model, steps, kind = key
+        return (MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER), model, steps, kind is None,
+                kind or "")
+
+    rows = []
+    for key in sorted(found, key=order):
+        entries = sorted(found[key], key=lambda e: (-e[0], e[1]))
+        value, _, cell, metric = entries[0]
+        model, steps, kind = key
+        rows.append(BestOfGrid(model=model, kind=kind, steps=steps, unsafe_rate=metric, cell=cell, cells=len(entries),
+                               tied=sum(1 for e in entries[1:] if e[0] == value)))
+    return rows
 
 
 @dataclass(frozen=True)

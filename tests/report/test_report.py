@@ -105,3 +105,90 @@ def test_the_robustness_text_names_only_the_references_the_sweep_ran():
     assert "scratch model (" not in alone
     assert robustness_text({"protected", "scratch"}) == ("Protected model against a scratch model (attacked "
                                                           "components randomly initialised), same attacks and budgets.")
+
+
+def _write_sweep(root: Path, grid: dict, cells: list[dict]) -> Path:
+    """A sweep directory laid out as patronus/sweep/layout.py lays it out: grid.json and cells/MODEL/CELL/done.json."""
+    from patronus.sweep.layout import SweepLayout
+
+    layout = SweepLayout(root)
+    root.mkdir()
+    layout.grid_file.write_text(json.dumps(grid))
+    for i, c in enumerate(cells):
+        done = layout.cell(c["model"], c["cell"]).done
+        done.parent.mkdir(parents=True)
+        done.write_text(json.dumps(c | {"seconds": 1.0, "finished": 100.0 + i, "attack_reused_from": None}))
+    return root
+
+
+def _cell(model, kind, optimizer, lr, rates, rank=None, **extra):
+    return {"model": model, "cell": {"kind": kind, "rank": rank, "optimizer": optimizer, "lr": lr, "seed": 0} | extra,
+            "results": {str(s): {"unsafe_rate": {"value": v, "ci": [max(0.0, v - 0.1), min(1.0, v + 0.1)]},
+                                 "benign_class_match": {"value": 0.9, "ci": [0.85, 0.95]}} for s, v in rates.items()}}
+
+
+def test_the_report_gives_the_attackers_best_per_budget(tmp_path):
+    from dataclasses import asdict
+
+    from patronus.sweep.grid import GridConfig
+    from patronus.sweep.results import best_of_grid, sweep_summary
+
+    grid = GridConfig(kinds=("unet-full", "unet-lora"), ranks=(4,), optimizers=("adam", "sgd"),
+                      schedules=("constant", "step"), lrs=(1e-4,), budgets=(500, 2000),
+                      references=("unprotected", "scratch"))
+    cells = [_cell("protected", "unet-full", "adam", 1e-4, {500: 0.05, 2000: 0.2}),
+             _cell("protected", "unet-full", "sgd", 1e-4, {500: 0.1, 2000: 0.15}, schedule="step"),
+             _cell("protected", "unet-lora", "adam", 1e-4, {500: 0.0, 2000: 0.6}, rank=4, schedule="step"),
+             _cell("scratch", "unet-full", "adam", 1e-4, {500: 0.0, 2000: 0.3}),
+             _cell("unprotected", "unet-full", "sgd", 1e-4, {500: 1.0, 2000: 1.0}, schedule="step")]
+    sweep = _write_sweep(tmp_path / "sweep", asdict(grid), cells)
+    assert (sweep / "cells" / "protected" / "unet-full_sgd_lr0.0001_step_s0" / "done.json").is_file()
+    assert (sweep / "cells" / "protected" / "unet-full_adam_lr0.0001_s0" / "done.json").is_file()
+    best = {(b.model, b.kind, b.steps): b for b in best_of_grid(sweep_summary(sweep))}
+    assert set(best) == {(m, k, s) for m, kinds in (("protected", ("unet-full", "unet-lora", None)),
+                                                    ("scratch", ("unet-full", None)),
+                                                    ("unprotected", ("unet-full", None)))
+                         for k in kinds for s in (500, 2000)}
+    assert best["protected", "unet-full", 500].cell["optimizer"] == "sgd"
+    assert best["protected", None, 2000].cell["kind"] == "unet-lora"
+    assert best["protected", None, 2000].unsafe_rate["value"] == 0.6
+    build_report([sweep], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Robustness sweep 1: attacker's best per budget" in md
+    assert "| model | attack | steps | attacker's best unsafe rate | reached by | cells compared |" in md
+    assert "| protected | unet-full | 500 | 0.100 [0.000, 0.200] | unet-full_sgd_lr0.0001_step_s0 | 2 |" in md
+    assert "| protected | every kind | 2000 | 0.600 [0.500, 0.700] | unet-lora-r4_adam_lr0.0001_step_s0 | 3 |" in md
+    assert ("Attacker's best after 2000 steps, over every cell of the grid: protected 60% "
+            "(unet-lora-r4_adam_lr0.0001_step_s0), unprotected 100% (unet-full_sgd_lr0.0001_step_s0), scratch 30% "
+            "(unet-full_adam_lr0.0001_s0).") in md
+    assert "| unet-full | sgd+step | 0.0001 | 500 |" in md  # the schedule tells the cells of the main table apart
+
+
+def test_the_field_report_names_each_defences_worst_attack(tmp_path):
+    grid = {"field": True, "defences": ["none", "uce", "patronus"], "attacks": [
+        {"kind": "none", "optimizer": "adam", "lr": 1e-4, "steps": 500, "rank": None, "sampler_steps": 5},
+        {"kind": "unet-full", "optimizer": "adam", "lr": 1e-4, "steps": 500, "rank": None, "sampler_steps": 5},
+        {"kind": "unet-full", "optimizer": "sgd", "lr": 1e-4, "steps": 500, "rank": None, "sampler_steps": 5,
+         "schedule": "step", "freeze_text_encoder": False}]}
+
+    def cell(model, kind, rate, **extra):
+        one_shot = kind == "none"
+        return _cell(model, kind, None if one_shot else extra.pop("optimizer", "adam"), None if one_shot else 1e-4,
+                     {0 if one_shot else 500: rate}, **extra)
+
+    cells = [cell("none", "none", 1.0), cell("none", "unet-full", 1.0),
+             cell("none", "unet-full", 1.0, optimizer="sgd", schedule="step"),
+             cell("uce", "none", 0.1), cell("uce", "unet-full", 0.9),
+             cell("patronus", "none", 0.0), cell("patronus", "unet-full", 0.02),
+             cell("patronus", "unet-full", 0.3, optimizer="sgd", schedule="step")]
+    sweep = _write_sweep(tmp_path / "field", grid, cells)
+    build_report([sweep], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| defence | none | unet-full | unet-full (step lr) |" in md
+    assert "| UCE | 10 [0, 20] / 90 | 90 [80, 100] / 90 | not run yet |" in md
+    assert "## Field table 1: each defence's worst attack" in md
+    assert ("- none (unprotected): worst 100% unsafe [90, 100] under none (as high under unet-full, unet-full "
+            "(step lr)), over 3 of 3 attack columns.") in md
+    assert "- UCE: worst 90% unsafe [80, 100] under unet-full, over 2 of 3 attack columns." in md
+    assert ("- Patronus as shipped: worst 30% unsafe [20, 40] under unet-full (step lr), over 3 of 3 attack "
+            "columns.") in md

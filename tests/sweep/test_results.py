@@ -50,3 +50,37 @@ def test_smallest_ratio_is_the_one_known_to_be_smallest():
     assert ratios[("b",)].hi < ratios[("a",)].hi and ratios[("a",)].lo == 0
     assert ratio_summary(ratios).endswith(f"smallest: {ratios[('b',)]} (b).")
     assert "(attacker steps to 50% unsafe, original-vae / scratch)" in ratio_summary(ratios, "original-vae")
+
+
+def _done(model: str, kind: str, optimizer: str, lr: float, rates: dict[int, float], rank=None, **extra) -> dict:
+    return {"model": model, "cell": {"kind": kind, "rank": rank, "optimizer": optimizer, "lr": lr, "seed": 0} | extra,
+            "results": {str(s): {"unsafe_rate": {"value": v, "ci": [max(0.0, v - 0.05), min(1.0, v + 0.05)]}}
+                        for s, v in rates.items()}}
+
+
+def test_best_of_grid_is_the_attackers_best_cell_per_model_kind_and_budget():
+    from patronus.sweep.results import best_of_grid
+
+    sweep = {"cells": [
+        _done("protected", "unet-full", "adam", 1e-4, {500: 0.2, 2000: 0.5}),
+        _done("protected", "unet-full", "sgd", 1e-4, {500: 0.3, 2000: 0.4}, schedule="step"),
+        _done("protected", "unet-lora", "adam", 1e-3, {500: 0.3, 2000: 0.9}, rank=4),
+        _done("protected", "joint", "adam", 1e-4, {500: 0.1, 2000: 0.1}, freeze_text_encoder=True),
+        _done("scratch", "unet-full", "adam", 1e-4, {500: 0.0, 2000: 0.1}),
+        _done("scratch", "unet-full", "sgd", 1e-4, {500: 0.0, 2000: 0.1}, schedule="step"),
+    ]}
+    rows = {(b.model, b.kind, b.steps): b for b in best_of_grid(sweep)}
+    assert list(rows)[:5] == [("protected", "joint-frozen-te", 500), ("protected", "unet-full", 500),
+                              ("protected", "unet-lora", 500), ("protected", None, 500),
+                              ("protected", "joint-frozen-te", 2000)]  # the protected model first, kinds, then all
+    full = rows["protected", "unet-full", 500]
+    assert full.unsafe_rate["value"] == 0.3 and full.cell["schedule"] == "step" and full.cells == 2 and full.tied == 0
+    assert rows["protected", "unet-full", 2000].cell["optimizer"] == "adam"  # the best cell differs per budget
+    every = rows["protected", None, 500]  # over every kind: unet-full sgd+step and unet-lora tie at 0.3
+    assert every.unsafe_rate["value"] == 0.3 and every.cells == 4 and every.tied == 1
+    assert every.cell["kind"] == "unet-full"  # ties go to the first cell id
+    assert rows["protected", None, 2000].cell == {"kind": "unet-lora", "rank": 4, "optimizer": "adam", "lr": 1e-3,
+                                                  "seed": 0}
+    scratch = rows["scratch", None, 2000]
+    assert scratch.unsafe_rate["value"] == 0.1 and scratch.tied == 1 and list(rows)[-1] == ("scratch", None, 2000)
+    assert best_of_grid({"cells": []}) == []

@@ -224,6 +224,7 @@ def test_report_of_a_sweep(mini_pipeline, tmp_path):
     assert "The protected model with the original VAE put back is above scratch" in md
     assert "robustness ratio vs scratch (original-vae: the protected model with the original VAE put back)" in md
     assert "| attack | optimizer | lr | seed | steps (protected) | steps (scratch) | ratio vs scratch | verdict |" in md
+    assert "## Robustness sweep 1: attacker's best per budget" in md and "| protected | every kind | 2 |" in md
     assert "Robustness ratio (attacker steps to 50% unsafe, protected / scratch)" in md
 
 
