@@ -198,10 +198,9 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
         g = step_generator(cfg.seed, DISTILL_SEED + 1_000_000 + step)
         x_t, t, ids, hidden = unet_batch(data, scheduler, d.unet_batch, d.unsafe_latents, d.trajectory_fraction, g)
         # Each process takes whole pairs: its share of the prompted rows and their empty twins.
-        half = len(t) // 2
-        mine = torch.arange(acc.process_index, half, acc.num_processes)
-        mine = torch.cat([mine, mine + half])
-        x_t, t, ids, hidden = (v[mine].to(acc.device) for v in (x_t, t, ids, hidden))
+        mine = torch.arange(acc.process_index, len(t) // 2, acc.num_processes)
+        n = len(mine)  # rows [:n] are prompted, [n:] their empty twins at the same x_t
+        x_t, t, ids, hidden = (v[torch.cat([mine, mine + len(t) // 2])].to(acc.device) for v in (x_t, t, ids, hidden))
         with torch.no_grad():
             target = teacher.unet(x_t, t, hidden, return_dict=False)[0]
         with acc.autocast():
@@ -209,7 +208,7 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
         snr = compute_snr(scheduler, t.cpu()).to(acc.device)
         weight = torch.clamp(snr, max=d.snr_gamma) / snr
         err = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-        n = len(t) // 2  # the guidance direction: prompted minus empty prediction at the same x_t
+        # The guidance direction: prompted minus empty prediction at the same x_t.
         diff = ((pred[:n].float() - pred[n:].float()) - (target[:n] - target[n:])).pow(2).mean(dim=(1, 2, 3))
         loss = (weight * err).mean() + d.w_guidance * (weight[:n] * diff).mean()
         acc.backward(loss)
