@@ -12,7 +12,8 @@ Read top to bottom:
      along a simulated denoising fine-tune drawn from `UNetAlignConfig.attacks`;
   4. every `probe_every` steps a real `unet-full` attack (fixed seed) probes the UNet: its
      samples for held-out unsafe prompts are decoded by the *original* decoder and scored by
-     GlyphNet. The best checkpoint (benign class match kept, then attacker loss x (1 - unsafe
+     `probe_detector`. The best checkpoint (past the gate, `UNetAlignConfig.gate`: benign class
+     match kept, or benign samples close to the original's; then attacker loss x (1 - unsafe
      score)) is the one returned.
 
 Each stage has its own folder under WORKDIR/unet and its own Accelerator objects, so the two
@@ -47,13 +48,13 @@ from patronus.attacks.weights.unet import (
     sample_latents,
 )
 from patronus.data.imagefolder import load_imagefolder
-from patronus.defenses.patronus.bank import PART_START, PARTS
+from patronus.defenses.patronus.bank import KIND_PARTS, PART_START
 from patronus.defenses.patronus.config import ProtectConfig, UNetAlignConfig
-from patronus.defenses.patronus.losses import random_patterns, scramble_loss
-from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
-from patronus.errors import ConfigError
+from patronus.defenses.patronus.defender_data import unet_folder, unet_start
+from patronus.defenses.patronus.losses import Perceptual, make_perceptual, random_patterns, scramble_loss
+from patronus.detectors import detect_decoded, make_detector
 from patronus.evaluation.metrics import is_refusal
-from patronus.imaging import to_tensor, to_uint8
+from patronus.imaging import psnr, to_tensor, to_uint8
 from patronus.models.components import encode_latents
 from patronus.models.registry import load_pipeline
 from patronus.models.sampling import generate_latents
@@ -100,32 +101,28 @@ def _embed(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
     return torch.cat([pipe.text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
 
 
-def check_data(cfg: ProtectConfig) -> None:
-    """Refuse, before any training, image folders too small for the UNet half's partitions."""
-    need = cfg.unet.n_train + cfg.unet.n_query + cfg.unet.n_probe
-    for folder in filter(None, (cfg.bank.unsafe_dir, cfg.bank.benign_dir)):
-        meta = Path(folder) / "metadata.jsonl"
-        if not meta.is_file():
-            raise ConfigError(f"{folder} has no metadata.jsonl (lines of {{\"file_name\": ..., \"text\": ...}})")
-        have = sum(1 for line in meta.read_text().splitlines() if line.strip())
-        if have < need:
-            raise ConfigError(f"{folder} lists {have} images; the UNet half needs {need} "
-                              "(unet.n_train + n_query + n_probe): add images or lower those settings")
+def feature_distance(perceptual: Perceptual, images: torch.Tensor, reference: torch.Tensor) -> float:
+    """How far `images` lie from `reference` in the perceptual network's features: per layer
+    ||f(x) - f(ref)||^2 / ||f(ref)||^2, averaged over layers. 0 for the same images; scale-free,
+    so one bar serves GlyphNet and VGG-19."""
+    pairs = zip(perceptual.features(images), perceptual.features(reference), strict=True)
+    return float(np.mean([((a - b).pow(2).sum() / b.pow(2).sum().clamp_min(1e-12)).item() for a, b in pairs]))
 
 
 @torch.no_grad()
 def load_partitions(pipe: StableDiffusionPipeline, cfg: ProtectConfig) -> dict[tuple[str, str], Partition]:
-    """The defender's images per (partition, kind): the glyph `defender` split at the feature
-    bank's offsets, or the bank's image folders (train, query, probe in order)."""
+    """The defender's images per (partition, kind; benign data has no query partition): the glyph
+    `defender` split at the feature bank's offsets plus UNET_OFFSET, or the UNet half's images of
+    its folders (`defender_data`: partitions in `KIND_PARTS` order)."""
     u, resolution = cfg.unet, pipe.vae.config.sample_size
     sizes = {"train": u.n_train, "query": u.n_query, "probe": u.n_probe}
     out = {}
-    for kind in ("unsafe", "benign"):
-        folder = cfg.bank.unsafe_dir if kind == "unsafe" else cfg.bank.benign_dir
+    for kind, parts in KIND_PARTS.items():
+        folder = unet_folder(cfg, kind)
         if folder:
             images_all, captions_all = load_imagefolder(folder, resolution)
-        start = 0
-        for part in PARTS:
+            start = unet_start(cfg, kind)
+        for part in parts:
             n = sizes[part]
             if folder:
                 x, texts, classes = images_all[start:start + n], captions_all[start:start + n], None
@@ -188,9 +185,12 @@ class Aligner:
             black = torch.full((1, 3, r, r), -1.0, device=device)
             self.x0_black = encode_latents(self.pipe.vae, black) * self.scale
         self.scramble_targets = self._make_scramble_targets() if self.u.w_scramble > 0 else []
-        self.glyphnet = load_glyphnet().to(device)
+        self.detector = make_detector(cfg.probe_detector)
+        self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)  # for `feature_distance`
         self.model: torch.nn.Module = self.unet  # the module training forwards go through (LoRA, DDP)
-        self.base_class_match = self._sample_scores(self.teacher)["benign_class_match"]
+        # What the probes' benign samples are held against: the original UNet's, same prompts and seeds.
+        self.base_benign = self._sample(self.teacher, "benign")
+        self.base_class_match = self._class_match(detect_decoded(self.detector, self.base_benign))
 
     @torch.no_grad()
     def _make_scramble_targets(self) -> list[torch.Tensor]:
@@ -359,27 +359,36 @@ class Aligner:
 
     # --- probes ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _sample_scores(self, unet: torch.nn.Module) -> dict[str, float]:
-        """Sample probe prompts with `unet` (fixed seeds), decode with the original decoder, score."""
+    def _sample(self, unet: torch.nn.Module, kind: str) -> torch.Tensor:
+        """The probe prompts of `kind` sampled with `unet` (fixed seeds), decoded by the original decoder."""
         u, pipe = self.u, self.pipe
         sampler = StableDiffusionPipeline(**(pipe.components | {"unet": unet}), requires_safety_checker=False)
         sampler.set_progress_bar_config(disable=True)
-        out = {}
-        for kind in ("unsafe", "benign"):
-            part = self.data["probe", kind]
-            n = min(u.probe_samples, len(part.texts))
-            seeds = [mix_seed(self.cfg.seed, 9_000_000 + i) for i in range(n)]
-            latents = generate_latents(sampler, part.texts[:n], seeds, u.probe_sampler_steps, self.cfg.bank.guidance)
-            images = pipe.vae.decode(latents / self.scale, return_dict=False)[0].clamp(-1, 1)
-            pred = self.glyphnet.predict(images)
-            if kind == "unsafe":
-                out["unsafe_score"] = float(np.mean(pred["unsafe_score"]))
-                out["unsafe_rate"] = float(np.mean(np.array(pred["unsafe_score"]) > UNSAFE_THRESHOLD))
-                out["refusal_rate"] = float(is_refusal(to_uint8(images)).mean())
-            else:
-                out["benign_class_match"] = (float(np.mean([c == w for c, w in zip(pred["class"], part.classes)]))
-                                             if part.classes else 1.0)
-        return out
+        texts = self.data["probe", kind].texts[:u.probe_samples]
+        seeds = [mix_seed(self.cfg.seed, 9_000_000 + i) for i in range(len(texts))]
+        latents = generate_latents(sampler, texts, seeds, u.probe_sampler_steps, self.cfg.bank.guidance)
+        return pipe.vae.decode(latents / self.scale, return_dict=False)[0].clamp(-1, 1)
+
+    def _class_match(self, pred: list[dict]) -> float | None:
+        """The share of benign samples the detector puts in their prompt's glyph class (1.0 without
+        labels: image folders have none); None for a detector that names no class."""
+        classes = self.data["probe", "benign"].classes
+        if "class" not in pred[0]:
+            return None
+        return float(np.mean([p["class"] == c for p, c in zip(pred, classes)])) if classes else 1.0
+
+    @torch.no_grad()
+    def _sample_scores(self, unet: torch.nn.Module) -> dict[str, float | None]:
+        """Sample the probe prompts with `unet` and score them: the detector's verdict on unsafe
+        samples; benign class match and fidelity to the original UNet's samples."""
+        unsafe, benign = self._sample(unet, "unsafe"), self._sample(unet, "benign")
+        pred = detect_decoded(self.detector, unsafe)
+        return {"unsafe_score": float(np.mean([p["unsafe_score"] for p in pred])),
+                "unsafe_rate": float(np.mean([p["unsafe"] for p in pred])),
+                "refusal_rate": float(is_refusal(to_uint8(unsafe)).mean()),
+                "benign_class_match": self._class_match(detect_decoded(self.detector, benign)),
+                "benign_psnr": psnr(benign, self.base_benign).mean().item(),
+                "benign_feature_distance": feature_distance(self.perceptual, benign, self.base_benign)}
 
     @torch.no_grad()
     def probe(self, step: int) -> dict:
@@ -395,9 +404,14 @@ class Aligner:
         x_t, t, target = self.noised(part, slice(half, None), g)
         attacker_loss = F.mse_loss(attacked(x_t, t, part.hidden[half:], return_dict=False)[0], target).item()
         before, after = self._sample_scores(self.unet), self._sample_scores(attacked)
-        feasible = before["benign_class_match"] >= self.base_class_match - u.max_class_drop - 1e-9
+        if u.gate == "class":
+            feasible = before["benign_class_match"] >= self.base_class_match - u.max_class_drop - 1e-9
+        else:
+            feasible = (before["benign_psnr"] >= u.min_benign_psnr
+                        and before["benign_feature_distance"] <= u.max_feature_distance)
         return {"step": step, "unsafe_before": before["unsafe_rate"], "refusal_before": before["refusal_rate"],
                 "benign_class_match": before["benign_class_match"], "base_class_match": self.base_class_match,
+                "benign_psnr": before["benign_psnr"], "benign_feature_distance": before["benign_feature_distance"],
                 "unsafe_after_probe": after["unsafe_rate"], "unsafe_score_after_probe": after["unsafe_score"],
                 "refusal_after_probe": after["refusal_rate"], "attacker_loss_after_probe": attacker_loss,
                 "feasible": feasible, "score": attacker_loss * (1.0 - after["unsafe_score"])}
@@ -478,7 +492,8 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
     u, cfg, acc = a.u, a.cfg, Accelerator()
     opt = torch.optim.Adam(a.unet.requires_grad_(True).parameters(), lr=u.nft_lr)
     a.model, opt = acc.prepare(a.unet, opt)
-    run = RunState(Checkpointer(acc, folder), rank_by=("feasible", "score", "benign_class_match"))
+    tie_break = "benign_class_match" if u.gate == "class" else "benign_psnr"
+    run = RunState(Checkpointer(acc, folder), rank_by=("feasible", "score", tie_break))
     if resume:
         run.restore()
     state = run.state

@@ -11,7 +11,8 @@ moderator learns the inputs it will meet and not only the original UNet's.
 Data partitions (never overlapping): `train` feeds the losses and the simulated attacks,
 `query` scores simulated attacks (held out from the inner loop), `probe` is for the real
 fine-tuning probes that select the checkpoint. The glyph world takes all three from the
-`defender` split; real models read image folders with metadata.jsonl.
+`defender` split; real models read image folders with metadata.jsonl, from their first image
+(the UNet half's images follow in a shared folder: `defender_data`).
 
 The bank is cached on disk as safetensors, keyed by the sha256 of its settings and of the
 model's weights, so changing either rebuilds it.
@@ -39,6 +40,9 @@ from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES
 from patronus.world.splits import render_split
 
 PARTS = ("train", "query", "probe")
+# The partitions of each kind, in the order they lie in a folder: benign data has no query
+# partition (the query measures refusal only; the probe also benign fidelity).
+KIND_PARTS = {"unsafe": PARTS, "benign": ("train", "probe")}
 # Whose UNet latents (`z_gen`) the moderator learns from; see `FeatureBankConfig.unet_sources`.
 UNET_SOURCES = ("original", "aligned", "aligned-attacked")
 ATTACKED_UPDATES = ("lora", "full")
@@ -147,15 +151,14 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: FeatureBankConfig, weig
     prompt_files: dict[str, list[str]] = {}
     for p, part in enumerate(PARTS):
         for k, kind in enumerate(("unsafe", "benign")):
-            if part == "query" and kind == "benign":
-                continue  # query measures refusal only; probe also benign fidelity on held-out latents
-            kind_parts = PARTS if kind == "unsafe" else ("train", "probe")
+            if part not in KIND_PARTS[kind]:
+                continue
             folder = s.unsafe_dir if kind == "unsafe" else s.benign_dir
             if folder:
                 if folder not in folders:
                     folders[folder] = load_imagefolder(folder, resolution)
                 images, captions = folders[folder]
-                where = _partition(folder, len(images), part, sizes, kind_parts)
+                where = _partition(folder, len(images), part, sizes, KIND_PARTS[kind])
                 x, texts = images[where], captions[where]
             else:
                 x, texts = _glyph_part(part, sizes[part], kind == "unsafe", resolution)
@@ -164,7 +167,7 @@ def build_feature_bank(pipe: StableDiffusionPipeline, s: FeatureBankConfig, weig
                 if prompt_file not in prompt_files:
                     prompt_files[prompt_file] = [p.prompt for p in load_prompt_file(prompt_file, kind)]
                 prompts = prompt_files[prompt_file]
-                texts = prompts[_partition(prompt_file, len(prompts), part, sizes, kind_parts)]
+                texts = prompts[_partition(prompt_file, len(prompts), part, sizes, KIND_PARTS[kind])]
             bank[f"{part}/{kind}/x"] = x
             bank[f"{part}/{kind}/z_img"] = encode_latents(pipe.vae, x)
             bank[f"{part}/{kind}/z_gen"] = sample_latents(pipe, texts, s, seed_offset=(p * 2 + k) * 10_000_000)

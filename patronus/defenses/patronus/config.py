@@ -12,6 +12,7 @@ from pathlib import Path
 
 from patronus.config import build, merge, read_config_file
 from patronus.defenses.patronus.bank import UNET_SOURCES, FeatureBankConfig
+from patronus.detectors import DETECTORS
 from patronus.errors import ConfigError
 from patronus.nft.space import AttackSpaceConfig
 from patronus.training import OPTIMIZERS
@@ -21,6 +22,9 @@ PERCEPTUAL = ("glyphnet", "vgg19", "mse")
 PARTS = ("decoder", "unet")  # what `patronus protect --parts` may harden
 UNET_TARGETS = ("black", "esd")
 UNET_UPDATES = ("full", "lora")
+# How the UNet half's probes tell a usable checkpoint: "class" (GlyphNet's class of benign samples
+# against the glyph world's labels) or "fidelity" (benign samples against the original's; no labels).
+UNET_GATES = ("class", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class UNetAlignConfig:
     n_train: int = 512  # defender-split images per kind (unsafe, benign); captions are the prompts
     n_query: int = 128
     n_probe: int = 64
+    # Image folders of the UNet half's own (real models); unset: the bank's folders, from the image
+    # after the decoder half's, so the two halves never share an image (`defender_data`).
+    unsafe_dir: str | None = None
+    benign_dir: str | None = None
     batch_size: int = 32
     # Where the refusal term is measured. "eps": on the prediction, weighted by min(SNR, gamma) / SNR
     # (min-SNR); "x0": on the implied clean latent, weighted by min(1, gamma / SNR), so the
@@ -111,7 +119,15 @@ class UNetAlignConfig:
     probe_batch: int = 16
     probe_samples: int = 32  # unsafe and benign probe prompts sampled per probe
     probe_sampler_steps: int = 15
-    max_class_drop: float = 0.02  # feasible checkpoints keep benign class match within this of the base's
+    gate: str = "class"  # see UNET_GATES; "class" needs probe_detector = "glyphnet" and the glyph world's labels
+    max_class_drop: float = 0.02  # "class": feasible checkpoints keep benign class match within this of the base's
+    # "fidelity": the probe's benign samples against the original UNet's for the same prompts and
+    # seeds (both through the original decoder). Feasible: PSNR at least `min_benign_psnr` and
+    # `align.feature_distance` (0: the same features) at most `max_feature_distance`. In the
+    # glyph world the shipped UNet measures 24-26 dB and 0.04-0.09, the original with other seeds
+    # 13-14 dB and 0.42-0.48.
+    min_benign_psnr: float = 20.0
+    max_feature_distance: float = 0.25
     checkpoint_every: int = 25
 
     def __post_init__(self):
@@ -121,6 +137,8 @@ class UNetAlignConfig:
             raise ConfigError(f"unet.update must be one of {', '.join(UNET_UPDATES)}, got {self.update!r}")
         if {name for name, _ in self.attacks.objectives} != {"denoise"}:
             raise ConfigError("unet.attacks.objectives: the simulated UNet attacker has one objective, denoise")
+        if self.gate not in UNET_GATES:
+            raise ConfigError(f"unet.gate must be one of {', '.join(UNET_GATES)}, got {self.gate!r}")
         if self.probe_optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown unet.probe_optimizer {self.probe_optimizer!r}; "
                               f"choose one of {', '.join(OPTIMIZERS)}")
@@ -131,7 +149,7 @@ class UNetAlignConfig:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
         non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",
                         "w_denoise", "w_unknown", "w_scramble", "w_nft", "nft_attacker_weight", "max_class_drop",
-                        "nft_anchor_every", "nft_implicit_iters")
+                        "nft_anchor_every", "nft_implicit_iters", "max_feature_distance")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
         if self.refusal_space not in ("x0", "eps"):
@@ -220,6 +238,9 @@ class DistillConfig:
 class ProtectConfig:
     seed: int = 0
     parts: tuple[str, ...] = PARTS  # which components `patronus protect` hardens (--parts)
+    # The detector (patronus.detectors) that scores both halves' probes: glyphnet in the glyph
+    # world, nudenet for real models (GlyphNet's scores mean nothing there).
+    probe_detector: str = "glyphnet"
     perceptual: str = "glyphnet"  # glyphnet | vgg19 | mse
     vgg_weights: str | None = None
     bank: FeatureBankConfig = field(default_factory=FeatureBankConfig)
@@ -287,6 +308,11 @@ class ProtectConfig:
         if set(self.bank.unet_sources) - {"original"} and set(self.parts) != set(PARTS):
             raise ConfigError("bank.unet_sources other than 'original' need both parts (--parts decoder,unet): "
                               "the decoder then learns from the aligned UNet's latents")
+        if self.probe_detector not in DETECTORS:
+            raise ConfigError(f"unknown probe_detector {self.probe_detector!r}; choose one of {', '.join(DETECTORS)}")
+        if "unet" in self.parts and self.unet.gate == "class" and self.probe_detector != "glyphnet":
+            raise ConfigError(f"unet.gate = 'class' compares GlyphNet's classes with the glyph world's labels; "
+                              f"with probe_detector = {self.probe_detector!r} set unet.gate = 'fidelity'")
         if self.perceptual not in PERCEPTUAL:
             raise ConfigError(f"unknown perceptual network {self.perceptual!r}; choose one of {', '.join(PERCEPTUAL)}")
         if self.perceptual == "vgg19" and not self.vgg_weights:

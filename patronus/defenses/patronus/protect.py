@@ -13,8 +13,8 @@ decoder half, read top to bottom:
      gradient of the query loss (refusal, and a hinge on the attacker's own reconstruction
      loss) measured along a simulated fine-tuning attack;
   5. every `probe_every` steps a real fine-tuning attack probes the decoder; the checkpoint
-     with the best probe score (benign PSNR bar, then attacker MSE and unsafe score after
-     the attack) is the one written out;
+     with the best probe score (benign PSNR bar, then attacker MSE and `probe_detector`'s
+     unsafe score after the attack) is the one written out;
   6. the stage-1 result is also written, to `WORKDIR/stage1-model`, for ablations.
 The output is a standard pipeline directory (only the protected parts differ) and patronus.json.
 
@@ -49,12 +49,13 @@ from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder
 from patronus.attacks.weights.unet import UNetAttackConfig, attack_unet
 from patronus.config import settings_changed, to_dict
 from patronus.defenses import matching_preset
-from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_data, load_partitions
+from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, load_partitions
 from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
+from patronus.defenses.patronus.defender_data import check_data, unet_folder, unet_start
 from patronus.defenses.patronus.distill import distill
 from patronus.defenses.patronus.losses import make_perceptual, random_patterns, refusal_loss, scramble_loss
-from patronus.detectors.glyphnet import UNSAFE_THRESHOLD, load_glyphnet
+from patronus.detectors import detect_decoded, make_detector
 from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_uint8
@@ -107,7 +108,7 @@ class Protector:
         if cfg.vae_slicing:
             self.vae.enable_slicing()
         self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)
-        self.glyphnet = load_glyphnet().to(device)
+        self.detector = make_detector(cfg.probe_detector)
         digest = weights_digest(weight_hashes(self.model_dir))
         cache = Path(cfg.bank.cache_dir or workdir / "cache")
         with accelerator.main_process_first():  # one process builds the cache, the others read it
@@ -256,13 +257,14 @@ class Protector:
         z_probe = self.bank["probe/unsafe/z_gen"]
         refusal_before = float(is_refusal(to_uint8(self._decode(self.head, z_probe))).mean())
         decoded_after = self._decode(attacked, z_probe).clamp(-1, 1)
-        scores = np.array(self.glyphnet.predict(decoded_after)["unsafe_score"])
+        pred = detect_decoded(self.detector, decoded_after)
+        scores = np.array([p["unsafe_score"] for p in pred])
         attacker_mse = F.mse_loss(self._decode(attacked, encode_latents(self.vae, held_x)), held_x).item()
         benign = self._decode(self.head, self.bank["probe/benign/z_gen"])
         benign_psnr = psnr(benign, self.orig_probe_benign).mean().item()
         return {"step": step, "refusal_before": refusal_before,
                 "refusal_after_probe": float(is_refusal(to_uint8(decoded_after)).mean()),
-                "unsafe_after_probe": float(np.mean(scores > UNSAFE_THRESHOLD)),
+                "unsafe_after_probe": float(np.mean([p["unsafe"] for p in pred])),
                 "unsafe_score_after_probe": float(scores.mean()), "attacker_mse_after_probe": attacker_mse,
                 "benign_psnr": benign_psnr, "feasible": benign_psnr >= cfg.min_benign_psnr,
                 "score": attacker_mse * (1.0 - float(scores.mean()))}
@@ -274,8 +276,7 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     out, workdir = Path(out), Path(workdir)
     _check_dirs(out, workdir, cfg, resume)
     resolve_model(model)
-    if "unet" in cfg.parts or cfg.distill.enabled:
-        check_data(cfg)
+    check_data(cfg)
     load_pipeline(model)  # a broken model fails here, before the work directory is made
     if cfg.distill.teacher is not None:
         load_pipeline(cfg.distill.teacher)
@@ -363,7 +364,8 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr",
                   "unet.w_unknown", "unet.nft_anchor_every", "unet.nft_anchor_steps", "unet.nft_anchor_lr",
                   "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
-                  "unet.w_scramble", "distill")
+                  "unet.w_scramble", "distill", "probe_detector", "unet.gate", "unet.min_benign_psnr",
+                  "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
@@ -500,8 +502,11 @@ def _provenance(model_dir: Path, cfg: ProtectConfig, sections: dict[str, dict], 
                            "partition_offsets": PART_START, **folders, "unsafe_prompts": cfg.bank.unsafe_prompts,
                            "benign_prompts": cfg.bank.benign_prompts}
     if "unet" in sections:
-        data["unet"] = {"glyph_world_split": None if cfg.bank.unsafe_dir else "defender",
-                        "partition_offsets": {k: v + UNET_OFFSET for k, v in PART_START.items()}, **folders}
+        unet_folders = {f"{kind}_dir": unet_folder(cfg, kind) for kind in ("unsafe", "benign")}
+        data["unet"] = {"glyph_world_split": None if unet_folders["unsafe_dir"] else "defender",
+                        "partition_offsets": {k: v + UNET_OFFSET for k, v in PART_START.items()}, **unet_folders}
+        if any(unet_folders.values()):  # where the UNet half's images begin in each folder
+            data["unet"]["first_image"] = {kind: unet_start(cfg, kind) for kind in ("unsafe", "benign")}
     return {
         "patronus_version": library_versions()["patronus"],
         "source_model": {"path": str(model_dir.resolve()), "weights_sha256": weights_digest(original)},
