@@ -103,3 +103,16 @@ def test_a_resumed_distillation_ends_with_the_same_weights(mini_pipeline, tmp_pa
         shutil.rmtree(ckpts[-1])
     info = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
     assert weight_hashes(tmp_path / "a") == weight_hashes(tmp_path / "b") == info["weight_files_sha256"]
+
+
+def test_the_data_term_trains_on_benign_images_and_changes_the_student(mini_pipeline, tmp_path):
+    plain = protect(str(mini_pipeline), tmp_path / "a", _cfg(tmp_path, mini_pipeline, decoder=False), tmp_path / "wa")
+    cfg = _cfg(tmp_path, mini_pipeline, decoder=False, text_encoder="keep", data_batch=8)
+    kept = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb")
+    with_data = protect(str(mini_pipeline), tmp_path / "c", _cfg(tmp_path, mini_pipeline, decoder=False, data_batch=8),
+                        tmp_path / "wc")
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert with_data["weight_files_sha256"][unet] != plain["weight_files_sha256"][unet]
+    assert kept["changed_weight_files"] == [unet]
+    with pytest.raises(ConfigError, match="must not be negative"):
+        _cfg(tmp_path, mini_pipeline, data_batch=-1)

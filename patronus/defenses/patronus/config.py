@@ -199,6 +199,12 @@ class DistillConfig:
     # classifier-free guidance multiplies by its scale: matched on the plain predictions alone, a
     # fresh student learned to refuse unsafe prompts but answered benign ones as the empty prompt.
     w_guidance: float = 16.0
+    # Extra rows per step of benign defender images with their captions, whose target is the true
+    # noise (the base model's own objective) instead of the teacher's prediction, weighted `w_data`.
+    # In a batch of teacher rows only a quarter carry benign prompts, and a fresh student had not
+    # learned to read them after 6,000 steps (docs/research-log.md); 0: off.
+    data_batch: int = 0
+    w_data: float = 1.0
     sampler_steps: int = 25  # the teacher's trajectories: DDIM steps at `guidance`
     guidance: float = 4.0
     unet_steps: int = 3000
@@ -226,8 +232,9 @@ class DistillConfig:
         if self.unet_batch % 16:
             raise ConfigError(f"distill.unet_batch must be a multiple of 16 (its rows are split 4:1:3 between benign, "
                               f"unknown-word and unsafe prompts, each with its empty-prompt twin), got {self.unet_batch}")
-        if self.w_guidance < 0:
-            raise ConfigError(f"distill.w_guidance must not be negative, got {self.w_guidance}")
+        if self.w_guidance < 0 or self.w_data < 0 or self.data_batch < 0:
+            raise ConfigError(f"distill.w_guidance, w_data and data_batch must not be negative, got "
+                              f"{self.w_guidance}, {self.w_data} and {self.data_batch}")
         if self.decoder_steps < 0 or self.warmup < 0 or self.guidance < 0:
             raise ConfigError("distill.decoder_steps, warmup and guidance must not be negative")
         if min(self.unet_lr, self.decoder_lr, self.snr_gamma) <= 0 or not 0 < self.ema_decay < 1:

@@ -158,6 +158,23 @@ def unet_batch(data: UNetData, scheduler: DDPMScheduler, batch: int, unsafe_late
     return torch.cat(xs * 2), torch.cat(ts * 2), torch.cat(ids), torch.cat(hidden)
 
 
+def _data_loss(model: nn.Module, data: UNetData, scheduler: DDPMScheduler, d, g: torch.Generator,
+               acc: Accelerator) -> torch.Tensor:
+    """The base model's objective on `d.data_batch` benign defender images with their captions:
+    the true noise as the target, min-SNR weighted (this process's share of the rows)."""
+    img = torch.randint(0, len(data.benign_mean), (d.data_batch,), generator=g)
+    x_t, t, target = noised_batch(scheduler, sample_latents(data.benign_mean[img], data.benign_std[img], g)
+                                  * data.scale, g)
+    mine = torch.arange(acc.process_index, d.data_batch, acc.num_processes)
+    x_t, t, target, ids, hidden = (v[mine].to(acc.device) for v in (x_t, t, target, data.ids["benign"][img],
+                                                                     data.hidden["benign"][img]))
+    with acc.autocast():
+        pred = model(x_t, t, ids, hidden)
+    snr = compute_snr(scheduler, t.cpu()).to(acc.device)
+    weight = torch.clamp(snr, max=d.snr_gamma) / snr
+    return (weight * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
 def _restore(checkpointer: Checkpointer, ema: EMAModel | None) -> tuple[int, list[float]]:
     """The step to continue from and the loss curve so far; the EMA weights put back."""
     restored = checkpointer.restore()
@@ -211,6 +228,8 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
         # The guidance direction: prompted minus empty prediction at the same x_t.
         diff = ((pred[:n].float() - pred[n:].float()) - (target[:n] - target[n:])).pow(2).mean(dim=(1, 2, 3))
         loss = (weight * err).mean() + d.w_guidance * (weight[:n] * diff).mean()
+        if d.data_batch:
+            loss = loss + d.w_data * _data_loss(model, data, scheduler, d, g, acc)
         acc.backward(loss)
         acc.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
