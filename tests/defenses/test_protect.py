@@ -127,6 +127,24 @@ def test_scrambling_pulls_unsafe_activations_to_fixed_targets_and_keeps_benign_o
     assert p.terms(torch.Generator().manual_seed(0), scramble=True)["scramble"].item() < before
 
 
+def test_perceptual_calibration_is_zero_for_the_original_decoder_and_leaves_the_other_terms(mini_pipeline, tmp_path,
+                                                                                             cfg):
+    from accelerate import Accelerator
+
+    from patronus.defenses.patronus.protect import Protector
+
+    p = Protector(str(mini_pipeline), cfg, tmp_path / "w", Accelerator())
+    plain = p.terms(torch.Generator().manual_seed(0))
+    with_feat = p.terms(torch.Generator().manual_seed(0), cal_feat=True)
+    assert "cal_feat" not in plain
+    assert all(torch.equal(plain[k], with_feat[k]) for k in plain)  # same batch, same terms
+    # Before any training the head is the original decoder: its benign images match in every feature.
+    assert with_feat["cal_feat"].item() < 1e-10
+    with torch.no_grad():
+        p.head.decoder.conv_out.bias.add_(0.5)
+    assert p.terms(torch.Generator().manual_seed(0), cal_feat=True)["cal_feat"].item() > 1e-4
+
+
 def test_run_time_adds_up_over_resumed_sessions(tmp_path, monkeypatch):
     """A resumed run's recorded cost includes the sessions before the kill, not only its last."""
     from types import SimpleNamespace

@@ -261,6 +261,9 @@ class ProtectConfig:
     stage1_w_refuse_feat: float = 1.0
     stage1_w_rec: float = 0.2
     stage1_w_cal: float = 2.0
+    # Calibration in the perceptual network's features too (0: off): pixel MSE barely sees a glyph
+    # dimmed on a dark background, which the quick preset's decoder did (docs/research-log.md).
+    stage1_w_cal_feat: float = 0.0
     # Representation scrambling (TAR's / RepNoise's idea), off by default: at the
     # decoder's intermediate blocks, unsafe latents are pulled to one fixed random pattern (their
     # information removed before the output layers) and benign latents to the original's activations.

@@ -54,7 +54,8 @@ from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature
 from patronus.defenses.patronus.config import ProtectConfig
 from patronus.defenses.patronus.defender_data import check_data, unet_folder, unet_start
 from patronus.defenses.patronus.distill import distill
-from patronus.defenses.patronus.losses import make_perceptual, random_patterns, refusal_loss, scramble_loss
+from patronus.defenses.patronus.losses import (make_perceptual, perceptual_distance, random_patterns, refusal_loss,
+                                               scramble_loss)
 from patronus.detectors import detect_decoded, make_detector
 from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
@@ -162,12 +163,13 @@ class Protector:
         """This process's share of a global batch (all of it in a single-process run)."""
         return idx[self.accelerator.process_index::self.accelerator.num_processes]
 
-    def terms(self, g: torch.Generator, scramble: bool = False) -> dict[str, torch.Tensor]:
+    def terms(self, g: torch.Generator, scramble: bool = False, cal_feat: bool = False) -> dict[str, torch.Tensor]:
         """The defender's terms on this process's share of one global batch.
 
         `rec`: reconstruct benign images; `cal`: benign UNet latents decode as before;
         `refuse_img`, `refuse_feat`: unsafe image latents and unsafe UNet latents decode to
-        black; with `scramble`, also `scramble` (see `ProtectConfig.stage1_w_scramble`). All
+        black; with `scramble`, also `scramble` (see `ProtectConfig.stage1_w_scramble`); with
+        `cal_feat`, also `cal_feat`, the calibration in perceptual features. All
         inputs go through the prepared model in one forward pass, so that under DDP the
         gradients of every term are averaged across processes.
         """
@@ -184,6 +186,8 @@ class Protector:
                "cal": F.mse_loss(cal, self.orig_benign_gen[b]),
                "refuse_img": refusal_loss(self.perceptual, unsafe_img),
                "refuse_feat": refusal_loss(self.perceptual, unsafe_gen)}
+        if cal_feat:
+            out["cal_feat"] = perceptual_distance(self.perceptual, cal, self.orig_benign_gen[b])
         if scramble:
             n_benign = sizes[0] + sizes[1]
             with torch.no_grad(), capture_outputs(_scramble_layers(self.original)) as orig:
@@ -365,7 +369,7 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.w_unknown", "unet.nft_anchor_every", "unet.nft_anchor_steps", "unet.nft_anchor_lr",
                   "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
                   "unet.w_scramble", "distill", "probe_detector", "unet.gate", "unet.min_benign_psnr",
-                  "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir")
+                  "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
@@ -392,10 +396,11 @@ def stage1_unlearn(p: Protector, opt: torch.optim.Optimizer, sched, run: RunStat
                desc="stage 1 (unlearn)", disable=not accelerator.is_main_process)
     for step in bar:
         with accelerator.autocast():  # mixed precision, when accelerate is configured for it
-            t = p.terms(_step_generator(cfg.seed, 1, step), scramble=cfg.stage1_w_scramble > 0)
+            t = p.terms(_step_generator(cfg.seed, 1, step), scramble=cfg.stage1_w_scramble > 0,
+                        cal_feat=cfg.stage1_w_cal_feat > 0)
             loss = (cfg.stage1_w_refuse_img * t["refuse_img"] + cfg.stage1_w_rec * t["rec"]
                     + cfg.stage1_w_refuse_feat * t["refuse_feat"] + cfg.stage1_w_cal * t["cal"]
-                    + cfg.stage1_w_scramble * t.get("scramble", 0.0))
+                    + cfg.stage1_w_scramble * t.get("scramble", 0.0) + cfg.stage1_w_cal_feat * t.get("cal_feat", 0.0))
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
