@@ -1,6 +1,10 @@
 """The `patronus` command line: a thin layer over the package's stages; `protect`, `evaluate`,
 `attack` and `sweep` call the Python API (`patronus.api`) with the flags' values.
 
+A model is a shipped name, a pipeline directory or a Hugging Face Hub id (`org/name`). The
+command line runs with HF_HUB_OFFLINE=1 unless the environment says otherwise, so a Hub id is
+read from the Hub cache (`--cache-dir`, HF_HUB_CACHE) and never downloaded behind the user's back.
+
 Bad input (a missing model, a directory that is not a pipeline, corrupt weights, an
 existing output directory, a bad setting) raises a `PatronusError`, which ends with one line
 on stderr and exit code 2, never a traceback. Flag defaults are read from the `*Config`
@@ -21,6 +25,7 @@ from patronus.config import default
 from patronus.errors import PatronusError
 
 EXIT_BAD_INPUT = 2
+MODEL_HELP = "a pipeline directory, a shipped model's name (patronus-tiny) or a Hugging Face Hub id (org/name)"
 
 
 class UsageError(PatronusError):
@@ -210,10 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="patronus", description="Protect text-to-image models against white-box misuse.")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt pickle weights (with weights_only=True); only for models you trust")
+    p.add_argument("--cache-dir", help="the Hugging Face Hub cache that Hub ids (org/name) are read from and "
+                                       "downloaded to (sets HF_HUB_CACHE; default ~/.cache/huggingface/hub)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="sample images from a pipeline directory or `patronus-tiny`")
-    g.add_argument("model")
+    g.add_argument("model", help=MODEL_HELP)
     g.add_argument("prompt")
     g.add_argument("--n", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("evaluate", help="measure unsafe rate, refusals and benign quality of a model")
-    ev.add_argument("model", help="pipeline directory or patronus-tiny")
+    ev.add_argument("model", help=MODEL_HELP)
     ev.add_argument("--out", required=True)
     ev.add_argument("--reference", help="second model for PSNR/SSIM of benign outputs at the same seeds")
     ev.add_argument("--suite", default=default(EvalConfig, "suite"),
@@ -243,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, decoder moderator and "
                                         "aligned UNet)")
-    pr.add_argument("model", help="pipeline directory or patronus-tiny")
+    pr.add_argument("model", help=MODEL_HELP)
     pr.add_argument("--out", required=True)
     pr.add_argument("--config", help="a .toml, .yaml or .json file overriding the preset")
     pr.add_argument("--defense", choices=list(DEFENSES), default="patronus")
@@ -257,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_protect)
 
     at = sub.add_parser("attack", help="fine-tune or swap components the way a white-box adversary would")
-    at.add_argument("model", help="pipeline directory or patronus-tiny")
+    at.add_argument("model", help=MODEL_HELP)
     at.add_argument("--kind", required=True,
                     help="; ".join(f"{k}: {a.help}" for k, a in ATTACKS.items()))
     at.add_argument("--data", default=default(AttackConfig, "data"),
@@ -289,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.set_defaults(func=cmd_attack)
 
     sw = sub.add_parser("sweep", help="attack grid on a model and its references (unprotected, scratch, filtered)")
-    sw.add_argument("model", help="the (protected) pipeline directory")
+    sw.add_argument("model", help="the (protected) model: " + MODEL_HELP)
     sw.add_argument("--grid", default="default",
                     help="a grid .toml/.yaml, or a shipped grid: default, quick, new-words, field, field-quick")
     sw.add_argument("--unprotected", default="patronus-tiny", help="the original model (unprotected reference)")
@@ -313,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check a protected pipeline against its patronus.json "
                                       "(exit 0 intact, 1 differs, 2 not a protected pipeline)")
-    v.add_argument("model", help="a protected pipeline directory or a shipped protected model's name")
+    v.add_argument("model", help="a protected pipeline directory, a shipped protected model's name or a Hub id")
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="the end-to-end demo on the shipped model")
@@ -346,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.allow_pickle:  # an environment variable, so that worker processes see it too
         os.environ["PATRONUS_ALLOW_PICKLE"] = "1"
+    if args.cache_dir:  # likewise: diffusers' and huggingface_hub's own variable
+        os.environ["HF_HUB_CACHE"] = os.path.abspath(args.cache_dir)
     try:
         args.func(args)
     except PatronusError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from patronus.errors import ConfigError, PatronusError
 from patronus.models.inference import INFERENCE_FILE, read_inference
-from patronus.models.registry import SHIPPED, ModelLoadError, resolve_model
+from patronus.models.registry import ModelLoadError, local_path, resolve_model
 from patronus.provenance import weight_hashes
 
 MANIFEST = "patronus.json"
@@ -88,8 +88,8 @@ def _source_hashes(manifest: dict) -> dict[str, str]:
 
 
 def verify(model_dir: str | Path) -> Verification:
-    """Compare every weight file under `model_dir` with its manifest."""
-    model_dir = SHIPPED.get(str(model_dir), Path(model_dir))
+    """Compare every weight file under `model_dir` (a directory, a shipped name or a Hub id) with its manifest."""
+    model_dir = local_path(model_dir)  # a shipped name's folder, a Hub id's snapshot, or the directory
     manifest = read_manifest(model_dir)
     want, have = manifest["weight_files_sha256"], weight_hashes(model_dir)
     changed = set(manifest.get("changed_weight_files", []))

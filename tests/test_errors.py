@@ -44,6 +44,7 @@ CASES: dict[str, list[str]] = {
     "evaluate-n-per-prompt-zero": ["evaluate", "patronus-tiny", "--n-per-prompt", "0", "--out", "$TMP/o"],
     "evaluate-negative-guidance": ["evaluate", "patronus-tiny", "--guidance", "-2", "--out", "$TMP/o"],
     "evaluate-missing-reference": ["evaluate", "patronus-tiny", "--reference", "$TMP/missing", "--out", "$TMP/o"],
+    "evaluate-hub-id-not-cached": ["--cache-dir", "$TMP/hub", "evaluate", "someone/missing", "--out", "$TMP/o"],
     "evaluate-corrupt-weights": ["evaluate", "$TMP/broken", "--suite", "glyph-quick", "--out", "$TMP/o"],
     "evaluate-bad-detector": ["evaluate", "patronus-tiny", "--detector", "clip", "--out", "$TMP/o"],
     "report-not-a-run": ["report", "$TMP/emptydir", "--out", "$TMP/o"],
@@ -162,7 +163,8 @@ def test_the_table_lists_every_case_and_enough_of_them():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_refused_before_any_work(case, tmp_path, capsys):
+def test_bad_input_is_refused_before_any_work(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # restored after `--cache-dir` sets it
     scratch(tmp_path, case)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     argv = [a.replace("$TMP", str(tmp_path)) for a in CASES[case]]

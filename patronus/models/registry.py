@@ -1,4 +1,10 @@
-"""Names of the shipped models and the one place that turns a name or path into a pipeline.
+"""Names of the shipped models and the one place that turns a name, a path or a Hugging Face Hub
+id into a pipeline.
+
+A Hub id (`org/name`, neither a shipped name nor an existing path) is its snapshot in the Hub
+cache diffusers uses (HF_HUB_CACHE, which `patronus --cache-dir` sets): downloaded there once,
+or with HF_HUB_OFFLINE=1 (the command line's default) only looked up, and a miss is one line
+saying where it looked and what to do.
 
 Loading problems (missing path, not a pipeline directory, corrupt weights) become a
 `ModelLoadError` with a one-line message, which the CLI turns into exit code 2. Only
@@ -14,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -42,10 +49,18 @@ class ModelLoadError(PatronusError):
     """A model name or directory that cannot be loaded as a text-to-image pipeline."""
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a diffusers pipeline needs from a Hub repository: configs, tokenizer files, safetensors
+# weights (no pickles, no single-file checkpoints, no half-precision or non-EMA copies).
+HUB_ALLOW = ("*.json", "*.txt", "*/*.safetensors")
+HUB_IGNORE = ("*fp16*", "*non_ema*", "*.ema.*")
+
+
 def resolve_model(name_or_path: str | Path) -> Path:
-    """Map a shipped name (`patronus-tiny`) or a directory to a pipeline directory, or explain why not."""
+    """Map a shipped name (`patronus-tiny`), a directory or a Hub id (`org/name`) to a pipeline
+    directory, or explain why not."""
     key = str(name_or_path)
-    path = SHIPPED.get(key, Path(key))
+    path = local_path(key)  # a Hub id: its cached (or, online, downloaded) snapshot, or a one-line error
     if not path.exists():
         raise ModelLoadError(f"model {key!r} not found: give a pipeline directory or one of {', '.join(SHIPPED)}")
     if not path.is_dir():
@@ -58,6 +73,50 @@ def resolve_model(name_or_path: str | Path) -> Path:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{index} is not valid JSON ({e.__class__.__name__})") from e
     return path
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_cache() -> str:
+    """Where Hub snapshots are looked up and downloaded to: HF_HUB_CACHE (read at each call, so
+    `patronus --cache-dir` applies), else huggingface_hub's default (~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+
+def is_hub_id(key: str) -> bool:
+    """`org/name` that is neither a shipped model's name nor an existing path."""
+    return key not in SHIPPED and not Path(key).exists() and bool(HUB_ID.match(key))
+
+
+def hub_snapshot(key: str) -> str:
+    """A Hub id's local snapshot directory, downloaded first unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(key, allow_patterns=list(HUB_ALLOW), ignore_patterns=list(HUB_IGNORE),
+                                 cache_dir=hub_cache(), local_files_only=offline())
+    except Exception as e:  # the Hub raises many types: missing repo, gated, no network, not cached
+        if offline():
+            raise ModelLoadError(
+                f"model {key!r} not found: not a directory, nor one of {', '.join(SHIPPED)}, nor a Hugging Face Hub "
+                f"model in the cache {hub_cache()} (downloads are off: HF_HUB_OFFLINE=1); give a pipeline directory, "
+                f"download it with HF_HUB_OFFLINE=0, or point `patronus --cache-dir DIR` at a Hub cache that holds it"
+            ) from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ModelLoadError(f"model {key!r} not found: not a pipeline directory, nor one of {', '.join(SHIPPED)}, "
+                             f"nor a model on the Hugging Face Hub ({first})") from e
+
+
+def local_path(model: str | os.PathLike) -> Path:
+    """A shipped model's folder, a path as it is, or a Hub id's local snapshot: where its files are."""
+    key = os.fspath(model)
+    if key in SHIPPED:
+        return SHIPPED[key]
+    return Path(hub_snapshot(key)) if is_hub_id(key) else Path(key)
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")

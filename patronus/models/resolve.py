@@ -2,8 +2,9 @@
 
 A model is a shipped model's name (`patronus-tiny`), a diffusers pipeline directory (or any
 object with `__fspath__`, such as a `patronus.api.ProtectResult`), a Hugging Face Hub id
-(`org/name`: downloaded once into the Hub cache; with HF_HUB_OFFLINE=1, as the command line
-runs, only a cached snapshot is used), or a pipeline object. A pipeline object that
+(`org/name`: downloaded once into the Hub cache that diffusers itself uses, HF_HUB_CACHE, which
+`patronus --cache-dir` sets; with HF_HUB_OFFLINE=1, as the command line runs unless told
+otherwise, only a cached snapshot is used), or a pipeline object. A pipeline object that
 `load_tracked` returned and that has not changed since is used through the directory it came
 from (its inference settings and manifest still apply); any other is saved to a temporary
 directory for the call, taking along the inference settings of the directory it was loaded
@@ -16,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,45 +28,16 @@ if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# What a diffusers pipeline needs from a Hub repository: configs, tokenizer files, safetensors
-# weights (no pickles, no single-file checkpoints, no half-precision or non-EMA copies).
-HUB_ALLOW = ("*.json", "*.txt", "*/*.safetensors")
-HUB_IGNORE = ("*fp16*", "*non_ema*", "*.ema.*")
 SOURCE_ATTR = "_patronus_source"  # on a loaded pipeline: (the name or directory it came from, its fingerprint)
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_snapshot(key: str) -> str:
-    """A Hub id's local snapshot directory. Offline, a model not in the cache falls through to the
-    loader's usual "not found" message (the command line's, unchanged)."""
-    from huggingface_hub import snapshot_download
-
-    from patronus.models.registry import SHIPPED, ModelLoadError
-
-    try:
-        return snapshot_download(key, allow_patterns=list(HUB_ALLOW), ignore_patterns=list(HUB_IGNORE),
-                                 local_files_only=offline())
-    except Exception as e:  # the Hub raises many types: missing repo, gated, no network
-        if offline():
-            return key
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ModelLoadError(f"model {key!r} not found: not a pipeline directory, nor one of {', '.join(SHIPPED)}, "
-                             f"nor a model on the Hugging Face Hub ({first})") from e
 
 
 def model_key(model: str | os.PathLike) -> str:
     """A name or directory as it is; a Hub id (not a shipped name, not an existing path) as its
     local snapshot."""
-    from patronus.models.registry import SHIPPED
+    from patronus.models.registry import hub_snapshot, is_hub_id
 
     key = os.fspath(model)
-    if key in SHIPPED or Path(key).exists() or not HUB_ID.match(key):
-        return key
-    return hub_snapshot(key)
+    return hub_snapshot(key) if is_hub_id(key) else key
 
 
 def fingerprint(pipe: DiffusionPipeline) -> str:

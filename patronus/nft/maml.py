@@ -15,14 +15,25 @@ The inner loop uses stock `torch.optim` optimizers on detached parameter copies:
 MAML needs no gradient through the updates, and the simulated attacker then behaves exactly
 like a real one. Second-order MAML (plain SGD only) differentiates through the updates and
 needs the math attention kernel, because the fused CPU kernels have no double backward.
+
+Two memory features need care with weights passed to `functional_call`, and get it here:
+- gradient checkpointing recomputes a block in the backward pass, after `functional_call` has
+  put the module's own weights back; each checkpointed block is made to recompute with the
+  weights its forward pass used (`_checkpoints_follow_the_call`);
+- mixed precision (autocast) caches its 16-bit copy of a weight for as long as the autocast
+  region lasts, and the optimizer updates the attacker's weights in place; the cache is
+  cleared after every inner step, or every step would run on the starting weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
+from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from patronus.nft.lora import LoRAView, Params
 from patronus.nft.space import SimulatedAttack
@@ -42,6 +53,29 @@ def query_weights(n: int, weighting: str = "late") -> list[float]:
     since what the attacker reaches at the end is what the defence is judged by."""
     raw = [float(i + 1) if weighting == "late" else 1.0 for i in range(n)]
     return [w / sum(raw) for w in raw]
+
+
+def _recompute_with_call_weights(block: torch.nn.Module, *args):
+    """diffusers' checkpointing function, recomputing `block` with the weights it is called with
+    now (under `functional_call`, the simulated attacker's), not the ones it holds later."""
+    weights = dict(block.named_parameters())
+    return checkpoint(lambda *a: functional_call(block, weights, a), *args, use_reentrant=False)
+
+
+@contextlib.contextmanager
+def _checkpoints_follow_the_call(module: torch.nn.Module) -> Iterator[None]:
+    """While it lasts, the checkpointed blocks of `module` (diffusers' `enable_gradient_checkpointing`)
+    recompute with the weights `functional_call` passed them."""
+    blocks = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)
+              and getattr(m, "_gradient_checkpointing_func", None) is not None]
+    saved = [m._gradient_checkpointing_func for m in blocks]
+    for m in blocks:
+        m._gradient_checkpointing_func = _recompute_with_call_weights
+    try:
+        yield
+    finally:
+        for m, func in zip(blocks, saved):
+            m._gradient_checkpointing_func = func
 
 
 def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,
@@ -70,21 +104,24 @@ def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner
     weight = dict(zip(at, query_weights(len(at), weighting)))
     grads = {k: torch.zeros_like(v) for k, v in base.items()}
     loss_sum = 0.0
-    for step in range(1, attack.steps + 1):
-        loss = inner_loss(effective(), generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step in weight:
-            adapted = {k: v.detach().requires_grad_(True) for k, v in effective().items()}
-            q = query_loss(adapted)
-            qg = dict(zip(adapted, torch.autograd.grad(q, list(adapted.values()))))
-            if implicit:
-                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-                qg, _ = implicit_gradient(qg, adapted, inner_loss, seed, *implicit)
-            for k, g in qg.items():
-                grads[k] += weight[step] * g
-            loss_sum += weight[step] * q.item()
+    with _checkpoints_follow_the_call(module):
+        for step in range(1, attack.steps + 1):
+            loss = inner_loss(effective(), generator)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            torch.clear_autocast_cache()  # the next step's 16-bit weights are the updated ones
+            if step in weight:
+                adapted = {k: v.detach().requires_grad_(True) for k, v in effective().items()}
+                q = query_loss(adapted)
+                qg = dict(zip(adapted, torch.autograd.grad(q, list(adapted.values()))))
+                torch.clear_autocast_cache()  # nor keep the query's copies for the rest of the step
+                if implicit:
+                    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+                    qg, _ = implicit_gradient(qg, adapted, inner_loss, seed, *implicit)
+                for k, g in qg.items():
+                    grads[k] += weight[step] * g
+                loss_sum += weight[step] * q.item()
     return grads, loss_sum
 
 
@@ -143,7 +180,7 @@ def simulate_second_order(module: torch.nn.Module, attack: SimulatedAttack, inne
     if not second_order_applies(attack):
         raise ValueError(f"second-order MAML needs a full-weight sgd attack, got {attack.optimizer}/{attack.update}")
     fast = dict(module.named_parameters())
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), _checkpoints_follow_the_call(module):
         for _ in range(attack.steps):
             grads = torch.autograd.grad(inner_loss(fast, generator), list(fast.values()), create_graph=True)
             fast = {k: w - attack.lr * g for (k, w), g in zip(fast.items(), grads)}

@@ -178,3 +178,45 @@ def test_the_surrogate_term_carries_the_nft_gradient_into_backward():
     alone = torch.autograd.grad(query(dict(head.named_parameters())), list(head.parameters()))
     for p, g in zip(head.parameters(), alone):
         torch.testing.assert_close(p.grad, g + 0.5)
+
+
+def test_gradient_checkpointing_recomputes_with_the_attackers_weights(monkeypatch):
+    """diffusers' checkpointing recomputes a block in the backward pass; under `functional_call`
+    that must be with the weights the forward pass used (the attacker's), not the module's own."""
+    import patronus.nft.maml as maml
+
+    attack = SimulatedAttack("adam", 1e-2, 4, 4, "image", "full", 4)
+    head, _, _, make_inner, query = _setup()
+    plain, q_plain = simulate_first_order(head, attack, make_inner(4), query, 2, torch.Generator().manual_seed(1))
+    recomputed = []
+    monkeypatch.setattr(maml, "checkpoint", lambda *a, **k: recomputed.append(1) or torch.utils.checkpoint.checkpoint(
+        *a, **k))
+    head.decoder.gradient_checkpointing = True  # as diffusers' enable_gradient_checkpointing sets it
+    head.decoder._gradient_checkpointing_func = lambda m, *a: torch.utils.checkpoint.checkpoint(m, *a,
+                                                                                                use_reentrant=False)
+    ckpt, q_ckpt = simulate_first_order(head, attack, make_inner(4), query, 2, torch.Generator().manual_seed(1))
+    assert recomputed and q_ckpt == pytest.approx(q_plain, rel=1e-5)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-7)
+
+
+def test_under_autocast_every_inner_step_sees_the_updated_weights():
+    """Autocast caches a weight's 16-bit copy for its whole region; the attacker's optimizer steps
+    in place, so without clearing the cache every inner step would run on the starting weights."""
+    attack = SimulatedAttack("sgd", 5e-2, 4, 5, "image", "full", 4)
+    head, _, _, make_inner, query = _setup()
+
+    def own_region(fn):  # each call in its own autocast region: a fresh cache every time
+        def run(*args):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*args)
+        return run
+
+    fresh, q_fresh = simulate_first_order(head, attack, own_region(make_inner(4)), own_region(query), 2,
+                                          torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # one region around the whole attack, as protect runs it
+        shared, q_shared = simulate_first_order(head, attack, make_inner(4), query, 2,
+                                                torch.Generator().manual_seed(1))
+    assert q_shared == pytest.approx(q_fresh, rel=1e-4)
+    for k in fresh:
+        torch.testing.assert_close(shared[k], fresh[k], rtol=1e-3, atol=1e-6)
