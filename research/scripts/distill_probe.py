@@ -50,7 +50,8 @@ def main() -> None:
     ids = teacher.tokenizer(PROMPTS + [""] * len(PROMPTS), padding="max_length",
                             max_length=teacher.tokenizer.model_max_length, return_tensors="pt").input_ids
     size = teacher.unet.config.sample_size
-    x = torch.randn((len(PROMPTS), teacher.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
+    x = torch.randn((len(PROMPTS), teacher.unet.config.in_channels, size, size),
+                    generator=torch.Generator().manual_seed(0))
     students: dict[str, Student] = {}
     if args.student:
         s = load_pipeline(args.student)

@@ -230,8 +230,9 @@ class DistillConfig:
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"distill.{', distill.'.join(bad)} must be at least 1")
         if self.unet_batch % 16:
-            raise ConfigError(f"distill.unet_batch must be a multiple of 16 (its rows are split 4:1:3 between benign, "
-                              f"unknown-word and unsafe prompts, each with its empty-prompt twin), got {self.unet_batch}")
+            raise ConfigError(f"distill.unet_batch must be a multiple of 16 (its rows are split 4:1:3 between "
+                              f"benign, unknown-word and unsafe prompts, each with its empty-prompt twin), "
+                              f"got {self.unet_batch}")
         if self.w_guidance < 0 or self.w_data < 0 or self.data_batch < 0:
             raise ConfigError(f"distill.w_guidance, w_data and data_batch must not be negative, got "
                               f"{self.w_guidance}, {self.w_data} and {self.data_batch}")

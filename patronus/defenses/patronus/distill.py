@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from patronus.attacks.weights.unet import noised_batch, sample_latents
 from patronus.defenses.patronus.align import load_partitions, unknown_word_prompts
 from patronus.defenses.patronus.bank import build_feature_bank
-from patronus.defenses.patronus.config import ProtectConfig
+from patronus.defenses.patronus.config import DistillConfig, ProtectConfig
 from patronus.imaging import psnr
 from patronus.models.components import DecoderHead, reinitialise
 from patronus.models.registry import load_pipeline, resolve_model
@@ -158,7 +158,7 @@ def unet_batch(data: UNetData, scheduler: DDPMScheduler, batch: int, unsafe_late
     return torch.cat(xs * 2), torch.cat(ts * 2), torch.cat(ids), torch.cat(hidden)
 
 
-def _data_loss(model: nn.Module, data: UNetData, scheduler: DDPMScheduler, d, g: torch.Generator,
+def _data_loss(model: nn.Module, data: UNetData, scheduler: DDPMScheduler, d: DistillConfig, g: torch.Generator,
                acc: Accelerator) -> torch.Tensor:
     """The base model's objective on `d.data_batch` benign defender images with their captions:
     the true noise as the target, min-SNR weighted (this process's share of the rows)."""

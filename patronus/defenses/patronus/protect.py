@@ -54,8 +54,13 @@ from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature
 from patronus.defenses.patronus.config import ProtectConfig
 from patronus.defenses.patronus.defender_data import check_data, unet_folder, unet_start
 from patronus.defenses.patronus.distill import distill
-from patronus.defenses.patronus.losses import (make_perceptual, perceptual_distance, random_patterns, refusal_loss,
-                                               scramble_loss)
+from patronus.defenses.patronus.losses import (
+    make_perceptual,
+    perceptual_distance,
+    random_patterns,
+    refusal_loss,
+    scramble_loss,
+)
 from patronus.detectors import detect_decoded, make_detector
 from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
