@@ -51,6 +51,7 @@ CONFIGS = [p for d in ("reproduce", "research/configs") for p in (ROOT / d).rglo
 
 @pytest.mark.parametrize("path", sorted(CONFIGS), ids=lambda p: str(p.relative_to(ROOT)))
 def test_committed_config_files_load(path):
+    from patronus.defenses import load_defense
     from patronus.defenses.patronus.config import load_config
     from patronus.models.train_base import load_train_config
     from patronus.sweep.field import load_sweep_grid
@@ -59,6 +60,8 @@ def test_committed_config_files_load(path):
         load_sweep_grid(str(path))
     elif path.name.startswith("train-"):  # a base-model recipe
         load_train_config(path)
+    elif path.name.startswith("uce-"):  # a baseline's settings
+        load_defense("uce").load_config(path=path)
     else:
         for preset in ("quick", "full"):
             load_config(preset, path)
