@@ -61,8 +61,10 @@ def main() -> None:
                        key=lambda c: int(c.name.split("-")[1]))
         student = Student(copy.deepcopy(teacher.unet), copy.deepcopy(teacher.text_encoder))
         ema = load_file(ckpts[-1] / "tensors.safetensors")
+        # The EMA holds the UNet's parameters, then the text encoder's when it was distilled; a
+        # kept text encoder is the teacher's, already in place.
         with torch.no_grad():
-            for i, p in enumerate(student.parameters()):
+            for i, p in enumerate(list(student.parameters())[:len(ema)]):
                 p.copy_(ema[f"ema.{i}"])
         students[str(ckpts[-1])] = student
     else:
