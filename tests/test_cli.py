@@ -94,9 +94,11 @@ def test_attack_bad_rank_and_foreign_vae(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_demo_refuses_a_file_as_out(tmp_path):
+def test_demo_and_protect_refuse_a_file_as_out(tmp_path):
     (tmp_path / "f").write_text("x")
     assert_clean_error(run_cli("demo", "--out", str(tmp_path / "f")), "is a file")
+    assert_clean_error(run_cli("protect", "patronus-tiny", "--out", str(tmp_path / "f")), "is a file")
+    assert (tmp_path / "f").read_text() == "x"
 
 
 @pytest.mark.parametrize("args,config,needle", [

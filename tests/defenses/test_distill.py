@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from patronus.defenses.patronus.config import load_config
 from patronus.defenses.patronus.distill import mix_fresh, unet_batch
@@ -116,3 +116,34 @@ def test_the_data_term_trains_on_benign_images_and_changes_the_student(mini_pipe
     assert kept["changed_weight_files"] == [unet]
     with pytest.raises(ConfigError, match="must not be negative"):
         _cfg(tmp_path, mini_pipeline, data_batch=-1)
+
+
+
+def _other(mini_pipeline, path, **unet_config):
+    """The mini pipeline with a UNet drawn from another seed (and `unet_config` changed)."""
+    pipe = StableDiffusionPipeline.from_pretrained(mini_pipeline)
+    torch.manual_seed(1)
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, **unet_config})
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_a_student_model_is_the_fresh_end_of_the_mix(mini_pipeline, tmp_path):
+    """alpha = 1 with `student` set and a zero learning rate: the student's UNet is that model's."""
+    other = _other(mini_pipeline, tmp_path / "other")
+    cfg = _cfg(tmp_path, mini_pipeline, student=str(other), alpha=1.0, decoder=False, unet_steps=1)
+    info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert info["distill"]["student"] == str(other)
+    given, out = (StableDiffusionPipeline.from_pretrained(p) for p in (other, tmp_path / "out"))
+    for k, v in given.unet.state_dict().items():  # one step inside the warm-up: learning rate 0
+        assert torch.equal(v, out.unet.state_dict()[k]), k
+
+
+def test_a_student_of_another_architecture_is_refused_before_any_work(mini_pipeline, tmp_path):
+    other = _other(mini_pipeline, tmp_path / "other", layers_per_block=2)
+    with pytest.raises(ConfigError, match="differs in architecture"):
+        protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path, mini_pipeline, student=str(other)),
+                tmp_path / "work")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match='text_encoder = "distil"'):
+        _cfg(tmp_path, mini_pipeline, student=str(other), text_encoder="keep")

@@ -185,6 +185,12 @@ class DistillConfig:
     # unsafe latents) and no part is hardened again.
     teacher: str | None = None
     alpha: float = 1.0  # 1: a fresh student; 0: the teacher's own weights
+    # A pipeline (name or directory) whose UNet and text encoder are the fresh end of the mix
+    # instead of a random initialisation: (1 - alpha) * teacher + alpha * this model. Meant for
+    # a model trained on filtered data in the teacher's latent space (same architectures), which
+    # reads benign prompts already and never learned the unsafe content; the decoder stays
+    # mixed with a random initialisation. None: random.
+    student: str | None = None
     text_encoder: str = "distil"  # "distil": trained with the UNet (alpha-mixed); "keep": the teacher's
     decoder: bool = True  # also distil the VAE decoder (the encoder always stays the teacher's)
     # Noised latents of the defender's unsafe images as UNet inputs too (never as targets).
@@ -221,6 +227,10 @@ class DistillConfig:
     def __post_init__(self):
         if self.text_encoder not in TEXT_ENCODER_MODES:
             raise ConfigError(f"distill.text_encoder must be distil or keep, got {self.text_encoder!r}")
+        if self.student is not None and self.text_encoder == "keep":
+            raise ConfigError("distill.student sets the student's UNet and text encoder; with text_encoder = "
+                              "\"keep\" its UNet would read the teacher's text states, which it was not trained "
+                              "on: use text_encoder = \"distil\" or leave distill.student unset")
         if not 0 <= self.trajectory_fraction <= 1:
             raise ConfigError(f"distill.trajectory_fraction must lie in [0, 1], got {self.trajectory_fraction}")
         if not 0 <= self.alpha <= 1:

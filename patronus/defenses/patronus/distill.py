@@ -7,7 +7,8 @@ without it. Read top to bottom:
      the prompts (benign, benign with an unknown word, unsafe, empty) with the teacher's text
      encoder; record the teacher's own sampling trajectories for benign and unsafe prompts;
   2. the student: the teacher's UNet (and text encoder) mixed with a fresh initialisation,
-     (1 - alpha) * teacher + alpha * fresh;
+     (1 - alpha) * teacher + alpha * fresh (or with `student`'s weights, a model trained on
+     filtered data);
   3. UNet stage: every step a global batch of (x_t, t, prompt) rows, the teacher's noise
      prediction as the target, min-SNR-weighted MSE; the EMA weights are kept;
   4. decoder stage: a fresh (alpha-mixed) decoder head learns the teacher decoder's images for
@@ -37,6 +38,7 @@ from patronus.attacks.weights.unet import noised_batch, sample_latents
 from patronus.defenses.patronus.align import load_partitions, unknown_word_prompts
 from patronus.defenses.patronus.bank import build_feature_bank
 from patronus.defenses.patronus.config import DistillConfig, ProtectConfig
+from patronus.errors import ConfigError
 from patronus.imaging import psnr
 from patronus.models.components import DecoderHead, reinitialise
 from patronus.models.registry import load_pipeline, resolve_model
@@ -58,6 +60,15 @@ class Student(nn.Module):
         if self.text_encoder is not None:
             hidden = self.text_encoder(ids)[0]
         return self.unet(x_t, t, hidden, return_dict=False)[0]
+
+
+def check_same_architecture(teacher: StableDiffusionPipeline, student: StableDiffusionPipeline, name: str) -> None:
+    """`distill.student` must have the teacher's UNet and text encoder shapes (checked before any work)."""
+    for part in ("unet", "text_encoder"):
+        mine, theirs = getattr(student, part).state_dict(), getattr(teacher, part).state_dict()
+        if {k: v.shape for k, v in mine.items()} != {k: v.shape for k, v in theirs.items()}:
+            raise ConfigError(f"distill.student {name}: its {part} differs in architecture from the teacher's; "
+                              f"the student must be trained with the teacher's model configuration")
 
 
 @torch.no_grad()
@@ -192,8 +203,12 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
     """Stage 1: the student UNet (and text encoder) on the teacher's noise predictions."""
     d, acc = cfg.distill, Accelerator()
     data = UNetData(teacher, cfg)
-    fresh = reinitialise({"unet": teacher.unet, "text_encoder": teacher.text_encoder},
-                         {"unet", "text_encoder"}, mix_seed(cfg.seed, DISTILL_SEED))
+    if d.student is None:
+        fresh = reinitialise({"unet": teacher.unet, "text_encoder": teacher.text_encoder},
+                             {"unet", "text_encoder"}, mix_seed(cfg.seed, DISTILL_SEED))
+    else:
+        student = load_pipeline(d.student)
+        fresh = {"unet": student.unet, "text_encoder": student.text_encoder}
     unet = copy.deepcopy(teacher.unet)
     mix_fresh(unet, fresh["unet"], d.alpha)
     text_encoder = None
@@ -326,7 +341,8 @@ def distill(model: str, teacher_dir: str | Path, cfg: ProtectConfig, workdir: Pa
     if student.text_encoder is not None:
         replaced["text_encoder"] = student.text_encoder
     record = {"teacher": str(resolve_model(teacher_dir)), "original": str(resolve_model(model)),
-              "alpha": d.alpha, "text_encoder": d.text_encoder, "unet": unet_record}
+              "alpha": d.alpha, "text_encoder": d.text_encoder, "unet": unet_record,
+              "student": None if d.student is None else str(resolve_model(d.student))}
     if d.decoder and d.decoder_steps:
         original = load_pipeline(model).to(device)
         original.set_progress_bar_config(disable=True)

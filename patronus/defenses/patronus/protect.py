@@ -53,7 +53,7 @@ from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, load_parti
 from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
 from patronus.defenses.patronus.defender_data import check_data, unet_folder, unet_start
-from patronus.defenses.patronus.distill import distill
+from patronus.defenses.patronus.distill import check_same_architecture, distill
 from patronus.defenses.patronus.losses import (
     make_perceptual,
     perceptual_distance,
@@ -289,6 +289,9 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     load_pipeline(model)  # a broken model fails here, before the work directory is made
     if cfg.distill.teacher is not None:
         load_pipeline(cfg.distill.teacher)
+    if cfg.distill.enabled and cfg.distill.student is not None:
+        check_same_architecture(load_pipeline(cfg.distill.teacher or model), load_pipeline(cfg.distill.student),
+                                cfg.distill.student)
     workdir.mkdir(parents=True, exist_ok=True)
     busy = f"another protect run is using the work directory {workdir}; wait for it to finish or stop it"
     accelerator = Accelerator()
@@ -379,6 +382,8 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
     """Refuse, before any work and without writing, outputs in the way and a resume with other settings."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} is a file; choose another --out")
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"output directory {out} exists and is not empty; choose another --out")
     if workdir.exists() and not workdir.is_dir():
