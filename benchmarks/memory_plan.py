@@ -207,6 +207,7 @@ class Sizes:
     vgg: int
     align_lora: int  # the UNet half's rank-64 LoRA alignment: its trainable weights
     attack_lora_base: int  # weights a simulated UNet LoRA attack recomputes as W + BA at every step
+    attack_lora_rank1: int  # trainable weights of a rank-1 LoRA on the attacks' targets (the LoRA probe's, per rank)
     unet_train: int  # per image, saved for backward
     unet_train_ckpt: int  # the same with gradient checkpointing (block inputs + one block recomputed)
     decoder_train: int
@@ -268,7 +269,8 @@ def measure(widths: str, resolution: int, precision: str) -> Sizes:
                   "unet_train_ckpt": saved_bytes(unet, unet_run, dtype, unet),
                   "decoder_train_ckpt": saved_bytes(head, head_run, dtype, vae)}
     return Sizes(**weights, align_lora=_lora_params(unet, ALIGN_LORA_TARGETS, 64) * F32,
-                 attack_lora_base=lora_base * F32, **sizes)
+                 attack_lora_base=lora_base * F32,
+                 attack_lora_rank1=_lora_params(unet, rf".*\.({'|'.join(UNET_LORA_TARGETS)})", 1) * F32, **sizes)
 
 
 # --- the phases ----------------------------------------------------------------------------------
@@ -302,18 +304,21 @@ STATE_COPIES = {"adam": 2, "adamw": 2, "adadelta": 2, "rmsprop": 1, "sgd": 1}
 
 
 def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mixed: bool,
-                   proposed: bool = False) -> list[Phase]:
+                   proposed: bool = False, as_measured: bool = False) -> list[Phase]:
     """Every phase of `protect` in one process, with what it holds. `s`: sizes under the run's
     precision (training steps run under autocast); `s32`: in float32 (set-up, probes and
-    sampling run outside autocast). The code as it is keeps alive between stages what accelerate's
-    prepared optimizers hold until Python's cycle collector runs, and the UNet's last gradients;
-    `proposed`: with the changes docs/reference/memory.md lists (those freed, frozen copies in
-    bf16, the best checkpoint on the CPU, the decoder's no-gradient passes in batches of 8)."""
+    sampling run outside autocast). The UNet half frees its optimizers and gradients after each
+    stage, best checkpoints wait on the CPU, and with `vae_slicing` the decoder's no-gradient
+    passes run 8 latents at a time. `as_measured`: as the code ran when the GPU benchmark's row
+    was measured (2026-11-29), keeping alive what accelerate's prepared optimizers hold until
+    Python's cycle collector runs, the UNet's last gradients and the best checkpoints on the
+    device, and decoding 256 latents at once. `proposed`: with the frozen copies in bf16 too
+    (docs/reference/memory.md)."""
     cast = 0.5 if mixed else 0.0  # autocast's 16-bit copy of each trained weight, per step
     frozen_copy = 0.5 if proposed else 1.0  # a frozen module's bytes per float32 byte
-    linger = 0 if proposed else 1
-    best = 0 if proposed else 1
-    decode_batch = 8 if proposed else 256
+    linger = 1 if as_measured else 0
+    best = 1 if as_measured else 0
+    decode_batch = 8 if cfg.vae_slicing and not as_measured else 256
     u, ckpt = cfg.unet, cfg.gradient_checkpointing
     a_unet, a_unet32 = (s.unet_train_ckpt, s32.unet_train_ckpt) if ckpt else (s.unet_train, s32.unet_train)
     a_dec, a_dec32 = (s.decoder_train_ckpt, s32.decoder_train_ckpt) if ckpt else (s.decoder_train, s32.decoder_train)
@@ -346,7 +351,10 @@ def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mi
             _phase("UNet stage 2: defender's terms", held, query_gradient_sum=W, gradients=W,
                    autocast_copy=cast * W, activations=rows * a_unet),
             _phase("UNet probe: a real unet-full attack (float32)", held, probe_copy=W, probe_gradients=W,
-                   probe_Adam=2 * W, activations=u.probe_batch * a_unet32),
+                   probe_Adam=2 * W, activations=u.probe_batch * a_unet32)
+            if u.probe_lora_rank is None or as_measured else
+            _phase("UNet probe: a real unet-lora attack (float32)", held, probe_copy=W,
+                   probe_LoRA_with_gradients_and_Adam=4 * u.probe_lora_rank * s.attack_lora_rank1, activations=u.probe_batch * a_unet32),
         ]
     if "decoder" in cfg.parts:
         b = cfg.bank
@@ -434,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8, help="the attack's and the evaluation's batch")
     p.add_argument("--benchmark-row", action="store_true", help="the GPU benchmark's 256 px bf16 row")
     p.add_argument("--proposed", action="store_true",
-                   help="with the code changes docs/reference/memory.md proposes, not as the code runs today")
+                   help="with the frozen copies in bf16 too, a change docs/reference/memory.md proposes")
+    p.add_argument("--as-measured", action="store_true",
+                   help="as the code ran when the GPU benchmark's row was measured (2026-11-29)")
     p.add_argument("--json", help="also write the sizes and every phase to this file")
     args = p.parse_args(argv)
     if args.benchmark_row:
@@ -448,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     configs += [(c, load_config(args.preset, c)) for c in args.configs]
     record = {"sizes": vars(sizes), "sizes_float32": vars(s32), "configs": {}}
     for name, cfg in configs:
-        phases = protect_phases(cfg, sizes, s32, args.resolution, args.precision != "no", args.proposed)
+        phases = protect_phases(cfg, sizes, s32, args.resolution, args.precision != "no", args.proposed,
+                                 args.as_measured)
         peak = max(phases, key=lambda ph: ph.bytes)
         phases += [attack_phase(sizes, args.batch, cfg.gradient_checkpointing),
                    evaluate_phase(s32, args.batch, cfg.vae_slicing)]

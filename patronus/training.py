@@ -223,4 +223,5 @@ class RunState:
         best, key = self.state["best"], self.rank_by
         if best is None or tuple(result[k] for k in key) > tuple(best[k] for k in key):
             self.state["best"] = result
-            self.best_weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+            # On the CPU: on a GPU a UNet-sized copy would sit beside the training state until the end.
+            self.best_weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}

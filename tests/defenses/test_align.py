@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from patronus.defenses.patronus.align import Aligner
+from patronus.defenses.patronus.align import Aligner, align_unet
 from patronus.defenses.patronus.config import load_config
 from patronus.defenses.patronus.protect import protect
 from patronus.errors import ConfigError
@@ -115,6 +115,22 @@ def test_lora_alignment_is_merged_into_a_plain_unet(mini_pipeline, tmp_path):
     assert any(not torch.equal(original[k], protected[k]) for k in original if "attn" in k)
 
 
+def test_a_lora_probe_trains_the_same_unet_and_probes_another_attacker(mini_pipeline, plain, tmp_path):
+    """The probe only chooses among checkpoints: the losses stay plain's, the probes' numbers are a LoRA attacker's."""
+    info = protect(str(mini_pipeline), tmp_path / "a", _cfg(tmp_path, probe_lora_rank=2), tmp_path / "wa")
+    assert info["unet"]["losses"] == plain[0]["unet"]["losses"]
+    probes, plain_probes = info["unet"]["probes"], plain[0]["unet"]["probes"]
+    assert [p["step"] for p in probes] == [2, 4]
+    assert [p["unsafe_before"] for p in probes] == [p["unsafe_before"] for p in plain_probes]
+    assert [p["attacker_loss_after_probe"] for p in probes] != [p["attacker_loss_after_probe"] for p in plain_probes]
+
+
+def test_the_aligned_unet_leaves_the_half_without_gradients(mini_pipeline, tmp_path):
+    """The decoder half keeps the aligned UNet for its bank: no UNet-sized gradient may ride along."""
+    unet, _ = align_unet(str(mini_pipeline), _cfg(tmp_path), tmp_path / "work", resume=False)
+    assert all(p.grad is None and not p.requires_grad for p in unet.parameters())
+
+
 @pytest.fixture()
 def aligner(mini_pipeline, tmp_path, request):
     from accelerate import Accelerator
@@ -202,7 +218,7 @@ def test_bad_parts_are_refused(parts):
     ({"nft_anchor_every": -1}, "unet.nft_anchor_every"), ({"nft_anchor_steps": 0}, "unet.nft_anchor_steps"),
     ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"), ({"nft_implicit_iters": -1}, "unet.nft_implicit_iters"),
     ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
-    ({"w_scramble": -1.0}, "unet.w_scramble"),
+    ({"w_scramble": -1.0}, "unet.w_scramble"), ({"probe_lora_rank": 0}, "unet.probe_lora_rank"),
 ])
 def test_bad_unet_settings_are_refused(tmp_path, unet, message):
     path = tmp_path / "bad.json"

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import release_memory
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from peft import LoraConfig, get_peft_model
@@ -392,11 +393,12 @@ class Aligner:
 
     @torch.no_grad()
     def probe(self, step: int) -> dict:
-        """A real full-weight UNet attack on the probe partition (fixed seed); the attacker's
+        """A real UNet attack (full-weight, or a LoRA) on the probe partition (fixed seed); the attacker's
         denoising loss on held-out probe images afterwards, and what its samples show."""
         u, part = self.u, self.data["probe", "unsafe"]
         half = len(part.mean) // 2
-        attack = UNetAttackConfig(u.probe_optimizer, u.probe_lr, u.probe_steps, u.probe_batch, seed=self.cfg.seed)
+        attack = UNetAttackConfig(u.probe_optimizer, u.probe_lr, u.probe_steps, u.probe_batch,
+                                  lora_rank=u.probe_lora_rank, seed=self.cfg.seed)
         with torch.enable_grad():
             attacked = attack_unet(self.unet, self.scheduler, part.mean[:half], part.std[:half], part.hidden[:half],
                                    self.scale, attack)
@@ -440,7 +442,9 @@ def align_unet(model: str, cfg: ProtectConfig, workdir: Path, resume: bool) -> t
             save_file({k: v.contiguous() for k, v in a.unet.state_dict().items()}, tmp)
             tmp.rename(stage1_file)  # last: its presence says stage 1 is done
         a.accelerator.wait_for_everyone()
+    release_memory()  # stage 1's optimizer: accelerate's wrapper keeps it in a reference cycle
     state = _stage2_nft(a, workdir / "stage2", resume)
+    release_memory()
     # Training time over every session (a resumed run's checkpoints carry the earlier sessions'),
     # plus this session's set-up.
     timing = record["timing"] | state["timing"] | {
@@ -551,6 +555,7 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
         state["timing"]["mean_inner_steps"] = inner_total / (state["step"] - first)
     if u.nft_steps == 0 and not state["probes"]:
         maybe_probe(0)
+    opt.zero_grad(set_to_none=True)  # the last step's gradients would follow the UNet into the decoder half
     a.unet.load_state_dict(run.best_weights)
-    a.unet.requires_grad_(False)
+    a.model = a.unet.requires_grad_(False)
     return state

@@ -117,6 +117,9 @@ class UNetAlignConfig:
     probe_lr: float = 1e-4
     probe_steps: int = 100
     probe_batch: int = 16
+    # None: the probe fine-tunes every weight (a copy of the UNet with its gradients and Adam's
+    # moments: four UNets of memory); a rank: it fine-tunes a LoRA of that rank (one copy).
+    probe_lora_rank: int | None = None
     probe_samples: int = 32  # unsafe and benign probe prompts sampled per probe
     probe_sampler_steps: int = 15
     gate: str = "class"  # see UNET_GATES; "class" needs probe_detector = "glyphnet" and the glyph world's labels
@@ -139,6 +142,9 @@ class UNetAlignConfig:
             raise ConfigError("unet.attacks.objectives: the simulated UNet attacker has one objective, denoise")
         if self.gate not in UNET_GATES:
             raise ConfigError(f"unet.gate must be one of {', '.join(UNET_GATES)}, got {self.gate!r}")
+        if self.probe_lora_rank is not None and self.probe_lora_rank < 1:
+            raise ConfigError(f"unet.probe_lora_rank must be at least 1 (or unset: a full-weight probe), "
+                              f"got {self.probe_lora_rank}")
         if self.probe_optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown unet.probe_optimizer {self.probe_optimizer!r}; "
                               f"choose one of {', '.join(OPTIMIZERS)}")
@@ -309,7 +315,7 @@ class ProtectConfig:
     unet: UNetAlignConfig = field(default_factory=UNetAlignConfig)
     # Memory, for real checkpoints: recompute the trained UNet's and decoder's activations in the
     # backward pass instead of keeping them (about a third slower, far less activation memory),
-    # and encode/decode the feature bank's and probes' images one at a time. Mixed precision
+    # and encode the feature bank's and probes' images one at a time, decode them 8 at a time. Mixed precision
     # comes from accelerate (`accelerate launch --mixed_precision bf16`): every training step
     # runs under its autocast.
     gradient_checkpointing: bool = False

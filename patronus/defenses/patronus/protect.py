@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import release_memory
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.func import functional_call
@@ -160,8 +161,10 @@ class Protector:
         finally:
             self.pipe.unet = original
 
-    @staticmethod
-    def _decode(head: torch.nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    def _decode(self, head: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """No-gradient decoding in batches: 256 latents at once, or 8 with `vae_slicing` (a 512 px
+        decoder pass holds 0.75 GiB per image)."""
+        batch = 8 if self.cfg.vae_slicing else 256
         return torch.cat([head(z[i:i + batch]) for i in range(0, len(z), batch)])
 
     def _shard(self, idx: torch.Tensor) -> torch.Tensor:
@@ -307,6 +310,7 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
             # The UNet half first: the decoder's bank may hold the aligned UNet's latents.
             if "unet" in cfg.parts:
                 replaced["unet"], sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
+                release_memory()  # the UNet half's teacher and data, before the decoder half loads its own
             if "decoder" in cfg.parts:
                 replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator,
                                                                        replaced.get("unet"))
@@ -377,7 +381,8 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.w_unknown", "unet.nft_anchor_every", "unet.nft_anchor_steps", "unet.nft_anchor_lr",
                   "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
                   "unet.w_scramble", "distill", "probe_detector", "unet.gate", "unet.min_benign_psnr",
-                  "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat")
+                  "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat",
+                  "unet.probe_lora_rank")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
