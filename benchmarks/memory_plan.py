@@ -354,7 +354,8 @@ def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mi
                    probe_Adam=2 * W, activations=u.probe_batch * a_unet32)
             if u.probe_lora_rank is None or as_measured else
             _phase("UNet probe: a real unet-lora attack (float32)", held, probe_copy=W,
-                   probe_LoRA_with_gradients_and_Adam=4 * u.probe_lora_rank * s.attack_lora_rank1, activations=u.probe_batch * a_unet32),
+                   probe_LoRA_with_gradients_and_Adam=4 * u.probe_lora_rank * s.attack_lora_rank1,
+                   activations=u.probe_batch * a_unet32),
         ]
     if "decoder" in cfg.parts:
         b = cfg.bank

@@ -157,7 +157,8 @@ def protect(model: Model, out: str | os.PathLike, *, defense: str = "patronus", 
     model card) to `out`.
 
     `defense`: patronus (default: decoder moderator and aligned UNet) or a baseline, any name in
-    `patronus.defenses.DEFENSES` (negative-prompt, checker, sld, esd, ...). `preset`: the defence's (patronus: quick or full, default full). `config`: a
+    `patronus.defenses.DEFENSES` (negative-prompt, checker, sld, esd, ...). `preset`: the
+    defence's (patronus: quick or full, default full). `config`: a
     config object of the defence (e.g. `ProtectConfig`), used as it is, or a config file or
     dict overriding the preset. `parts` (patronus): what to harden, "decoder,unet" or a list.
     `overrides`: any of the config's fields. `workdir` (default OUT.work): checkpoints and

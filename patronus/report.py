@@ -613,7 +613,8 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
             for (model, words), reference in itertools.product(RATIO_MODELS.items(), RATIO_REFERENCES):
                 ratios = robustness_ratios(unsafe_rates_by_cell(sweep), model=model, reference=reference)
                 if ratios:
-                    title = f"robustness ratio vs {reference}" + ("" if model == "protected" else f" ({model}: {words})")
+                    title = (f"robustness ratio vs {reference}"
+                             + ("" if model == "protected" else f" ({model}: {words})"))
                     sections.append(Section(f"Robustness sweep {i + 1}: {title}", RATIO_TEXT,
                                             table=ratio_rows(ratios, reference),
                                             items=[ratio_summary(ratios, model, reference)]))
