@@ -145,5 +145,17 @@ def test_a_student_of_another_architecture_is_refused_before_any_work(mini_pipel
         protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path, mini_pipeline, student=str(other)),
                 tmp_path / "work")
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
-    with pytest.raises(ConfigError, match='text_encoder = "distil"'):
-        _cfg(tmp_path, mini_pipeline, student=str(other), text_encoder="keep")
+
+
+def test_a_kept_text_encoder_with_a_student_model_is_that_models(mini_pipeline, tmp_path):
+    other = _other(mini_pipeline, tmp_path / "other")
+    text_encoder = StableDiffusionPipeline.from_pretrained(other).text_encoder
+    torch.manual_seed(2)
+    for p in text_encoder.parameters():  # unlike the teacher's, so that keeping the wrong one shows
+        p.data.add_(torch.randn_like(p) * 0.1)
+    text_encoder.save_pretrained(other / "text_encoder")
+    cfg = _cfg(tmp_path, mini_pipeline, student=str(other), text_encoder="keep", decoder=False)
+    info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert "unet/diffusion_pytorch_model.safetensors" in info["changed_weight_files"]
+    assert weight_hashes(tmp_path / "out")["text_encoder/model.safetensors"] == \
+        weight_hashes(other)["text_encoder/model.safetensors"]

@@ -195,9 +195,12 @@ class DistillConfig:
     # instead of a random initialisation: (1 - alpha) * teacher + alpha * this model. Meant for
     # a model trained on filtered data in the teacher's latent space (same architectures), which
     # reads benign prompts already and never learned the unsafe content; the decoder stays
-    # mixed with a random initialisation. None: random.
+    # mixed with a random initialisation. None: random. With text_encoder = "keep" the student
+    # reads its own text encoder's states, unchanged.
     student: str | None = None
-    text_encoder: str = "distil"  # "distil": trained with the UNet (alpha-mixed); "keep": the teacher's
+    # "distil": trained with the UNet (alpha-mixed); "keep": the student's starting text encoder,
+    # never trained (the teacher's, or `student`'s when that is set).
+    text_encoder: str = "distil"
     decoder: bool = True  # also distil the VAE decoder (the encoder always stays the teacher's)
     # Noised latents of the defender's unsafe images as UNet inputs too (never as targets).
     unsafe_latents: bool = False
@@ -233,10 +236,6 @@ class DistillConfig:
     def __post_init__(self):
         if self.text_encoder not in TEXT_ENCODER_MODES:
             raise ConfigError(f"distill.text_encoder must be distil or keep, got {self.text_encoder!r}")
-        if self.student is not None and self.text_encoder == "keep":
-            raise ConfigError("distill.student sets the student's UNet and text encoder; with text_encoder = "
-                              "\"keep\" its UNet would read the teacher's text states, which it was not trained "
-                              "on: use text_encoder = \"distil\" or leave distill.student unset")
         if not 0 <= self.trajectory_fraction <= 1:
             raise ConfigError(f"distill.trajectory_fraction must lie in [0, 1], got {self.trajectory_fraction}")
         if not 0 <= self.alpha <= 1:

@@ -215,10 +215,14 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
     if d.text_encoder == "distil":
         text_encoder = copy.deepcopy(teacher.text_encoder)
         mix_fresh(text_encoder, fresh["text_encoder"], d.alpha)
+    elif d.student is not None:  # "keep" with a student model: its own text encoder, frozen
+        text_encoder = copy.deepcopy(fresh["text_encoder"])
     student = Student(unet, text_encoder).to(acc.device).requires_grad_(True).train()
+    if d.text_encoder == "keep" and text_encoder is not None:
+        text_encoder.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
     ema = EMAModel(student.parameters(), decay=d.ema_decay)
-    opt = torch.optim.AdamW(student.parameters(), lr=d.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=d.unet_lr, weight_decay=1e-2)
     sched = get_cosine_schedule_with_warmup(opt, d.warmup, d.unet_steps)
     model, opt = acc.prepare(student, opt)  # not the schedule: every process steps the global batch once
     checkpointer = Checkpointer(acc, workdir / "unet", schedulers=(sched,))
