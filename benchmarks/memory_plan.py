@@ -343,6 +343,13 @@ def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mi
             attack = {"LoRA weights W + BA": s.attack_lora_base}
         attack["query gradient sum"] = W * (2 if u.nft_attacks_per_step > 1 else 1)
         held = dict(frozen, Adam=2 * W, best_checkpoint=best * W, stage_1_Adam=linger * 2 * trained)
+        if u.probe_lora_rank is None or as_measured:
+            probe = _phase("UNet probe: a real unet-full attack (float32)", held, probe_copy=W, probe_gradients=W,
+                           probe_Adam=2 * W, activations=u.probe_batch * a_unet32)
+        else:
+            probe = _phase("UNet probe: a real unet-lora attack (float32)", held, probe_copy=W,
+                           probe_LoRA_with_gradients_and_Adam=4 * u.probe_lora_rank * s.attack_lora_rank1,
+                           activations=u.probe_batch * a_unet32)
         phases += [
             _phase("UNet stage 2: simulated attack, inner step", held, attack,
                    activations=u.attacks.batch_sizes[1] * a_unet),
@@ -350,12 +357,7 @@ def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mi
                    activations=3 * u.query_batch * a_unet),
             _phase("UNet stage 2: defender's terms", held, query_gradient_sum=W, gradients=W,
                    autocast_copy=cast * W, activations=rows * a_unet),
-            _phase("UNet probe: a real unet-full attack (float32)", held, probe_copy=W, probe_gradients=W,
-                   probe_Adam=2 * W, activations=u.probe_batch * a_unet32)
-            if u.probe_lora_rank is None or as_measured else
-            _phase("UNet probe: a real unet-lora attack (float32)", held, probe_copy=W,
-                   probe_LoRA_with_gradients_and_Adam=4 * u.probe_lora_rank * s.attack_lora_rank1,
-                   activations=u.probe_batch * a_unet32),
+            probe,
         ]
     if "decoder" in cfg.parts:
         b = cfg.bank

@@ -444,7 +444,6 @@ def align_unet(model: str, cfg: ProtectConfig, workdir: Path, resume: bool) -> t
         a.accelerator.wait_for_everyone()
     release_memory()  # stage 1's optimizer: accelerate's wrapper keeps it in a reference cycle
     state = _stage2_nft(a, workdir / "stage2", resume)
-    release_memory()
     # Training time over every session (a resumed run's checkpoints carry the earlier sessions'),
     # plus this session's set-up.
     timing = record["timing"] | state["timing"] | {

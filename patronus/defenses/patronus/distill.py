@@ -207,8 +207,8 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
         fresh = reinitialise({"unet": teacher.unet, "text_encoder": teacher.text_encoder},
                              {"unet", "text_encoder"}, mix_seed(cfg.seed, DISTILL_SEED))
     else:
-        student = load_pipeline(d.student)
-        fresh = {"unet": student.unet, "text_encoder": student.text_encoder}
+        start = load_pipeline(d.student)
+        fresh = {"unet": start.unet, "text_encoder": start.text_encoder}
     unet = copy.deepcopy(teacher.unet)
     mix_fresh(unet, fresh["unet"], d.alpha)
     text_encoder = None

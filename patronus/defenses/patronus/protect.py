@@ -289,12 +289,12 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     _check_dirs(out, workdir, cfg, resume)
     resolve_model(model)
     check_data(cfg)
-    load_pipeline(model)  # a broken model fails here, before the work directory is made
+    teacher = load_pipeline(model)  # a broken model fails here, before the work directory is made
     if cfg.distill.teacher is not None:
-        load_pipeline(cfg.distill.teacher)
+        teacher = load_pipeline(cfg.distill.teacher)
     if cfg.distill.enabled and cfg.distill.student is not None:
-        check_same_architecture(load_pipeline(cfg.distill.teacher or model), load_pipeline(cfg.distill.student),
-                                cfg.distill.student)
+        check_same_architecture(teacher, load_pipeline(cfg.distill.student), cfg.distill.student)
+    del teacher
     workdir.mkdir(parents=True, exist_ok=True)
     busy = f"another protect run is using the work directory {workdir}; wait for it to finish or stop it"
     accelerator = Accelerator()
