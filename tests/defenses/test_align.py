@@ -338,6 +338,13 @@ def test_a_work_dir_from_before_the_unknown_word_term_resumes_only_without_it(tm
     _check_dirs(tmp_path / "out", tmp_path, load_config("full", without), resume=True)
 
 
+def test_the_quick_presets_calibration_for_both_parts_leaves_one_part_runs_alone():
+    both, decoder = load_config("quick"), load_config("quick", parts="decoder")
+    assert (both.cal_weighting, both.stage1_w_cal, both.stage1_w_refuse_feat) == ("near-black", 10.0, 0.5)
+    assert (decoder.cal_weighting, decoder.stage1_w_cal, decoder.stage1_w_refuse_feat) == ("uniform", 2.0, 1.0)
+    assert load_config("full").cal_weighting == "uniform"
+
+
 def test_bank_sources_default_to_all_three_with_both_parts(tmp_path):
     """The full preset's decoder learns the UNet it ships with; the quick preset's the original's
     and the aligned one's; with one part, the original's latents only, whatever the preset and

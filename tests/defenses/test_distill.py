@@ -41,6 +41,8 @@ def test_mixing_with_a_fresh_initialisation_interpolates_every_weight():
 @pytest.mark.parametrize("bad, message", [
     ({"alpha": 1.5}, "alpha must lie in"), ({"unet_batch": 24}, "multiple of 16"),
     ({"text_encoder": "fresh"}, "distil or keep"), ({"enabled": False}, "distill.enabled is false"),
+    ({"unet": "fresh"}, "distil or keep"), ({"unet": "keep"}, "needs distill.student"),
+    ({"unet": "keep", "student": "patronus-tiny", "text_encoder": "keep"}, "needs distill.student"),
 ])
 def test_bad_distill_settings_are_refused(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -159,3 +161,13 @@ def test_a_kept_text_encoder_with_a_student_model_is_that_models(mini_pipeline, 
     assert "unet/diffusion_pytorch_model.safetensors" in info["changed_weight_files"]
     assert weight_hashes(tmp_path / "out")["text_encoder/model.safetensors"] == \
         weight_hashes(other)["text_encoder/model.safetensors"]
+
+
+def test_a_kept_unet_is_the_student_models_and_only_the_text_encoder_learns(mini_pipeline, tmp_path):
+    other = _other(mini_pipeline, tmp_path / "other")  # its UNet is not the teacher's
+    cfg = _cfg(tmp_path, mini_pipeline, student=str(other), unet="keep", decoder=False)
+    info = protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert "text_encoder/model.safetensors" in info["changed_weight_files"]
+    out, start = weight_hashes(tmp_path / "out"), weight_hashes(other)
+    assert out["unet/diffusion_pytorch_model.safetensors"] == start["unet/diffusion_pytorch_model.safetensors"]
+    assert out["text_encoder/model.safetensors"] != start["text_encoder/model.safetensors"]

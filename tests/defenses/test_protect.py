@@ -145,6 +145,50 @@ def test_perceptual_calibration_is_zero_for_the_original_decoder_and_leaves_the_
     assert p.terms(torch.Generator().manual_seed(0), cal_feat=True)["cal_feat"].item() > 1e-4
 
 
+def test_near_black_weighting_raises_the_cost_of_dimming_a_dark_image():
+    from patronus.defenses.patronus.protect import _cal_weights
+
+    bright = torch.full((1, 3, 4, 4), 0.5)
+    dark = torch.full((1, 3, 4, 4), -0.9)  # close to the black refusal (-1)
+    black = torch.full((1, 3, 4, 4), -1.0)
+    w = _cal_weights(torch.cat([bright, dark, bright, black]))
+    assert w.mean().item() == pytest.approx(1.0)
+    assert w[1] > 5 * w[0]  # the same pixel error on the dark image now costs more
+    assert torch.isfinite(w).all() and w[3] == w[1]  # capped: a black benign image cannot take over the batch
+
+
+def test_an_unknown_calibration_weighting_is_refused(cfg):
+    from dataclasses import replace
+
+    from patronus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cal_weighting"):
+        replace(cfg, cal_weighting="dark")
+
+
+def test_uniform_calibration_is_plain_mse_and_near_black_changes_only_the_calibration(mini_pipeline, tmp_path, cfg):
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+
+    from patronus.defenses.patronus.protect import Protector
+
+    uniform = Protector(str(mini_pipeline), cfg, tmp_path / "w", Accelerator())
+    weighted = Protector(str(mini_pipeline), replace(cfg, cal_weighting="near-black"), tmp_path / "w2", Accelerator())
+    for p in (uniform, weighted):
+        with torch.no_grad():
+            p.head.decoder.conv_out.bias.add_(0.5)
+    a, b = (p.terms(torch.Generator().manual_seed(0)) for p in (uniform, weighted))
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "cal")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, len(uniform.bank["train/benign/z_gen"]), (cfg.batch_size,), generator=g)
+    with torch.no_grad():
+        decoded = uniform.head(uniform.bank["train/benign/z_gen"][idx])
+    assert a["cal"].item() == pytest.approx(F.mse_loss(decoded, uniform.orig_benign_gen[idx]).item(), rel=1e-5)
+    assert b["cal"].item() != pytest.approx(a["cal"].item(), rel=1e-3)
+
+
 def test_run_time_adds_up_over_resumed_sessions(tmp_path, monkeypatch):
     """A resumed run's recorded cost includes the sessions before the kill, not only its last."""
     from types import SimpleNamespace

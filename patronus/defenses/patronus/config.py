@@ -19,6 +19,7 @@ from patronus.training import OPTIMIZERS
 
 OBJECTIVES = ("image", "feature")  # the simulated attacker's: reconstruct unsafe images, restore the original decoding
 PERCEPTUAL = ("glyphnet", "vgg19", "mse")
+CAL_WEIGHTINGS = ("uniform", "near-black")  # how the decoder's calibration term weighs benign images
 PARTS = ("decoder", "unet")  # what `patronus protect --parts` may harden
 UNET_TARGETS = ("black", "esd")
 UNET_UPDATES = ("full", "lora")
@@ -167,6 +168,7 @@ class UNetAlignConfig:
 
 
 TEXT_ENCODER_MODES = ("distil", "keep")
+UNET_MODES = ("distil", "keep")
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,10 @@ class DistillConfig:
     # "distil": trained with the UNet (alpha-mixed); "keep": the student's starting text encoder,
     # never trained (the teacher's, or `student`'s when that is set).
     text_encoder: str = "distil"
+    # "distil": the UNet is trained (alpha-mixed); "keep": `student`'s own UNet, never trained, so
+    # that only the text encoder learns the teacher's outputs (the refusal then lives in how the
+    # prompt is read, and the UNet stays one that never saw unsafe content).
+    unet: str = "distil"
     decoder: bool = True  # also distil the VAE decoder (the encoder always stays the teacher's)
     # Noised latents of the defender's unsafe images as UNet inputs too (never as targets).
     unsafe_latents: bool = False
@@ -236,6 +242,11 @@ class DistillConfig:
     def __post_init__(self):
         if self.text_encoder not in TEXT_ENCODER_MODES:
             raise ConfigError(f"distill.text_encoder must be distil or keep, got {self.text_encoder!r}")
+        if self.unet not in UNET_MODES:
+            raise ConfigError(f"distill.unet must be distil or keep, got {self.unet!r}")
+        if self.unet == "keep" and (self.student is None or self.text_encoder == "keep"):
+            raise ConfigError("distill.unet = 'keep' needs distill.student (the UNet to keep) and "
+                              "text_encoder = 'distil' (what then learns)")
         if not 0 <= self.trajectory_fraction <= 1:
             raise ConfigError(f"distill.trajectory_fraction must lie in [0, 1], got {self.trajectory_fraction}")
         if not 0 <= self.alpha <= 1:
@@ -280,6 +291,11 @@ class ProtectConfig:
     # Calibration in the perceptual network's features too (0: off): pixel MSE barely sees a glyph
     # dimmed on a dark background, which the quick preset's decoder did (docs/research-log.md).
     stage1_w_cal_feat: float = 0.0
+    # How the calibration term weighs its benign images, in both stages. "uniform": plain MSE.
+    # "near-black": each image by how close the original decoding lies to the black refusal
+    # (mean distance over the bank / its own, at most 10x), so that a glyph dimmed on a dark
+    # background costs what a bright one does.
+    cal_weighting: str = "uniform"
     # Representation scrambling (TAR's / RepNoise's idea), off by default: at the
     # decoder's intermediate blocks, unsafe latents are pulled to one fixed random pattern (their
     # information removed before the output layers) and benign latents to the original's activations.
@@ -339,6 +355,9 @@ class ProtectConfig:
         if "unet" in self.parts and self.unet.gate == "class" and self.probe_detector != "glyphnet":
             raise ConfigError(f"unet.gate = 'class' compares GlyphNet's classes with the glyph world's labels; "
                               f"with probe_detector = {self.probe_detector!r} set unet.gate = 'fidelity'")
+        if self.cal_weighting not in CAL_WEIGHTINGS:
+            raise ConfigError(f"unknown cal_weighting {self.cal_weighting!r}; "
+                              f"choose one of {', '.join(CAL_WEIGHTINGS)}")
         if self.perceptual not in PERCEPTUAL:
             raise ConfigError(f"unknown perceptual network {self.perceptual!r}; choose one of {', '.join(PERCEPTUAL)}")
         if self.perceptual == "vgg19" and not self.vgg_weights:
@@ -388,8 +407,13 @@ PRESETS: dict[str, dict] = {
 }
 # A preset's settings for a run that protects both parts, under any config file's. The quick
 # decoder that learns only the original UNet's latents renders the aligned UNet's refusals
-# too light to count (17% refusals on glyph-quick against 100% with them).
-BOTH_PARTS: dict[str, dict] = {"quick": {"bank": {"unet_sources": ["original", "aligned"]}}}
+# too light to count (17% refusals on glyph-quick against 100% with them). Its calibration
+# weighted towards near-black benign images, at 5x the weight, with half the refusal weight on
+# UNet latents, keeps glyphs on dark backgrounds (benign class on the glyph suite 83% -> 93%,
+# docs/research-log.md, 2026-12-02).
+BOTH_PARTS: dict[str, dict] = {"quick": {"bank": {"unet_sources": ["original", "aligned"]},
+                                         "cal_weighting": "near-black", "stage1_w_cal": 10.0,
+                                         "stage1_w_refuse_feat": 0.5}}
 
 
 def parse_parts(text: str) -> tuple[str, ...]:

@@ -209,8 +209,11 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
     else:
         start = load_pipeline(d.student)
         fresh = {"unet": start.unet, "text_encoder": start.text_encoder}
-    unet = copy.deepcopy(teacher.unet)
-    mix_fresh(unet, fresh["unet"], d.alpha)
+    if d.unet == "keep":  # the student's own UNet (alpha does not apply to it)
+        unet = copy.deepcopy(fresh["unet"])
+    else:
+        unet = copy.deepcopy(teacher.unet)
+        mix_fresh(unet, fresh["unet"], d.alpha)
     text_encoder = None
     if d.text_encoder == "distil":
         text_encoder = copy.deepcopy(teacher.text_encoder)
@@ -220,6 +223,8 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
     student = Student(unet, text_encoder).to(acc.device).requires_grad_(True).train()
     if d.text_encoder == "keep" and text_encoder is not None:
         text_encoder.requires_grad_(False).eval()
+    if d.unet == "keep":
+        unet.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
     ema = EMAModel(student.parameters(), decay=d.ema_decay)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=d.unet_lr, weight_decay=1e-2)

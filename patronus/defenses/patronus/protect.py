@@ -87,6 +87,16 @@ def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return step_generator(seed, stage * 100_000 + step)
 
 
+def _cal_weights(original: torch.Tensor, most: float = 10.0) -> torch.Tensor:
+    """`cal_weighting = "near-black"`: a weight per benign image, the bank's mean distance of the
+    original decoding from black over the image's own (at most `most`), normalised to mean 1.
+    Pixel MSE barely sees a glyph dimmed towards the black refusal when it sits on a dark
+    background; this makes such an image cost what a bright one does."""
+    distance = (original + 1.0).pow(2).mean(dim=(1, 2, 3))
+    w = (distance.mean() / distance.clamp_min(1e-8)).clamp(max=most)
+    return w / w.mean()
+
+
 def _scramble_layers(head: DecoderHead) -> list[torch.nn.Module]:
     """The decoder blocks whose outputs representation scrambling acts on, in forward order:
     the middle block and every up block but the last (which must still render black)."""
@@ -131,6 +141,7 @@ class Protector:
             self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
             self.orig_unsafe_gen = self._decode(self.original, self.bank["train/unsafe/z_gen"])
             self.orig_probe_benign = self._decode(self.original, self.bank["probe/benign/z_gen"])
+        self.cal_weights = _cal_weights(self.orig_benign_gen) if cfg.cal_weighting == "near-black" else None
         self.scramble_targets = (self._make_scramble_targets()
                                  if cfg.stage1_w_scramble or cfg.stage2_w_scramble else [])
         self.attack_data = {"x": self.bank["train/unsafe/x"], "z_img": self.bank["train/unsafe/z_img"],
@@ -191,7 +202,7 @@ class Protector:
         with capture_outputs(_scramble_layers(self.head) if scramble else []) as acts:
             rec, cal, unsafe_img, unsafe_gen = self.model(torch.cat(inputs)).split(sizes)
         out = {"rec": F.mse_loss(rec, self.bank["train/benign/x"][b_img]),
-               "cal": F.mse_loss(cal, self.orig_benign_gen[b]),
+               "cal": self._calibration(cal, b),
                "refuse_img": refusal_loss(self.perceptual, unsafe_img),
                "refuse_feat": refusal_loss(self.perceptual, unsafe_gen)}
         if cal_feat:
@@ -203,6 +214,13 @@ class Protector:
             out["scramble"] = scramble_loss([a[:n_benign] for a in acts], orig, [a[n_benign:] for a in acts],
                                             self.scramble_targets)
         return out
+
+    def _calibration(self, decoded: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Benign UNet latents decode as the original decoder decodes them (`cal_weighting`)."""
+        target = self.orig_benign_gen[b]
+        if self.cal_weights is None:
+            return F.mse_loss(decoded, target)
+        return (self.cal_weights[b] * (decoded - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
     @torch.no_grad()
     def _make_scramble_targets(self) -> list[torch.Tensor]:
@@ -382,7 +400,7 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
                   "unet.w_scramble", "distill", "probe_detector", "unet.gate", "unet.min_benign_psnr",
                   "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat",
-                  "unet.probe_lora_rank")
+                  "unet.probe_lora_rank", "cal_weighting")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
