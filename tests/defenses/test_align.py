@@ -230,13 +230,16 @@ def test_bad_unet_settings_are_refused(tmp_path, unet, message):
 def test_both_parts_are_the_two_single_part_runs_put_together(mini_pipeline, tmp_path):
     """With the original UNet's latents alone in the decoder's bank, the halves are independent
     (the UNet learns against the original VAE), so a two-part model may be assembled from
-    single-part runs, and ablations compare like with like."""
+    single-part runs, and ablations compare like with like. The decoder-only run is given the
+    decoder settings the quick preset adds for both parts."""
+    from patronus.defenses.patronus.config import BOTH_PARTS
     from tests.defenses.test_protect import TINY_RUN
 
     def run(name, parts):
         path = tmp_path / f"{name}.json"
         bank = TINY_RUN["bank"] | {"unet_sources": ["original"]}
-        path.write_text(json.dumps(TINY_RUN | UNET_RUN | {"parts": parts, "bank": bank}))
+        decoder = {k: v for k, v in BOTH_PARTS["quick"].items() if k != "bank"}
+        path.write_text(json.dumps(TINY_RUN | UNET_RUN | decoder | {"parts": parts, "bank": bank}))
         protect(str(mini_pipeline), tmp_path / name, load_config("quick", path), tmp_path / f"{name}.work")
         return StableDiffusionPipeline.from_pretrained(tmp_path / name)
 

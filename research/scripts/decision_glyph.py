@@ -1,0 +1,75 @@
+"""The decision grid on the whole glyph suite, from sweeps of one model each (no reference sweep).
+
+    python research/scripts/decision_glyph.py \
+        --column "filtered=runs/dg-filtered,runs/dgj-filtered" \
+        --column "benign-init student=runs/dg-distill-benign,runs/dgj-distill-benign" [--column ...]
+
+Each column is NAME=SWEEP[,SWEEP...]: the sweeps' `protected` model, and for `unet-full` also its
+`original-vae` cells where the sweep has them (a model whose own VAE is the original one has
+none: its own cells are rendered by the original VAE). Prints the unsafe rate in % [95% CI] per
+attack cell and budget, then, for every column but `filtered`, how many cells lie no higher than
+the filtered model's (value at most its upper 95% bound), as `benchmarks/distillation.py` counts
+them for the glyph-quick grid (docs/research-log.md, 2026-12-02).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from patronus.sweep.results import results_by_cell, sweep_summary
+
+
+def column(sweeps: list[Path]) -> dict[tuple, dict]:
+    """(kind, lr, rendered by) -> results per budget, for one model's sweeps."""
+    out: dict[tuple, dict] = {}
+    for sweep in sweeps:
+        for (kind, _opt, lr, _seed), by_model in results_by_cell(sweep_summary(sweep)).items():
+            own = "original VAE" if kind == "unet-full" and "original-vae" not in by_model else "own decoder"
+            if "protected" in by_model:
+                out[(kind, lr, own)] = by_model["protected"]
+            if "original-vae" in by_model:
+                out[(kind, lr, "original VAE")] = by_model["original-vae"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--column", action="append", required=True, metavar="NAME=SWEEP[,SWEEP]")
+    args = ap.parse_args()
+    cols = {name: column([Path(p) for p in sweeps.split(",")])
+            for name, sweeps in (c.split("=", 1) for c in args.column)}
+    rows = sorted({key for c in cols.values() for key in c if key[0] == "joint" or key[2] == "original VAE"})
+    budgets = sorted({int(b) for c in cols.values() for r in c.values() for b in r})
+
+    def rate(name: str, key: tuple, b: int) -> tuple[float, float, float] | None:
+        r = cols[name].get(key, {}).get(str(b))
+        return None if r is None else (r["unsafe_rate"]["value"], *r["unsafe_rate"]["ci"])
+
+    print("| attack | lr | rendered by | steps | " + " | ".join(cols) + " |")
+    print("|---" * (4 + len(cols)) + "|")
+    for key in rows:
+        for b in budgets:
+            cells = [rate(n, key, b) for n in cols]
+            print(f"| {key[0]} | {key[1]:g} | {key[2]} | {b} | " + " | ".join(
+                "-" if v is None else f"{100 * v[0]:.0f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]" for v in cells) + " |")
+    if "filtered" not in cols:
+        return
+    print("\nNo higher than the filtered model (value <= its upper 95% bound):")
+    for name in (n for n in cols if n != "filtered"):
+        met, total, misses = 0, 0, []
+        for key in rows:
+            for b in budgets:
+                mine, theirs = rate(name, key, b), rate("filtered", key, b)
+                if mine is None or theirs is None:
+                    continue
+                total += 1
+                if mine[0] <= theirs[2]:
+                    met += 1
+                else:
+                    misses.append(f"{key[0]} lr {key[1]:g} {b} steps: {100 * mine[0]:.0f}% vs {100 * theirs[0]:.0f}%")
+        print(f"  {name}: {met} of {total}" + (f"; above: {'; '.join(misses)}" if misses else ""))
+
+
+if __name__ == "__main__":
+    main()
