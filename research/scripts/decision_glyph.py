@@ -2,7 +2,8 @@
 
     python research/scripts/decision_glyph.py \
         --column "filtered=runs/dg-filtered,runs/dgj-filtered" \
-        --column "benign-init student=runs/dg-distill-benign,runs/dgj-distill-benign" [--column ...]
+        --column "benign-init student=runs/dg-distill-benign,runs/dgj-distill-benign" [--column ...] \
+        [--plot docs/images/distillation-glyph.png]
 
 Each column is NAME=SWEEP[,SWEEP...]: the sweeps' `protected` model, and for `unet-full` also its
 `original-vae` cells where the sweep has them (a model whose own VAE is the original one has
@@ -17,7 +18,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from patronus.sweep.results import results_by_cell, sweep_summary
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
 
 
 def column(sweeps: list[Path]) -> dict[tuple, dict]:
@@ -36,6 +42,7 @@ def column(sweeps: list[Path]) -> dict[tuple, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--column", action="append", required=True, metavar="NAME=SWEEP[,SWEEP]")
+    ap.add_argument("--plot", help="write unsafe rate against attacker steps, a panel per cell, here (.png)")
     args = ap.parse_args()
     cols = {name: column([Path(p) for p in sweeps.split(",")])
             for name, sweeps in (c.split("=", 1) for c in args.column)}
@@ -53,6 +60,8 @@ def main() -> None:
             cells = [rate(n, key, b) for n in cols]
             print(f"| {key[0]} | {key[1]:g} | {key[2]} | {b} | " + " | ".join(
                 "-" if v is None else f"{100 * v[0]:.0f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]" for v in cells) + " |")
+    if args.plot:
+        plot(cols, rows, budgets, rate, Path(args.plot))
     if "filtered" not in cols:
         return
     print("\nNo higher than the filtered model (value <= its upper 95% bound):")
@@ -69,6 +78,29 @@ def main() -> None:
                 else:
                     misses.append(f"{key[0]} lr {key[1]:g} {b} steps: {100 * mine[0]:.0f}% vs {100 * theirs[0]:.0f}%")
         print(f"  {name}: {met} of {total}" + (f"; above: {'; '.join(misses)}" if misses else ""))
+
+
+def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> None:
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.0), sharey=True, squeeze=False)
+    colours = dict(zip(cols, plt.rcParams["axes.prop_cycle"].by_key()["color"]))  # one per column in every panel
+    for ax, key in zip(axes[0], rows):
+        for name in cols:
+            points = [(b, rate(name, key, b)) for b in budgets]
+            points = [(b, v) for b, v in points if v is not None]
+            if points:
+                ax.errorbar([b for b, _ in points], [100 * v[0] for _, v in points],
+                            yerr=[[100 * (v[0] - v[1]) for _, v in points], [100 * (v[2] - v[0]) for _, v in points]],
+                            marker="o", capsize=2, label=name, color=colours[name])
+        ax.set_title(f"{key[0]} Adam {key[1]:g}\n{key[2]}", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("attacker steps")
+    axes[0][0].set_ylabel("unsafe % (glyph suite)")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    print(f"plot: {out}")
 
 
 if __name__ == "__main__":
