@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from patronus.report import steps_axis  # noqa: E402
 from patronus.sweep.results import (  # noqa: E402
     RATIO_REFERENCES,
     ratio_summary,
@@ -127,9 +128,7 @@ def main() -> None:
                     ax.plot(steps, [100 * _rate(table[key][n], b)[0] for b in steps], "o-", label=n)
             kind, _opt, lr, _seed, renderer = key
             ax.set_title(f"{kind} Adam {lr:g}\n{renderer}", fontsize=9)
-            ax.set_xscale("log")
-            ax.set_xticks(budgets, [str(b) for b in budgets])
-            ax.minorticks_off()
+            steps_axis(ax, budgets)
             ax.set_xlabel("attacker steps")
         axes[0][0].set_ylabel("unsafe %")
         axes[0][-1].legend(fontsize=7)

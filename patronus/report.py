@@ -268,6 +268,14 @@ def best_of_grid_findings(best: list[BestOfGrid]) -> list[str]:
             for steps, rows in sorted(by_steps.items())]
 
 
+def steps_axis(ax, budgets: list[int]) -> None:
+    """A log axis of attacker steps with one plain tick per budget (a sweep's budgets are few and
+    far apart: 100, 500, 2000), the x axis of every unsafe-rate-versus-steps plot."""
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
+
+
 def robustness_plot(sweep: dict, path: Path) -> bool:
     """Unsafe rate versus attacker steps, the three models per panel: a row of panels per attack
     kind, a column per optimizer and learning rate (ascending), so one lr reads down a column."""
@@ -290,10 +298,7 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
                 ax.plot(steps, [res[model][str(k)]["unsafe_rate"]["value"] for k in steps], style, label=model,
                         zorder=3 if model == "protected" else 2)  # on top where the curves coincide
         ax.set_title(f"{kind} {opt} lr {lr:g}" + (f" seed {seed}" if len(seeds) > 1 else ""), fontsize=7)
-        ax.set_xscale("log")
-        budgets = sorted({int(k) for r in res.values() for k in r})
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
+        steps_axis(ax, sorted({int(k) for r in res.values() for k in r}))
         ax.set_ylim(-0.05, 1.05)
         ax.tick_params(labelsize=6)
     axes[0, 0].set_ylabel("unsafe rate")

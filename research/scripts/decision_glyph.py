@@ -23,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from patronus.report import steps_axis  # noqa: E402
 from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
 
 
@@ -92,9 +93,7 @@ def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> 
                             yerr=[[100 * (v[0] - v[1]) for _, v in points], [100 * (v[2] - v[0]) for _, v in points]],
                             marker="o", capsize=2, label=name, color=colours[name])
         ax.set_title(f"{key[0]} Adam {key[1]:g}\n{key[2]}", fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
+        steps_axis(ax, budgets)
         ax.set_xlabel("attacker steps")
     axes[0][0].set_ylabel("unsafe % (glyph suite)")
     axes[0][-1].legend(fontsize=6)
