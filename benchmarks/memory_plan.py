@@ -304,20 +304,25 @@ STATE_COPIES = {"adam": 2, "adamw": 2, "adadelta": 2, "rmsprop": 1, "sgd": 1}
 
 
 def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mixed: bool,
-                   proposed: bool = False, as_measured: bool = False) -> list[Phase]:
+                   proposed: bool = False, as_measured: bool = False, device: str = "cuda") -> list[Phase]:
     """Every phase of `protect` in one process, with what it holds. `s`: sizes under the run's
     precision (training steps run under autocast); `s32`: in float32 (set-up, probes and
     sampling run outside autocast). The UNet half frees its optimizers and gradients after each
-    stage, best checkpoints wait on the CPU, and with `vae_slicing` the decoder's no-gradient
-    passes run 8 latents at a time. `as_measured`: as the code ran when the GPU benchmark's row
-    was measured (2026-11-29), keeping alive what accelerate's prepared optimizers hold until
-    Python's cycle collector runs, the UNet's last gradients and the best checkpoints on the
-    device, and decoding 256 latents at once. `proposed`: with the frozen copies in bf16 too
-    (docs/reference/memory.md)."""
+    stage (and each step's gradients before probes), best checkpoints wait on the CPU (on a
+    `device` = "cpu" run that is the same memory, unless `best_checkpoint = "disk"`), the
+    teacher is held in `frozen_dtype`, a query's gradient is added to the sum one parameter at
+    a time, and with `vae_slicing` the decoder's no-gradient passes run 8 latents at a time.
+    `as_measured`: as the code ran when the GPU benchmark's row was measured (2026-11-29),
+    keeping alive what accelerate's prepared optimizers hold until Python's cycle collector
+    runs, the UNet's last gradients and the best checkpoints on the device, the whole query
+    gradient, and decoding 256 latents at once. `proposed`: with the other frozen copies in
+    bf16 too (docs/reference/memory.md)."""
     cast = 0.5 if mixed else 0.0  # autocast's 16-bit copy of each trained weight, per step
     frozen_copy = 0.5 if proposed else 1.0  # a frozen module's bytes per float32 byte
     linger = 1 if as_measured else 0
-    best = 1 if as_measured else 0
+    best = 1 if as_measured or (device == "cpu" and cfg.best_checkpoint == "memory") else 0
+    teacher_copy = 0.5 if (proposed or cfg.frozen_dtype == "bfloat16") and not as_measured else 1.0
+    whole_query_gradient = 1 if as_measured else 0  # now streamed into the sum (patronus.nft.maml)
     decode_batch = 8 if cfg.vae_slicing and not as_measured else 256
     u, ckpt = cfg.unet, cfg.gradient_checkpointing
     a_unet, a_unet32 = (s.unet_train_ckpt, s32.unet_train_ckpt) if ckpt else (s.unet_train, s32.unet_train)
@@ -327,7 +332,8 @@ def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mi
     W, D = s.unet, s.decoder
     phases: list[Phase] = []
     if "unet" in cfg.parts:
-        frozen = {"UNet": W, "teacher": frozen_copy * W, "VAE and text encoder": frozen_copy * (s.vae + s.text_encoder)}
+        frozen = {"UNet": W, "teacher": teacher_copy * W,
+                  "VAE and text encoder": frozen_copy * (s.vae + s.text_encoder)}
         n = u.n_train + u.n_query + u.n_probe
         phases.append(_phase("UNet set-up: encoding the defender's images", frozen,
                              activations=min(encode, n) * s32.encoder_forward))
@@ -353,7 +359,8 @@ def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mi
         phases += [
             _phase("UNet stage 2: simulated attack, inner step", held, attack,
                    activations=u.attacks.batch_sizes[1] * a_unet),
-            _phase("UNet stage 2: simulated attack, query", held, attack, query_gradient=W,
+            _phase("UNet stage 2: simulated attack, query", held, attack,
+                   query_gradient=(whole_query_gradient or bool(u.nft_implicit_iters)) * W,
                    activations=3 * u.query_batch * a_unet),
             _phase("UNet stage 2: defender's terms", held, query_gradient_sum=W, gradients=W,
                    autocast_copy=cast * W, activations=rows * a_unet),
@@ -386,7 +393,7 @@ def protect_phases(cfg: ProtectConfig, s: Sizes, s32: Sizes, resolution: int, mi
         phases += [
             _phase("decoder stage 2: simulated attack, inner step", held, attack,
                    activations=cfg.attacks.batch_sizes[1] * a_dec),
-            _phase("decoder stage 2: simulated attack, query", held, attack, query_gradient=D,
+            _phase("decoder stage 2: simulated attack, query", held, attack, query_gradient=whole_query_gradient * D,
                    activations=2 * q * a_dec, VGG_activations=q * s.vgg_train),
             _phase("decoder stage 2: defender's terms", held, terms, query_gradient_sum=D, gradients=D),
             _phase("decoder probe: a real decoder-full attack (float32)", held, probe_copy=s.vae, probe_gradients=D,
@@ -448,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="with the frozen copies in bf16 too, a change docs/reference/memory.md proposes")
     p.add_argument("--as-measured", action="store_true",
                    help="as the code ran when the GPU benchmark's row was measured (2026-11-29)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: the best checkpoint waits in the memory training uses (unless best_checkpoint = 'disk')")
     p.add_argument("--json", help="also write the sizes and every phase to this file")
     args = p.parse_args(argv)
     if args.benchmark_row:
@@ -462,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {"sizes": vars(sizes), "sizes_float32": vars(s32), "configs": {}}
     for name, cfg in configs:
         phases = protect_phases(cfg, sizes, s32, args.resolution, args.precision != "no", args.proposed,
-                                 args.as_measured)
+                                 args.as_measured, args.device)
         peak = max(phases, key=lambda ph: ph.bytes)
         phases += [attack_phase(sizes, args.batch, cfg.gradient_checkpointing),
                    evaluate_phase(s32, args.batch, cfg.vae_slicing)]

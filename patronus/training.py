@@ -116,8 +116,10 @@ class Checkpointer:
     def all(self) -> list[Path]:
         return sorted(self.folder.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
 
-    def save(self, tag: int, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> Path:
-        """Every process calls this (accelerate saves each process's RNG state); the main one writes the rest."""
+    def save(self, tag: int, state: dict, tensors: dict[str, torch.Tensor] | None = None,
+             files: dict[str, Path] | None = None) -> Path:
+        """Every process calls this (accelerate saves each process's RNG state); the main one writes
+        the rest, and links (or copies) `files` in under their names."""
         acc = self.accelerator
         tmp = self.folder / f"tmp-checkpoint-{tag}"
         if acc.is_main_process:
@@ -132,6 +134,8 @@ class Checkpointer:
                     (tmp / self.SCHEDULERS).write_text(json.dumps([s.state_dict() for s in self.schedulers]))
                 if tensors:
                     save_file(tensors, tmp / self.TENSORS)
+                for name, src in (files or {}).items():
+                    _replace_with_link(src, tmp / name)
         except OSError as e:  # disk full, quota, read-only: the older checkpoints are untouched
             shutil.rmtree(tmp, ignore_errors=True)
             previous = self.all()
@@ -182,22 +186,41 @@ EXTRA = "extra/"  # RunState.extra's prefix in a checkpoint's tensors; weight na
 class RunState:
     """Where a probed training run is (stage, step), its probes, and the best checkpoint's
     weights so far; saved with every checkpoint so that a resumed run ends exactly where an
-    unbroken one does. Probes are ranked by the keys in `rank_by`, compared in order."""
+    unbroken one does. Probes are ranked by the keys in `rank_by`, compared in order. With
+    `best_on_disk` the best weights wait in `BEST` in the checkpoint folder (each checkpoint
+    links to its version) instead of in CPU memory: a UNet's worth less at SD-1.5 widths."""
 
-    def __init__(self, checkpointer: Checkpointer, rank_by: tuple[str, ...] = ("feasible", "score", "benign_psnr")):
-        self.checkpointer, self.rank_by = checkpointer, rank_by
+    BEST = "best.safetensors"
+
+    def __init__(self, checkpointer: Checkpointer, rank_by: tuple[str, ...] = ("feasible", "score", "benign_psnr"),
+                 best_on_disk: bool = False):
+        self.checkpointer, self.rank_by, self.best_on_disk = checkpointer, rank_by, best_on_disk
         self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}, "losses": {}}
-        self.best_weights: dict[str, torch.Tensor] = {}
+        self._best: dict[str, torch.Tensor] = {}  # in memory, without `best_on_disk`
         self.extra: dict[str, torch.Tensor] = {}  # other tensors the loop resumes from (kept as "extra/NAME")
         self._since = time.time()
+
+    @property
+    def _best_file(self) -> Path:
+        return self.checkpointer.folder / self.BEST
+
+    def best_weights(self) -> dict[str, torch.Tensor]:
+        """The best checkpoint's weights (on the CPU), for `load_state_dict` at the end of a run."""
+        return load_file(self._best_file) if self.best_on_disk else self._best
 
     def restore(self) -> None:
         restored = self.checkpointer.restore()
         if restored is not None:
             self.state, tensors = restored
-            self.best_weights = {k: v for k, v in tensors.items() if not k.startswith(EXTRA)}
+            self._best = {k: v for k, v in tensors.items() if not k.startswith(EXTRA)}
             device = self.checkpointer.accelerator.device  # load_file reads onto the CPU
             self.extra = {k.removeprefix(EXTRA): v.to(device) for k, v in tensors.items() if k.startswith(EXTRA)}
+            saved = self.checkpointer.all()[-1] / self.BEST
+            if self.best_on_disk and self.checkpointer.accelerator.is_main_process:
+                if saved.exists():
+                    _replace_with_link(saved, self._best_file)
+                else:  # a probe after the checkpoint; the resumed run plays it again
+                    self._best_file.unlink(missing_ok=True)
         self._since = time.time()
 
     def worked_seconds(self) -> float:
@@ -213,8 +236,9 @@ class RunState:
     def save(self) -> None:
         self.state["timing"]["worked_seconds"] = self.worked_seconds()
         self._since = time.time()
-        tensors = self.best_weights | {EXTRA + k: v.contiguous() for k, v in self.extra.items()}
-        self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, tensors)
+        tensors = self._best | {EXTRA + k: v.contiguous() for k, v in self.extra.items()}
+        files = {self.BEST: self._best_file} if self.best_on_disk and self._best_file.exists() else {}
+        self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, tensors, files)
 
     def record_probe(self, result: dict, model: torch.nn.Module) -> None:
         """Keep the probe; keep `model`'s weights when it is the best checkpoint so far (for the
@@ -223,5 +247,26 @@ class RunState:
         best, key = self.state["best"], self.rank_by
         if best is None or tuple(result[k] for k in key) > tuple(best[k] for k in key):
             self.state["best"] = result
-            # On the CPU: on a GPU a UNet-sized copy would sit beside the training state until the end.
-            self.best_weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+            if not self.best_on_disk:
+                # On the CPU: on a GPU a UNet-sized copy would sit beside the training state until the end.
+                self._best = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+            else:
+                acc = self.checkpointer.accelerator
+                if acc.is_main_process:
+                    self._best_file.parent.mkdir(parents=True, exist_ok=True)  # a probe can come before any checkpoint
+                    tmp = self._best_file.with_suffix(".tmp")
+                    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp)
+                    tmp.replace(self._best_file)  # a new file: the checkpoints' links keep the old one
+                acc.wait_for_everyone()
+
+
+def _replace_with_link(src: Path, dst: Path) -> None:
+    """`dst` becomes `src`'s content: a hard link (no copy of a UNet's weights), or a copy where
+    the file system has none."""
+    tmp = dst.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.hardlink_to(src)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    tmp.replace(dst)

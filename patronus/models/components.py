@@ -4,7 +4,8 @@
 fine-tune: `post_quant_conv` followed by `decoder`, sharing parameters with the pipeline's
 AutoencoderKL, applied to *unscaled* latents exactly like `AutoencoderKL.decode`. The encoder
 is never part of it. `reinitialise` builds the scratch reference of an attack: the same
-pipeline with the components the attack trains drawn afresh.
+pipeline with the components the attack trains drawn afresh. `hold_frozen_in` keeps a frozen
+copy in a lower precision behind a float32 interface.
 """
 
 from __future__ import annotations
@@ -16,6 +17,38 @@ import torch.nn as nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
+
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """`value` with every floating-point tensor in it (tuples, lists, dicts, dataclass outputs) in `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):  # diffusers' BaseOutput is an OrderedDict with attributes
+        for k in list(value):
+            value[k] = _cast_floats(value[k], dtype)
+        return value
+    return value
+
+
+def hold_frozen_in(module: nn.Module, dtype: str) -> nn.Module:
+    """Keep a frozen `module`'s weights in `dtype` ("float32": unchanged) and make it take and
+    give float32 tensors, so that its callers and pipelines work as before; only its memory
+    (half, in bfloat16) and its rounding change. Hooks on its inner layers see `dtype`."""
+    if dtype not in FROZEN_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(FROZEN_DTYPES)}")
+    if dtype == "float32":
+        return module
+    low = FROZEN_DTYPES[dtype]
+    module.requires_grad_(False).to(low)
+    module.register_forward_pre_hook(lambda _m, args, kwargs: (_cast_floats(args, low), _cast_floats(kwargs, low)),
+                                     with_kwargs=True)
+    module.register_forward_hook(lambda _m, _args, out: _cast_floats(out, torch.float32))
+    return module
+
 
 # What an attack can train, and so what a scratch reference re-initialises (in this order).
 COMPONENTS = ("unet", "decoder", "text_encoder")

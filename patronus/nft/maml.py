@@ -78,6 +78,27 @@ def _checkpoints_follow_the_call(module: torch.nn.Module) -> Iterator[None]:
             m._gradient_checkpointing_func = func
 
 
+def _accumulate_gradient(loss: torch.Tensor, params: Params, into: Params, weight: float) -> None:
+    """`into[k] += weight * d loss / d params[k]`, each parameter's gradient added and freed as the
+    backward pass produces it: one parameter's gradient alive at a time instead of a model's worth
+    (3.2 GiB at SD-1.5 widths). The same numbers as `torch.autograd.grad` and a loop."""
+    done: set[str] = set()
+
+    def add(p: torch.Tensor, k: str) -> None:
+        into[k] += weight * p.grad
+        p.grad = None
+        done.add(k)
+
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, k=k: add(p, k)) for k, p in params.items()]
+    try:
+        torch.autograd.backward(loss, inputs=list(params.values()))
+    finally:
+        for h in hooks:
+            h.remove()
+    if missing := set(params) - done:  # as torch.autograd.grad refuses an unused input
+        raise RuntimeError(f"the query loss does not depend on {len(missing)} parameters, e.g. {min(missing)}")
+
+
 def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner_loss: InnerLoss,
                          query_loss: QueryLoss, queries: int, generator: torch.Generator,
                          weighting: str = "uniform", lora_targets: tuple[str, ...] | None = None,
@@ -114,13 +135,15 @@ def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner
             if step in weight:
                 adapted = {k: v.detach().requires_grad_(True) for k, v in effective().items()}
                 q = query_loss(adapted)
-                qg = dict(zip(adapted, torch.autograd.grad(q, list(adapted.values()))))
-                torch.clear_autocast_cache()  # nor keep the query's copies for the rest of the step
                 if implicit:
+                    qg = dict(zip(adapted, torch.autograd.grad(q, list(adapted.values()))))
                     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
                     qg, _ = implicit_gradient(qg, adapted, inner_loss, seed, *implicit)
-                for k, g in qg.items():
-                    grads[k] += weight[step] * g
+                    for k, g in qg.items():
+                        grads[k] += weight[step] * g
+                else:
+                    _accumulate_gradient(q, adapted, grads, weight[step])
+                torch.clear_autocast_cache()  # nor keep the query's copies for the rest of the step
                 loss_sum += weight[step] * q.item()
     return grads, loss_sum
 

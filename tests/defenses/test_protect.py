@@ -166,6 +166,41 @@ def test_an_unknown_calibration_weighting_is_refused(cfg):
         replace(cfg, cal_weighting="dark")
 
 
+@pytest.mark.parametrize("setting", [{"frozen_dtype": "float16"}, {"best_checkpoint": "gpu"}])
+def test_unknown_memory_settings_are_refused(cfg, setting):
+    from dataclasses import replace
+
+    from patronus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(setting))):
+        replace(cfg, **setting)
+
+
+def test_the_best_checkpoint_on_disk_survives_a_resume_and_stays_the_best(tmp_path):
+    """best_checkpoint = "disk": the best weights live in a file the checkpoints link to; a worse
+    probe leaves them, a resume from a checkpoint brings back that checkpoint's best."""
+    from accelerate import Accelerator
+
+    from patronus.training import Checkpointer, RunState
+
+    model = torch.nn.Linear(3, 2)
+    run = RunState(Checkpointer(Accelerator(cpu=True), tmp_path / "stage2"), rank_by=("score",), best_on_disk=True)
+    run.record_probe({"score": 1.0}, model)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    run.save()  # the checkpoint links to the first best
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    run.record_probe({"score": 0.5}, model)  # worse: kept out
+    assert all(torch.equal(run.best_weights()[k], first[k]) for k in first)
+    run.record_probe({"score": 2.0}, model)  # better, after the checkpoint: then a kill
+    assert torch.equal(run.best_weights()["weight"], model.weight)
+    assert not run._best  # nothing held in memory
+    again = RunState(Checkpointer(Accelerator(cpu=True), tmp_path / "stage2"), rank_by=("score",), best_on_disk=True)
+    again.restore()
+    assert again.state["best"] == {"score": 1.0}
+    assert all(torch.equal(again.best_weights()[k], first[k]) for k in first)
+
+
 def test_uniform_calibration_is_plain_mse_and_near_black_changes_only_the_calibration(mini_pipeline, tmp_path, cfg):
     from dataclasses import replace
 

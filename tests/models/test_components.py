@@ -1,7 +1,9 @@
+import copy
+
 import pytest
 import torch
 
-from patronus.models.components import DecoderHead, encode_latents, reinitialise
+from patronus.models.components import DecoderHead, encode_latents, hold_frozen_in, reinitialise
 from patronus.models.registry import load_pipeline
 
 
@@ -37,3 +39,21 @@ def test_encode_latents_matches_the_vae_and_decoder_head_matches_decode(pipe):
         torch.testing.assert_close(mean, d.mean)
         torch.testing.assert_close(std, d.std)
         torch.testing.assert_close(DecoderHead(pipe.vae)(mean), pipe.vae.decode(mean).sample)
+
+
+def test_a_frozen_copy_in_bfloat16_takes_and_gives_float32(pipe):
+    """frozen_dtype = "bfloat16": the teacher's weights in half the memory, its callers unchanged."""
+    unet = pipe.unet
+    low = hold_frozen_in(copy.deepcopy(unet), "bfloat16")
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    assert hold_frozen_in(unet, "float32") is unet and unet.dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    h = torch.randn(2, 4, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = unet(x, torch.tensor([10, 500]), h, return_dict=False)[0]
+        got = low(x, torch.tensor([10, 500]), encoder_hidden_states=h).sample
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16 rounding, not another function
+    with pytest.raises(ValueError, match="float16"):
+        hold_frozen_in(unet, "float16")

@@ -10,6 +10,7 @@ from patronus.models.components import DecoderHead
 from patronus.models.tiny import build_vae
 from patronus.nft.lora import LoRAView
 from patronus.nft.maml import (
+    _accumulate_gradient,
     implicit_gradient,
     nft_surrogate,
     query_weights,
@@ -101,6 +102,23 @@ def test_first_order_leaves_the_module_untouched_and_matches_a_manual_attack():
                 manual[k] += gq
     for k in grads:
         torch.testing.assert_close(grads[k], manual[k] / len(attack.query_steps(2)), rtol=1e-4, atol=1e-6)
+
+
+def test_the_query_gradient_is_added_parameter_by_parameter_with_the_same_numbers():
+    """The streamed sum (one parameter's gradient alive at a time) is bit-identical to
+    torch.autograd.grad followed by a loop, and refuses an unused parameter as autograd.grad does."""
+    head, _, _, _, query = _setup()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in head.named_parameters()}
+    start = {k: torch.randn_like(v) for k, v in params.items()}
+    expected = {k: v.clone() for k, v in start.items()}
+    for (k, _), g in zip(params.items(), torch.autograd.grad(query(params), list(params.values()))):
+        expected[k] += 0.37 * g
+    _accumulate_gradient(query(params), params, start, 0.37)
+    assert all(torch.equal(start[k], expected[k]) for k in params)
+    assert all(p.grad is None for p in params.values())  # nothing left behind on the leaves
+    extra = params | {"unused": torch.zeros(3, requires_grad=True)}
+    with pytest.raises(RuntimeError, match="does not depend on 1 parameters"):
+        _accumulate_gradient(query(params), extra, start | {"unused": torch.zeros(3)}, 1.0)
 
 
 @pytest.mark.parametrize("update", ["full", "lora"])

@@ -56,7 +56,7 @@ from patronus.defenses.patronus.losses import Perceptual, make_perceptual, rando
 from patronus.detectors import detect_decoded, make_detector
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_tensor, to_uint8
-from patronus.models.components import encode_latents
+from patronus.models.components import encode_latents, hold_frozen_in
 from patronus.models.registry import load_pipeline
 from patronus.models.sampling import generate_latents
 from patronus.nft.maml import InnerLoss, QueryLoss, nft_surrogate, simulate_first_order
@@ -168,7 +168,7 @@ class Aligner:
         for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             m.requires_grad_(False)
         self.unet: UNet2DConditionModel = self.pipe.unet
-        self.teacher = copy.deepcopy(self.unet).eval()
+        self.teacher = hold_frozen_in(copy.deepcopy(self.unet).eval(), cfg.frozen_dtype)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if cfg.vae_slicing:
@@ -202,7 +202,7 @@ class Aligner:
         x_t, t, _ = self.noised(part, idx, step_generator(self.cfg.seed, SCRAMBLE_SEED))
         with capture_outputs(_scramble_layers(self.teacher)) as acts:
             self.teacher(x_t, t, part.hidden[idx], return_dict=False)
-        return random_patterns(acts, step_generator(self.cfg.seed, SCRAMBLE_SEED + 1))
+        return random_patterns([a.float() for a in acts], step_generator(self.cfg.seed, SCRAMBLE_SEED + 1))
 
     # --- targets -------------------------------------------------------------------------------
     def noised(self, part: Partition, idx: torch.Tensor | slice, g: torch.Generator):
@@ -304,8 +304,8 @@ class Aligner:
             terms["unknown"] = F.mse_loss(unknown[0], teacher_unknown)
         if scramble:  # rows: the refusal inputs (unsafe prompts), then the benign conditional ones
             n_r, n_b = sizes[0], sizes[1]
-            terms["scramble"] = scramble_loss([a[n_r:n_r + n_b] for a in acts], orig, [a[:n_r] for a in acts],
-                                              self.scramble_targets)
+            terms["scramble"] = scramble_loss([a[n_r:n_r + n_b] for a in acts], [o.float() for o in orig],
+                                              [a[:n_r] for a in acts], self.scramble_targets)
         return terms
 
     def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -496,7 +496,8 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
     opt = torch.optim.Adam(a.unet.requires_grad_(True).parameters(), lr=u.nft_lr)
     a.model, opt = acc.prepare(a.unet, opt)
     tie_break = "benign_class_match" if u.gate == "class" else "benign_psnr"
-    run = RunState(Checkpointer(acc, folder), rank_by=("feasible", "score", tie_break))
+    run = RunState(Checkpointer(acc, folder), rank_by=("feasible", "score", tie_break),
+                   best_on_disk=cfg.best_checkpoint == "disk")
     if resume:
         run.restore()
     state = run.state
@@ -508,38 +509,52 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
         acc.print(f"UNet probe at stage-2 step {step}: {json.dumps(result)}")
         run.record_probe(result, a.unet)
 
+    def nft_term(step: int) -> tuple[torch.Tensor, float, str, int]:
+        """The first-order MAML term of one step, its query loss, a label and the inner steps played.
+        A function of its own so that the query-gradient sum lives only in the term's graph, freed
+        by the backward pass (a UNet's worth of memory during probes and checkpoints)."""
+        g = _step_generator(cfg.seed, 2, step)
+        query, n, grads, q_value, names, inner = a.query_loss_fn(g), u.nft_attacks_per_step, {}, 0.0, [], 0
+        for k in range(n):  # one query batch, n attacks: their gradients averaged
+            rng = np.random.default_rng([cfg.seed, 12, step, acc.process_index] + ([k] if k else []))
+            attack = sample_attack(rng, u.attacks)
+            gk = g if k == 0 else _step_generator(mix_seed(cfg.seed, k), 2, step)
+            gr, q = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size), query,
+                                         u.attacks.queries_per_attack, gk, u.attacks.query_weighting,
+                                         tuple(UNET_LORA_TARGETS), offset=run.extra or None,
+                                         implicit=((u.nft_implicit_alpha, u.nft_implicit_iters)
+                                                   if u.nft_implicit_iters else None))
+            if grads:
+                for key, v in gr.items():
+                    grads[key] += v
+            else:
+                grads = gr
+            q_value, inner = q_value + q / n, inner + attack.steps
+            names.append(f"{attack.optimizer}/{attack.update}x{attack.steps}")
+        for v in grads.values():
+            v.div_(n)
+        what = ((names[0] if n == 1 else f"{n} attacks") + ("+anchor" if run.extra else "")
+                + ("+implicit" if u.nft_implicit_iters else ""))
+        return nft_surrogate(a.unet, grads), q_value, what, inner
+
     t0, inner_total, first = time.time(), 0, state["step"]
     bar = tqdm(range(state["step"], u.nft_steps), initial=state["step"], total=u.nft_steps,
                desc="UNet stage 2 (non-fine-tunable)", disable=not acc.is_main_process)
+    opt.zero_grad(set_to_none=True)  # the anchor's attack copies the UNet, gradients and all
     for step in bar:
-        opt.zero_grad(set_to_none=True)  # first: the anchor's attack copies the UNet, gradients and all
         if u.w_nft and u.nft_anchor_every and step % u.nft_anchor_every == 0:
             # Every process plays the same attack (N times the cost); checkpointed for resuming.
             run.extra = a.anchor_offset(step)
         with acc.autocast():  # the simulated attack too: every forward of the step
             nft, q_value, what = torch.zeros((), device=acc.device), float("nan"), "none"
             if u.w_nft:
-                g = _step_generator(cfg.seed, 2, step)
-                query, n, grads, q_value, names = a.query_loss_fn(g), u.nft_attacks_per_step, {}, 0.0, []
-                for k in range(n):  # one query batch, n attacks: their gradients averaged
-                    rng = np.random.default_rng([cfg.seed, 12, step, acc.process_index] + ([k] if k else []))
-                    attack = sample_attack(rng, u.attacks)
-                    gk = g if k == 0 else _step_generator(mix_seed(cfg.seed, k), 2, step)
-                    gr, q = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size), query,
-                                                 u.attacks.queries_per_attack, gk, u.attacks.query_weighting,
-                                                 tuple(UNET_LORA_TARGETS), offset=run.extra or None,
-                                                 implicit=((u.nft_implicit_alpha, u.nft_implicit_iters)
-                                                           if u.nft_implicit_iters else None))
-                    grads = {key: grads[key] + v for key, v in gr.items()} if grads else gr
-                    q_value, inner_total = q_value + q / n, inner_total + attack.steps
-                    names.append(f"{attack.optimizer}/{attack.update}x{attack.steps}")
-                nft = nft_surrogate(a.unet, {key: v / n for key, v in grads.items()})
-                what = ((names[0] if n == 1 else f"{n} attacks") + ("+anchor" if run.extra else "")
-                        + ("+implicit" if u.nft_implicit_iters else ""))
+                nft, q_value, what, inner = nft_term(step)
+                inner_total += inner
             t = a.terms(_step_generator(cfg.seed, 3, step))
             loss = u.w_nft * nft + a.loss(t)
         acc.backward(loss)
         opt.step()
+        opt.zero_grad(set_to_none=True)  # nor keep the gradients through probes, checkpoints, the decoder half
         state["step"] = step + 1
         run.log(2, loss)
         bar.set_postfix(query=f"{q_value:.4f}", refuse=f"{t['refuse'].item():.4f}",
@@ -554,7 +569,6 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
         state["timing"]["mean_inner_steps"] = inner_total / (state["step"] - first)
     if u.nft_steps == 0 and not state["probes"]:
         maybe_probe(0)
-    opt.zero_grad(set_to_none=True)  # the last step's gradients would follow the UNet into the decoder half
-    a.unet.load_state_dict(run.best_weights)
+    a.unet.load_state_dict(run.best_weights())
     a.model = a.unet.requires_grad_(False)
     return state

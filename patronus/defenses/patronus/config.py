@@ -14,6 +14,7 @@ from patronus.config import build, merge, read_config_file
 from patronus.defenses.patronus.bank import UNET_SOURCES, FeatureBankConfig
 from patronus.detectors import DETECTORS
 from patronus.errors import ConfigError
+from patronus.models.components import FROZEN_DTYPES
 from patronus.nft.space import AttackSpaceConfig
 from patronus.training import OPTIMIZERS
 
@@ -335,6 +336,13 @@ class ProtectConfig:
     # runs under its autocast.
     gradient_checkpointing: bool = False
     vae_slicing: bool = False
+    # The UNet half's frozen teacher in "float32" or "bfloat16" (half its memory, a UNet's worth
+    # at SD-1.5 widths: 1.6 GiB; its targets rounded to bf16). Training always runs in float32
+    # weights; accelerate's mixed precision is separate.
+    frozen_dtype: str = "float32"
+    # Where the best checkpoint's weights wait until the end of a stage: "memory" (CPU memory) or
+    # "disk" (a file in the run's work directory: one UNet's worth of CPU memory less).
+    best_checkpoint: str = "memory"
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
@@ -355,6 +363,10 @@ class ProtectConfig:
         if "unet" in self.parts and self.unet.gate == "class" and self.probe_detector != "glyphnet":
             raise ConfigError(f"unet.gate = 'class' compares GlyphNet's classes with the glyph world's labels; "
                               f"with probe_detector = {self.probe_detector!r} set unet.gate = 'fidelity'")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ConfigError(f"unknown frozen_dtype {self.frozen_dtype!r}; choose one of {', '.join(FROZEN_DTYPES)}")
+        if self.best_checkpoint not in ("memory", "disk"):
+            raise ConfigError(f"best_checkpoint must be 'memory' or 'disk', got {self.best_checkpoint!r}")
         if self.cal_weighting not in CAL_WEIGHTINGS:
             raise ConfigError(f"unknown cal_weighting {self.cal_weighting!r}; "
                               f"choose one of {', '.join(CAL_WEIGHTINGS)}")

@@ -361,7 +361,7 @@ def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
     # one every training forward goes through. The schedule is not prepared (a prepared one
     # would step once per process); the checkpoints keep it as JSON.
     p.model, opt1, opt2 = accelerator.prepare(p.head, opt1, opt2)
-    run = RunState(Checkpointer(accelerator, workdir, schedulers=(sched,)))
+    run = RunState(Checkpointer(accelerator, workdir, schedulers=(sched,)), best_on_disk=cfg.best_checkpoint == "disk")
     if resume:
         run.restore()
     setup_seconds = time.time() - t_start  # this session's; the training time of every session is in `run`
@@ -377,7 +377,7 @@ def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
     stage2_non_fine_tunable(p, opt2, run)
 
     check_replicas_agree(accelerator, p.head, "the decoder")
-    p.head.load_state_dict(run.best_weights)
+    p.head.load_state_dict(run.best_weights())
     if state_digest(p.vae.encoder) != p.encoder_digest:
         raise RuntimeError("the VAE encoder changed during protection; this is a bug")
     # Every session's time: a resumed run's cost is not only its last session's.
@@ -400,7 +400,7 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
                   "unet.w_scramble", "distill", "probe_detector", "unet.gate", "unet.min_benign_psnr",
                   "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat",
-                  "unet.probe_lora_rank", "cal_weighting")
+                  "unet.probe_lora_rank", "cal_weighting", "frozen_dtype", "best_checkpoint")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
