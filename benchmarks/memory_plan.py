@@ -80,13 +80,14 @@ class _Autocast(TorchFunctionMode):
 
     def __init__(self, dtype: torch.dtype | None):
         super().__init__()
-        self.dtype, self.weight_casts = dtype, set()
+        self.dtype, self.weight_casts, self.keep = dtype, set(), []
 
     def cast(self, value, dtype):
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
             out = value.to(dtype)
-            if value.requires_grad and value.is_leaf:
+            if value.requires_grad and value.is_leaf and torch.is_grad_enabled():
                 self.weight_casts.add(out.untyped_storage()._cdata)
+                self.keep.append(out)  # alive, so that no later tensor reuses its storage's address
             return out
         if isinstance(value, (list, tuple)):
             return type(value)(self.cast(v, dtype) for v in value)
@@ -153,12 +154,17 @@ def saved_bytes(module: torch.nn.Module, forward: Callable[[], torch.Tensor], dt
     autocast = _Autocast(dtype)
     block_inputs: dict[int, int] = {}
     largest = 0
+    # Storages are told apart by address: every tensor counted is kept alive until the count is
+    # done, or a freed one's address, reused by a later tensor, would merge the two (the count
+    # then varied by about 1% from run to run). Fake tensors hold no memory.
+    keep: list[torch.Tensor] = []
 
     def counter(into: dict[int, int]):
         def pack(t: torch.Tensor) -> torch.Tensor:
             key = t.untyped_storage()._cdata
             if key not in params and key not in autocast.weight_casts:
                 into[key] = t.untyped_storage().nbytes()
+                keep.append(t)
             return t
         return pack
 
@@ -167,6 +173,7 @@ def saved_bytes(module: torch.nn.Module, forward: Callable[[], torch.Tensor], dt
         for a in args:
             if isinstance(a, torch.Tensor):
                 block_inputs[a.untyped_storage()._cdata] = a.untyped_storage().nbytes()
+                keep.append(a)
         inside: dict[int, int] = {}
         with torch.autograd.graph.saved_tensors_hooks(counter(inside), lambda t: t):
             out = block(*args)
