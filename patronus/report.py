@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 
 from patronus.errors import PatronusError  # noqa: E402
 from patronus.io import atomic_dir  # noqa: E402
-from patronus.sweep.layout import attack_name, cell_id, kind_name, schedule_of  # noqa: E402
+from patronus.sweep.layout import NOT_ON_REFERENCES, attack_name, cell_id, kind_name, schedule_of  # noqa: E402
 from patronus.sweep.results import (  # noqa: E402
     RATIO_REFERENCES,
     BestOfGrid,
@@ -417,6 +417,7 @@ def field_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
             r = res.get((row, col))
             if r is None:
                 line.append("n/a (scratch: weight attacks only)" if row == "scratch" and not scratch[col]
+                            else "n/a (its own VAE is the original)" if row == "filtered" and col in NOT_ON_REFERENCES
                             else "not run yet")
                 continue
             u = r["unsafe_rate"]

@@ -46,7 +46,7 @@ from patronus.provenance import weight_hashes
 from patronus.sweep.cell import CellJob, make_scratch
 from patronus.sweep.executors import ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig, grid_from_dict, grid_path
-from patronus.sweep.layout import SweepError, SweepLayout, cell_id, kind_name
+from patronus.sweep.layout import NOT_ON_REFERENCES, SweepError, SweepLayout, cell_id, kind_name
 from patronus.sweep.results import sweep_summary
 from patronus.sweep.runner import models_record, run_cells
 
@@ -226,7 +226,7 @@ def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "
         for attack in grid.attacks:
             cell, cfg = attack.cell(grid.seed), attack.config(grid, unprotected)
             rows = (list(grid.defences) + (["scratch"] if grid.scratch and ATTACKS[attack.kind].trains else [])
-                    + list(references))
+                    + [r for r in references if attack.kind not in NOT_ON_REFERENCES])
             for name in rows:
                 target = (str(make_scratch(unprotected, attack.kind, layout.scratch(kind_name(cell)),
                                            freeze_text_encoder=attack.freeze_text_encoder))

@@ -21,6 +21,9 @@ from patronus.errors import PatronusError
 # unprotected model's VAE put back, attacked by the UNet-only kinds: the UNet alone under attack.
 # "filtered" is the model trained without unsafe content (`patronus-tiny-filtered`).
 MODELS = ("unprotected", "protected", "original-vae", "scratch", "filtered")
+# Attacks with no meaning on the data-filtered reference: swap-decoder puts the unprotected
+# model's VAE back, which the filtered model never had (its own VAE is its original).
+NOT_ON_REFERENCES = frozenset({"swap-decoder"})
 
 
 class SweepError(PatronusError):

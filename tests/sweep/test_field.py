@@ -48,6 +48,19 @@ def test_field_grid_runs_every_cell_resumes_and_reports(mini_pipeline, tmp_path,
     assert (tmp_path / "report" / "field-1.png").exists()
 
 
+def test_the_filtered_row_has_no_swap_cell(mini_pipeline, tmp_path):
+    """swap-decoder puts the unprotected model's VAE back; the filtered model never had it (its own
+    VAE is its original), so its row has no such cell and the table says why."""
+    grid = field_grid_from_dict(GRID | {"defences": ["none"], "filtered": True,
+                                        "attacks": [{"kind": "none"}, {"kind": "swap-decoder"}]}, "test")
+    out = tmp_path / "field"
+    summary = run_field(str(mini_pipeline), grid, out, unprotected=str(mini_pipeline), filtered=str(mini_pipeline))
+    assert {(c["model"], c["cell"]["kind"]) for c in summary["cells"]} == {
+        ("none", "none"), ("none", "swap-decoder"), ("filtered", "none")}
+    md = (build_report([out], tmp_path / "report").parent / "report.md").read_text()
+    assert "n/a (its own VAE is the original)" in md
+
+
 def test_the_half_rows_put_the_other_part_of_the_unprotected_model_back(mini_pipeline, tmp_path):
     protected = tmp_path / "protected"
     shutil.copytree(mini_pipeline, protected)
