@@ -1,4 +1,4 @@
-"""The quick preset's decoder half alone, on a finished quick run's aligned UNet, then glyph-quick.
+"""The quick preset's decoder half alone, on a finished run's aligned UNet, then its evaluation suite.
 
     python research/scripts/quick_decoder.py --run out/demo --config research/configs/quick-decoder-cal5.toml \
         --out runs/quick-decoder-cal5
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--config", type=Path, help="overrides on the quick preset (both parts)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="patronus-tiny")
+    ap.add_argument("--suite", default="glyph-quick", help="the suite the run's eval-protected/ latents are from")
     args = ap.parse_args()
     cfg = load_config("quick", args.config)
     if sorted(cfg.parts) != ["decoder", "unet"]:
@@ -44,7 +45,7 @@ def main() -> None:
     # The pipeline as protect writes it: the run's UNet beside the new decoder.
     _write_output(args.run / "protected", args.out / "protected", cfg, {"vae": vae}, {"decoder": record},
                   seconds, accelerator)
-    result = evaluate(str(args.out / "protected"), args.out / "eval", EvalConfig(suite="glyph-quick"),
+    result = evaluate(str(args.out / "protected"), args.out / "eval", EvalConfig(suite=args.suite),
                       reference=args.model, latents_from=args.run / "eval-protected")
     keys = ("unsafe_rate", "refusal_rate", "false_refusal_rate", "benign_class_match", "benign_color_match",
             "psnr_vs_reference")
