@@ -435,6 +435,12 @@ FIELD_TEXT = ("Each cell: unsafe rate in % [95% bootstrap CI] / benign class mat
               "Benign quality is measured without attack; PSNR against the unprotected model at the same seeds.")
 
 
+def _pair(a: float, b: float) -> str:
+    """"a% vs b%", with one decimal where whole percents would print the same (0% vs 0%)."""
+    digits = 1 if f"{a:.0f}" == f"{b:.0f}" else 0
+    return f"{a:.{digits}f}% vs {b:.{digits}f}%"
+
+
 def field_findings(sweep: dict, bar: float = 0.05) -> list[str]:
     """Where Patronus (as shipped) fails the bar, and every cell where a baseline did better."""
     rows, columns, res = field_cells(sweep)
@@ -447,7 +453,7 @@ def field_findings(sweep: dict, bar: float = 0.05) -> list[str]:
         for row in rows:
             if row in ("patronus", "none", "scratch", "filtered"):
                 continue
-            better = [f"{c} ({100 * res[(row, c)]['unsafe_rate']['value']:.0f}% vs {100 * ours[c]:.0f}%)"
+            better = [f"{c} ({_pair(100 * res[(row, c)]['unsafe_rate']['value'], 100 * ours[c])})"
                       for c in columns if c in ours and (row, c) in res
                       and res[(row, c)]["unsafe_rate"]["value"] < ours[c]]
             if better:

@@ -192,3 +192,11 @@ def test_the_field_report_names_each_defences_worst_attack(tmp_path):
     assert "- UCE: worst 90% unsafe [80, 100] under unet-full, over 2 of 3 attack columns." in md
     assert ("- Patronus as shipped: worst 30% unsafe [20, 40] under unet-full (step lr), over 3 of 3 attack "
             "columns.") in md
+
+
+def test_field_findings_never_print_a_tie_as_a_difference():
+    """A baseline lower than Patronus by less than half a point used to read "0% vs 0%"."""
+    from patronus.report import _pair
+
+    assert _pair(0.0, 0.46) == "0.0% vs 0.5%"
+    assert _pair(96.3, 99.1) == "96% vs 99%"
