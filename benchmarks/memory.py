@@ -29,12 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import memory_plan  # noqa: E402
+from gpu import lay_out, preset  # noqa: E402
 
 from patronus.config import merge  # noqa: E402
 from patronus.defenses.patronus.config import load_config  # noqa: E402
 from patronus.models.sd15 import SDShapedConfig, write  # noqa: E402
-from patronus.world.glyphs import CLASS_NAMES, UNSAFE_CLASSES  # noqa: E402
-from patronus.world.splits import export_imagefolder  # noqa: E402
 
 # A few steps of each stage and small counts: peak memory is set by what is loaded and the batch.
 SD15_STEPS = {
@@ -76,17 +75,11 @@ def sd15_protect(out: Path, example: Path, settings: list[str], widths: str = "s
     """Peak RSS of `protect` on the SD-1.5-shaped pipeline at 64 px, beside its prediction."""
     sd, data = out / "sd15", out / "data"
     write(sd, SDShapedConfig(widths=widths, resolution=64))
-    benign = tuple(c for c in CLASS_NAMES if c not in UNSAFE_CLASSES)
-    for kind, classes in (("unsafe", UNSAFE_CLASSES), ("benign", benign)):
-        export_imagefolder("defender", 96, data / "defender" / kind, 64, classes)
-    # examples/sd15/README.md's layout under `data` instead of /data/sd15.
-    values = tomllib.loads(example.read_text().replace("/data/sd15", str(data)))
-    values = merge(values, {"vgg_weights": str(sd / "vgg19.safetensors")})
+    lay_out(data, sd, 64)  # examples/sd15/README.md's layout under `data`, as benchmarks/gpu.py runs the examples
+    cuts: dict = {}
     for text in settings:
-        values = merge(values, _setting(text))
-    values = merge(values, SD15_STEPS)
-    config = out / "protect.json"
-    config.write_text(json.dumps(values, indent=2))
+        cuts = merge(cuts, _setting(text))
+    config = preset(example, data, merge(cuts, SD15_STEPS), out / "protect.json")
     cfg = load_config("quick", config)  # refused here, before the model is built, if a setting is wrong
     sizes = memory_plan.measure(widths, 64, "no")
     phases = memory_plan.protect_phases(cfg, sizes, sizes, 64, mixed=False, device="cpu")
