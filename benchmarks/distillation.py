@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from patronus.report import steps_axis  # noqa: E402
+from patronus.report import save_figure, steps_axis  # noqa: E402
 from patronus.sweep.results import (  # noqa: E402
     RATIO_REFERENCES,
     ratio_summary,
@@ -129,11 +129,8 @@ def main() -> None:
             kind, _opt, lr, _seed, renderer = key
             ax.set_title(f"{kind} Adam {lr:g}\n{renderer}", fontsize=9)
             steps_axis(ax, budgets)
-            ax.set_xlabel("attacker steps")
         axes[0][0].set_ylabel("unsafe %")
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
+        save_figure(fig, axes[0][-1], args.plot, dpi=100, legend_size=7)
         print(f"\nplot: {args.plot}")
 
 

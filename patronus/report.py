@@ -268,12 +268,23 @@ def best_of_grid_findings(best: list[BestOfGrid]) -> list[str]:
             for steps, rows in sorted(by_steps.items())]
 
 
-def steps_axis(ax, budgets: list[int]) -> None:
+def steps_axis(ax, budgets: list[int], label: bool = True) -> None:
     """A log axis of attacker steps with one plain tick per budget (a sweep's budgets are few and
-    far apart: 100, 500, 2000), the x axis of every unsafe-rate-versus-steps plot."""
+    far apart: 100, 500, 2000), the x axis of every unsafe-rate-versus-steps plot; `label`: named
+    on this axis (False where the figure names it once)."""
     ax.set_xscale("log")
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.minorticks_off()
+    if label:
+        ax.set_xlabel("attacker steps")
+
+
+def save_figure(fig, legend_ax, path: Path, dpi: int = 110, legend_size: float = 6) -> None:
+    """The legend on one axis, a tight layout, the file written and the figure closed."""
+    legend_ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def robustness_plot(sweep: dict, path: Path) -> bool:
@@ -298,7 +309,7 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
                 ax.plot(steps, [res[model][str(k)]["unsafe_rate"]["value"] for k in steps], style, label=model,
                         zorder=3 if model == "protected" else 2)  # on top where the curves coincide
         ax.set_title(f"{kind} {opt} lr {lr:g}" + (f" seed {seed}" if len(seeds) > 1 else ""), fontsize=7)
-        steps_axis(ax, sorted({int(k) for r in res.values() for k in r}))
+        steps_axis(ax, sorted({int(k) for r in res.values() for k in r}), label=False)
         ax.set_ylim(-0.05, 1.05)
         ax.tick_params(labelsize=6)
     axes[0, 0].set_ylabel("unsafe rate")
@@ -307,11 +318,8 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
 
 
 def _finish(fig, legend_ax, path: Path) -> None:
-    legend_ax.legend(fontsize=6)
     fig.supxlabel("attacker steps", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, legend_ax, path)
 
 
 DECODER_MODELS = ("protected", "nft0", "stage1-only", "unprotected", "scratch")  # nft0: the NFT-weight-0 ablation

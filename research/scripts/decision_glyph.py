@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from patronus.report import steps_axis  # noqa: E402
+from patronus.report import save_figure, steps_axis  # noqa: E402
 from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
 
 
@@ -94,11 +94,8 @@ def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> 
                             marker="o", capsize=2, label=name, color=colours[name])
         ax.set_title(f"{key[0]} Adam {key[1]:g}\n{key[2]}", fontsize=8)
         steps_axis(ax, budgets)
-        ax.set_xlabel("attacker steps")
     axes[0][0].set_ylabel("unsafe % (glyph suite)")
-    axes[0][-1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    save_figure(fig, axes[0][-1], out, dpi=90)
     print(f"plot: {out}")
 
 
