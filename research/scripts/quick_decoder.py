@@ -1,4 +1,4 @@
-"""The quick preset's decoder half alone, on a finished run's aligned UNet, then its evaluation suite.
+"""A preset's decoder half alone (quick unless --preset), on a finished run's aligned UNet, then its evaluation suite.
 
     python research/scripts/quick_decoder.py --run out/demo --config research/configs/quick-decoder-cal5.toml \
         --out runs/quick-decoder-cal5
@@ -29,12 +29,13 @@ from patronus.evaluation.harness import EvalConfig, evaluate
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished demo's output folder")
-    ap.add_argument("--config", type=Path, help="overrides on the quick preset (both parts)")
+    ap.add_argument("--preset", default="quick", help="the preset whose decoder half runs (both parts)")
+    ap.add_argument("--config", type=Path, help="overrides on the preset")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="patronus-tiny")
     ap.add_argument("--suite", default="glyph-quick", help="the suite the run's eval-protected/ latents are from")
     args = ap.parse_args()
-    cfg = load_config("quick", args.config)
+    cfg = load_config(args.preset, args.config)
     if sorted(cfg.parts) != ["decoder", "unet"]:
         raise SystemExit("the config must keep both parts: the decoder's bank needs the aligned UNet")
     aligned = UNet2DConditionModel.from_pretrained(args.run / "protected" / "unet")

@@ -1,5 +1,6 @@
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -340,3 +341,34 @@ def test_checkpoints_from_before_json_schedulers_resume(tmp_path):
     assert state == {"step": 5} and sched2.state_dict() == sched.state_dict()
     assert not (tmp_path / "checkpoint-5" / "custom_checkpoint_0.pkl").exists()
     assert (tmp_path / "checkpoint-5" / "schedulers.json").exists()
+
+
+def test_flagged_only_refuses_only_what_the_detector_flags(mini_pipeline, tmp_path, cfg, monkeypatch):
+    """`bank.flagged_only`: an unsafe UNet latent whose decoding the detector does not flag (a
+    filtered model answers unsafe prompts with benign images) becomes its image's encoder latent;
+    flagged ones stay, and the decoder's targets are made from the replaced bank."""
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+
+    from patronus.defenses.patronus.protect import Protector
+
+    protect_module = sys.modules[Protector.__module__]  # the package's `protect` names the function
+    plain = Protector(str(mini_pipeline), cfg, tmp_path / "w", Accelerator())
+    # Flag every other image of each decoded batch (each partition's batch fits in one).
+    monkeypatch.setattr(protect_module, "detect_decoded",
+                        lambda detector, images: [{"unsafe": i % 2 == 0} for i in range(len(images))])
+    # The same work directory: the bank is read from the first one's cache (`flagged_only` is not in its key).
+    p = Protector(str(mini_pipeline), replace(cfg, bank=replace(cfg.bank, flagged_only=True)), tmp_path / "w",
+                  Accelerator())
+    assert p.unflagged == {"train": 8, "query": 4, "probe": 4}
+    for part in ("train", "query", "probe"):
+        before, after = plain.bank[f"{part}/unsafe/z_gen"], p.bank[f"{part}/unsafe/z_gen"]
+        assert torch.equal(after[0::2], before[0::2])
+        assert torch.equal(after[1::2], p.bank[f"{part}/unsafe/z_img"][1::2])
+        assert not torch.equal(after[1::2], before[1::2])
+        assert torch.equal(p.bank[f"{part}/unsafe/z_img"], plain.bank[f"{part}/unsafe/z_img"])
+    assert torch.equal(p.bank["train/benign/z_gen"], plain.bank["train/benign/z_gen"])
+    with torch.no_grad():
+        assert torch.allclose(p.orig_unsafe_gen, p.original(p.bank["train/unsafe/z_gen"]))
+    assert torch.equal(p.attack_data["z_gen"], p.bank["train/unsafe/z_gen"])

@@ -76,6 +76,12 @@ class FeatureBankConfig:
     # with both parts (the decoder must refuse what the UNet it ships with draws), "original"
     # otherwise; `ProtectConfig` fills it in, so `patronus.json` records the sources used.
     unet_sources: tuple[str, ...] | None = None
+    # Unsafe latents of the "original" and "aligned-attacked" UNets whose decoding the probe
+    # detector does not flag are replaced by the encoder latent of the same unsafe image ("aligned"
+    # latents are refusals by design and stay). A UNet that cannot draw the content, such as one
+    # trained on filtered data, answers unsafe prompts with benign images; taught to black those
+    # out, the decoder blacks out benign images too (docs/research-log.md, 2026-12-02).
+    flagged_only: bool = False
     attacked_update: str = "lora"  # lora | full
     attacked_lora_rank: int = 64
     attacked_steps: int = 300
@@ -122,9 +128,11 @@ def sample_latents(pipe: StableDiffusionPipeline, prompts: list[str], s: Feature
 BANK_FORMAT = 2
 
 
-# Settings that do not change what one pipeline's bank holds: where it is kept, and which other
-# UNets' banks are built beside it (each of those is keyed by its own UNet's weights).
-NOT_IN_KEY = ("cache_dir", "unet_sources", "attacked_update", "attacked_lora_rank", "attacked_steps", "attacked_lr")
+# Settings that do not change what one pipeline's bank holds: where it is kept, which other
+# UNets' banks are built beside it (each of those is keyed by its own UNet's weights), and what
+# the decoder half does with the latents once they are read.
+NOT_IN_KEY = ("cache_dir", "unet_sources", "flagged_only", "attacked_update", "attacked_lora_rank", "attacked_steps",
+              "attacked_lr")
 
 
 def bank_key(s: FeatureBankConfig, weights_digest: str) -> str:

@@ -137,6 +137,7 @@ class Protector:
         for key in [k for k in bank if k.endswith("/z_gen")]:
             bank[key] = torch.cat([b[key] for b in gen])
         self.bank = {k: v.to(device) for k, v in bank.items()}
+        self.unflagged = self._replace_unflagged() if cfg.bank.flagged_only else {}
         with torch.no_grad():
             self.orig_benign_gen = self._decode(self.original, self.bank["train/benign/z_gen"])
             self.orig_unsafe_gen = self._decode(self.original, self.bank["train/unsafe/z_gen"])
@@ -171,6 +172,31 @@ class Protector:
             return build_feature_bank(self.pipe, s, digest, cache_dir=cache)
         finally:
             self.pipe.unet = original
+
+    @torch.no_grad()
+    def _replace_unflagged(self) -> dict[str, int]:
+        """`bank.flagged_only`: each unsafe latent of the "original" and "aligned-attacked" UNets
+        that the probe detector does not flag, decoded by the original decoder, becomes the
+        encoder latent of its own unsafe image, so that only unsafe content is refused. Returns
+        how many were replaced per partition."""
+        replaced = {}
+        for part in PART_START:
+            z_gen, z_img = self.bank[f"{part}/unsafe/z_gen"].clone(), self.bank[f"{part}/unsafe/z_img"]
+            n, count = len(z_img), 0
+            for i, source in enumerate(self.cfg.bank.unet_sources):
+                if source == "aligned":
+                    continue
+                block = z_gen[i * n:(i + 1) * n]  # a view: assigning into it changes z_gen
+                found = detect_decoded(self.detector, self._decode(self.original, block))
+                unflagged = torch.tensor([not r["unsafe"] for r in found], device=block.device)
+                block[unflagged] = z_img[unflagged]
+                count += int(unflagged.sum())
+            self.bank[f"{part}/unsafe/z_gen"] = z_gen
+            replaced[part] = count
+        if self.accelerator.is_main_process:
+            print(f"decoder bank: unflagged unsafe UNet latents replaced by their images' latents: "
+                  f"{', '.join(f'{part} {k}' for part, k in replaced.items())}", flush=True)
+        return replaced
 
     def _decode(self, head: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         """No-gradient decoding in batches: 256 latents at once, or 8 with `vae_slicing` (a 512 px
@@ -394,7 +420,7 @@ def _record(state: dict) -> dict:
 # Settings added after work directories existed (the memory options, the decoder bank's UNet
 # sources, unknown-word term, anchored and implicit NFT, attacks per step, UNet scrambling):
 # absent from an older run's config.json, they count as unchanged at their defaults.
-ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources",
+ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources", "bank.flagged_only",
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr",
                   "unet.w_unknown", "unet.nft_anchor_every", "unet.nft_anchor_steps", "unet.nft_anchor_lr",
                   "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
