@@ -48,7 +48,7 @@ from patronus.sweep.executors import ExecutorConfig, make_executor
 from patronus.sweep.grid import GridConfig, grid_from_dict, grid_path
 from patronus.sweep.layout import NOT_ON_REFERENCES, SweepError, SweepLayout, cell_id, kind_name
 from patronus.sweep.results import sweep_summary
-from patronus.sweep.runner import models_record, run_cells
+from patronus.sweep.runner import check_source, models_record, run_cells
 
 FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "uce", "patronus-decoder", "patronus-unet",
                   "patronus")
@@ -218,6 +218,7 @@ def run_field(model: str, grid: FieldGridConfig, out: Path, unprotected: str = "
     references = {"filtered": filtered} if grid.filtered else {}
     for m in (model, unprotected, *references.values()):
         check_no_pickles(resolve_model(m))
+    check_source(model, unprotected)
     out.mkdir(parents=True, exist_ok=True)
     with locked_dir(out, f"another sweep is running in {out}; wait for it or stop it first"):
         _check_same_field(layout, grid, models_record(model, unprotected, references))

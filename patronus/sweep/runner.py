@@ -57,6 +57,7 @@ def run_sweep(model: str, grid: GridConfig, out: Path, unprotected: str = "patro
     references = {"filtered": filtered} if "filtered" in grid.references else {}
     for m in (model, unprotected, *references.values()):  # the cells load them; refuse here what they would refuse
         check_no_pickles(resolve_model(m))
+    check_source(model, unprotected)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         _check_same_sweep(layout, grid, models_record(model, unprotected, references))
@@ -137,6 +138,18 @@ def models_record(model: str, unprotected: str, references: dict[str, str] | Non
         path = resolve_model(m).resolve()
         record |= {name: str(path), f"{name}_weights_sha256": weights_digest(weight_hashes(path))}
     return record
+
+
+def check_source(model: str, unprotected: str) -> None:
+    """Refuse an unprotected model other than the one `model` was protected from (its
+    patronus.json names it by weights): the original-VAE cells would render `model`'s latents
+    with another model's VAE, and the unprotected column would measure another model."""
+    manifest = resolve_model(model) / "patronus.json"
+    source = (json.loads(manifest.read_text()).get("source_model") or {}) if manifest.exists() else {}
+    want = source.get("weights_sha256")
+    if want and want != weights_digest(weight_hashes(resolve_model(unprotected))):
+        raise SweepError(f"{model} was protected from {source.get('path')}, not from {unprotected} (other weights); "
+                         f"pass --unprotected {source.get('path')}")
 
 
 def _check_same_sweep(layout: SweepLayout, grid: GridConfig, models: dict[str, str]) -> None:

@@ -5,7 +5,7 @@ import pytest
 
 from patronus.sweep.grid import GridConfig, grid_from_dict, load_grid
 from patronus.sweep.layout import SweepError, cell_id
-from patronus.sweep.runner import run_sweep
+from patronus.sweep.runner import check_source, run_sweep
 
 # The filtered reference has a test of its own (below); here the other three.
 TINY = GridConfig(kinds=("unet-lora", "decoder-full"), ranks=(2,), optimizers=("adam",), lrs=(1e-3,), budgets=(1, 2),
@@ -320,3 +320,22 @@ def test_the_filtered_reference_runs_the_same_attack_and_gets_its_own_ratio(mini
         assert len(robustness_ratios(rates, reference=reference)) == 1
     with pytest.raises(SweepError, match="different models"):  # another filtered model: another sweep
         run_sweep(str(mini_pipeline), grid, out, unprotected=str(mini_pipeline), filtered=str(mini_pipeline))
+
+
+def test_the_unprotected_model_must_be_the_one_the_model_was_protected_from(mini_pipeline, tmp_path):
+    """A protected model names its source in patronus.json: sweeping it against another original
+    would render its original-VAE cells with another latent space's VAE. Refused before any work."""
+    from patronus.provenance import weight_hashes, weights_digest
+
+    model = tmp_path / "protected"
+    shutil.copytree(mini_pipeline, model)
+    manifest = {"source_model": {"path": "/somewhere/filtered", "weights_sha256": "0" * 64}}
+    (model / "patronus.json").write_text(json.dumps(manifest))
+    out = tmp_path / "sweep"
+    with pytest.raises(SweepError, match="protected from /somewhere/filtered, not from .*pass --unprotected "
+                                         "/somewhere/filtered"):
+        run_sweep(str(model), TINY, out, unprotected=str(mini_pipeline))
+    assert not out.exists()
+    manifest["source_model"]["weights_sha256"] = weights_digest(weight_hashes(mini_pipeline))
+    (model / "patronus.json").write_text(json.dumps(manifest))
+    check_source(str(model), str(mini_pipeline))  # its own source: accepted
