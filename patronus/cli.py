@@ -299,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("model", help="the (protected) model: " + MODEL_HELP)
     sw.add_argument("--grid", default="default",
                     help="a grid .toml/.yaml, or a shipped grid: default, quick, new-words, field, field-quick")
-    sw.add_argument("--unprotected", default="patronus-tiny", help="the original model (unprotected reference); for a protected model, the one it was "
-                         "protected from (its patronus.json's source_model)")
+    sw.add_argument("--unprotected", default="patronus-tiny",
+                    help="the original model (unprotected reference); for a protected model, the one it was "
+                         "made from (its patronus.json's source_model)")
     sw.add_argument("--filtered", default="patronus-tiny-filtered",
                     help="the model trained without unsafe content (the `filtered` reference, where the grid names it)")
     sw.add_argument("--out", required=True, help="sweep directory; rerun the same command to resume")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from patronus.attacks.registry import ATTACKS
 from patronus.io import locked_dir
-from patronus.models.registry import check_no_pickles, resolve_model
+from patronus.models.registry import ModelLoadError, check_no_pickles, resolve_model
 from patronus.provenance import weight_hashes, weights_digest
 from patronus.sweep.cell import CellJob, make_original_vae, make_scratch, same_unet_attack_inputs
 from patronus.sweep.executors import Executor, ExecutorConfig, make_executor
@@ -140,16 +140,33 @@ def models_record(model: str, unprotected: str, references: dict[str, str] | Non
     return record
 
 
+def _sources(model: str) -> tuple[list[tuple[str, str]], bool]:
+    """The chain of models `model` was made from (a distilled student names its teacher, which
+    names the original), as (path, weights sha256) pairs from each patronus.json; and whether the
+    chain was read to its end (False where a named model is not on this machine)."""
+    chain: list[tuple[str, str]] = []
+    current: Path | None = resolve_model(model)
+    while current is not None and (current / "patronus.json").exists() and len(chain) < 16:
+        source = json.loads((current / "patronus.json").read_text()).get("source_model") or {}
+        if not source.get("weights_sha256"):
+            break
+        chain.append((str(source.get("path")), source["weights_sha256"]))
+        try:
+            current = resolve_model(source.get("path"))
+        except (ModelLoadError, TypeError):
+            return chain, False
+    return chain, True
+
+
 def check_source(model: str, unprotected: str) -> None:
-    """Refuse an unprotected model other than the one `model` was protected from (its
-    patronus.json names it by weights): the original-VAE cells would render `model`'s latents
-    with another model's VAE, and the unprotected column would measure another model."""
-    manifest = resolve_model(model) / "patronus.json"
-    source = (json.loads(manifest.read_text()).get("source_model") or {}) if manifest.exists() else {}
-    want = source.get("weights_sha256")
-    if want and want != weights_digest(weight_hashes(resolve_model(unprotected))):
-        raise SweepError(f"{model} was protected from {source.get('path')}, not from {unprotected} (other weights); "
-                         f"pass --unprotected {source.get('path')}")
+    """Refuse an unprotected model that `model` was not made from (its patronus.json, and its
+    teacher's, name them by weights): the original-VAE cells would render `model`'s latents with
+    another model's VAE, and the unprotected column would measure another model."""
+    chain, complete = _sources(model)
+    if not chain or not complete or weights_digest(weight_hashes(resolve_model(unprotected))) in {h for _, h in chain}:
+        return
+    raise SweepError(f"{model} was made from {' <- '.join(p for p, _ in chain)}, not from {unprotected} (other "
+                     f"weights); pass --unprotected {chain[-1][0]}")
 
 
 def _check_same_sweep(layout: SweepLayout, grid: GridConfig, models: dict[str, str]) -> None:

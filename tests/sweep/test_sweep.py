@@ -322,20 +322,30 @@ def test_the_filtered_reference_runs_the_same_attack_and_gets_its_own_ratio(mini
         run_sweep(str(mini_pipeline), grid, out, unprotected=str(mini_pipeline), filtered=str(mini_pipeline))
 
 
-def test_the_unprotected_model_must_be_the_one_the_model_was_protected_from(mini_pipeline, tmp_path):
-    """A protected model names its source in patronus.json: sweeping it against another original
-    would render its original-VAE cells with another latent space's VAE. Refused before any work."""
+def test_the_unprotected_model_must_be_the_one_the_model_was_made_from(mini_pipeline, tmp_path):
+    """A protected model names its source in patronus.json (a distilled one its teacher, which
+    names the original): sweeping it against another original would render its original-VAE
+    cells with another latent space's VAE. Refused before any work; a chain that leaves this
+    machine cannot be checked and is let through."""
     from patronus.provenance import weight_hashes, weights_digest
 
-    model = tmp_path / "protected"
-    shutil.copytree(mini_pipeline, model)
-    manifest = {"source_model": {"path": "/somewhere/filtered", "weights_sha256": "0" * 64}}
-    (model / "patronus.json").write_text(json.dumps(manifest))
+    def made_from(name, source, sha):
+        model = tmp_path / name
+        shutil.copytree(mini_pipeline, model)
+        (model / "patronus.json").write_text(json.dumps({"source_model": {"path": str(source), "weights_sha256": sha}}))
+        return model
+
+    other = made_from("other", "patronus-tiny", "0" * 64)  # made from a model that is not mini_pipeline
     out = tmp_path / "sweep"
-    with pytest.raises(SweepError, match="protected from /somewhere/filtered, not from .*pass --unprotected "
-                                         "/somewhere/filtered"):
-        run_sweep(str(model), TINY, out, unprotected=str(mini_pipeline))
+    with pytest.raises(SweepError, match=f"made from patronus-tiny, not from {mini_pipeline}.*pass --unprotected "
+                                         "patronus-tiny"):
+        run_sweep(str(other), TINY, out, unprotected=str(mini_pipeline))
     assert not out.exists()
-    manifest["source_model"]["weights_sha256"] = weights_digest(weight_hashes(mini_pipeline))
-    (model / "patronus.json").write_text(json.dumps(manifest))
-    check_source(str(model), str(mini_pipeline))  # its own source: accepted
+    teacher = made_from("teacher", mini_pipeline, weights_digest(weight_hashes(mini_pipeline)))
+    student = made_from("student", teacher, weights_digest(weight_hashes(teacher)))
+    check_source(str(student), str(mini_pipeline))  # the teacher's source: accepted
+    check_source(str(student), str(teacher))
+    with pytest.raises(SweepError, match=f"made from {teacher} <- {mini_pipeline}, not from patronus-tiny"):
+        check_source(str(student), "patronus-tiny")
+    elsewhere = made_from("elsewhere", "/another/machine/teacher", "1" * 64)
+    check_source(str(elsewhere), str(mini_pipeline))
