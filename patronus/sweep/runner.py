@@ -145,15 +145,17 @@ def _sources(model: str) -> tuple[list[tuple[str, str]], bool]:
     names the original), as (path, weights sha256) pairs from each patronus.json; and whether the
     chain was read to its end (False where a named model is not on this machine)."""
     chain: list[tuple[str, str]] = []
-    current: Path | None = resolve_model(model)
-    while current is not None and (current / "patronus.json").exists() and len(chain) < 16:
+    current = resolve_model(model)
+    while (current / "patronus.json").exists() and len(chain) < 16:  # 16: a chain that loops ends
         source = json.loads((current / "patronus.json").read_text()).get("source_model") or {}
         if not source.get("weights_sha256"):
             break
-        chain.append((str(source.get("path")), source["weights_sha256"]))
+        chain.append((source.get("path") or "an unnamed model", source["weights_sha256"]))
         try:
-            current = resolve_model(source.get("path"))
-        except (ModelLoadError, TypeError):
+            current = resolve_model(source["path"]) if source.get("path") else None
+        except ModelLoadError:
+            current = None
+        if current is None:
             return chain, False
     return chain, True
 
