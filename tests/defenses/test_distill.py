@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from patronus.defenses.patronus.config import load_config
-from patronus.defenses.patronus.distill import mix_fresh, unet_batch
+from patronus.defenses.patronus.distill import CROSS_ATTENTION_KV, mix_fresh, unet_batch
 from patronus.defenses.patronus.protect import protect
 from patronus.errors import ConfigError
 from patronus.provenance import weight_hashes
@@ -41,7 +41,8 @@ def test_mixing_with_a_fresh_initialisation_interpolates_every_weight():
 @pytest.mark.parametrize("bad, message", [
     ({"alpha": 1.5}, "alpha must lie in"), ({"unet_batch": 24}, "multiple of 16"),
     ({"text_encoder": "fresh"}, "distil or keep"), ({"enabled": False}, "distill.enabled is false"),
-    ({"unet": "fresh"}, "distil or keep"), ({"unet": "keep"}, "needs distill.student"),
+    ({"unet": "fresh"}, "distil, keep or cross-attention"), ({"unet": "keep"}, "needs distill.student"),
+    ({"unet": "cross-attention"}, "needs distill.student"),
     ({"unet": "keep", "student": "patronus-tiny", "text_encoder": "keep"}, "needs distill.student"),
 ])
 def test_bad_distill_settings_are_refused(tmp_path, bad, message):
@@ -171,3 +172,13 @@ def test_a_kept_unet_is_the_student_models_and_only_the_text_encoder_learns(mini
     out, start = weight_hashes(tmp_path / "out"), weight_hashes(other)
     assert out["unet/diffusion_pytorch_model.safetensors"] == start["unet/diffusion_pytorch_model.safetensors"]
     assert out["text_encoder/model.safetensors"] != start["text_encoder/model.safetensors"]
+
+
+def test_a_cross_attention_student_trains_only_the_prompts_keys_and_values(mini_pipeline, tmp_path):
+    other = _other(mini_pipeline, tmp_path / "other")
+    cfg = _cfg(tmp_path, mini_pipeline, student=str(other), unet="cross-attention", decoder=False)
+    protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    out = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").state_dict()
+    start = UNet2DConditionModel.from_pretrained(other / "unet").state_dict()
+    moved = {k for k in start if not torch.equal(out[k], start[k])}
+    assert moved and all(k.endswith(CROSS_ATTENTION_KV) for k in moved)

@@ -169,7 +169,7 @@ class UNetAlignConfig:
 
 
 TEXT_ENCODER_MODES = ("distil", "keep")
-UNET_MODES = ("distil", "keep")
+UNET_MODES = ("distil", "keep", "cross-attention")
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,9 @@ class DistillConfig:
     text_encoder: str = "distil"
     # "distil": the UNet is trained (alpha-mixed); "keep": `student`'s own UNet, never trained, so
     # that only the text encoder learns the teacher's outputs (the refusal then lives in how the
-    # prompt is read, and the UNet stays one that never saw unsafe content).
+    # prompt is read, and the UNet stays one that never saw unsafe content); "cross-attention":
+    # `student`'s own UNet with only its cross-attention key and value projections trained (the
+    # weights through which the prompt reaches the image), its drawing weights never trained.
     unet: str = "distil"
     decoder: bool = True  # also distil the VAE decoder (the encoder always stays the teacher's)
     # Noised latents of the defender's unsafe images as UNet inputs too (never as targets).
@@ -244,10 +246,13 @@ class DistillConfig:
         if self.text_encoder not in TEXT_ENCODER_MODES:
             raise ConfigError(f"distill.text_encoder must be distil or keep, got {self.text_encoder!r}")
         if self.unet not in UNET_MODES:
-            raise ConfigError(f"distill.unet must be distil or keep, got {self.unet!r}")
+            raise ConfigError(f"distill.unet must be distil, keep or cross-attention, got {self.unet!r}")
         if self.unet == "keep" and (self.student is None or self.text_encoder == "keep"):
             raise ConfigError("distill.unet = 'keep' needs distill.student (the UNet to keep) and "
                               "text_encoder = 'distil' (what then learns)")
+        if self.unet == "cross-attention" and self.student is None:
+            raise ConfigError("distill.unet = 'cross-attention' needs distill.student (the UNet whose "
+                              "cross-attention learns)")
         if not 0 <= self.trajectory_fraction <= 1:
             raise ConfigError(f"distill.trajectory_fraction must lie in [0, 1], got {self.trajectory_fraction}")
         if not 0 <= self.alpha <= 1:

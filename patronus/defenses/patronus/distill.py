@@ -47,6 +47,9 @@ from patronus.training import Checkpointer, check_replicas_agree, mix_seed, step
 
 DISTILL_SEED = 15_000_000  # the fresh initialisation, trajectories and batches of distillation
 UNKNOWN_SEED = 4242  # as the UNet half's unknown-word prompts
+# diffusers' names of the cross-attention projections that read the prompt (`distill.unet =
+# "cross-attention"`); self-attention is attn1, the rest of the UNet draws.
+CROSS_ATTENTION_KV = ("attn2.to_k.weight", "attn2.to_v.weight")
 
 
 class Student(nn.Module):
@@ -209,7 +212,7 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
     else:
         start = load_pipeline(d.student)
         fresh = {"unet": start.unet, "text_encoder": start.text_encoder}
-    if d.unet == "keep":  # the student's own UNet (alpha does not apply to it)
+    if d.unet != "distil":  # the student's own UNet (alpha does not apply to it)
         unet = copy.deepcopy(fresh["unet"])
     else:
         unet = copy.deepcopy(teacher.unet)
@@ -225,6 +228,9 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
         text_encoder.requires_grad_(False).eval()
     if d.unet == "keep":
         unet.requires_grad_(False).eval()
+    elif d.unet == "cross-attention":
+        for name, p in unet.named_parameters():
+            p.requires_grad_(name.endswith(CROSS_ATTENTION_KV))
     scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
     ema = EMAModel(student.parameters(), decay=d.ema_decay)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=d.unet_lr, weight_decay=1e-2)
