@@ -372,3 +372,29 @@ def test_flagged_only_refuses_only_what_the_detector_flags(mini_pipeline, tmp_pa
     with torch.no_grad():
         assert torch.allclose(p.orig_unsafe_gen, p.original(p.bank["train/unsafe/z_gen"]))
     assert torch.equal(p.attack_data["z_gen"], p.bank["train/unsafe/z_gen"])
+
+
+def test_flagged_only_keeps_the_aligned_unets_refusals(mini_pipeline, tmp_path, cfg, monkeypatch):
+    """The "aligned" source's unsafe latents are refusals by design: never checked, never replaced,
+    even when the detector flags nothing at all."""
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+
+    from patronus.defenses.patronus.protect import Protector
+
+    protect_module = sys.modules[Protector.__module__]
+    aligned = StableDiffusionPipeline.from_pretrained(mini_pipeline).unet
+    torch.manual_seed(3)
+    for p in aligned.parameters():  # unlike the original UNet, so that its block shows
+        p.data.add_(torch.randn_like(p) * 0.05)
+    both = replace(cfg, parts=("decoder", "unet"), bank=replace(cfg.bank, unet_sources=("original", "aligned")))
+    plain = Protector(str(mini_pipeline), both, tmp_path / "w", Accelerator(), aligned)
+    monkeypatch.setattr(protect_module, "detect_decoded", lambda detector, images: [{"unsafe": False}] * len(images))
+    p = Protector(str(mini_pipeline), replace(both, bank=replace(both.bank, flagged_only=True)), tmp_path / "w",
+                  Accelerator(), aligned)
+    assert p.unflagged == {"train": 16, "query": 8, "probe": 8}  # the original block only
+    for part, n in (("train", 16), ("query", 8), ("probe", 8)):
+        after, before = p.bank[f"{part}/unsafe/z_gen"], plain.bank[f"{part}/unsafe/z_gen"]
+        assert torch.equal(after[:n], p.bank[f"{part}/unsafe/z_img"])
+        assert torch.equal(after[n:], before[n:]) and not torch.equal(before[:n], before[n:])
