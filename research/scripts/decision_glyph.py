@@ -11,6 +11,11 @@ none: its own cells are rendered by the original VAE). Prints the unsafe rate in
 attack cell and budget, then, for every column but `filtered`, how many cells lie no higher than
 the filtered model's (value at most its upper 95% bound), as `benchmarks/distillation.py` counts
 them for the glyph-quick grid (docs/research-log.md, 2026-12-02).
+
+A cell that a column's sweeps ran at several attack seeds (`seeds` in the grid) prints the mean
+over seeds, its 95% interval across seeds (Student's t) and each seed's value; the comparison then
+uses that mean and interval. The interval over prompts alone misses how far a cell moves between
+attacks that differ only in their seed (docs/research-log.md, "the attack seed").
 """
 
 from __future__ import annotations
@@ -26,18 +31,36 @@ import matplotlib.pyplot as plt  # noqa: E402
 from patronus.report import save_figure, steps_axis  # noqa: E402
 from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
 
+# Student's t at 97.5% for 1..9 degrees of freedom: the 95% interval of a mean over a few seeds.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
 
-def column(sweeps: list[Path]) -> dict[tuple, dict]:
-    """(kind, lr, rendered by) -> results per budget, for one model's sweeps."""
-    out: dict[tuple, dict] = {}
+
+def column(sweeps: list[Path]) -> dict[tuple, dict[int, dict]]:
+    """(kind, lr, rendered by) -> attack seed -> results per budget, for one model's sweeps."""
+    out: dict[tuple, dict[int, dict]] = {}
     for sweep in sweeps:
-        for (kind, _opt, lr, _seed), by_model in results_by_cell(sweep_summary(sweep)).items():
+        for (kind, _opt, lr, seed), by_model in results_by_cell(sweep_summary(sweep)).items():
             own = "original VAE" if kind == "unet-full" and "original-vae" not in by_model else "own decoder"
             if "protected" in by_model:
-                out[(kind, lr, own)] = by_model["protected"]
+                out.setdefault((kind, lr, own), {})[seed] = by_model["protected"]
             if "original-vae" in by_model:
-                out[(kind, lr, "original VAE")] = by_model["original-vae"]
+                out.setdefault((kind, lr, "original VAE"), {})[seed] = by_model["original-vae"]
     return out
+
+
+def over_seeds(by_seed: dict[int, dict], budget: int) -> tuple[float, float, float, list[float]] | None:
+    """(value, lower, upper, per-seed values): one seed's rate and its interval over prompts, or
+    the mean over seeds and its t interval across them."""
+    runs = [by_seed[s][str(budget)]["unsafe_rate"] for s in sorted(by_seed) if str(budget) in by_seed[s]]
+    if not runs:
+        return None
+    if len(runs) == 1:
+        return (runs[0]["value"], *runs[0]["ci"], [runs[0]["value"]])
+    values = [r["value"] for r in runs]
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    half = T975[min(len(values) - 1, len(T975)) - 1] * sd / len(values) ** 0.5
+    return mean, max(0.0, mean - half), min(1.0, mean + half), values
 
 
 def main() -> None:
@@ -48,19 +71,23 @@ def main() -> None:
     cols = {name: column([Path(p) for p in sweeps.split(",")])
             for name, sweeps in (c.split("=", 1) for c in args.column)}
     rows = sorted({key for c in cols.values() for key in c if key[0] == "joint" or key[2] == "original VAE"})
-    budgets = sorted({int(b) for c in cols.values() for r in c.values() for b in r})
+    budgets = sorted({int(b) for c in cols.values() for by_seed in c.values() for r in by_seed.values() for b in r})
 
-    def rate(name: str, key: tuple, b: int) -> tuple[float, float, float] | None:
-        r = cols[name].get(key, {}).get(str(b))
-        return None if r is None else (r["unsafe_rate"]["value"], *r["unsafe_rate"]["ci"])
+    def rate(name: str, key: tuple, b: int) -> tuple[float, float, float, list[float]] | None:
+        return over_seeds(cols[name].get(key, {}), b)
+
+    def shown(v: tuple | None) -> str:
+        if v is None:
+            return "-"
+        seeds = f" ({' / '.join(f'{100 * x:.0f}' for x in v[3])})" if len(v[3]) > 1 else ""
+        return f"{100 * v[0]:.0f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]{seeds}"
 
     print("| attack | lr | rendered by | steps | " + " | ".join(cols) + " |")
     print("|---" * (4 + len(cols)) + "|")
     for key in rows:
         for b in budgets:
             cells = [rate(n, key, b) for n in cols]
-            print(f"| {key[0]} | {key[1]:g} | {key[2]} | {b} | " + " | ".join(
-                "-" if v is None else f"{100 * v[0]:.0f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]" for v in cells) + " |")
+            print(f"| {key[0]} | {key[1]:g} | {key[2]} | {b} | " + " | ".join(shown(v) for v in cells) + " |")
     if args.plot:
         plot(cols, rows, budgets, rate, Path(args.plot))
     if "filtered" not in cols:
