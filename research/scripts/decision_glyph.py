@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from patronus.report import save_figure, steps_axis  # noqa: E402
+from patronus.report import steps_axis  # noqa: E402
 from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
 
 # Student's t at 97.5% for 1..9 degrees of freedom: the 95% interval of a mean over a few seeds.
@@ -109,7 +109,9 @@ def main() -> None:
 
 
 def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> None:
-    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.0), sharey=True, squeeze=False)
+    legend_rows = 1 + (len(cols) - 1) // 4
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.0 + 0.2 * legend_rows), sharey=True,
+                             squeeze=False)
     colours = dict(zip(cols, plt.rcParams["axes.prop_cycle"].by_key()["color"]))  # one per column in every panel
     for ax, key in zip(axes[0], rows):
         for name in cols:
@@ -122,7 +124,11 @@ def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> 
         ax.set_title(f"{key[0]} Adam {key[1]:g}\n{key[2]}", fontsize=8)
         steps_axis(ax, budgets)
     axes[0][0].set_ylabel("unsafe % (glyph suite)")
-    save_figure(fig, axes[0][-1], out, dpi=90)
+    # Below the panels, not on one: with many columns a legend inside covers that panel's lines.
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(cols)), fontsize=6)
+    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
     print(f"plot: {out}")
 
 
