@@ -279,10 +279,16 @@ def steps_axis(ax, budgets: list[int], label: bool = True) -> None:
         ax.set_xlabel("attacker steps")
 
 
-def save_figure(fig, legend_ax, path: Path, dpi: int = 110, legend_size: float = 6) -> None:
-    """The legend on one axis, a tight layout, the file written and the figure closed."""
-    legend_ax.legend(fontsize=legend_size)
-    fig.tight_layout()
+def save_figure(fig, legend_ax, path: Path, dpi: int = 110, legend_size: float = 6, below: bool = False) -> None:
+    """The legend on one axis (`below`: `legend_ax`'s entries under all panels, four to a row,
+    where many lines would cover the panel), a tight layout, the file written and the figure closed."""
+    if below:
+        handles, labels = legend_ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=legend_size)
+        fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 4), 1, 1))
+    else:
+        legend_ax.legend(fontsize=legend_size)
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 

@@ -21,6 +21,7 @@ attacks that differ only in their seed (docs/research-log.md, "the attack seed")
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -28,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from patronus.report import steps_axis  # noqa: E402
+from patronus.report import save_figure, steps_axis  # noqa: E402
 from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
 
 # Student's t at 97.5% for 1..9 degrees of freedom: the 95% interval of a mean over a few seeds.
@@ -57,9 +58,8 @@ def over_seeds(by_seed: dict[int, dict], budget: int) -> tuple[float, float, flo
     if len(runs) == 1:
         return (runs[0]["value"], *runs[0]["ci"], [runs[0]["value"]])
     values = [r["value"] for r in runs]
-    mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    half = T975[min(len(values) - 1, len(T975)) - 1] * sd / len(values) ** 0.5
+    mean = statistics.mean(values)
+    half = T975[min(len(values) - 1, len(T975)) - 1] * statistics.stdev(values) / len(values) ** 0.5
     return mean, max(0.0, mean - half), min(1.0, mean + half), values
 
 
@@ -124,11 +124,7 @@ def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> 
         ax.set_title(f"{key[0]} Adam {key[1]:g}\n{key[2]}", fontsize=8)
         steps_axis(ax, budgets)
     axes[0][0].set_ylabel("unsafe % (glyph suite)")
-    # Below the panels, not on one: with many columns a legend inside covers that panel's lines.
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(cols)), fontsize=6)
-    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, axes[0][0], out, dpi=90, below=True)
     print(f"plot: {out}")
 
 
