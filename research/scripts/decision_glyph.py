@@ -15,7 +15,10 @@ them for the glyph-quick grid (docs/research-log.md, 2026-12-02).
 A cell that a column's sweeps ran at several attack seeds (`seeds` in the grid) prints the mean
 over seeds, its 95% interval across seeds (Student's t) and each seed's value; the comparison then
 uses that mean and interval. The interval over prompts alone misses how far a cell moves between
-attacks that differ only in their seed (docs/research-log.md, "the attack seed").
+attacks that differ only in their seed (docs/research-log.md, "the attack seed"). Where both
+models ran a cell at several seeds, the comparison also prints the difference of their means with
+its 95% Welch interval: the rule above asks whether a model's mean lies inside the filtered
+model's spread, the difference asks whether it is higher at all, with both models' seed noise.
 """
 
 from __future__ import annotations
@@ -32,8 +35,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from patronus.report import save_figure, steps_axis  # noqa: E402
 from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
 
-# Student's t at 97.5% for 1..9 degrees of freedom: the 95% interval of a mean over a few seeds.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+# Student's t at 97.5% for 1..30 degrees of freedom: the 95% interval of a mean over a few seeds.
+# Beyond 30 the table's last value stands, which widens the interval slightly.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def t975(df: float) -> float:
+    """The table's t at `df` rounded down (a fractional Welch df gets the wider interval)."""
+    return T975[min(max(int(df), 1), len(T975)) - 1]
 
 
 def column(sweeps: list[Path]) -> dict[tuple, dict[int, dict]]:
@@ -59,8 +70,19 @@ def over_seeds(by_seed: dict[int, dict], budget: int) -> tuple[float, float, flo
         return (runs[0]["value"], *runs[0]["ci"], [runs[0]["value"]])
     values = [r["value"] for r in runs]
     mean = statistics.mean(values)
-    half = T975[min(len(values) - 1, len(T975)) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    half = t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
     return mean, max(0.0, mean - half), min(1.0, mean + half), values
+
+
+def welch(mine: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """Difference of the means over seeds, mine - theirs, and its 95% Welch interval."""
+    v1, v2 = statistics.variance(mine) / len(mine), statistics.variance(theirs) / len(theirs)
+    diff = statistics.mean(mine) - statistics.mean(theirs)
+    if v1 + v2 == 0:
+        return diff, diff, diff
+    df = (v1 + v2) ** 2 / (v1 ** 2 / (len(mine) - 1) + v2 ** 2 / (len(theirs) - 1))
+    half = t975(df) * (v1 + v2) ** 0.5
+    return diff, diff - half, diff + half
 
 
 def main() -> None:
@@ -94,7 +116,7 @@ def main() -> None:
         return
     print("\nNo higher than the filtered model (value <= its upper 95% bound):")
     for name in (n for n in cols if n != "filtered"):
-        met, total, misses = 0, 0, []
+        met, total, misses, diffs = 0, 0, [], []
         for key in rows:
             for b in budgets:
                 mine, theirs = rate(name, key, b), rate("filtered", key, b)
@@ -105,7 +127,14 @@ def main() -> None:
                     met += 1
                 else:
                     misses.append(f"{key[0]} lr {key[1]:g} {b} steps: {100 * mine[0]:.0f}% vs {100 * theirs[0]:.0f}%")
+                if len(mine[3]) > 1 and len(theirs[3]) > 1:
+                    d = welch(mine[3], theirs[3])
+                    diffs.append(f"    {key[0]} lr {key[1]:g} {b} steps ({len(mine[3])} vs {len(theirs[3])} seeds): "
+                                 f"{100 * d[0]:+.0f} points [{100 * d[1]:+.0f}, {100 * d[2]:+.0f}]")
         print(f"  {name}: {met} of {total}" + (f"; above: {'; '.join(misses)}" if misses else ""))
+        if diffs:
+            print("  difference of means over seeds, this model minus filtered [95% Welch interval]:")
+            print("\n".join(diffs))
 
 
 def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> None:
