@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel
 
 from patronus.config import build, read_config_file
 from patronus.errors import ConfigError
@@ -76,6 +77,11 @@ class BaseTrainConfig:
     # A pipeline (shipped name or directory) whose VAE is used instead of training stage 1: a
     # reference that differs from that model only in what its UNet and text encoder saw.
     vae_from: str | None = None
+    # A pipeline whose text encoder is used, frozen, instead of training one with the UNet. Real
+    # data-filtered models (SD 2.x) filter the UNet's data and keep a text encoder pretrained on
+    # unfiltered text (OpenCLIP), which reads unsafe prompts; with `classes` benign only, this makes
+    # that reference in the glyph world (reproduce/train-filtered-public-te.toml).
+    text_encoder_from: str | None = None
     model: TinyConfig = field(default_factory=TinyConfig)
 
     def __post_init__(self):
@@ -214,6 +220,19 @@ def _encode_dataset(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Ten
     return mean * s, std * s
 
 
+def load_text_encoder(cfg: BaseTrainConfig) -> CLIPTextModel:
+    """`text_encoder_from`'s text encoder, frozen; it must feed the UNet the width it attends to."""
+    path = resolve_model(cfg.text_encoder_from) / "text_encoder"
+    if not (path / "config.json").exists():
+        raise ConfigError(f"text_encoder_from {cfg.text_encoder_from!r} has no text_encoder/ folder: name a "
+                          "Stable Diffusion pipeline")
+    text_encoder = CLIPTextModel.from_pretrained(path, torch_dtype=torch.float32)
+    if text_encoder.config.hidden_size != cfg.model.text_hidden:
+        raise ConfigError(f"text_encoder_from {cfg.text_encoder_from!r} is {text_encoder.config.hidden_size} wide, "
+                          f"the model settings' text_hidden {cfg.model.text_hidden}: use a text encoder of that width")
+    return text_encoder.requires_grad_(False).eval()
+
+
 def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
     """Stage 2: train UNet + text encoder on cached latents and save the pipeline."""
     ckdir = workdir / "unet-checkpoints"
@@ -229,16 +248,25 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
     empty_ids = tokenizer([""], padding="max_length", max_length=cfg.model.max_length, return_tensors="pt").input_ids
 
     unet = build_unet(cfg.model)
-    text_encoder = build_text_encoder(cfg.model, tokenizer)
+    frozen_text = cfg.text_encoder_from is not None
+    if frozen_text:
+        text_encoder = load_text_encoder(cfg)
+    else:
+        text_encoder = build_text_encoder(cfg.model, tokenizer)
     ema_unet = EMAModel(unet.parameters(), decay=cfg.ema_decay)
-    ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay)
+    ema_text = None if frozen_text else EMAModel(text_encoder.parameters(), decay=cfg.ema_decay)
     noise_scheduler, sampler = build_schedulers()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + ([] if frozen_text else list(text_encoder.parameters()))
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     sched = get_cosine_schedule_with_warmup(opt, cfg.unet_warmup, cfg.unet_steps)
-    unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)  # not the schedule: see train_vae
+    if frozen_text:
+        unet, opt = accelerator.prepare(unet, opt)  # not the schedule: see train_vae
+        text_encoder.to(accelerator.device)
+    else:
+        unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)
     accelerator.register_for_checkpointing(ema_unet)
-    accelerator.register_for_checkpointing(ema_text)
+    if ema_text is not None:
+        accelerator.register_for_checkpointing(ema_text)
     checkpointer = Checkpointer(accelerator, ckdir, schedulers=(sched,))
     start, losses = _resume(checkpointer)
 
@@ -270,7 +298,8 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
         sched.step()
         opt.zero_grad(set_to_none=True)
         ema_unet.step(accelerator.unwrap_model(unet).parameters())
-        ema_text.step(accelerator.unwrap_model(text_encoder).parameters())
+        if ema_text is not None:
+            ema_text.step(accelerator.unwrap_model(text_encoder).parameters())
         losses.append(accelerator.reduce(loss.detach(), "mean").item())
         speed = (step + 1 - start) * cfg.unet_batch / (time.time() - t0)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{speed:.0f}")
@@ -293,16 +322,18 @@ def train_unet(cfg: BaseTrainConfig, workdir: Path, vae: AutoencoderKL) -> Path:
     return out
 
 
-def _save_pipeline(out: Path, unet, text_encoder, ema_unet: EMAModel, ema_text: EMAModel, vae, tokenizer,
+def _save_pipeline(out: Path, unet, text_encoder, ema_unet: EMAModel, ema_text: EMAModel | None, vae, tokenizer,
                    sampler) -> None:
-    """Save the EMA weights as a StableDiffusionPipeline, leaving the training weights untouched.
+    """Save the EMA weights as a StableDiffusionPipeline, leaving the training weights untouched
+    (a frozen text encoder, `ema_text` None, is saved as it is).
 
     UNet and VAE weights are stored as float16 (half the size, so the shipped model stays
     well under 25 MB); diffusers loads them back as float32. The text encoder stays float32
     on disk because transformers keeps a checkpoint's dtype, and a float16 text encoder
     would feed float16 embeddings to the float32 UNet.
     """
-    for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
+    emas = [(ema_unet, unet)] + ([(ema_text, text_encoder)] if ema_text is not None else [])
+    for ema, model in emas:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
     pipe = StableDiffusionPipeline(
@@ -315,7 +346,7 @@ def _save_pipeline(out: Path, unet, text_encoder, ema_unet: EMAModel, ema_text: 
     pipe.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
+    for ema, model in emas:
         ema.restore(model.parameters())
 
 
@@ -328,8 +359,11 @@ def train_base(workdir: Path, cfg: BaseTrainConfig, stage: str = "all") -> Path 
         raise ConfigError(f"{cfg_file} holds different settings; use a new --workdir or the same settings to resume")
     accelerator = Accelerator()
     _check_batches(cfg, accelerator)
-    if cfg.vae_from is not None:
-        resolve_model(cfg.vae_from)  # a missing model fails here, before anything is written
+    for name in (cfg.vae_from, cfg.text_encoder_from):
+        if name is not None:
+            resolve_model(name)  # a missing model fails here, before anything is written
+    if cfg.text_encoder_from is not None:
+        load_text_encoder(cfg)  # so does one of the wrong width
     if accelerator.is_main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         cfg_file.write_text(json.dumps(asdict(cfg), indent=2))

@@ -1,4 +1,5 @@
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,16 @@ def test_vae_from_reuses_that_models_vae(mini_pipeline, tmp_path):
     with pytest.raises(ValueError, match="not found"):
         train_base(tmp_path / "x", BaseTrainConfig(**{**MINI.__dict__, "vae_from": str(tmp_path / "none")}))
     assert not (tmp_path / "x").exists()
+
+
+def test_text_encoder_from_is_frozen_and_checked(mini_pipeline, tmp_path):
+    out = train_base(tmp_path / "r", BaseTrainConfig(**{**MINI.__dict__, "text_encoder_from": str(mini_pipeline)}))
+    mine, theirs = _weights(out), _weights(mini_pipeline)
+    text = [k for k in mine if k.startswith("text_encoder.")]
+    assert text and all(torch.equal(mine[k], theirs[k]) for k in text)
+    assert not all(torch.equal(mine[k], theirs[k].half().float()) for k in mine if k.startswith("unet."))
+    wide = BaseTrainConfig(**{**MINI.__dict__, "text_encoder_from": str(mini_pipeline),
+                              "model": replace(MINI_CONFIG, text_hidden=2 * MINI_CONFIG.text_hidden)})
+    with pytest.raises(ValueError, match="text_hidden"):
+        train_base(tmp_path / "w", wide)
+    assert not (tmp_path / "w").exists()
