@@ -130,7 +130,7 @@ def main() -> None:
                 if len(mine[3]) > 1 and len(theirs[3]) > 1:
                     d = welch(mine[3], theirs[3])
                     diffs.append(f"    {key[0]} lr {key[1]:g} {b} steps ({len(mine[3])} vs {len(theirs[3])} seeds): "
-                                 f"{100 * d[0]:+.0f} points [{100 * d[1]:+.0f}, {100 * d[2]:+.0f}]")
+                                 f"{round(100 * d[0]):+d} points [{round(100 * d[1]):+d}, {round(100 * d[2]):+d}]")
         print(f"  {name}: {met} of {total}" + (f"; above: {'; '.join(misses)}" if misses else ""))
         if diffs:
             print("  difference of means over seeds, this model minus filtered [95% Welch interval]:")
@@ -139,8 +139,9 @@ def main() -> None:
 
 def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> None:
     legend_rows = 1 + (len(cols) - 1) // 4
-    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.0 + 0.2 * legend_rows), sharey=True,
-                             squeeze=False)
+    # Wide enough for a row of the legend (up to four names) however few panels there are.
+    width = max(2.6 * len(rows), 1.9 * min(4, len(cols)))
+    fig, axes = plt.subplots(1, len(rows), figsize=(width, 3.0 + 0.2 * legend_rows), sharey=True, squeeze=False)
     colours = dict(zip(cols, plt.rcParams["axes.prop_cycle"].by_key()["color"]))  # one per column in every panel
     for ax, key in zip(axes[0], rows):
         for name in cols:
