@@ -80,7 +80,7 @@ class BaseTrainConfig:
     # A pipeline whose text encoder is used, frozen, instead of training one with the UNet. Real
     # data-filtered models (SD 2.x) filter the UNet's data and keep a text encoder pretrained on
     # unfiltered text (OpenCLIP), which reads unsafe prompts; with `classes` benign only, this makes
-    # that reference in the glyph world (reproduce/train-filtered-public-te.toml).
+    # that reference in the glyph world (research/configs/train-filtered-public-te.toml).
     text_encoder_from: str | None = None
     model: TinyConfig = field(default_factory=TinyConfig)
 
@@ -230,6 +230,10 @@ def load_text_encoder(cfg: BaseTrainConfig) -> CLIPTextModel:
     if text_encoder.config.hidden_size != cfg.model.text_hidden:
         raise ConfigError(f"text_encoder_from {cfg.text_encoder_from!r} is {text_encoder.config.hidden_size} wide, "
                           f"the model settings' text_hidden {cfg.model.text_hidden}: use a text encoder of that width")
+    vocab = len(build_tokenizer(cfg.model))
+    if text_encoder.config.vocab_size != vocab:
+        raise ConfigError(f"text_encoder_from {cfg.text_encoder_from!r} reads {text_encoder.config.vocab_size} tokens, "
+                          f"the glyph world's tokenizer {vocab}: use a text encoder trained with that tokenizer")
     return text_encoder.requires_grad_(False).eval()
 
 
