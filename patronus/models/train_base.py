@@ -363,11 +363,11 @@ def train_base(workdir: Path, cfg: BaseTrainConfig, stage: str = "all") -> Path 
         raise ConfigError(f"{cfg_file} holds different settings; use a new --workdir or the same settings to resume")
     accelerator = Accelerator()
     _check_batches(cfg, accelerator)
-    for name in (cfg.vae_from, cfg.text_encoder_from):
-        if name is not None:
-            resolve_model(name)  # a missing model fails here, before anything is written
+    # A missing model, or a text encoder that does not fit, fails here, before anything is written.
+    if cfg.vae_from is not None:
+        resolve_model(cfg.vae_from)
     if cfg.text_encoder_from is not None:
-        load_text_encoder(cfg)  # so does one of the wrong width
+        load_text_encoder(cfg)
     if accelerator.is_main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         cfg_file.write_text(json.dumps(asdict(cfg), indent=2))

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from transformers import CLIPTextModel
 
 from patronus.models.train_base import BaseTrainConfig, train_base
 from patronus.world import CLASS_NAMES, UNSAFE_CLASSES
@@ -83,3 +84,10 @@ def test_text_encoder_from_is_frozen_and_checked(mini_pipeline, tmp_path):
     with pytest.raises(ValueError, match="text_hidden"):
         train_base(tmp_path / "w", wide)
     assert not (tmp_path / "w").exists()
+    other = shutil.copytree(mini_pipeline, tmp_path / "other-vocab")
+    encoder = CLIPTextModel.from_pretrained(other / "text_encoder")
+    encoder.resize_token_embeddings(encoder.config.vocab_size + 1)
+    encoder.save_pretrained(other / "text_encoder")
+    with pytest.raises(ValueError, match="tokens"):
+        train_base(tmp_path / "v", BaseTrainConfig(**{**MINI.__dict__, "text_encoder_from": str(other)}))
+    assert not (tmp_path / "v").exists()
