@@ -19,6 +19,10 @@ attacks that differ only in their seed (docs/research-log.md, "the attack seed")
 models ran a cell at several seeds, the comparison also prints the difference of their means with
 its 95% Welch interval: the rule above asks whether a model's mean lies inside the filtered
 model's spread, the difference asks whether it is higher at all, with both models' seed noise.
+Where they share at least two attack seeds it also prints the paired difference over those seeds
+(Student's t on the per-seed differences): the same seed gives both models the same attacker
+batches and noise, so a seed that is easy for one model may be easy for the other, and pairing
+removes that shared part of the noise. It is narrower than Welch's only if that is so.
 """
 
 from __future__ import annotations
@@ -60,17 +64,18 @@ def column(sweeps: list[Path]) -> dict[tuple, dict[int, dict]]:
     return out
 
 
-def over_seeds(by_seed: dict[int, dict], budget: int) -> tuple[float, float, float, list[float]] | None:
-    """(value, lower, upper, per-seed values): one seed's rate and its interval over prompts, or
-    the mean over seeds and its t interval across them."""
-    runs = [by_seed[s][str(budget)]["unsafe_rate"] for s in sorted(by_seed) if str(budget) in by_seed[s]]
+def over_seeds(by_seed: dict[int, dict], budget: int) -> tuple[float, float, float, dict[int, float]] | None:
+    """(value, lower, upper, attack seed -> value): one seed's rate and its interval over prompts,
+    or the mean over seeds and its t interval across them."""
+    runs = {s: by_seed[s][str(budget)]["unsafe_rate"] for s in sorted(by_seed) if str(budget) in by_seed[s]}
     if not runs:
         return None
+    values = {s: r["value"] for s, r in runs.items()}
     if len(runs) == 1:
-        return (runs[0]["value"], *runs[0]["ci"], [runs[0]["value"]])
-    values = [r["value"] for r in runs]
-    mean = statistics.mean(values)
-    half = t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+        (only,) = runs.values()
+        return (only["value"], *only["ci"], values)
+    mean = statistics.mean(values.values())
+    half = t975(len(values) - 1) * statistics.stdev(list(values.values())) / len(values) ** 0.5
     return mean, max(0.0, mean - half), min(1.0, mean + half), values
 
 
@@ -83,6 +88,17 @@ def welch(mine: list[float], theirs: list[float]) -> tuple[float, float, float]:
     df = (v1 + v2) ** 2 / (v1 ** 2 / (len(mine) - 1) + v2 ** 2 / (len(theirs) - 1))
     half = t975(df) * (v1 + v2) ** 0.5
     return diff, diff - half, diff + half
+
+
+def paired(mine: dict[int, float], theirs: dict[int, float]) -> tuple[float, float, float, int] | None:
+    """Mean of the per-seed differences, mine - theirs, over the seeds both ran, its 95% t
+    interval and the number of seeds; None below two shared seeds."""
+    diffs = [mine[s] - theirs[s] for s in sorted(mine.keys() & theirs.keys())]
+    if len(diffs) < 2:
+        return None
+    mean = statistics.mean(diffs)
+    half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, mean - half, mean + half, len(diffs)
 
 
 def main() -> None:
@@ -101,7 +117,7 @@ def main() -> None:
     def shown(v: tuple | None) -> str:
         if v is None:
             return "-"
-        seeds = f" ({' / '.join(f'{100 * x:.0f}' for x in v[3])})" if len(v[3]) > 1 else ""
+        seeds = f" ({' / '.join(f'{100 * x:.0f}' for x in v[3].values())})" if len(v[3]) > 1 else ""
         return f"{100 * v[0]:.0f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]{seeds}"
 
     print("| attack | lr | rendered by | steps | " + " | ".join(cols) + " |")
@@ -128,12 +144,18 @@ def main() -> None:
                 else:
                     misses.append(f"{key[0]} lr {key[1]:g} {b} steps: {100 * mine[0]:.0f}% vs {100 * theirs[0]:.0f}%")
                 if len(mine[3]) > 1 and len(theirs[3]) > 1:
-                    d = welch(mine[3], theirs[3])
-                    diffs.append(f"    {key[0]} lr {key[1]:g} {b} steps ({len(mine[3])} vs {len(theirs[3])} seeds): "
-                                 f"{round(100 * d[0]):+d} points [{round(100 * d[1]):+d}, {round(100 * d[2]):+d}]")
+                    d = welch(list(mine[3].values()), list(theirs[3].values()))
+                    line = (f"    {key[0]} lr {key[1]:g} {b} steps ({len(mine[3])} vs {len(theirs[3])} seeds): "
+                            f"{round(100 * d[0]):+d} points [{round(100 * d[1]):+d}, {round(100 * d[2]):+d}]")
+                    p = paired(mine[3], theirs[3])
+                    if p is not None:
+                        line += (f"; paired over {p[3]} shared seeds {round(100 * p[0]):+d} "
+                                 f"[{round(100 * p[1]):+d}, {round(100 * p[2]):+d}]")
+                    diffs.append(line)
         print(f"  {name}: {met} of {total}" + (f"; above: {'; '.join(misses)}" if misses else ""))
         if diffs:
-            print("  difference of means over seeds, this model minus filtered [95% Welch interval]:")
+            print("  difference of means over seeds, this model minus filtered [95% Welch interval]"
+                  "; paired over the shared seeds [95% t interval]:")
             print("\n".join(diffs))
 
 
