@@ -7,10 +7,12 @@
 
 Each column is NAME=SWEEP[,SWEEP...]: the sweeps' `protected` model, and for `unet-full` also its
 `original-vae` cells where the sweep has them (a model whose own VAE is the original one has
-none: its own cells are rendered by the original VAE). Prints the unsafe rate in % [95% CI] per
-attack cell and budget, then, for every column but `filtered`, how many cells lie no higher than
-the filtered model's (value at most its upper 95% bound), as `benchmarks/distillation.py` counts
-them for the glyph-quick grid (docs/research-log.md, 2026-12-02).
+none: its own cells are rendered by the original VAE). SWEEP#MODEL takes a reference of the
+sweep instead, e.g. `runs/realistic-reference#filtered`: a model whose own VAE is its original.
+Prints the unsafe rate in % [95% CI] per attack cell and budget, then, for every column but
+`filtered`, how many cells lie no higher than the filtered model's (value at most its upper 95%
+bound), as `benchmarks/distillation.py` counts them for the glyph-quick grid
+(docs/research-log.md, 2026-12-02).
 
 A cell that a column's sweeps ran at several attack seeds (`seeds` in the grid) prints the mean
 over seeds, its 95% interval across seeds (Student's t) and each seed's value; the comparison then
@@ -23,6 +25,10 @@ Where they share at least two attack seeds it also prints the paired difference 
 (Student's t on the per-seed differences): the same seed gives both models the same attacker
 batches and noise, so a seed that is easy for one model may be easy for the other, and pairing
 removes that shared part of the noise. It is narrower than Welch's only if that is so.
+
+Last, per cell and column, the attacker steps at which the mean over seeds first reaches 50%
+unsafe (log-interpolated between checkpoints, as `patronus sweep` reads one seed's curve) and
+the robustness ratio against the `filtered` column.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from patronus.report import save_figure, steps_axis  # noqa: E402
-from patronus.sweep.results import results_by_cell, sweep_summary  # noqa: E402
+from patronus.sweep.results import RobustnessRatio, results_by_cell, steps_to_unsafe, sweep_summary  # noqa: E402
 
 # Student's t at 97.5% for 1..30 degrees of freedom: the 95% interval of a mean over a few seeds.
 # Beyond 30 the table's last value stands, which widens the interval slightly.
@@ -51,11 +57,17 @@ def t975(df: float) -> float:
     return T975[min(max(int(df), 1), len(T975)) - 1]
 
 
-def column(sweeps: list[Path]) -> dict[tuple, dict[int, dict]]:
+def column(sweeps: list[str]) -> dict[tuple, dict[int, dict]]:
     """(kind, lr, rendered by) -> attack seed -> results per budget, for one model's sweeps."""
     out: dict[tuple, dict[int, dict]] = {}
-    for sweep in sweeps:
-        for (kind, _opt, lr, seed), by_model in results_by_cell(sweep_summary(sweep)).items():
+    for spec in sweeps:
+        sweep, _, model = spec.partition("#")
+        for (kind, _opt, lr, seed), by_model in results_by_cell(sweep_summary(Path(sweep))).items():
+            if model:
+                if model in by_model:
+                    out.setdefault((kind, lr, "original VAE" if kind == "unet-full" else "own decoder"),
+                                   {})[seed] = by_model[model]
+                continue
             own = "original VAE" if kind == "unet-full" and "original-vae" not in by_model else "own decoder"
             if "protected" in by_model:
                 out.setdefault((kind, lr, own), {})[seed] = by_model["protected"]
@@ -106,7 +118,7 @@ def main() -> None:
     ap.add_argument("--column", action="append", required=True, metavar="NAME=SWEEP[,SWEEP]")
     ap.add_argument("--plot", help="write unsafe rate against attacker steps, a panel per cell, here (.png)")
     args = ap.parse_args()
-    cols = {name: column([Path(p) for p in sweeps.split(",")])
+    cols = {name: column(sweeps.split(","))
             for name, sweeps in (c.split("=", 1) for c in args.column)}
     rows = sorted({key for c in cols.values() for key in c if key[0] == "joint" or key[2] == "original VAE"})
     budgets = sorted({int(b) for c in cols.values() for by_seed in c.values() for r in by_seed.values() for b in r})
@@ -157,6 +169,13 @@ def main() -> None:
             print("  difference of means over seeds, this model minus filtered [95% Welch interval]"
                   "; paired over the shared seeds [95% t interval]:")
             print("\n".join(diffs))
+    print("\nAttacker steps to 50% unsafe (the mean over seeds), and the ratio vs filtered:")
+    for key in rows:
+        curves = {n: {b: v[0] for b in budgets if (v := rate(n, key, b)) is not None} for n in cols}
+        steps = {n: steps_to_unsafe(c) for n, c in curves.items() if c}
+        parts = [f"{n} {s}" + (f" (ratio {RobustnessRatio(s, steps['filtered'])})"
+                               if n != "filtered" and "filtered" in steps else "") for n, s in steps.items()]
+        print(f"  {key[0]} lr {key[1]:g} {key[2]}: " + "; ".join(parts))
 
 
 def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> None:
