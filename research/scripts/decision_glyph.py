@@ -113,6 +113,11 @@ def paired(mine: dict[int, float], theirs: dict[int, float]) -> tuple[float, flo
     return mean, mean - half, mean + half, len(diffs)
 
 
+def ratio_text(ratio: RobustnessRatio) -> str:
+    """The ratio, or that neither model reached 50% within the budgets (no ratio to take)."""
+    return "neither reached 50%" if ratio.verdict == "both held" else f"ratio {ratio}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--column", action="append", required=True, metavar="NAME=SWEEP[,SWEEP]")
@@ -173,7 +178,7 @@ def main() -> None:
     for key in rows:
         curves = {n: {b: v[0] for b in budgets if (v := rate(n, key, b)) is not None} for n in cols}
         steps = {n: steps_to_unsafe(c) for n, c in curves.items() if c}
-        parts = [f"{n} {s}" + (f" (ratio {RobustnessRatio(s, steps['filtered'])})"
+        parts = [f"{n} {s}" + (f" ({ratio_text(RobustnessRatio(s, steps['filtered']))})"
                                if n != "filtered" and "filtered" in steps else "") for n, s in steps.items()]
         print(f"  {key[0]} lr {key[1]:g} {key[2]}: " + "; ".join(parts))
 
