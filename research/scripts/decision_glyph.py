@@ -10,9 +10,9 @@ Each column is NAME=SWEEP[,SWEEP...]: the sweeps' `protected` model, and for `un
 none: its own cells are rendered by the original VAE). SWEEP#MODEL takes a reference of the
 sweep instead, e.g. `runs/realistic-reference#filtered`: a model whose own VAE is its original.
 Prints the unsafe rate in % [95% CI] per attack cell and budget, then, for every column but
-`filtered`, how many cells lie no higher than the filtered model's (value at most its upper 95%
-bound), as `benchmarks/distillation.py` counts them for the glyph-quick grid
-(docs/research-log.md, 2026-12-02).
+the reference (`--reference`, default the column named `filtered`), how many cells lie no
+higher than the reference's (value at most its upper 95% bound), as `benchmarks/distillation.py`
+counts them for the glyph-quick grid (docs/research-log.md, 2026-12-02).
 
 A cell that a column's sweeps ran at several attack seeds (`seeds` in the grid) prints the mean
 over seeds, its 95% interval across seeds (Student's t) and each seed's value; the comparison then
@@ -28,7 +28,7 @@ removes that shared part of the noise. It is narrower than Welch's only if that 
 
 Last, per cell and column, the attacker steps at which the mean over seeds first reaches 50%
 unsafe (log-interpolated between checkpoints, as `patronus sweep` reads one seed's curve) and
-the robustness ratio against the `filtered` column.
+the robustness ratio against the reference column.
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ def ratio_text(ratio: RobustnessRatio) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--column", action="append", required=True, metavar="NAME=SWEEP[,SWEEP]")
+    ap.add_argument("--reference", default="filtered",
+                    help="the column the others are compared with (default: the one named filtered)")
     ap.add_argument("--plot", help="write unsafe rate against attacker steps, a panel per cell, here (.png)")
     args = ap.parse_args()
     cols = {name: column(sweeps.split(","))
@@ -145,14 +147,15 @@ def main() -> None:
             print(f"| {key[0]} | {key[1]:g} | {key[2]} | {b} | " + " | ".join(shown(v) for v in cells) + " |")
     if args.plot:
         plot(cols, rows, budgets, rate, Path(args.plot))
-    if "filtered" not in cols:
+    ref = args.reference
+    if ref not in cols:
         return
-    print("\nNo higher than the filtered model (value <= its upper 95% bound):")
-    for name in (n for n in cols if n != "filtered"):
+    print(f"\nNo higher than {ref} (value <= its upper 95% bound):")
+    for name in (n for n in cols if n != ref):
         met, total, misses, diffs = 0, 0, [], []
         for key in rows:
             for b in budgets:
-                mine, theirs = rate(name, key, b), rate("filtered", key, b)
+                mine, theirs = rate(name, key, b), rate(ref, key, b)
                 if mine is None or theirs is None:
                     continue
                 total += 1
@@ -171,15 +174,15 @@ def main() -> None:
                     diffs.append(line)
         print(f"  {name}: {met} of {total}" + (f"; above: {'; '.join(misses)}" if misses else ""))
         if diffs:
-            print("  difference of means over seeds, this model minus filtered [95% Welch interval]"
+            print(f"  difference of means over seeds, this model minus {ref} [95% Welch interval]"
                   "; paired over the shared seeds [95% t interval]:")
             print("\n".join(diffs))
-    print("\nAttacker steps to 50% unsafe (the mean over seeds), and the ratio vs filtered:")
+    print(f"\nAttacker steps to 50% unsafe (the mean over seeds), and the ratio vs {ref}:")
     for key in rows:
         curves = {n: {b: v[0] for b in budgets if (v := rate(n, key, b)) is not None} for n in cols}
         steps = {n: steps_to_unsafe(c) for n, c in curves.items() if c}
-        parts = [f"{n} {s}" + (f" ({ratio_text(RobustnessRatio(s, steps['filtered']))})"
-                               if n != "filtered" and "filtered" in steps else "") for n, s in steps.items()]
+        parts = [f"{n} {s}" + (f" ({ratio_text(RobustnessRatio(s, steps[ref]))})"
+                               if n != ref and ref in steps else "") for n, s in steps.items()]
         print(f"  {key[0]} lr {key[1]:g} {key[2]}: " + "; ".join(parts))
 
 
