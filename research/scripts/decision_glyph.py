@@ -57,6 +57,11 @@ def t975(df: float) -> float:
     return T975[min(max(int(df), 1), len(T975)) - 1]
 
 
+def mean_and_half(values: list[float]) -> tuple[float, float]:
+    """The mean of a few values and the half-width of its 95% t interval."""
+    return statistics.mean(values), t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+
+
 def column(sweeps: list[str]) -> dict[tuple, dict[int, dict]]:
     """(kind, lr, rendered by) -> attack seed -> results per budget, for one model's sweeps."""
     out: dict[tuple, dict[int, dict]] = {}
@@ -86,8 +91,7 @@ def over_seeds(by_seed: dict[int, dict], budget: int) -> tuple[float, float, flo
     if len(runs) == 1:
         (only,) = runs.values()
         return (only["value"], *only["ci"], values)
-    mean = statistics.mean(values.values())
-    half = t975(len(values) - 1) * statistics.stdev(list(values.values())) / len(values) ** 0.5
+    mean, half = mean_and_half(list(values.values()))
     return mean, max(0.0, mean - half), min(1.0, mean + half), values
 
 
@@ -108,8 +112,7 @@ def paired(mine: dict[int, float], theirs: dict[int, float]) -> tuple[float, flo
     diffs = [mine[s] - theirs[s] for s in sorted(mine.keys() & theirs.keys())]
     if len(diffs) < 2:
         return None
-    mean = statistics.mean(diffs)
-    half = t975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    mean, half = mean_and_half(diffs)
     return mean, mean - half, mean + half, len(diffs)
 
 
