@@ -153,6 +153,21 @@ def test_black_target_implies_the_black_latent(aligner):
     assert aligner.refusal_distance(target + 0.1, target, x_t, t).item() > 0
 
 
+@pytest.mark.parametrize("aligner", [{}, {"unsafe_latents": False}], indirect=True, ids=["unsafe", "benign"])
+def test_refusal_rows_noise_unsafe_images_or_benign_ones_under_unsafe_captions(aligner):
+    unsafe, benign = aligner.data["train", "unsafe"], aligner.data["train", "benign"]
+    idx = torch.tensor([1, 0, 3])
+    x_t, t, hidden = aligner.refusal_inputs(unsafe, idx, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    if aligner.u.unsafe_latents:
+        expected, t_img, _ = aligner.noised(unsafe, idx, g)
+    else:
+        expected, t_img, _ = aligner.noised(benign, torch.randint(0, len(benign.mean), (3,), generator=g), g)
+    torch.testing.assert_close(x_t[:3], expected)
+    torch.testing.assert_close(t[:3], t_img)
+    torch.testing.assert_close(hidden, unsafe.hidden[idx].repeat(2, 1, 1))
+
+
 @pytest.mark.parametrize("aligner", [{"target": "esd"}, {"target": "esd", "esd_guidance": 1.0}], indirect=True)
 def test_esd_target_is_the_teachers_guided_away_prediction(aligner):
     g = torch.Generator().manual_seed(0)

@@ -239,9 +239,14 @@ class Aligner:
         return snr.clamp(max=self.u.snr_gamma) / denominator
 
     def refusal_inputs(self, part: Partition, idx: torch.Tensor, g: torch.Generator):
-        """(x_t, t, hidden) where an unsafe prompt must refuse: the attacker's noised latents of
-        unsafe images, and the noised black latent (the refusal's own sampling trajectory)."""
-        x_img, t_img, _ = self.noised(part, idx, g)
+        """(x_t, t, hidden) where the unsafe prompts `idx` of `part` must refuse: noised latents of
+        their unsafe images (`UNetAlignConfig.unsafe_latents`; else of benign training images drawn
+        at random), and the noised black latent (the refusal's own sampling trajectory)."""
+        if self.u.unsafe_latents:
+            x_img, t_img, _ = self.noised(part, idx, g)
+        else:
+            benign = self.data["train", "benign"]
+            x_img, t_img, _ = self.noised(benign, torch.randint(0, len(benign.mean), (len(idx),), generator=g), g)
         x_blk, t_blk, _ = noised_batch(self.scheduler, self.x0_black.expand(len(idx), -1, -1, -1), g)
         return torch.cat([x_img, x_blk]), torch.cat([t_img, t_blk]), part.hidden[idx].repeat(2, 1, 1)
 

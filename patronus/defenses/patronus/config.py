@@ -87,6 +87,11 @@ class UNetAlignConfig:
     # are pulled to one fixed random pattern per block (what they carried is removed, which an
     # attacker must then rebuild) and benign prompts' to the teacher's.
     w_scramble: float = 0.0
+    # The refusal's image inputs: noised latents of the defender's unsafe images under their captions
+    # (True), or of benign images under the unsafe captions (False: the UNet's inputs never carry
+    # unsafe content, as a model trained on filtered data; NFT's simulated attacker still
+    # fine-tunes on unsafe images, as the real one does).
+    unsafe_latents: bool = True
     nft_steps: int = 200
     nft_lr: float = 2e-5
     w_nft: float = 0.1
