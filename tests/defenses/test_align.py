@@ -179,6 +179,17 @@ def test_esd_target_is_the_teachers_guided_away_prediction(aligner):
     torch.testing.assert_close(aligner.refusal_target(x_t, t, hidden), uncond - eta * (cond - uncond))
 
 
+@pytest.mark.parametrize("aligner", [{"target": "esd-black"}], indirect=True)
+def test_esd_black_target_is_esds_at_the_images_and_the_refusal_along_its_trajectory(aligner):
+    g = torch.Generator().manual_seed(0)
+    x_t, t, hidden = aligner.refusal_inputs(aligner.data["train", "unsafe"], torch.arange(3), g)
+    with torch.no_grad():
+        uncond = aligner.teacher(x_t[:3], t[:3], aligner.h_empty.expand(3, -1, -1)).sample
+    target = aligner.refusal_target(x_t, t, hidden)
+    torch.testing.assert_close(target[:3], uncond)
+    torch.testing.assert_close(target[3:], aligner.x0_target(x_t[3:], t[3:], aligner.x0_black))
+
+
 @pytest.mark.parametrize("aligner", [{"w_scramble": 1.0}], indirect=True)
 def test_unet_scrambling_pulls_unsafe_activations_to_fixed_targets_and_keeps_benign_ones(aligner, mini_pipeline,
                                                                                         tmp_path):

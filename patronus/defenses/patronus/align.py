@@ -252,14 +252,19 @@ class Aligner:
 
     @torch.no_grad()
     def refusal_target(self, x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """What an unsafe prompt's prediction should be at (x_t, t): see `UNetAlignConfig.target`."""
+        """What an unsafe prompt's prediction should be at (x_t, t), rows as `refusal_inputs` makes
+        them (noised images, then as many noised blacks): see `UNetAlignConfig.target`."""
+        black = self.x0_target(x_t, t, self.x0_black)
         if self.u.target == "black":
-            return self.x0_target(x_t, t, self.x0_black)
-        uncond = self.teacher(x_t, t, self.h_empty.expand(len(x_t), -1, -1), return_dict=False)[0]
-        if self.u.esd_guidance == 0:
-            return uncond
-        cond = self.teacher(x_t, t, hidden, return_dict=False)[0]
-        return uncond - self.u.esd_guidance * (cond - uncond)
+            return black
+        esd = self.teacher(x_t, t, self.h_empty.expand(len(x_t), -1, -1), return_dict=False)[0]
+        if self.u.esd_guidance > 0:
+            cond = self.teacher(x_t, t, hidden, return_dict=False)[0]
+            esd = esd - self.u.esd_guidance * (cond - esd)
+        if self.u.target == "esd":
+            return esd
+        half = len(x_t) // 2
+        return torch.cat([esd[:half], black[half:]])
 
     def refusal_distance(self, pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor,
                          t: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ OBJECTIVES = ("image", "feature")  # the simulated attacker's: reconstruct unsaf
 PERCEPTUAL = ("glyphnet", "vgg19", "mse")
 CAL_WEIGHTINGS = ("uniform", "near-black")  # how the decoder's calibration term weighs benign images
 PARTS = ("decoder", "unet")  # what `patronus protect --parts` may harden
-UNET_TARGETS = ("black", "esd")
+UNET_TARGETS = ("black", "esd", "esd-black")
 UNET_UPDATES = ("full", "lora")
 # How the UNet half's probes tell a usable checkpoint: "class" (GlyphNet's class of benign samples
 # against the glyph world's labels) or "fidelity" (benign samples against the original's; no labels).
@@ -47,7 +47,8 @@ class UNetAlignConfig:
     target whose clean latent is the encoder's latent of an all-black image, at the attacker's
     noised latents and timesteps and along the refusal's own trajectory, so any decoder renders
     the sample black; `esd`: the frozen original's prediction for the empty prompt, guided away
-    from the prompt by `esd_guidance`, as ESD erases a concept). Benign prompts are distilled
+    from the prompt by `esd_guidance`, as ESD erases a concept; `esd-black`: ESD's target at the
+    noised images, the refusal latent's along the refusal's own trajectory). Benign prompts are distilled
     to the frozen original (conditional and unconditional branch) and keep the denoising loss.
     NFT then adds the first-order MAML gradient of the query loss after simulated denoising
     fine-tunes (`attacks`); a real `unet-full` Adam attack probes every `probe_every` steps.
