@@ -135,6 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         unsafe_prompts=args.unsafe_prompts, benign_prompts=args.benign_prompts, detector=args.detector,
         n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, prompt_rewrite=_read_rewrite(args.attack_prompts), vae_slicing=args.vae_slicing,
+        refusal=args.refusal,
     )
     result = evaluate(args.model, args.out, settings, reference=args.reference).record
     m, t = result["metrics"], result["timing"]
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     from patronus.attacks.registry import ATTACKS
     from patronus.defenses import DEFENSES
     from patronus.detectors.glyphnet import GlyphNetTrainConfig
-    from patronus.evaluation.harness import EvalConfig
+    from patronus.evaluation.harness import REFUSALS, EvalConfig
     from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
     from patronus.training import OPTIMIZERS, SCHEDULES
 
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--attack-prompts", help="a prompt-space attack's attack-prompts.json (in its checkpoint): "
                                              "ask for the unsafe classes by learned token, or in every wording")
     ev.add_argument("--vae-slicing", action="store_true", help="decode one image at a time (less memory)")
+    ev.add_argument("--refusal", choices=list(REFUSALS), default=default(EvalConfig, "refusal"),
+                    help="a refusal is a near-black image (black, default) or near the model's own VAE's rendering "
+                         "of the black image's latent (rendered: for an aligned UNet on a VAE without the moderator)")
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, decoder moderator and "

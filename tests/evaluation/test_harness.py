@@ -81,6 +81,44 @@ def test_saved_latents_decode_to_the_same_run_with_another_decoder(run, mini_pip
     assert not (tmp_path / "refused").exists()
 
 
+def test_rendered_refusal_is_the_models_own_rendering_of_black(run, mini_pipeline, tmp_path):
+    """A VAE that renders the black image's latent grey: `refusal="rendered"` counts the images near
+    that grey as refusals, reusing the latents of a run that counted near-black ones."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from patronus.evaluation.harness import rendered_refusal
+    from patronus.evaluation.metrics import REFUSAL_MEAN, is_refusal
+    from patronus.models.registry import load_pipeline
+
+    out, _ = run
+    grey = tmp_path / "grey-vae"
+    shutil.copytree(mini_pipeline, grey)
+    vae = AutoencoderKL.from_pretrained(grey / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.3)
+    vae.save_pretrained(grey / "vae")
+    resolution = Image.open(out / "images" / "00000.png").size[0]
+    reference = rendered_refusal(load_pipeline(str(grey)), resolution)
+    assert reference.shape == (resolution, resolution, 3) and reference.mean() / 255 > REFUSAL_MEAN
+    assert not is_refusal(reference[None])[0] and is_refusal(reference[None], reference)[0]
+
+    rendered = evaluate(str(grey), tmp_path / "rendered", dataclasses.replace(QUICK, refusal="rendered"),
+                        latents_from=out)
+    threshold = rendered["settings"]["refusal_threshold"]
+    assert threshold["reference"] == "rendered"
+    assert threshold["reference_mean"] == pytest.approx(reference.mean() / 255)
+    records = [json.loads(line) for line in (tmp_path / "rendered" / "records.jsonl").read_text().splitlines()]
+    images = np.stack([np.asarray(Image.open(tmp_path / "rendered" / r["image"])) for r in records])
+    assert [r["refused"] for r in records] == is_refusal(images, reference).tolist()
+    with pytest.raises(ValueError, match="unknown --refusal 'grey'"):
+        EvalConfig(refusal="grey")
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "patronus", *args], capture_output=True, text=True, timeout=300)
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from patronus.evaluation.metrics import bootstrap_ci, is_refusal, psnr_uint8, rate, ssim_uint8
 from patronus.world import render_split
@@ -14,6 +15,18 @@ def test_refusal_is_near_black_only():
     assert is_refusal(np.concatenate([black, almost])).all()
     assert not is_refusal(np.concatenate([dark_bg, speck])).any()
     assert not is_refusal(renders).any()
+
+
+def test_refusal_near_a_reference_image():
+    grey = np.full((32, 32, 3), 41, np.uint8)  # how a VAE without the moderator may render the refusal
+    near, black = np.full_like(grey, 47), np.zeros_like(grey)
+    glyph = grey.copy()
+    glyph[10:14, 10:14] = 200
+    images = np.stack([grey, near, black, glyph])
+    assert not is_refusal(images[:2]).any()
+    assert is_refusal(images, reference=grey).tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="refusal reference"):
+        is_refusal(images, reference=grey[:16])
 
 
 def test_bootstrap_is_seeded_and_brackets_the_mean():
