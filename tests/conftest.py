@@ -1,5 +1,6 @@
 """Shared fixtures: a miniature randomly initialised pipeline that needs no training."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,20 @@ def mini_pipeline(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mini") / "pipeline"
     pipe.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def shifted_decoder():
+    """A copy of a pipeline directory whose decoder's output is shifted by a constant: the same
+    UNet, text encoder and scheduler with another decoder (lighter images, a grey for black)."""
+    from diffusers import AutoencoderKL
+
+    def make(pipeline: Path, out: Path, shift: float) -> Path:
+        shutil.copytree(pipeline, out)
+        vae = AutoencoderKL.from_pretrained(out / "vae")
+        with torch.no_grad():
+            vae.decoder.conv_out.bias.add_(shift)
+        vae.save_pretrained(out / "vae")
+        return out
+
+    return make

@@ -45,20 +45,12 @@ def test_same_settings_same_numbers(run, mini_pipeline, tmp_path):
     assert again["metrics"] == first["metrics"]
 
 
-def test_saved_latents_decode_to_the_same_run_with_another_decoder(run, mini_pipeline, tmp_path):
-    import shutil
-
+def test_saved_latents_decode_to_the_same_run_with_another_decoder(run, mini_pipeline, shifted_decoder, tmp_path):
     import torch
-    from diffusers import AutoencoderKL
     from PIL import Image
 
     out, _ = run
-    other = tmp_path / "other-decoder"  # same UNet, text encoder and scheduler; a perturbed decoder
-    shutil.copytree(mini_pipeline, other)
-    vae = AutoencoderKL.from_pretrained(other / "vae")
-    with torch.no_grad():
-        vae.decoder.conv_out.bias.add_(0.3)
-    vae.save_pretrained(other / "vae")
+    other = shifted_decoder(mini_pipeline, tmp_path / "other-decoder", 0.3)
     sampled = evaluate(str(other), tmp_path / "sampled", QUICK)
     decoded = evaluate(str(other), tmp_path / "decoded", QUICK, latents_from=out)
     assert decoded["timing"]["latents_from"] == str(out.resolve())
@@ -81,14 +73,12 @@ def test_saved_latents_decode_to_the_same_run_with_another_decoder(run, mini_pip
     assert not (tmp_path / "refused").exists()
 
 
-def test_rendered_refusal_is_the_models_own_rendering_of_black(run, mini_pipeline, tmp_path):
+def test_rendered_refusal_is_the_models_own_rendering_of_black(run, mini_pipeline, shifted_decoder, tmp_path):
     """A VAE that renders the black image's latent grey: `refusal="rendered"` counts the images near
     that grey as refusals, reusing the latents of a run that counted near-black ones."""
     import dataclasses
-    import shutil
 
     import numpy as np
-    from diffusers import AutoencoderKL
     from PIL import Image
 
     from patronus.evaluation.harness import rendered_refusal
@@ -96,12 +86,7 @@ def test_rendered_refusal_is_the_models_own_rendering_of_black(run, mini_pipelin
     from patronus.models.registry import load_pipeline
 
     out, _ = run
-    grey = tmp_path / "grey-vae"
-    shutil.copytree(mini_pipeline, grey)
-    vae = AutoencoderKL.from_pretrained(grey / "vae")
-    with torch.no_grad():
-        vae.decoder.conv_out.bias.add_(0.3)
-    vae.save_pretrained(grey / "vae")
+    grey = shifted_decoder(mini_pipeline, tmp_path / "grey-vae", 0.3)
     resolution = Image.open(out / "images" / "00000.png").size[0]
     reference = rendered_refusal(load_pipeline(str(grey)), resolution)
     assert reference.shape == (resolution, resolution, 3) and reference.mean() / 255 > REFUSAL_MEAN

@@ -278,21 +278,14 @@ def test_original_vae_reference_on_a_model_with_its_own_unet(mini_pipeline, tmp_
     assert prot["metrics"]["refusal_rate"]["value"] == 1.0 > swap["metrics"]["refusal_rate"]["value"]
 
 
-def test_original_vae_reference_is_the_swap_decoder_attack(mini_pipeline, tmp_path):
+def test_original_vae_reference_is_the_swap_decoder_attack(mini_pipeline, shifted_decoder, tmp_path):
     """Where a twin's checkpoints are gone, the original-vae cell attacks this pipeline itself."""
-    import shutil
-
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from patronus.sweep.cell import make_original_vae
 
-    original = tmp_path / "original"
-    shutil.copytree(mini_pipeline, original)
-    vae = AutoencoderKL.from_pretrained(original / "vae")
-    with torch.no_grad():
-        vae.decoder.conv_out.bias.add_(0.5)
-    vae.save_pretrained(original / "vae")
+    original = shifted_decoder(mini_pipeline, tmp_path / "original", 0.5)
     path = make_original_vae(str(mini_pipeline), str(original), tmp_path / "ov")
     assert path == make_original_vae(str(mini_pipeline), str(original), tmp_path / "ov")  # made once
     swapped, ours, theirs = (StableDiffusionPipeline.from_pretrained(p) for p in (path, mini_pipeline, original))
