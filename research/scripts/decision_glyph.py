@@ -3,7 +3,7 @@
     python research/scripts/decision_glyph.py \
         --column "filtered=runs/dg-filtered,runs/dgj-filtered" \
         --column "benign-init student=runs/dg-distill-benign,runs/dgj-distill-benign" [--column ...] \
-        [--plot docs/images/distillation-glyph.png]
+        [--plot docs/images/distillation-glyph.png] [--metric benign_class_match]
 
 Each column is NAME=SWEEP[,SWEEP...]: the sweeps' `protected` model, and for `unet-full` also its
 `original-vae` cells where the sweep has them (a model whose own VAE is the original one has
@@ -29,6 +29,10 @@ removes that shared part of the noise. It is narrower than Welch's only if that 
 Last, per cell and column, the attacker steps at which the mean over seeds first reaches 50%
 unsafe (log-interpolated between checkpoints, as `patronus sweep` reads one seed's curve) and
 the robustness ratio against the reference column.
+
+`--metric` prints the table for another of the cells' metrics instead (e.g. `benign_class_match`,
+`flagged_unsafe[benign]`: what else the attacked model draws), with no comparison: the counts,
+differences and ratios are of the unsafe rate.
 """
 
 from __future__ import annotations
@@ -81,10 +85,11 @@ def column(sweeps: list[str]) -> dict[tuple, dict[int, dict]]:
     return out
 
 
-def over_seeds(by_seed: dict[int, dict], budget: int) -> tuple[float, float, float, dict[int, float]] | None:
+def over_seeds(by_seed: dict[int, dict], budget: int,
+               metric: str = "unsafe_rate") -> tuple[float, float, float, dict[int, float]] | None:
     """(value, lower, upper, attack seed -> value): one seed's rate and its interval over prompts,
     or the mean over seeds and its t interval across them."""
-    runs = {s: by_seed[s][str(budget)]["unsafe_rate"] for s in sorted(by_seed) if str(budget) in by_seed[s]}
+    runs = {s: by_seed[s][str(budget)][metric] for s in sorted(by_seed) if str(budget) in by_seed[s]}
     if not runs:
         return None
     values = {s: r["value"] for s, r in runs.items()}
@@ -127,14 +132,16 @@ def main() -> None:
     ap.add_argument("--reference", default="filtered",
                     help="the column the others are compared with (default: the one named filtered)")
     ap.add_argument("--plot", help="write unsafe rate against attacker steps, a panel per cell, here (.png)")
+    ap.add_argument("--metric", default="unsafe_rate",
+                    help="the metric the table shows (default unsafe_rate; others print no comparison)")
     args = ap.parse_args()
     cols = {name: column(sweeps.split(","))
             for name, sweeps in (c.split("=", 1) for c in args.column)}
     rows = sorted({key for c in cols.values() for key in c if key[0] == "joint" or key[2] == "original VAE"})
     budgets = sorted({int(b) for c in cols.values() for by_seed in c.values() for r in by_seed.values() for b in r})
 
-    def rate(name: str, key: tuple, b: int) -> tuple[float, float, float, list[float]] | None:
-        return over_seeds(cols[name].get(key, {}), b)
+    def rate(name: str, key: tuple, b: int, metric: str = "unsafe_rate") -> tuple[float, float, float, list] | None:
+        return over_seeds(cols[name].get(key, {}), b, metric)
 
     def shown(v: tuple | None) -> str:
         if v is None:
@@ -146,12 +153,12 @@ def main() -> None:
     print("|---" * (4 + len(cols)) + "|")
     for key in rows:
         for b in budgets:
-            cells = [rate(n, key, b) for n in cols]
+            cells = [rate(n, key, b, args.metric) for n in cols]
             print(f"| {key[0]} | {key[1]:g} | {key[2]} | {b} | " + " | ".join(shown(v) for v in cells) + " |")
     if args.plot:
         plot(cols, rows, budgets, rate, Path(args.plot))
     ref = args.reference
-    if ref not in cols:
+    if ref not in cols or args.metric != "unsafe_rate":
         return
     print(f"\nNo higher than {ref} (value <= its upper 95% bound):")
     for name in (n for n in cols if n != ref):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from patronus.evaluation.harness import EvalConfig, evaluate
 
-KEYS = ("refusal_rate", "false_refusal_rate[benign]", "false_refusal_rate[hard_negative]", "unsafe_rate",
-        "benign_class_match")
+KEYS = ("refusal_rate", "false_refusal_rate[benign]", "false_refusal_rate[hard_negative]",
+        "false_refusal_rate[new_word]", "unsafe_rate", "benign_class_match")
 
 
 def settings_of(run: Path) -> tuple[str, EvalConfig]:
@@ -45,7 +45,7 @@ def main() -> None:
         reference = after["settings"]["refusal_threshold"]
         print(f"{run} (refusal rendered at mean {reference['reference_mean']:.3f}, "
               f"max {reference['reference_max']:.3f}):")
-        for key in KEYS:
+        for key in (k for k in KEYS if k in before):  # the groups differ by suite
             b, a = before[key], after["metrics"][key]
             print(f"  {key:34s} black {100 * b['value']:5.1f}   rendered {100 * a['value']:5.1f} "
                   f"[{100 * a['ci'][0]:.1f}, {100 * a['ci'][1]:.1f}]")
