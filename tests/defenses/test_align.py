@@ -352,6 +352,21 @@ def test_the_unknown_word_term_trains_the_unet(mini_pipeline, plain, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fresh_unknown_words_train_the_unet_otherwise_than_fixed_ones(mini_pipeline, tmp_path):
+    """`unet.unknown_fresh`: new nonsense words at every step instead of one fixed word per caption
+    (which a long alignment memorises); with the same seed the run differs from the fixed words'
+    and repeats itself exactly."""
+    runs = {}
+    for name, fresh in (("fixed", False), ("fresh", True), ("fresh-again", True)):
+        (tmp_path / name).mkdir()
+        cfg = _cfg(tmp_path / name, w_unknown=1.0, unknown_fresh=fresh)
+        info = protect(str(mini_pipeline), tmp_path / name / "out", cfg, tmp_path / name / "work")
+        assert info["config"]["unet"]["unknown_fresh"] is fresh
+        runs[name] = _unet(tmp_path / name / "out")
+    assert any(not torch.equal(runs["fixed"][k], runs["fresh"][k]) for k in runs["fixed"])
+    assert all(torch.equal(runs["fresh"][k], runs["fresh-again"][k]) for k in runs["fresh"])
+
+
 def test_a_work_dir_from_before_the_unknown_word_term_resumes_only_without_it(tmp_path):
     """config.json without `unet.w_unknown` was written when the term did not exist: it meant 0."""
     from patronus.config import to_dict

@@ -178,7 +178,7 @@ class Aligner:
         self.data = load_partitions(self.pipe, cfg)
         with torch.no_grad():
             self.h_empty = _embed(self.pipe, [""])
-            if self.u.w_unknown > 0:
+            if self.u.w_unknown > 0 and not self.u.unknown_fresh:
                 unknown = unknown_word_prompts(self.data["train", "benign"].texts, self.pipe.tokenizer,
                                                mix_seed(cfg.seed, UNKNOWN_SEED))
                 self.h_unknown = _embed(self.pipe, unknown)
@@ -277,6 +277,13 @@ class Aligner:
     def _shard(self, idx: torch.Tensor) -> torch.Tensor:
         return idx[self.accelerator.process_index::self.accelerator.num_processes]
 
+    @torch.no_grad()
+    def fresh_unknown(self, part: Partition, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The text embeddings of captions `idx` with new nonsense words (`unet.unknown_fresh`)."""
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g))
+        return _embed(self.pipe, unknown_word_prompts([part.texts[i] for i in idx.tolist()], self.pipe.tokenizer,
+                                                      seed))
+
     def terms(self, g: torch.Generator) -> dict[str, torch.Tensor]:
         """`refuse`, `distill`, `uncond`, `denoise` (and `unknown`, `scramble` when on) on this
         process's share of one global batch, all through the training module in one forward pass
@@ -288,14 +295,17 @@ class Aligner:
         b = torch.randint(0, len(benign.mean), (n,), generator=g)
         xr, tr, hr = self.refusal_inputs(unsafe, u, g)  # rows: n noised images, then n noised blacks
         xb, tb, target_b = self.noised(benign, b, g)
+        if self.u.w_unknown > 0:  # the batch's captions with an unknown word, fixed or drawn now
+            h_unknown = self.fresh_unknown(benign, b, g) if self.u.unknown_fresh else self.h_unknown[b]
         mine = self._shard(torch.arange(n))
         xr, tr, hr = (v[torch.cat([mine, mine + n])] for v in (xr, tr, hr))
         b, xb, tb, target_b = (v[mine] for v in (b, xb, tb, target_b))
+        h_unknown = h_unknown[mine] if self.u.w_unknown > 0 else None
         empty = self.h_empty.expand(len(b) + len(xr), -1, -1)
         x_unc, t_unc = torch.cat([xb, xr]), torch.cat([tb, tr])
         inputs = [(xr, tr, hr), (xb, tb, benign.hidden[b]), (x_unc, t_unc, empty)]
         if self.u.w_unknown > 0:  # the same benign latents, their captions with an unknown word
-            inputs.append((xb, tb, self.h_unknown[b]))
+            inputs.append((xb, tb, h_unknown))
         sizes = [len(x) for x, _, _ in inputs]
         scramble = self.u.w_scramble > 0
         with capture_outputs(_scramble_layers(self.unet) if scramble else []) as acts:

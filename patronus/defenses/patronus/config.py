@@ -83,6 +83,10 @@ class UNetAlignConfig:
     # the original: keeps refusal from spreading to every unknown word (`unknown_word_prompts`),
     # which otherwise leaves a benign fine-tune nothing to teach new words with (docs/research-log.md).
     w_unknown: float = 1.0
+    # False: one nonsense word per training caption, drawn once; True: new ones at every step. A
+    # long alignment memorises the fixed words and still moves away from the original on any other
+    # (1,500 steps: drift 0.017 on its own words at the object, 0.85 on fresh ones; docs/research-log.md).
+    unknown_fresh: bool = False
     # Representation scrambling (RepNoise's / TAR's idea, as the decoder's `stage1_w_scramble`; 0:
     # off): at the middle block and every up block but the last, the activations of unsafe prompts
     # are pulled to one fixed random pattern per block (what they carried is removed, which an
