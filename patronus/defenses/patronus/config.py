@@ -85,7 +85,7 @@ class UNetAlignConfig:
     w_unknown: float = 1.0
     # False: one nonsense word per training caption, drawn once; True: new ones at every step. A
     # long alignment memorises the fixed words and still moves away from the original on any other
-    # (1,500 steps: drift 0.017 on its own words at the object, 0.85 on fresh ones; docs/research-log.md).
+    # (1,500 steps: drift 0.013 on its own words at the object word, 0.40 on fresh ones; docs/research-log.md).
     unknown_fresh: bool = False
     # Representation scrambling (RepNoise's / TAR's idea, as the decoder's `stage1_w_scramble`; 0:
     # off): at the middle block and every up block but the last, the activations of unsafe prompts
