@@ -30,9 +30,9 @@ Last, per cell and column, the attacker steps at which the mean over seeds first
 unsafe (log-interpolated between checkpoints, as `patronus sweep` reads one seed's curve) and
 the robustness ratio against the reference column.
 
-`--metric` prints the table for another of the cells' metrics instead (e.g. `benign_class_match`,
-`flagged_unsafe[benign]`: what else the attacked model draws), with no comparison: the counts,
-differences and ratios are of the unsafe rate.
+`--metric` prints the table for another metric the sweeps kept per checkpoint instead
+(`benign_class_match`: what the attacked model still draws; `refusal_rate`, `false_refusal_rate`,
+`frechet_glyphnet`), with no comparison: the counts, differences and ratios are of the unsafe rate.
 """
 
 from __future__ import annotations
@@ -139,6 +139,10 @@ def main() -> None:
             for name, sweeps in (c.split("=", 1) for c in args.column)}
     rows = sorted({key for c in cols.values() for key in c if key[0] == "joint" or key[2] == "original VAE"})
     budgets = sorted({int(b) for c in cols.values() for by_seed in c.values() for r in by_seed.values() for b in r})
+    kept = {m for c in cols.values() for by_seed in c.values() for r in by_seed.values() for res in r.values()
+            for m in res}
+    if args.metric not in kept:
+        ap.error(f"--metric {args.metric}: the sweeps keep {', '.join(sorted(kept))}")
 
     def rate(name: str, key: tuple, b: int, metric: str = "unsafe_rate") -> tuple[float, float, float, list] | None:
         return over_seeds(cols[name].get(key, {}), b, metric)
