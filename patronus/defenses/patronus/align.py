@@ -295,17 +295,16 @@ class Aligner:
         b = torch.randint(0, len(benign.mean), (n,), generator=g)
         xr, tr, hr = self.refusal_inputs(unsafe, u, g)  # rows: n noised images, then n noised blacks
         xb, tb, target_b = self.noised(benign, b, g)
-        if self.u.w_unknown > 0:  # the batch's captions with an unknown word, fixed or drawn now
+        if self.u.w_unknown > 0:  # the global batch's captions with an unknown word, fixed or drawn now
             h_unknown = self.fresh_unknown(benign, b, g) if self.u.unknown_fresh else self.h_unknown[b]
         mine = self._shard(torch.arange(n))
         xr, tr, hr = (v[torch.cat([mine, mine + n])] for v in (xr, tr, hr))
         b, xb, tb, target_b = (v[mine] for v in (b, xb, tb, target_b))
-        h_unknown = h_unknown[mine] if self.u.w_unknown > 0 else None
         empty = self.h_empty.expand(len(b) + len(xr), -1, -1)
         x_unc, t_unc = torch.cat([xb, xr]), torch.cat([tb, tr])
         inputs = [(xr, tr, hr), (xb, tb, benign.hidden[b]), (x_unc, t_unc, empty)]
         if self.u.w_unknown > 0:  # the same benign latents, their captions with an unknown word
-            inputs.append((xb, tb, h_unknown))
+            inputs.append((xb, tb, h_unknown[mine]))
         sizes = [len(x) for x, _, _ in inputs]
         scramble = self.u.w_scramble > 0
         with capture_outputs(_scramble_layers(self.unet) if scramble else []) as acts:
