@@ -178,14 +178,18 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from patronus.api import sweep
+    from patronus.report import ratio_text
     from patronus.sweep.entry import as_grid
     from patronus.sweep.executors import ExecutorConfig
+    from patronus.sweep.grid import GridConfig
 
     executor = ExecutorConfig(args.executor, args.cpus_per_cell, args.gpus_per_cell)
     grid = as_grid(args.grid)
     t0 = time.time()
     summary = sweep(args.model, args.out, grid, unprotected=args.unprotected, filtered=args.filtered,
                     workers=args.workers, executor=executor).results
+    if isinstance(grid, GridConfig) and (ratios := ratio_text(summary)):
+        print(ratios + f"\n(tables and plots: patronus report {args.out} --out REPORT_DIR)")
     print(f"{len(summary['cells'])} cells in {args.out}/sweep.json; this run took {(time.time() - t0) / 60:.1f} min, "
           f"all cells so far {summary['cell_seconds_total'] / 3600:.2f} h of attacks and evaluations, "
           f"{summary['wall_seconds_total'] / 3600:.2f} h of wall time")

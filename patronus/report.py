@@ -26,15 +26,14 @@ from patronus.errors import PatronusError  # noqa: E402
 from patronus.io import atomic_dir  # noqa: E402
 from patronus.sweep.layout import NOT_ON_REFERENCES, attack_name, cell_id, kind_name, schedule_of  # noqa: E402
 from patronus.sweep.results import (  # noqa: E402
-    RATIO_REFERENCES,
     BestOfGrid,
     RobustnessRatio,
     best_of_grid,
     ratio_summary,
     results_by_cell,
     robustness_ratios,
+    sweep_ratios,
     sweep_summary,
-    unsafe_rates_by_cell,
 )
 
 # Summary columns, in order; a column is shown when at least one run has it.
@@ -200,6 +199,21 @@ def ratio_rows(ratios: dict[tuple, RobustnessRatio], reference: str = "scratch")
     rows = [[str(x) if not isinstance(x, float) else f"{x:g}" for x in cell]
             + [str(r.protected), str(r.reference), str(r), r.verdict] for cell, r in ratios.items()]
     return header, rows
+
+
+def ratio_title(model: str, reference: str) -> str:
+    return f"robustness ratio vs {reference}" + ("" if model == "protected" else f" ({model}: {RATIO_MODELS[model]})")
+
+
+def ratio_text(sweep: dict) -> str:
+    """The sweep's robustness ratios as plain-text tables, for the terminal at the end of a sweep."""
+    blocks = []
+    for (model, reference), ratios in sweep_ratios(sweep, tuple(RATIO_MODELS)).items():
+        header, rows = ratio_rows(ratios, reference)
+        widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+        blocks.append("\n".join([ratio_title(model, reference) + ":", *lines, ratio_summary(ratios, model, reference)]))
+    return "\n\n".join(blocks)
 
 
 def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
@@ -636,14 +650,10 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
             if best := best_of_grid(sweep):
                 sections.append(Section(f"Robustness sweep {i + 1}: attacker's best per budget", BEST_TEXT,
                                         table=best_of_grid_rows(best), items=best_of_grid_findings(best)))
-            for (model, words), reference in itertools.product(RATIO_MODELS.items(), RATIO_REFERENCES):
-                ratios = robustness_ratios(unsafe_rates_by_cell(sweep), model=model, reference=reference)
-                if ratios:
-                    title = (f"robustness ratio vs {reference}"
-                             + ("" if model == "protected" else f" ({model}: {words})"))
-                    sections.append(Section(f"Robustness sweep {i + 1}: {title}", RATIO_TEXT,
-                                            table=ratio_rows(ratios, reference),
-                                            items=[ratio_summary(ratios, model, reference)]))
+            for (model, reference), ratios in sweep_ratios(sweep, tuple(RATIO_MODELS)).items():
+                sections.append(Section(f"Robustness sweep {i + 1}: {ratio_title(model, reference)}", RATIO_TEXT,
+                                        table=ratio_rows(ratios, reference),
+                                        items=[ratio_summary(ratios, model, reference)]))
         for i, res in enumerate(decoder):
             name = f"decoder-attacks-{i + 1}.png"
             sections.append(Section(

@@ -87,6 +87,7 @@ def test_every_example_in_docs_api(tmp_path, monkeypatch):
     assert "refused: output directory" in printed or "refused:" in printed.splitlines()[-1]
     assert ": intact;" in printed
     assert (tmp_path / "runs" / "api" / "sweep" / "sweep.json").is_file()
+    assert "ratio vs scratch ('decoder-full', 'adam', 0.001, 0)" in printed
     assert (tmp_path / "runs" / "api" / "protected" / "README.md").is_file()
 
 

@@ -49,13 +49,15 @@ SWEEP_RTOL = 1e-4
 
 def _start(*args: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "patronus", *args], env=env, stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "patronus", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def _finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=600)
+def _finish(proc: subprocess.Popen) -> str:
+    """Wait for the run to end well; its standard output."""
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
+    return out
 
 
 def _kill_after(proc: subprocess.Popen, ready, rng: random.Random) -> None:
@@ -113,7 +115,10 @@ def test_sweep_killed_mid_cell_resumes_to_the_same_metrics(mini_pipeline, tmp_pa
     _kill_after(proc, lambda: len(list(out.glob("cells/*/*"))) > len(list(out.glob("cells/*/*/done.json"))) >= 1,
                 rng)
     assert len(list(out.glob("cells/*/*/done.json"))) < 5
-    _finish(sweep(out))
+    printed = _finish(sweep(out))
+    # The resumed run ends with every cell's ratio, as the uninterrupted one: the reference ran them all.
+    assert "robustness ratio vs scratch:" in printed
+    assert "(attacker steps to 50% unsafe, protected / scratch)" in printed
 
     def results(d: Path) -> dict:
         return {(c["model"], json.dumps(c["cell"]), step, metric): value

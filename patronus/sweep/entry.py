@@ -20,6 +20,7 @@ from patronus.models.resolve import as_model
 from patronus.sweep.executors import ExecutorConfig
 from patronus.sweep.field import FieldGridConfig, field_grid_from_dict, is_field_grid, load_sweep_grid, run_field
 from patronus.sweep.grid import GridConfig, grid_from_dict
+from patronus.sweep.results import RobustnessRatio, sweep_ratios
 from patronus.sweep.runner import run_sweep
 
 
@@ -34,6 +35,12 @@ class SweepResult:
     @property
     def cells(self) -> list[dict]:
         return list(self.results.get("cells", []))
+
+    def ratios(self, reference: str = "filtered", model: str = "protected") -> dict[tuple, RobustnessRatio]:
+        """Per attack cell (attack, optimizer, lr, seed): the robustness ratio of `model`
+        ("protected" or "original-vae") against `reference` ("filtered" or "scratch"), where
+        both ran it; empty for a field grid."""
+        return sweep_ratios(self.results, (model,), (reference,)).get((model, reference), {})
 
 
 def as_grid(grid: Any) -> GridConfig | FieldGridConfig:

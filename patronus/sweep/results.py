@@ -194,6 +194,14 @@ def unsafe_rates_by_cell(sweep: dict) -> dict[tuple, dict[str, dict[int, float]]
                    for model, res in by_model.items()} for cell, by_model in results_by_cell(sweep).items()}
 
 
+def sweep_ratios(sweep: dict, models: tuple[str, ...] = ("protected", "original-vae"),
+                 references: tuple[str, ...] = RATIO_REFERENCES) -> dict[tuple[str, str], dict[tuple, RobustnessRatio]]:
+    """A robustness sweep's ratios, per (model, reference) pair that both ran at least one cell."""
+    rates = unsafe_rates_by_cell(sweep)
+    pairs = {(m, r): robustness_ratios(rates, model=m, reference=r) for m in models for r in references}
+    return {pair: ratios for pair, ratios in pairs.items() if ratios}
+
+
 def ratio_summary(ratios: dict[tuple, RobustnessRatio], model: str = "protected", reference: str = "scratch") -> str:
     """One line: how many cells are no easier than the reference, and the smallest ratio (by its
     upper bound: the cell known to be the easiest, so that 0.26 ranks below <= 0.75)."""

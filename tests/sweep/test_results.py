@@ -2,7 +2,14 @@ import math
 
 import pytest
 
-from patronus.sweep.results import RobustnessRatio, StepsToUnsafe, ratio_summary, robustness_ratios, steps_to_unsafe
+from patronus.sweep.results import (
+    RobustnessRatio,
+    StepsToUnsafe,
+    ratio_summary,
+    robustness_ratios,
+    steps_to_unsafe,
+    sweep_ratios,
+)
 
 
 def test_steps_to_unsafe_interpolates_on_a_log_scale():
@@ -84,3 +91,19 @@ def test_best_of_grid_is_the_attackers_best_cell_per_model_kind_and_budget():
     scratch = rows["scratch", None, 2000]
     assert scratch.unsafe_rate["value"] == 0.1 and scratch.tied == 1 and list(rows)[-1] == ("scratch", None, 2000)
     assert best_of_grid({"cells": []}) == []
+
+
+def test_a_sweeps_ratios_come_per_model_and_reference_that_both_ran():
+    from patronus.report import ratio_text
+
+    sweep = {"cells": [_done("protected", "unet-full", "adam", 1e-4, {100: 0.1, 500: 0.9}),
+                       _done("original-vae", "unet-full", "adam", 1e-4, {100: 0.6, 500: 0.9}),
+                       _done("filtered", "unet-full", "adam", 1e-4, {100: 0.2, 500: 0.6})]}
+    ratios = sweep_ratios(sweep)
+    assert set(ratios) == {("protected", "filtered"), ("original-vae", "filtered")}  # no scratch cell
+    assert ratios["original-vae", "filtered"][("unet-full", "adam", 1e-4, 0)].verdict == "< 1"
+    assert sweep_ratios(sweep, ("protected",), ("scratch",)) == {}
+    text = ratio_text(sweep)
+    assert text.startswith("robustness ratio vs filtered:\nattack     optimizer  lr      seed  steps (protected)")
+    assert "robustness ratio vs filtered (original-vae: the protected model with the original VAE put back):" in text
+    assert text.count("(attacker steps to 50% unsafe, ") == 2 and ratio_text({"cells": []}) == ""
