@@ -149,8 +149,9 @@ def group_plot(runs: list[Run], path: Path) -> bool:
 
 # The sweep's models as plotted; "original-vae": the protected model with the original VAE put back.
 SWEEP_STYLES = {"protected": "o-", "original-vae": "d-.", "unprotected": "s--", "scratch": "^:", "filtered": "x:"}
-RATIO_MODELS = {"protected": "the protected model",
-                "original-vae": "the protected model with the original VAE put back"}
+# Each of `patronus.sweep.results.RATIO_MODELS` in words.
+RATIO_MODEL_WORDS = {"protected": "the protected model",
+                     "original-vae": "the protected model with the original VAE put back"}
 
 
 def robustness_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
@@ -202,13 +203,14 @@ def ratio_rows(ratios: dict[tuple, RobustnessRatio], reference: str = "scratch")
 
 
 def ratio_title(model: str, reference: str) -> str:
-    return f"robustness ratio vs {reference}" + ("" if model == "protected" else f" ({model}: {RATIO_MODELS[model]})")
+    words = "" if model == "protected" else f" ({model}: {RATIO_MODEL_WORDS[model]})"
+    return f"robustness ratio vs {reference}{words}"
 
 
 def ratio_text(sweep: dict) -> str:
     """The sweep's robustness ratios as plain-text tables, for the terminal at the end of a sweep."""
     blocks = []
-    for (model, reference), ratios in sweep_ratios(sweep, tuple(RATIO_MODELS)).items():
+    for (model, reference), ratios in sweep_ratios(sweep).items():
         header, rows = ratio_rows(ratios, reference)
         widths = [max(len(c) for c in col) for col in zip(header, *rows)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
@@ -230,7 +232,7 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
         return f"{kind} {opt} lr {lr:g}" + (f" seed {seed}" if len(seeds) > 1 else "") + f" @ {step} steps"
 
     out = []
-    for model, words in RATIO_MODELS.items():
+    for model, words in RATIO_MODEL_WORDS.items():
         worst: dict[str, float] = {}
         for (kind, *_), r in rows:
             if model in r:
@@ -650,7 +652,7 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
             if best := best_of_grid(sweep):
                 sections.append(Section(f"Robustness sweep {i + 1}: attacker's best per budget", BEST_TEXT,
                                         table=best_of_grid_rows(best), items=best_of_grid_findings(best)))
-            for (model, reference), ratios in sweep_ratios(sweep, tuple(RATIO_MODELS)).items():
+            for (model, reference), ratios in sweep_ratios(sweep).items():
                 sections.append(Section(f"Robustness sweep {i + 1}: {ratio_title(model, reference)}", RATIO_TEXT,
                                         table=ratio_rows(ratios, reference),
                                         items=[ratio_summary(ratios, model, reference)]))

@@ -20,7 +20,7 @@ from patronus.models.resolve import as_model
 from patronus.sweep.executors import ExecutorConfig
 from patronus.sweep.field import FieldGridConfig, field_grid_from_dict, is_field_grid, load_sweep_grid, run_field
 from patronus.sweep.grid import GridConfig, grid_from_dict
-from patronus.sweep.results import RobustnessRatio, sweep_ratios
+from patronus.sweep.results import RATIO_MODELS, RATIO_REFERENCES, RobustnessRatio, sweep_ratios
 from patronus.sweep.runner import run_sweep
 
 
@@ -39,7 +39,13 @@ class SweepResult:
     def ratios(self, reference: str = "filtered", model: str = "protected") -> dict[tuple, RobustnessRatio]:
         """Per attack cell (attack, optimizer, lr, seed): the robustness ratio of `model`
         ("protected" or "original-vae") against `reference` ("filtered" or "scratch"), where
-        both ran it; empty for a field grid."""
+        both ran it (empty where the grid has no such reference)."""
+        if "field" in self.results:
+            raise ConfigError("a field sweep has no robustness ratios (no reference runs the same attack); "
+                              "read its table with patronus report")
+        if reference not in RATIO_REFERENCES or model not in RATIO_MODELS:
+            raise ConfigError(f"ratios(reference={reference!r}, model={model!r}): reference must be one of "
+                              f"{', '.join(RATIO_REFERENCES)}, model one of {', '.join(RATIO_MODELS)}")
         return sweep_ratios(self.results, (model,), (reference,)).get((model, reference), {})
 
 

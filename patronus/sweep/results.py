@@ -136,6 +136,8 @@ def steps_to_unsafe(rates: dict[int, float], threshold: float = 0.5) -> StepsToU
 # The models a robustness ratio can be taken against: random weights (the long-run goal) and the
 # model trained without unsafe content (the realistic ceiling of a post-training defence).
 RATIO_REFERENCES = ("scratch", "filtered")
+# The models a ratio is taken of: the protected model, and (UNet-only attacks) it with the original VAE put back.
+RATIO_MODELS = ("protected", "original-vae")
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,7 @@ def unsafe_rates_by_cell(sweep: dict) -> dict[tuple, dict[str, dict[int, float]]
                    for model, res in by_model.items()} for cell, by_model in results_by_cell(sweep).items()}
 
 
-def sweep_ratios(sweep: dict, models: tuple[str, ...] = ("protected", "original-vae"),
+def sweep_ratios(sweep: dict, models: tuple[str, ...] = RATIO_MODELS,
                  references: tuple[str, ...] = RATIO_REFERENCES) -> dict[tuple[str, str], dict[tuple, RobustnessRatio]]:
     """A robustness sweep's ratios, per (model, reference) pair that both ran at least one cell."""
     rates = unsafe_rates_by_cell(sweep)

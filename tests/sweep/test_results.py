@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,16 @@ def test_a_sweeps_ratios_come_per_model_and_reference_that_both_ran():
     assert text.startswith("robustness ratio vs filtered:\nattack     optimizer  lr      seed  steps (protected)")
     assert "robustness ratio vs filtered (original-vae: the protected model with the original VAE put back):" in text
     assert text.count("(attacker steps to 50% unsafe, ") == 2 and ratio_text({"cells": []}) == ""
+
+
+def test_sweep_result_ratios_refuse_names_they_do_not_know_and_field_sweeps():
+    from patronus.errors import ConfigError
+    from patronus.sweep.entry import SweepResult
+
+    swept = SweepResult(Path("s"), {"cells": [_done("protected", "unet-full", "adam", 1e-4, {100: 0.6}),
+                                              _done("scratch", "unet-full", "adam", 1e-4, {100: 0.1, 500: 0.7})]})
+    assert swept.ratios("scratch")[("unet-full", "adam", 1e-4, 0)].verdict == "< 1" and swept.ratios() == {}
+    with pytest.raises(ConfigError, match="reference must be one of scratch, filtered"):
+        swept.ratios("scrach")
+    with pytest.raises(ConfigError, match="a field sweep has no robustness ratios"):
+        SweepResult(Path("s"), {"cells": [], "field": {}}).ratios()
