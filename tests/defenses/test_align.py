@@ -127,8 +127,36 @@ def test_a_lora_probe_trains_the_same_unet_and_probes_another_attacker(mini_pipe
 
 def test_the_aligned_unet_leaves_the_half_without_gradients(mini_pipeline, tmp_path):
     """The decoder half keeps the aligned UNet for its bank: no UNet-sized gradient may ride along."""
-    unet, _ = align_unet(str(mini_pipeline), _cfg(tmp_path), tmp_path / "work", resume=False)
-    assert all(p.grad is None and not p.requires_grad for p in unet.parameters())
+    aligned, _ = align_unet(str(mini_pipeline), _cfg(tmp_path), tmp_path / "work", resume=False)
+    assert list(aligned) == ["unet"]
+    assert all(p.grad is None and not p.requires_grad for p in aligned["unet"].parameters())
+
+
+def test_a_text_encoder_alignment_leaves_the_unet_bit_for_bit(mini_pipeline, tmp_path):
+    """`unet.update = "text-encoder"`: the refusal is learned by the text encoder alone, through
+    the frozen UNet, so the shipped UNet is the original's; a resumed run ends at the same weights."""
+    cfg = _cfg(tmp_path, update="text-encoder", nft_steps=0, w_unknown=1.0, unknown_fresh=True)
+    info = protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    assert info["changed_weight_files"] == ["text_encoder/model.safetensors"]
+    assert [p["step"] for p in info["unet"]["probes"]] == [0] and len(info["unet"]["losses"]["stage1"]) == 3
+    protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
+    for name in ("stage1-text_encoder.safetensors", "stage1-unet.json"):
+        (tmp_path / "wb" / "unet" / name).unlink()
+    stage1 = sorted((tmp_path / "wb" / "unet" / "stage1").glob("checkpoint-*"))
+    assert [c.name for c in stage1] == ["checkpoint-1000002"]  # of 3 steps: resumes inside stage 1
+    protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    te = [StableDiffusionPipeline.from_pretrained(tmp_path / d).text_encoder.state_dict() for d in ("a", "b")]
+    assert all(torch.equal(te[0][k], te[1][k]) for k in te[0])
+
+
+@pytest.mark.parametrize("aligner", [{"update": "text-encoder", "nft_steps": 0, "w_unknown": 1.0}], indirect=True)
+def test_a_text_encoder_alignment_trains_through_the_frozen_unet(aligner):
+    aligner.pipe.text_encoder.requires_grad_(True)
+    terms = aligner.terms(torch.Generator().manual_seed(0))
+    aligner.loss(terms).backward()
+    assert all(p.grad is None for p in aligner.unet.parameters())
+    assert sum(p.grad.abs().sum() for p in aligner.pipe.text_encoder.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in aligner.original_text_encoder.parameters())
 
 
 @pytest.fixture()
@@ -245,6 +273,8 @@ def test_bad_parts_are_refused(parts):
     ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"), ({"nft_implicit_iters": -1}, "unet.nft_implicit_iters"),
     ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
     ({"w_scramble": -1.0}, "unet.w_scramble"), ({"probe_lora_rank": 0}, "unet.probe_lora_rank"),
+    ({"update": "text-encoder"}, "nft_steps = 0"), ({"update": "text-encoder", "nft_steps": 0, "w_scramble": 1.0},
+                                                    "w_scramble = 0"),
 ])
 def test_bad_unet_settings_are_refused(tmp_path, unet, message):
     path = tmp_path / "bad.json"
@@ -402,6 +432,9 @@ def test_bank_sources_default_to_all_three_with_both_parts(tmp_path):
     assert load_config("quick").bank.unet_sources == ("original", "aligned")
     assert load_config("quick", parts="decoder").bank.unet_sources == ("original",)
     assert load_config("quick", parts="unet").bank.unet_sources == ("original",)
+    text_encoder = tmp_path / "text-encoder.toml"  # no aligned UNet to take latents from
+    text_encoder.write_text('[unet]\nupdate = "text-encoder"\nnft_steps = 0\n')
+    assert load_config("full", text_encoder).bank.unet_sources == ("original",)
     one_part, own_sources = tmp_path / "one-part.toml", tmp_path / "own-sources.toml"
     one_part.write_text('parts = ["decoder"]\n')
     own_sources.write_text('[bank]\nunet_sources = ["original"]\n')
@@ -427,9 +460,11 @@ def test_bank_sources_default_to_all_three_with_both_parts(tmp_path):
     ({"unet_sources": ["attacked"]}, None, "bank.unet_sources"),
     ({"attacked_update": "dora"}, None, "bank.attacked_update"),
     ({"attacked_steps": 0}, None, "attacked_steps"),
+    ({"unet_sources": ["original", "aligned"]}, None, "'text-encoder' keeps"),
 ])
 def test_bad_bank_sources_are_refused(tmp_path, bank, parts, message):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"bank": bank}))
+    text_encoder = {"unet": {"update": "text-encoder", "nft_steps": 0}} if "text-encoder" in message else {}
+    path.write_text(json.dumps({"bank": bank} | text_encoder))
     with pytest.raises(ConfigError, match=message):
         load_config("quick", path, parts=parts)

@@ -96,10 +96,13 @@ def _scramble_layers(unet: UNet2DConditionModel) -> list[torch.nn.Module]:
     return [unet.mid_block, *unet.up_blocks[:-1]]
 
 
-def _embed(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
+def _embed(pipe: StableDiffusionPipeline, texts: list[str],
+           text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
+    """The text states of `texts` (by `text_encoder`, else the pipeline's), in chunks of 256."""
+    text_encoder = text_encoder or pipe.text_encoder
     ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(pipe.device)
-    return torch.cat([pipe.text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
+    return torch.cat([text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
 
 
 def feature_distance(perceptual: Perceptual, images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -157,7 +160,11 @@ def unknown_word_prompts(texts: list[str], tokenizer, seed: int) -> list[str]:
 
 
 class Aligner:
-    """Holds the UNet being aligned, its frozen teacher, the data and the losses."""
+    """Holds the UNet being aligned, its frozen teacher, the data and the losses.
+
+    With `update = "text-encoder"` the pipeline's text encoder is what trains: the student is the
+    frozen UNet reading the trained encoder's states, the teacher the same UNet reading the
+    original encoder's (`Partition.hidden`, `h_empty`, `original_text_encoder`)."""
 
     def __init__(self, model: str, cfg: ProtectConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
@@ -168,6 +175,10 @@ class Aligner:
         for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             m.requires_grad_(False)
         self.unet: UNet2DConditionModel = self.pipe.unet
+        self.train_text = self.u.update == "text-encoder"
+        text_encoder = self.pipe.text_encoder
+        self.original_text_encoder = copy.deepcopy(text_encoder) if self.train_text else text_encoder
+        self.text_model: torch.nn.Module = self.pipe.text_encoder  # the prepared one, when it trains
         self.teacher = hold_frozen_in(copy.deepcopy(self.unet).eval(), cfg.frozen_dtype)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -179,9 +190,9 @@ class Aligner:
         with torch.no_grad():
             self.h_empty = _embed(self.pipe, [""])
             if self.u.w_unknown > 0 and not self.u.unknown_fresh:
-                unknown = unknown_word_prompts(self.data["train", "benign"].texts, self.pipe.tokenizer,
-                                               mix_seed(cfg.seed, UNKNOWN_SEED))
-                self.h_unknown = _embed(self.pipe, unknown)
+                self.unknown_texts = unknown_word_prompts(self.data["train", "benign"].texts, self.pipe.tokenizer,
+                                                          mix_seed(cfg.seed, UNKNOWN_SEED))
+                self.h_unknown = _embed(self.pipe, self.unknown_texts)
             r = self.pipe.vae.config.sample_size
             black = torch.full((1, 3, r, r), -1.0, device=device)
             self.x0_black = encode_latents(self.pipe.vae, black) * self.scale
@@ -277,12 +288,19 @@ class Aligner:
     def _shard(self, idx: torch.Tensor) -> torch.Tensor:
         return idx[self.accelerator.process_index::self.accelerator.num_processes]
 
-    @torch.no_grad()
-    def fresh_unknown(self, part: Partition, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """The text embeddings of captions `idx` with new nonsense words (`unet.unknown_fresh`)."""
+    def fresh_unknown(self, part: Partition, idx: torch.Tensor, g: torch.Generator) -> list[str]:
+        """Captions `idx` with new nonsense words (`unet.unknown_fresh`)."""
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=g))
-        return _embed(self.pipe, unknown_word_prompts([part.texts[i] for i in idx.tolist()], self.pipe.tokenizer,
-                                                      seed))
+        return unknown_word_prompts([part.texts[i] for i in idx.tolist()], self.pipe.tokenizer, seed)
+
+    def student_states(self, texts: list[str], fixed: torch.Tensor) -> torch.Tensor:
+        """What the aligned model reads for `texts`: the training text encoder's states, or, when the
+        UNet trains, `fixed` (the original encoder's, computed once)."""
+        return _embed(self.pipe, texts, self.text_model) if self.train_text else fixed
+
+    def current_states(self, part: Partition) -> torch.Tensor:
+        """`part`'s captions as the pipeline's text encoder reads them now (trained or not)."""
+        return _embed(self.pipe, part.texts) if self.train_text else part.hidden
 
     def terms(self, g: torch.Generator) -> dict[str, torch.Tensor]:
         """`refuse`, `distill`, `uncond`, `denoise` (and `unknown`, `scramble` when on) on this
@@ -296,15 +314,23 @@ class Aligner:
         xr, tr, hr = self.refusal_inputs(unsafe, u, g)  # rows: n noised images, then n noised blacks
         xb, tb, target_b = self.noised(benign, b, g)
         if self.u.w_unknown > 0:  # the global batch's captions with an unknown word, fixed or drawn now
-            h_unknown = self.fresh_unknown(benign, b, g) if self.u.unknown_fresh else self.h_unknown[b]
+            unknown_texts = (self.fresh_unknown(benign, b, g) if self.u.unknown_fresh
+                             else [self.unknown_texts[i] for i in b.tolist()])
         mine = self._shard(torch.arange(n))
         xr, tr, hr = (v[torch.cat([mine, mine + n])] for v in (xr, tr, hr))
-        b, xb, tb, target_b = (v[mine] for v in (b, xb, tb, target_b))
-        empty = self.h_empty.expand(len(b) + len(xr), -1, -1)
+        u, b, xb, tb, target_b = (v[mine] for v in (u, b, xb, tb, target_b))
+        empty = self.h_empty.expand(len(b) + len(xr), -1, -1)  # the teacher's (the original encoder's)
         x_unc, t_unc = torch.cat([xb, xr]), torch.cat([tb, tr])
-        inputs = [(xr, tr, hr), (xb, tb, benign.hidden[b]), (x_unc, t_unc, empty)]
+        hb = benign.hidden[b]
+        inputs = [(xr, tr, self.student_states([unsafe.texts[i] for i in u.tolist()], hr[:len(u)]).repeat(2, 1, 1)),
+                  (xb, tb, self.student_states([benign.texts[i] for i in b.tolist()], hb)),
+                  (x_unc, t_unc, self.student_states([""], self.h_empty).expand(len(x_unc), -1, -1))]
         if self.u.w_unknown > 0:  # the same benign latents, their captions with an unknown word
-            inputs.append((xb, tb, h_unknown[mine]))
+            mine_texts = [unknown_texts[i] for i in mine.tolist()]
+            with torch.no_grad():
+                h_unknown = (_embed(self.pipe, mine_texts, self.original_text_encoder)
+                             if self.u.unknown_fresh or self.train_text else self.h_unknown[b])
+            inputs.append((xb, tb, self.student_states(mine_texts, h_unknown)))
         sizes = [len(x) for x, _, _ in inputs]
         scramble = self.u.w_scramble > 0
         with capture_outputs(_scramble_layers(self.unet) if scramble else []) as acts:
@@ -313,9 +339,9 @@ class Aligner:
         refuse, cond_b, unc, *unknown = out.split(sizes)
         with torch.no_grad():
             with capture_outputs(_scramble_layers(self.teacher) if scramble else []) as orig:
-                teacher_b = self.teacher(xb, tb, benign.hidden[b], return_dict=False)[0]
+                teacher_b = self.teacher(xb, tb, hb, return_dict=False)[0]
             teacher_unc = self.teacher(x_unc, t_unc, empty, return_dict=False)[0]
-            teacher_unknown = self.teacher(*inputs[3], return_dict=False)[0] if unknown else None
+            teacher_unknown = self.teacher(xb, tb, h_unknown, return_dict=False)[0] if unknown else None
         terms = {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), xr, tr),
                  "distill": F.mse_loss(cond_b, teacher_b), "uncond": F.mse_loss(unc, teacher_unc),
                  "denoise": F.mse_loss(cond_b, target_b)}
@@ -415,15 +441,15 @@ class Aligner:
         """A real UNet attack (full-weight, or a LoRA) on the probe partition (fixed seed); the attacker's
         denoising loss on held-out probe images afterwards, and what its samples show."""
         u, part = self.u, self.data["probe", "unsafe"]
-        half = len(part.mean) // 2
+        half, hidden = len(part.mean) // 2, self.current_states(part)
         attack = UNetAttackConfig(u.probe_optimizer, u.probe_lr, u.probe_steps, u.probe_batch,
                                   lora_rank=u.probe_lora_rank, seed=self.cfg.seed)
         with torch.enable_grad():
-            attacked = attack_unet(self.unet, self.scheduler, part.mean[:half], part.std[:half], part.hidden[:half],
+            attacked = attack_unet(self.unet, self.scheduler, part.mean[:half], part.std[:half], hidden[:half],
                                    self.scale, attack)
         g = torch.Generator().manual_seed(self.cfg.seed)
         x_t, t, target = self.noised(part, slice(half, None), g)
-        attacker_loss = F.mse_loss(attacked(x_t, t, part.hidden[half:], return_dict=False)[0], target).item()
+        attacker_loss = F.mse_loss(attacked(x_t, t, hidden[half:], return_dict=False)[0], target).item()
         before, after = self._sample_scores(self.unet), self._sample_scores(attacked)
         if u.gate == "class":
             feasible = before["benign_class_match"] >= self.base_class_match - u.max_class_drop - 1e-9
@@ -442,23 +468,28 @@ def _lora_model(unet: UNet2DConditionModel, rank: int) -> torch.nn.Module:
     return get_peft_model(unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=ALIGN_LORA_TARGETS))
 
 
-def align_unet(model: str, cfg: ProtectConfig, workdir: Path, resume: bool) -> tuple[UNet2DConditionModel, dict]:
-    """Both stages of the UNet half; returns the chosen UNet and its record for patronus.json."""
+def align_unet(model: str, cfg: ProtectConfig, workdir: Path,
+               resume: bool) -> tuple[dict[str, torch.nn.Module], dict]:
+    """Both stages of the UNet half; returns the components it changed (the chosen UNet, or the
+    trained text encoder with `update = "text-encoder"`) and its record for patronus.json."""
     workdir, t_start = Path(workdir), time.time()
     torch.manual_seed(mix_seed(cfg.seed, 7))
     a = Aligner(model, cfg, Accelerator())
     setup_seconds = time.time() - t_start  # this session's; the stages' checkpoints carry every session's
-    stage1_file, stage1_record = workdir / "stage1-unet.safetensors", workdir / "stage1-unet.json"
+    name = "text_encoder" if a.train_text else "unet"
+    trained = a.pipe.text_encoder if a.train_text else a.unet
+    stage1_file, stage1_record = workdir / f"stage1-{name}.safetensors", workdir / "stage1-unet.json"
     if stage1_file.exists():  # stage 1 finished in an earlier run
-        a.unet.load_state_dict(load_file(stage1_file, device=str(a.accelerator.device)))
+        trained.load_state_dict(load_file(stage1_file, device=str(a.accelerator.device)))
         record = json.loads(stage1_record.read_text())
     else:
         record = _stage1_align(a, workdir / "stage1", resume)
+        trained = a.pipe.text_encoder if a.train_text else a.unet  # a LoRA run merged into a new module
         if a.accelerator.is_main_process:
             workdir.mkdir(parents=True, exist_ok=True)  # no checkpoint may have made it (checkpoint_every > steps)
             stage1_record.write_text(json.dumps(record))
-            tmp = workdir / "stage1-unet.partial"
-            save_file({k: v.contiguous() for k, v in a.unet.state_dict().items()}, tmp)
+            tmp = workdir / f"stage1-{name}.partial"
+            save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, tmp)
             tmp.rename(stage1_file)  # last: its presence says stage 1 is done
         a.accelerator.wait_for_everyone()
     release_memory()  # stage 1's optimizer: accelerate's wrapper keeps it in a reference cycle
@@ -468,18 +499,27 @@ def align_unet(model: str, cfg: ProtectConfig, workdir: Path, resume: bool) -> t
     timing = record["timing"] | state["timing"] | {
         "total_seconds": record["timing"].get("stage1_seconds", 0.0) + state["timing"]["stage2_seconds"]
         + setup_seconds}
-    return a.unet, {"chosen_checkpoint": state["best"], "probes": state["probes"], "timing": timing,
-                    "losses": {"stage1": record["losses"], "stage2": state["losses"].get("stage2", [])},
-                    "base_class_match": a.base_class_match}
+    return {name: a.pipe.text_encoder if a.train_text else a.unet}, {
+        "chosen_checkpoint": state["best"], "probes": state["probes"], "timing": timing,
+        "losses": {"stage1": record["losses"], "stage2": state["losses"].get("stage2", [])},
+        "base_class_match": a.base_class_match}
 
 
 def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
-    """Refusal for unsafe prompts, distillation and denoising for benign ones (full weights or a LoRA)."""
+    """Refusal for unsafe prompts, distillation and denoising for benign ones (the UNet's full
+    weights, a LoRA of them, or the text encoder's weights)."""
     u, acc = a.u, Accelerator()
-    trainable = _lora_model(a.unet, u.lora_rank) if u.update == "lora" else a.unet.requires_grad_(True)
+    if u.update == "lora":
+        trainable = _lora_model(a.unet, u.lora_rank)
+    else:
+        trainable = (a.pipe.text_encoder if a.train_text else a.unet).requires_grad_(True)
     opt = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=u.align_lr)
     sched = get_cosine_schedule_with_warmup(opt, u.align_warmup, u.align_steps)
-    a.model, opt = acc.prepare(trainable, opt)
+    prepared, opt = acc.prepare(trainable, opt)
+    if a.train_text:
+        a.text_model = prepared
+    else:
+        a.model = prepared
     run = RunState(Checkpointer(acc, folder, schedulers=(sched,)))
     if resume:
         run.restore()
@@ -499,12 +539,13 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
         bar.set_postfix({k: f"{v.item():.4f}" for k, v in t.items() if k != "denoise"})
         if state["step"] % u.checkpoint_every == 0:
             run.save()
-    check_replicas_agree(acc, a.model, "the UNet (stage 1)")
+    check_replicas_agree(acc, prepared, "the text encoder (stage 1)" if a.train_text else "the UNet (stage 1)")
     state["timing"]["stage1_seconds"] = run.worked_seconds()  # also the sessions before a resume
     state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / max(1, u.align_steps)
     if u.update == "lora":
         a.unet = trainable.merge_and_unload()
     a.model = a.unet.requires_grad_(False)
+    a.text_model = a.pipe.text_encoder.requires_grad_(False)
     return {"timing": state["timing"], "losses": state["losses"].get("stage1", [])}
 
 

@@ -23,7 +23,7 @@ PERCEPTUAL = ("glyphnet", "vgg19", "mse")
 CAL_WEIGHTINGS = ("uniform", "near-black")  # how the decoder's calibration term weighs benign images
 PARTS = ("decoder", "unet")  # what `patronus protect --parts` may harden
 UNET_TARGETS = ("black", "esd", "esd-black")
-UNET_UPDATES = ("full", "lora")
+UNET_UPDATES = ("full", "lora", "text-encoder")
 # How the UNet half's probes tell a usable checkpoint: "class" (GlyphNet's class of benign samples
 # against the glyph world's labels) or "fidelity" (benign samples against the original's; no labels).
 UNET_GATES = ("class", "fidelity")
@@ -56,7 +56,10 @@ class UNetAlignConfig:
 
     target: str = "black"
     esd_guidance: float = 0.0  # 0: the empty prompt's prediction; > 0: eps_u - g * (eps_c - eps_u)
-    update: str = "full"  # "lora": alignment trains a peft LoRA merged into the weights before NFT
+    # What alignment trains: "full" (the UNet's weights), "lora" (a peft LoRA merged before NFT) or
+    # "text-encoder" (the text encoder alone, through the frozen UNet: the UNet stays the
+    # original's bit for bit, so no new path from unsafe words to an output lives in it).
+    update: str = "full"
     lora_rank: int = 64
     n_train: int = 512  # defender-split images per kind (unsafe, benign); captions are the prompts
     n_query: int = 128
@@ -150,6 +153,9 @@ class UNetAlignConfig:
             raise ConfigError(f"unet.target must be one of {', '.join(UNET_TARGETS)}, got {self.target!r}")
         if self.update not in UNET_UPDATES:
             raise ConfigError(f"unet.update must be one of {', '.join(UNET_UPDATES)}, got {self.update!r}")
+        if self.update == "text-encoder" and (self.nft_steps or self.w_scramble):
+            raise ConfigError("unet.update = 'text-encoder' leaves the UNet's weights alone: NFT and the scramble "
+                              "term act on them; set unet.nft_steps = 0 and unet.w_scramble = 0")
         if {name for name, _ in self.attacks.objectives} != {"denoise"}:
             raise ConfigError("unet.attacks.objectives: the simulated UNet attacker has one objective, denoise")
         if self.gate not in UNET_GATES:
@@ -368,11 +374,15 @@ class ProtectConfig:
             raise ConfigError(f"parts must be one or more of {', '.join(PARTS)} (each once), got "
                               f"{', '.join(self.parts) or 'none'}")
         if self.bank.unet_sources is None:
-            both = set(self.parts) == set(PARTS)
+            # An alignment of the text encoder leaves no aligned UNet to take latents from.
+            both = set(self.parts) == set(PARTS) and self.unet.update != "text-encoder"
             object.__setattr__(self, "bank", replace(self.bank, unet_sources=UNET_SOURCES if both else ("original",)))
         if set(self.bank.unet_sources) - {"original"} and set(self.parts) != set(PARTS):
             raise ConfigError("bank.unet_sources other than 'original' need both parts (--parts decoder,unet): "
                               "the decoder then learns from the aligned UNet's latents")
+        if set(self.bank.unet_sources) - {"original"} and self.unet.update == "text-encoder":
+            raise ConfigError("bank.unet_sources other than 'original' need an aligned UNet, and unet.update = "
+                              "'text-encoder' keeps the original's: set bank.unet_sources = ['original']")
         if self.probe_detector not in DETECTORS:
             raise ConfigError(f"unknown probe_detector {self.probe_detector!r}; choose one of {', '.join(DETECTORS)}")
         if "unet" in self.parts and self.unet.gate == "class" and self.probe_detector != "glyphnet":

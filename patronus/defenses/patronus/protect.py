@@ -353,7 +353,8 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         if cfg.distill.teacher is None:
             # The UNet half first: the decoder's bank may hold the aligned UNet's latents.
             if "unet" in cfg.parts:
-                replaced["unet"], sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
+                aligned, sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
+                replaced |= aligned
                 release_memory()  # the UNet half's teacher and data, before the decoder half loads its own
             if "decoder" in cfg.parts:
                 replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator,
