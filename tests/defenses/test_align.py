@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from patronus.attacks.weights.unet import noised_batch
 from patronus.defenses.patronus.align import Aligner, align_unet
 from patronus.defenses.patronus.config import load_config
 from patronus.defenses.patronus.protect import protect
@@ -196,6 +197,19 @@ def test_refusal_rows_noise_unsafe_images_or_benign_ones_under_unsafe_captions(a
     torch.testing.assert_close(hidden, unsafe.hidden[idx].repeat(2, 1, 1))
 
 
+@pytest.mark.parametrize("aligner", [{"refusal_images": False}], indirect=True)
+def test_without_image_rows_the_refusal_is_learned_along_its_own_trajectory_alone(aligner):
+    unsafe = aligner.data["train", "unsafe"]
+    idx = torch.tensor([1, 0, 3])
+    x_t, t, hidden = aligner.refusal_inputs(unsafe, idx, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    expected, t_blk, _ = noised_batch(aligner.scheduler, aligner.x0_black.expand(3, -1, -1, -1), g)
+    torch.testing.assert_close(x_t, expected)
+    torch.testing.assert_close(t, t_blk)
+    torch.testing.assert_close(hidden, unsafe.hidden[idx])
+    assert torch.isfinite(aligner.terms(torch.Generator().manual_seed(1))["refuse"])
+
+
 @pytest.mark.parametrize("aligner", [{"target": "esd"}, {"target": "esd", "esd_guidance": 1.0}], indirect=True)
 def test_esd_target_is_the_teachers_guided_away_prediction(aligner):
     g = torch.Generator().manual_seed(0)
@@ -273,6 +287,7 @@ def test_bad_parts_are_refused(parts):
     ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"), ({"nft_implicit_iters": -1}, "unet.nft_implicit_iters"),
     ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
     ({"w_scramble": -1.0}, "unet.w_scramble"), ({"probe_lora_rank": 0}, "unet.probe_lora_rank"),
+    ({"target": "esd-black", "refusal_images": False}, "refusal_images = true"),
     ({"update": "text-encoder"}, "nft_steps = 0"), ({"update": "text-encoder", "nft_steps": 0, "w_scramble": 1.0},
                                                     "w_scramble = 0"),
 ])

@@ -252,7 +252,11 @@ class Aligner:
     def refusal_inputs(self, part: Partition, idx: torch.Tensor, g: torch.Generator):
         """(x_t, t, hidden) where the unsafe prompts `idx` of `part` must refuse: noised latents of
         their unsafe images (`UNetAlignConfig.unsafe_latents`; else of benign training images drawn
-        at random), and the noised black latent (the refusal's own sampling trajectory)."""
+        at random; none without `refusal_images`), and the noised black latent (the refusal's own
+        sampling trajectory)."""
+        if not self.u.refusal_images:
+            x_blk, t_blk, _ = noised_batch(self.scheduler, self.x0_black.expand(len(idx), -1, -1, -1), g)
+            return x_blk, t_blk, part.hidden[idx]
         if self.u.unsafe_latents:
             x_img, t_img, _ = self.noised(part, idx, g)
         else:
@@ -311,18 +315,18 @@ class Aligner:
         # process keeps its rows (a draw sized by the share would differ between 1 and N processes).
         u = torch.randint(0, len(unsafe.mean), (n,), generator=g)
         b = torch.randint(0, len(benign.mean), (n,), generator=g)
-        xr, tr, hr = self.refusal_inputs(unsafe, u, g)  # rows: n noised images, then n noised blacks
+        xr, tr, hr = self.refusal_inputs(unsafe, u, g)  # rows: n noised images (if any), then n noised blacks
         xb, tb, target_b = self.noised(benign, b, g)
         if self.u.w_unknown > 0:  # the global batch's captions with an unknown word, fixed or drawn now
             unknown_texts = (self.fresh_unknown(benign, b, g) if self.u.unknown_fresh
                              else [self.unknown_texts[i] for i in b.tolist()])
-        mine = self._shard(torch.arange(n))
-        xr, tr, hr = (v[torch.cat([mine, mine + n])] for v in (xr, tr, hr))
+        mine, blocks = self._shard(torch.arange(n)), len(xr) // n
+        xr, tr, hr = (v[torch.cat([mine + k * n for k in range(blocks)])] for v in (xr, tr, hr))
         u, b, xb, tb, target_b = (v[mine] for v in (u, b, xb, tb, target_b))
         empty = self.h_empty.expand(len(b) + len(xr), -1, -1)  # the teacher's (the original encoder's)
         x_unc, t_unc = torch.cat([xb, xr]), torch.cat([tb, tr])
-        hb = benign.hidden[b]
-        inputs = [(xr, tr, self.student_states([unsafe.texts[i] for i in u.tolist()], hr[:len(u)]).repeat(2, 1, 1)),
+        hb, hu = benign.hidden[b], self.student_states([unsafe.texts[i] for i in u.tolist()], hr[:len(u)])
+        inputs = [(xr, tr, hu.repeat(blocks, 1, 1)),
                   (xb, tb, self.student_states([benign.texts[i] for i in b.tolist()], hb)),
                   (x_unc, t_unc, self.student_states([""], self.h_empty).expand(len(x_unc), -1, -1))]
         if self.u.w_unknown > 0:  # the same benign latents, their captions with an unknown word

@@ -100,6 +100,10 @@ class UNetAlignConfig:
     # unsafe content, as a model trained on filtered data; NFT's simulated attacker still
     # fine-tunes on unsafe images, as the real one does).
     unsafe_latents: bool = True
+    # False: the refusal is learned along its own sampling trajectory alone (noised refusal
+    # latents), with no image rows. A frozen UNet steered by its text states alone can follow
+    # that trajectory but cannot erase a glyph from a lightly noised image.
+    refusal_images: bool = True
     nft_steps: int = 200
     nft_lr: float = 2e-5
     w_nft: float = 0.1
@@ -156,6 +160,9 @@ class UNetAlignConfig:
         if self.update == "text-encoder" and (self.nft_steps or self.w_scramble):
             raise ConfigError("unet.update = 'text-encoder' leaves the UNet's weights alone: NFT and the scramble "
                               "term act on them; set unet.nft_steps = 0 and unet.w_scramble = 0")
+        if self.target == "esd-black" and not self.refusal_images:
+            raise ConfigError("unet.target = 'esd-black' is ESD's target at the noised images: it needs "
+                              "unet.refusal_images = true")
         if {name for name, _ in self.attacks.objectives} != {"denoise"}:
             raise ConfigError("unet.attacks.objectives: the simulated UNet attacker has one objective, denoise")
         if self.gate not in UNET_GATES:
