@@ -302,6 +302,10 @@ class Aligner:
         UNet trains, `fixed` (the original encoder's, computed once)."""
         return _embed(self.pipe, texts, self.text_model) if self.train_text else fixed
 
+    def trained(self) -> tuple[str, torch.nn.Module]:
+        """The component alignment changes, under its pipeline name: the UNet or the text encoder."""
+        return ("text_encoder", self.pipe.text_encoder) if self.train_text else ("unet", self.unet)
+
     def current_states(self, part: Partition) -> torch.Tensor:
         """`part`'s captions as the pipeline's text encoder reads them now (trained or not)."""
         return _embed(self.pipe, part.texts) if self.train_text else part.hidden
@@ -480,15 +484,14 @@ def align_unet(model: str, cfg: ProtectConfig, workdir: Path,
     torch.manual_seed(mix_seed(cfg.seed, 7))
     a = Aligner(model, cfg, Accelerator())
     setup_seconds = time.time() - t_start  # this session's; the stages' checkpoints carry every session's
-    name = "text_encoder" if a.train_text else "unet"
-    trained = a.pipe.text_encoder if a.train_text else a.unet
+    name, trained = a.trained()
     stage1_file, stage1_record = workdir / f"stage1-{name}.safetensors", workdir / "stage1-unet.json"
     if stage1_file.exists():  # stage 1 finished in an earlier run
         trained.load_state_dict(load_file(stage1_file, device=str(a.accelerator.device)))
         record = json.loads(stage1_record.read_text())
     else:
         record = _stage1_align(a, workdir / "stage1", resume)
-        trained = a.pipe.text_encoder if a.train_text else a.unet  # a LoRA run merged into a new module
+        trained = a.trained()[1]  # a LoRA run merged into a new module
         if a.accelerator.is_main_process:
             workdir.mkdir(parents=True, exist_ok=True)  # no checkpoint may have made it (checkpoint_every > steps)
             stage1_record.write_text(json.dumps(record))
@@ -503,7 +506,7 @@ def align_unet(model: str, cfg: ProtectConfig, workdir: Path,
     timing = record["timing"] | state["timing"] | {
         "total_seconds": record["timing"].get("stage1_seconds", 0.0) + state["timing"]["stage2_seconds"]
         + setup_seconds}
-    return {name: a.pipe.text_encoder if a.train_text else a.unet}, {
+    return dict([a.trained()]), {
         "chosen_checkpoint": state["best"], "probes": state["probes"], "timing": timing,
         "losses": {"stage1": record["losses"], "stage2": state["losses"].get("stage2", [])},
         "base_class_match": a.base_class_match}
@@ -516,7 +519,7 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
     if u.update == "lora":
         trainable = _lora_model(a.unet, u.lora_rank)
     else:
-        trainable = (a.pipe.text_encoder if a.train_text else a.unet).requires_grad_(True)
+        trainable = a.trained()[1].requires_grad_(True)
     opt = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=u.align_lr)
     sched = get_cosine_schedule_with_warmup(opt, u.align_warmup, u.align_steps)
     prepared, opt = acc.prepare(trainable, opt)
