@@ -32,6 +32,11 @@ def weights(model: str, component: str) -> dict:
             if v.ndim >= 2 and (component != "decoder" or k.startswith(HEAD))}
 
 
+def norm(tensors) -> float:
+    """The norm of all `tensors` taken as one vector."""
+    return sum(float(v.norm()) ** 2 for v in tensors) ** 0.5
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
@@ -41,17 +46,17 @@ def main() -> None:
     args = ap.parse_args()
     models = dict(m.split("=", 1) for m in args.model)
     by_model = {name: weights(path, args.component) for name, path in models.items()}
+    totals = {name: norm(w.values()) for name, w in by_model.items()}
     names = list(by_model)
     for i, name in enumerate(names):
         w = by_model[name]
-        total = sum(float(v.norm()) ** 2 for v in w.values()) ** 0.5
-        print(f"{name}: {args.component} weight norm {total:.3f}")
+        print(f"{name}: {args.component} weight norm {totals[name]:.3f}")
         if i == 0:
             continue
-        prev = by_model[names[i - 1]]
-        moved = sum(float((w[k] - prev[k]).norm()) ** 2 for k in w) ** 0.5
-        prev_total = sum(float(v.norm()) ** 2 for v in prev.values()) ** 0.5
-        print(f"  norm ratio to {names[i - 1]} {total / prev_total:.4f}, relative distance {moved / prev_total:.4f}")
+        prev, prev_total = by_model[names[i - 1]], totals[names[i - 1]]
+        moved = norm(w[k] - prev[k] for k in w)
+        print(f"  norm ratio to {names[i - 1]} {totals[name] / prev_total:.4f}, "
+              f"relative distance {moved / prev_total:.4f}")
         ratios = sorted((float(w[k].norm() / prev[k].norm()), k) for k in w)
         shown = ratios[:args.top] + ratios[-args.top:]
         print(f"  per-layer norm ratio to {names[i - 1]}: " + ", ".join(f"{k} {r:.3f}" for r, k in shown))
