@@ -232,6 +232,32 @@ def test_esd_black_target_is_esds_at_the_images_and_the_refusal_along_its_trajec
     torch.testing.assert_close(target[3:], aligner.x0_target(x_t[3:], t[3:], aligner.x0_black))
 
 
+@pytest.mark.parametrize("aligner", [{"target": "empty-refusal"}], indirect=True)
+def test_empty_refusal_target_refuses_where_the_sampler_chooses_and_along_its_trajectory(aligner):
+    g = torch.Generator().manual_seed(0)
+    x_t, t, hidden = aligner.refusal_inputs(aligner.data["train", "unsafe"], torch.arange(8), g)
+    with torch.no_grad():
+        uncond = aligner.teacher(x_t, t, aligner.h_empty.expand(len(x_t), -1, -1)).sample
+    target, black = aligner.refusal_target(x_t, t, hidden), aligner.x0_target(x_t, t, aligner.x0_black)
+    torch.testing.assert_close(target[8:], black[8:])  # the refusal's own trajectory
+    w = aligner.snr_weight(t[:8]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(target[:8], w * black[:8] + (1 - w) * uncond[:8])
+    high_noise = w.flatten() == 1
+    torch.testing.assert_close(target[:8][high_noise], black[:8][high_noise])
+
+
+@pytest.mark.parametrize("aligner", [{"w_unknown": 1.0}, {"target": "empty-refusal", "w_unknown": 1.0}], indirect=True,
+                         ids=["black", "empty-refusal"])
+def test_only_the_empty_refusal_moves_the_benign_and_empty_targets_off_the_teacher(aligner):
+    """The student starts as the teacher: with the refusal on unsafe prompts alone its benign and
+    empty-prompt terms start at 0; with the empty prompt refusing, the empty prompt's target and,
+    to keep guided samples, the benign ones move."""
+    terms = aligner.terms(torch.Generator().manual_seed(0))
+    moved = aligner.u.target == "empty-refusal"
+    for name in ("distill", "uncond", "unknown"):
+        assert (terms[name].item() > 1e-4) == moved, name
+
+
 @pytest.mark.parametrize("aligner", [{"w_scramble": 1.0}], indirect=True)
 def test_unet_scrambling_pulls_unsafe_activations_to_fixed_targets_and_keeps_benign_ones(aligner, mini_pipeline,
                                                                                         tmp_path):
@@ -288,6 +314,8 @@ def test_bad_parts_are_refused(parts):
     ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
     ({"w_scramble": -1.0}, "unet.w_scramble"), ({"probe_lora_rank": 0}, "unet.probe_lora_rank"),
     ({"target": "esd-black", "refusal_images": False}, "refusal_images = true"),
+    ({"target": "empty-refusal", "guidance": 1.0}, "unet.guidance > 1"),
+    ({"target": "empty-refusal", "w_uncond": 0.0}, "unet.w_uncond > 0"),
     ({"update": "text-encoder"}, "nft_steps = 0"), ({"update": "text-encoder", "nft_steps": 0, "w_scramble": 1.0},
                                                     "w_scramble = 0"),
 ])

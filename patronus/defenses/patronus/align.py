@@ -273,6 +273,8 @@ class Aligner:
         if self.u.target == "black":
             return black
         esd = self.teacher(x_t, t, self.h_empty.expand(len(x_t), -1, -1), return_dict=False)[0]
+        if self.u.target == "empty-refusal":
+            return self.empty_refusal(x_t, t, esd, self.on_refusal_trajectory(len(x_t), x_t.device))
         if self.u.esd_guidance > 0:
             cond = self.teacher(x_t, t, hidden, return_dict=False)[0]
             esd = esd - self.u.esd_guidance * (cond - esd)
@@ -280,6 +282,20 @@ class Aligner:
             return esd
         half = len(x_t) // 2
         return torch.cat([esd[:half], black[half:]])
+
+    def on_refusal_trajectory(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Which of `rows` refusal inputs (as `refusal_inputs` lays them out) are noised refusal latents."""
+        return torch.arange(rows, device=device) >= (rows // 2 if self.u.refusal_images else 0)
+
+    def empty_refusal(self, x_t: torch.Tensor, t: torch.Tensor, teacher_unc: torch.Tensor,
+                      on_trajectory: torch.Tensor) -> torch.Tensor:
+        """`unet.target = "empty-refusal"`: the empty prompt's (and every unsafe prompt's) target. The
+        refusal where the sampler still chooses the image (weight 1 up to SNR `snr_gamma`, then
+        `snr_weight`) and along the refusal's own trajectory; elsewhere the original's unconditional
+        prediction, so that the benign targets' guidance shift stays bounded at low noise."""
+        w = torch.where(on_trajectory.view(-1, 1, 1, 1), torch.ones_like(t, dtype=teacher_unc.dtype).view(-1, 1, 1, 1),
+                        self.snr_weight(t).to(teacher_unc.dtype))
+        return w * self.x0_target(x_t, t, self.x0_black) + (1 - w) * teacher_unc
 
     def refusal_distance(self, pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor,
                          t: torch.Tensor) -> torch.Tensor:
@@ -350,11 +366,19 @@ class Aligner:
                 teacher_b = self.teacher(xb, tb, hb, return_dict=False)[0]
             teacher_unc = self.teacher(x_unc, t_unc, empty, return_dict=False)[0]
             teacher_unknown = self.teacher(xb, tb, h_unknown, return_dict=False)[0] if unknown else None
-        terms = {"refuse": self.refusal_distance(refuse, self.refusal_target(xr, tr, hr), xr, tr),
-                 "distill": F.mse_loss(cond_b, teacher_b), "uncond": F.mse_loss(unc, teacher_unc),
-                 "denoise": F.mse_loss(cond_b, target_b)}
+            if self.u.target == "empty-refusal":  # the empty prompt refuses; guided benign samples stay the original's
+                on_trajectory = torch.cat([torch.zeros(len(xb), dtype=torch.bool, device=xb.device),
+                                           self.on_refusal_trajectory(len(xr), xr.device)])
+                unc_target = self.empty_refusal(x_unc, t_unc, teacher_unc, on_trajectory)
+                refuse_target = unc_target[len(xb):]
+                shift = (1 - 1 / self.u.guidance) * (unc_target - teacher_unc)[:len(xb)]
+            else:
+                unc_target, refuse_target, shift = teacher_unc, self.refusal_target(xr, tr, hr), 0.0
+        terms = {"refuse": self.refusal_distance(refuse, refuse_target, xr, tr),
+                 "distill": F.mse_loss(cond_b, teacher_b + shift), "uncond": F.mse_loss(unc, unc_target),
+                 "denoise": F.mse_loss(cond_b, target_b + shift)}
         if unknown:
-            terms["unknown"] = F.mse_loss(unknown[0], teacher_unknown)
+            terms["unknown"] = F.mse_loss(unknown[0], teacher_unknown + shift)
         if scramble:  # rows: the refusal inputs (unsafe prompts), then the benign conditional ones
             n_r, n_b = sizes[0], sizes[1]
             terms["scramble"] = scramble_loss([a[n_r:n_r + n_b] for a in acts], [o.float() for o in orig],

@@ -22,7 +22,7 @@ OBJECTIVES = ("image", "feature")  # the simulated attacker's: reconstruct unsaf
 PERCEPTUAL = ("glyphnet", "vgg19", "mse")
 CAL_WEIGHTINGS = ("uniform", "near-black")  # how the decoder's calibration term weighs benign images
 PARTS = ("decoder", "unet")  # what `patronus protect --parts` may harden
-UNET_TARGETS = ("black", "esd", "esd-black")
+UNET_TARGETS = ("black", "esd", "esd-black", "empty-refusal")
 UNET_UPDATES = ("full", "lora", "text-encoder")
 # How the UNet half's probes tell a usable checkpoint: "class" (GlyphNet's class of benign samples
 # against the glyph world's labels) or "fidelity" (benign samples against the original's; no labels).
@@ -48,7 +48,13 @@ class UNetAlignConfig:
     noised latents and timesteps and along the refusal's own trajectory, so any decoder renders
     the sample black; `esd`: the frozen original's prediction for the empty prompt, guided away
     from the prompt by `esd_guidance`, as ESD erases a concept; `esd-black`: ESD's target at the
-    noised images, the refusal latent's along the refusal's own trajectory). Benign prompts are distilled
+    noised images, the refusal latent's along the refusal's own trajectory; `empty-refusal`: the
+    empty prompt itself refuses and unsafe prompts are read as it, so no output belongs to the
+    unsafe words alone: both are trained to the refusal latent at SNR <= `snr_gamma` and along the
+    refusal's trajectory, to the original's unconditional prediction, blended in by
+    `snr_weight`, at lower noise; benign prompts' targets move by (1 - 1/`guidance`) times the
+    empty prompt's change, so classifier-free guidance at `guidance` samples what the original
+    did). Benign prompts are distilled
     to the frozen original (conditional and unconditional branch) and keep the denoising loss.
     NFT then adds the first-order MAML gradient of the query loss after simulated denoising
     fine-tunes (`attacks`); a real `unet-full` Adam attack probes every `probe_every` steps.
@@ -56,6 +62,7 @@ class UNetAlignConfig:
 
     target: str = "black"
     esd_guidance: float = 0.0  # 0: the empty prompt's prediction; > 0: eps_u - g * (eps_c - eps_u)
+    guidance: float = 4.0  # `empty-refusal`: the sampler's classifier-free guidance benign targets are matched at
     # What alignment trains: "full" (the UNet's weights), "lora" (a peft LoRA merged before NFT) or
     # "text-encoder" (the text encoder alone, through the frozen UNet: the UNet stays the
     # original's bit for bit, so no new path from unsafe words to an output lives in it).
@@ -160,6 +167,12 @@ class UNetAlignConfig:
         if self.update == "text-encoder" and (self.nft_steps or self.w_scramble):
             raise ConfigError("unet.update = 'text-encoder' leaves the UNet's weights alone: NFT and the scramble "
                               "term act on them; set unet.nft_steps = 0 and unet.w_scramble = 0")
+        if self.target == "empty-refusal" and (self.update == "text-encoder" or self.w_uncond == 0
+                                               or not self.guidance > 1):
+            raise ConfigError("unet.target = 'empty-refusal' trains the UNet's empty-prompt prediction and matches "
+                              "guided samples at unet.guidance: it needs unet.update = 'full' or 'lora', "
+                              f"unet.w_uncond > 0 and unet.guidance > 1 (got {self.update!r}, {self.w_uncond}, "
+                              f"{self.guidance})")
         if self.target == "esd-black" and not self.refusal_images:
             raise ConfigError("unet.target = 'esd-black' is ESD's target at the noised images: it needs "
                               "unet.refusal_images = true")
