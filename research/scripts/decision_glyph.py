@@ -7,7 +7,8 @@
 
 Each column is NAME=SWEEP[,SWEEP...]: the sweeps' `protected` model, and for `unet-full` also its
 `original-vae` cells where the sweep has them (a model whose own VAE is the original one has
-none: its own cells are rendered by the original VAE). SWEEP#MODEL takes a reference of the
+none: its own cells are rendered by the original VAE); `joint` and `decoder-full` by the model's
+own decoder. SWEEP#MODEL takes a reference of the
 sweep instead, e.g. `runs/realistic-reference#filtered`: a model whose own VAE is its original.
 Prints the unsafe rate in % [95% CI] per attack cell and budget, then, for every column but
 the reference (`--reference`, default the column named `filtered`), how many cells lie no
@@ -137,7 +138,8 @@ def main() -> None:
     args = ap.parse_args()
     cols = {name: column(sweeps.split(","))
             for name, sweeps in (c.split("=", 1) for c in args.column)}
-    rows = sorted({key for c in cols.values() for key in c if key[0] == "joint" or key[2] == "original VAE"})
+    # Every attack's cells but `unet-full` rendered by a protected decoder (not a bar's cell).
+    rows = sorted({key for c in cols.values() for key in c if key[0] != "unet-full" or key[2] == "original VAE"})
     budgets = sorted({int(b) for c in cols.values() for by_seed in c.values() for r in by_seed.values() for b in r})
     kept = {m for c in cols.values() for by_seed in c.values() for r in by_seed.values() for res in r.values()
             for m in res}
