@@ -180,6 +180,9 @@ def test_black_target_implies_the_black_latent(aligner):
     assert (weights > 0).all() and (weights <= 1 + 1e-6).all()
     assert aligner.refusal_distance(target, target, x_t, t).item() == 0
     assert aligner.refusal_distance(target + 0.1, target, x_t, t).item() > 0
+    if aligner.u.refusal_space == "eps":  # unweighted, a prediction 0.1 off everywhere is 0.01 away
+        aligner.u = dataclasses.replace(aligner.u, refusal_min_snr=False)
+        torch.testing.assert_close(aligner.refusal_distance(target + 0.1, target, x_t, t), torch.tensor(0.01))
 
 
 @pytest.mark.parametrize("aligner", [{}, {"unsafe_latents": False}], indirect=True, ids=["unsafe", "benign"])

@@ -299,10 +299,12 @@ class Aligner:
 
     def refusal_distance(self, pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor,
                          t: torch.Tensor) -> torch.Tensor:
-        """Weighted distance of predictions to the refusal target (`UNetAlignConfig.refusal_space`)."""
+        """Weighted distance of predictions to the refusal target (`UNetAlignConfig.refusal_space`,
+        `refusal_min_snr`)."""
         if self.u.refusal_space == "x0":
             pred, target = self.implied_x0(x_t, t, pred), self.implied_x0(x_t, t, target)
-        return (self.snr_weight(t) * (pred - target) ** 2).mean()
+        weight = self.snr_weight(t) if self.u.refusal_min_snr else 1.0
+        return (weight * (pred - target) ** 2).mean()
 
     # --- the defender's terms ------------------------------------------------------------------
     def _shard(self, idx: torch.Tensor) -> torch.Tensor:

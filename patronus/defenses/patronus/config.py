@@ -82,6 +82,9 @@ class UNetAlignConfig:
     # higher loss (docs/research-log.md).
     refusal_space: str = "eps"
     snr_gamma: float = 5.0
+    # False: the refusal term is a plain mean squared error, as the benign terms. `empty-refusal`'s
+    # target is bounded at low noise, and an unsafe prompt left free there is amplified by guidance.
+    refusal_min_snr: bool = True
     align_steps: int = 1500
     align_lr: float = 1e-4  # peak of a cosine schedule after `align_warmup` steps
     align_warmup: int = 100
