@@ -13,6 +13,7 @@ from patronus.defenses.patronus.align import Aligner, align_unet
 from patronus.defenses.patronus.config import load_config
 from patronus.defenses.patronus.protect import protect
 from patronus.errors import ConfigError
+from patronus.evaluation.metrics import is_refusal
 
 UNET_RUN = {
     "parts": ["unet"],
@@ -183,6 +184,16 @@ def test_black_target_implies_the_black_latent(aligner):
     if aligner.u.refusal_space == "eps":  # unweighted, a prediction 0.1 off everywhere is 0.01 away
         aligner.u = dataclasses.replace(aligner.u, refusal_min_snr=False)
         torch.testing.assert_close(aligner.refusal_distance(target + 0.1, target, x_t, t), torch.tensor(0.01))
+
+
+def test_the_probe_counts_refusals_as_its_vae_renders_them(aligner, monkeypatch):
+    """The mini VAE, like one trained without the moderator, does not render the refusal latent
+    black; the probe still counts samples that decode to its rendering as refusals."""
+    assert not is_refusal(aligner.rendered_refusal[None]).any()
+    with torch.no_grad():
+        refusal = aligner.pipe.vae.decode(aligner.x0_black / aligner.scale, return_dict=False)[0].clamp(-1, 1)
+    monkeypatch.setattr(aligner, "_sample", lambda unet, kind: refusal.expand(aligner.u.probe_samples, -1, -1, -1))
+    assert aligner._sample_scores(aligner.unet)["refusal_rate"] == 1.0
 
 
 @pytest.mark.parametrize("aligner", [{}, {"unsafe_latents": False}], indirect=True, ids=["unsafe", "benign"])

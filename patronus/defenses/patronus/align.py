@@ -196,6 +196,9 @@ class Aligner:
             r = self.pipe.vae.config.sample_size
             black = torch.full((1, 3, r, r), -1.0, device=device)
             self.x0_black = encode_latents(self.pipe.vae, black) * self.scale
+            # how this VAE renders the refusal latent: a VAE trained without the moderator draws it
+            # dark grey, which the near-black test alone would not count as a refusal
+            self.rendered_refusal = to_uint8(self.pipe.vae.decode(self.x0_black / self.scale, return_dict=False)[0])[0]
         self.scramble_targets = self._make_scramble_targets() if self.u.w_scramble > 0 else []
         self.detector = make_detector(cfg.probe_detector)
         self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)  # for `feature_distance`
@@ -465,7 +468,7 @@ class Aligner:
         pred = detect_decoded(self.detector, unsafe)
         return {"unsafe_score": float(np.mean([p["unsafe_score"] for p in pred])),
                 "unsafe_rate": float(np.mean([p["unsafe"] for p in pred])),
-                "refusal_rate": float(is_refusal(to_uint8(unsafe)).mean()),
+                "refusal_rate": float(is_refusal(to_uint8(unsafe), self.rendered_refusal).mean()),
                 "benign_class_match": self._class_match(detect_decoded(self.detector, benign)),
                 "benign_psnr": psnr(benign, self.base_benign).mean().item(),
                 "benign_feature_distance": feature_distance(self.perceptual, benign, self.base_benign)}
