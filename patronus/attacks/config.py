@@ -63,6 +63,8 @@ class AttackConfig:
             raise ConfigError(f"--freeze-text-encoder applies to the kinds that train the text encoder "
                               f"({', '.join(k for k, a in ATTACKS.items() if 'text_encoder' in a.trains)}); "
                               f"{self.kind} does not train it")
+        if self.freeze_text_encoder and ATTACKS[self.kind].trains == {"text_encoder"}:
+            raise ConfigError(f"--freeze-text-encoder leaves {self.kind} nothing to train; drop the flag")
         if self.kind == "swap-decoder" and not self.swap_from:
             raise ConfigError("swap-decoder needs the pipeline to take the VAE from (--from DIR)")
         if self.swap_part not in ("vae", "decoder"):

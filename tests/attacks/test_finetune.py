@@ -18,6 +18,8 @@ def _weights(path, component):
     ("decoder-full", ["vae"], ["unet", "text_encoder"]),
     ("decoder-lora", ["vae"], ["unet", "text_encoder"]),
     ("joint", ["unet", "vae", "text_encoder"], []),
+    ("unet-text-encoder", ["unet", "text_encoder"], ["vae"]),
+    ("text-encoder", ["text_encoder"], ["unet", "vae"]),
 ])
 def test_each_kind_changes_only_its_components(mini_pipeline, tmp_path, kind, changed, unchanged):
     s = AttackConfig(kind=kind, optimizer="adam", lr=1e-3, steps=3, rank=4, batch_size=4, save_at=(1, 3))
@@ -95,6 +97,7 @@ def test_swap_decoder_refuses_a_vae_of_another_family(mini_pipeline, tmp_path):
     (dict(kind="unet-full", schedule="cosine"), "unknown learning-rate schedule 'cosine'"),
     (dict(kind="unet-full", freeze_text_encoder=True), "--freeze-text-encoder applies to .*joint.*unet-full does not"),
     (dict(kind="swap-decoder", swap_from="x", then="unet-full", freeze_text_encoder=True), "--freeze-text-encoder"),
+    (dict(kind="text-encoder", freeze_text_encoder=True), "leaves text-encoder nothing to train"),
 ])
 def test_bad_settings(mini_pipeline, tmp_path, bad, needle):
     with pytest.raises(ValueError, match=needle):
@@ -162,3 +165,16 @@ def test_joint_with_a_frozen_text_encoder_trains_the_unet_and_decoder_only(mini_
     for component, trained in (("unet", True), ("vae", True), ("text_encoder", False)):
         before, after = _weights(mini_pipeline, component), _weights(ckpt, component)
         assert any(not torch.equal(before[k], after[k]) for k in before) == trained, component
+
+
+def test_the_parts_of_joint_start_from_the_same_batch_and_noise(mini_pipeline, tmp_path):
+    """`unet-text-encoder` and `text-encoder` split `joint` into its parts: with one seed, every
+    kind on the denoising loss draws the same first batch and noise, so its first loss (before any
+    weight moves) is the same, and `joint`'s differs only by the decoder's reconstruction term."""
+    first = {}
+    for kind in ("unet-full", "unet-text-encoder", "text-encoder", "joint"):
+        s = AttackConfig(kind=kind, lr=1e-3, steps=1, batch_size=4, save_at=(1,), seed=3)
+        run_attack(str(mini_pipeline), s, tmp_path / kind, progress=False)
+        first[kind] = json.loads((tmp_path / kind / "losses.json").read_text())["loss_per_step"][0]
+    assert first["unet-text-encoder"] == first["text-encoder"] == first["unet-full"]
+    assert first["joint"] > first["unet-full"]

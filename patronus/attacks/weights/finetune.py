@@ -5,6 +5,11 @@
   decoder-full, decoder-lora   reconstruction of the unsafe images by the VAE decoder
   joint                  UNet, VAE decoder and text encoder together (sum of both losses); with
                          `freeze_text_encoder`, the UNet and decoder only
+  unet-text-encoder      UNet and text encoder on the denoising loss, the decoder left as it is
+  text-encoder           the text encoder alone, through the frozen UNet's denoising loss
+
+The last two split `joint` into its parts: with the same seed every kind that trains through the
+denoising loss draws the same batches and noise, so their cells differ only in what trains.
 
 Every kind trains at the config's learning rate, or with `schedule = "step"` at x0.1 after 25%,
 50% and 75% of its steps (`training.make_lr_schedule`).
@@ -94,8 +99,10 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
     prediction = noise_scheduler.config.prediction_type
     trains_unet, trains_decoder = "unet" in kind.trains, "decoder" in kind.trains
     trains_text = "text_encoder" in kind.trains and not s.freeze_text_encoder
-    if trains_unet and prediction not in ("epsilon", "v_prediction"):
-        raise AttackError(f"the UNet attacks train epsilon or v_prediction models, this one predicts {prediction}")
+    denoises = trains_unet or trains_text  # the denoising loss reaches the text encoder through the UNet
+    if denoises and prediction not in ("epsilon", "v_prediction"):
+        raise AttackError(f"the attacks on the denoising loss train epsilon or v_prediction models, "
+                          f"this one predicts {prediction}")
     ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
     if s.vae_slicing:
@@ -145,7 +152,7 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
         mine = idx[shard]
         loss = torch.zeros((), device=device)
         with accelerator.autocast():  # mixed precision, when accelerate is configured for it
-            if trains_unet:
+            if denoises:
                 x_t, t, target = (x[shard].to(device) for x in noised_batch(noise_scheduler, z * scale, g))
                 loss = loss + F.mse_loss(unet_f(x_t, t, text_f(ids[mine].to(device))[0]).sample.float(), target)
             if trains_decoder:
@@ -209,5 +216,7 @@ for _name, _trains, _lora, _help in (
     ("decoder-full", {"decoder"}, False, "the VAE decoder's weights on reconstructing the unsafe images"),
     ("decoder-lora", {"decoder"}, True, "a peft LoRA on the VAE decoder's convolutions"),
     ("joint", {"unet", "decoder", "text_encoder"}, False, "UNet, decoder and text encoder together"),
+    ("unet-text-encoder", {"unet", "text_encoder"}, False, "the UNet and text encoder together, the decoder kept"),
+    ("text-encoder", {"text_encoder"}, False, "the text encoder alone, through the frozen UNet"),
 ):
     register(AttackKind(_name, frozenset(_trains), _lora, run_finetune, _help, distributed=True))
