@@ -39,7 +39,6 @@ the robustness ratio against the reference column.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -48,23 +47,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from patronus.report import save_figure, steps_axis  # noqa: E402
-from patronus.sweep.results import RobustnessRatio, results_by_cell, steps_to_unsafe, sweep_summary  # noqa: E402
-
-# Student's t at 97.5% for 1..30 degrees of freedom: the 95% interval of a mean over a few seeds.
-# Beyond 30 the table's last value stands, which widens the interval slightly.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042)
-
-
-def t975(df: float) -> float:
-    """The table's t at `df` rounded down (a fractional Welch df gets the wider interval)."""
-    return T975[min(max(int(df), 1), len(T975)) - 1]
-
-
-def mean_and_half(values: list[float]) -> tuple[float, float]:
-    """The mean of a few values and the half-width of its 95% t interval."""
-    return statistics.mean(values), t975(len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+from patronus.sweep.results import (  # noqa: E402
+    OverSeeds,
+    RobustnessRatio,
+    over_seeds,
+    paired_difference,
+    results_by_cell,
+    steps_to_unsafe,
+    sweep_summary,
+    welch_difference,
+)
 
 
 def column(sweeps: list[str]) -> dict[tuple, dict[int, dict]]:
@@ -84,42 +76,6 @@ def column(sweeps: list[str]) -> dict[tuple, dict[int, dict]]:
             if "original-vae" in by_model:
                 out.setdefault((kind, lr, "original VAE"), {})[seed] = by_model["original-vae"]
     return out
-
-
-def over_seeds(by_seed: dict[int, dict], budget: int,
-               metric: str = "unsafe_rate") -> tuple[float, float, float, dict[int, float]] | None:
-    """(value, lower, upper, attack seed -> value): one seed's rate and its interval over prompts,
-    or the mean over seeds and its t interval across them."""
-    runs = {s: by_seed[s][str(budget)][metric] for s in sorted(by_seed) if str(budget) in by_seed[s]}
-    if not runs:
-        return None
-    values = {s: r["value"] for s, r in runs.items()}
-    if len(runs) == 1:
-        (only,) = runs.values()
-        return (only["value"], *only["ci"], values)
-    mean, half = mean_and_half(list(values.values()))
-    return mean, max(0.0, mean - half), min(1.0, mean + half), values
-
-
-def welch(mine: list[float], theirs: list[float]) -> tuple[float, float, float]:
-    """Difference of the means over seeds, mine - theirs, and its 95% Welch interval."""
-    v1, v2 = statistics.variance(mine) / len(mine), statistics.variance(theirs) / len(theirs)
-    diff = statistics.mean(mine) - statistics.mean(theirs)
-    if v1 + v2 == 0:
-        return diff, diff, diff
-    df = (v1 + v2) ** 2 / (v1 ** 2 / (len(mine) - 1) + v2 ** 2 / (len(theirs) - 1))
-    half = t975(df) * (v1 + v2) ** 0.5
-    return diff, diff - half, diff + half
-
-
-def paired(mine: dict[int, float], theirs: dict[int, float]) -> tuple[float, float, float, int] | None:
-    """Mean of the per-seed differences, mine - theirs, over the seeds both ran, its 95% t
-    interval and the number of seeds; None below two shared seeds."""
-    diffs = [mine[s] - theirs[s] for s in sorted(mine.keys() & theirs.keys())]
-    if len(diffs) < 2:
-        return None
-    mean, half = mean_and_half(diffs)
-    return mean, mean - half, mean + half, len(diffs)
 
 
 def ratio_text(ratio: RobustnessRatio) -> str:
@@ -146,21 +102,15 @@ def main() -> None:
     if args.metric not in kept:
         ap.error(f"--metric {args.metric}: the sweeps keep {', '.join(sorted(kept))}")
 
-    def rate(name: str, key: tuple, b: int, metric: str = "unsafe_rate") -> tuple[float, float, float, list] | None:
+    def rate(name: str, key: tuple, b: int, metric: str = "unsafe_rate") -> OverSeeds | None:
         return over_seeds(cols[name].get(key, {}), b, metric)
-
-    def shown(v: tuple | None) -> str:
-        if v is None:
-            return "-"
-        seeds = f" ({' / '.join(f'{100 * x:.0f}' for x in v[3].values())})" if len(v[3]) > 1 else ""
-        return f"{100 * v[0]:.0f} [{100 * v[1]:.0f}, {100 * v[2]:.0f}]{seeds}"
 
     print("| attack | lr | rendered by | steps | " + " | ".join(cols) + " |")
     print("|---" * (4 + len(cols)) + "|")
     for key in rows:
         for b in budgets:
             cells = [rate(n, key, b, args.metric) for n in cols]
-            print(f"| {key[0]} | {key[1]:g} | {key[2]} | {b} | " + " | ".join(shown(v) for v in cells) + " |")
+            print(f"| {key[0]} | {key[1]:g} | {key[2]} | {b} | " + " | ".join(str(v or "-") for v in cells) + " |")
     if args.plot:
         plot(cols, rows, budgets, rate, Path(args.plot))
     ref = args.reference
@@ -175,18 +125,18 @@ def main() -> None:
                 if mine is None or theirs is None:
                     continue
                 total += 1
-                if mine[0] <= theirs[2]:
+                if mine.value <= theirs.hi:
                     met += 1
                 else:
-                    misses.append(f"{key[0]} lr {key[1]:g} {b} steps: {100 * mine[0]:.0f}% vs {100 * theirs[0]:.0f}%")
-                if len(mine[3]) > 1 and len(theirs[3]) > 1:
-                    d = welch(list(mine[3].values()), list(theirs[3].values()))
-                    line = (f"    {key[0]} lr {key[1]:g} {b} steps ({len(mine[3])} vs {len(theirs[3])} seeds): "
-                            f"{round(100 * d[0]):+d} points [{round(100 * d[1]):+d}, {round(100 * d[2]):+d}]")
-                    p = paired(mine[3], theirs[3])
+                    misses.append(f"{key[0]} lr {key[1]:g} {b} steps: {100 * mine.value:.0f}% "
+                                  f"vs {100 * theirs.value:.0f}%")
+                if len(mine.by_seed) > 1 and len(theirs.by_seed) > 1:
+                    d = welch_difference(list(mine.by_seed.values()), list(theirs.by_seed.values()))
+                    line = (f"    {key[0]} lr {key[1]:g} {b} steps ({len(mine.by_seed)} vs {len(theirs.by_seed)} "
+                            f"seeds): {d} points")
+                    p = paired_difference(mine.by_seed, theirs.by_seed)
                     if p is not None:
-                        line += (f"; paired over {p[3]} shared seeds {round(100 * p[0]):+d} "
-                                 f"[{round(100 * p[1]):+d}, {round(100 * p[2]):+d}]")
+                        line += f"; paired over {p.seeds} shared seeds {p}"
                     diffs.append(line)
         print(f"  {name}: {met} of {total}" + (f"; above: {'; '.join(misses)}" if misses else ""))
         if diffs:
@@ -195,7 +145,7 @@ def main() -> None:
             print("\n".join(diffs))
     print(f"\nAttacker steps to 50% unsafe (the mean over seeds), and the ratio vs {ref}:")
     for key in rows:
-        curves = {n: {b: v[0] for b in budgets if (v := rate(n, key, b)) is not None} for n in cols}
+        curves = {n: {b: v.value for b in budgets if (v := rate(n, key, b)) is not None} for n in cols}
         steps = {n: steps_to_unsafe(c) for n, c in curves.items() if c}
         parts = [f"{n} {s}" + (f" ({ratio_text(RobustnessRatio(s, steps[ref]))})"
                                if n != ref and ref in steps else "") for n, s in steps.items()]
@@ -213,8 +163,9 @@ def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> 
             points = [(b, rate(name, key, b)) for b in budgets]
             points = [(b, v) for b, v in points if v is not None]
             if points:
-                ax.errorbar([b for b, _ in points], [100 * v[0] for _, v in points],
-                            yerr=[[100 * (v[0] - v[1]) for _, v in points], [100 * (v[2] - v[0]) for _, v in points]],
+                ax.errorbar([b for b, _ in points], [100 * v.value for _, v in points],
+                            yerr=[[100 * (v.value - v.lo) for _, v in points],
+                                  [100 * (v.hi - v.value) for _, v in points]],
                             marker="o", capsize=2, label=name, color=colours[name])
         ax.set_title(f"{key[0]} Adam {key[1]:g}\n{key[2]}", fontsize=8)
         steps_axis(ax, budgets)

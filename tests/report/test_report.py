@@ -200,3 +200,28 @@ def test_field_findings_never_print_a_tie_as_a_difference():
 
     assert _pair(0.0, 0.46) == "0.0% vs 0.5%"
     assert _pair(96.3, 99.1) == "96% vs 99%"
+
+
+def test_a_sweep_at_several_attack_seeds_gets_means_paired_differences_and_the_mean_curves_ratio(tmp_path):
+    from dataclasses import asdict
+
+    from patronus.report import ratio_text
+    from patronus.sweep.grid import GridConfig
+    from patronus.sweep.results import sweep_summary
+
+    grid = GridConfig(kinds=("joint",), optimizers=("adam",), lrs=(1e-3,), budgets=(100, 1000), seeds=(0, 1, 2),
+                      references=("filtered",))
+    protected = {0: {100: 0.3, 1000: 0.7}, 1: {100: 0.4, 1000: 0.8}, 2: {100: 0.5, 1000: 0.9}}
+    cells = ([_cell("protected", "joint", "adam", 1e-3, r, seed=s) for s, r in protected.items()]
+             + [_cell("filtered", "joint", "adam", 1e-3, {b: v - 0.2 for b, v in r.items()}, seed=s)
+                for s, r in protected.items()])
+    sweep = _write_sweep(tmp_path / "sweep", asdict(grid), cells)
+    build_report([sweep], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Robustness sweep 1: over attack seeds" in md
+    assert ("| joint | adam | 0.001 | 100 | 40 [15, 65] (30 / 40 / 50) | 20 [0, 45] (10 / 20 / 30) "
+            "| +20 [+20, +20] (3 seeds) |") in md  # every seed 20 points apart: paired, no spread left
+    assert "## Robustness sweep 1: robustness ratio vs filtered, mean over seeds" in md
+    # Mean curves 0.4 -> 0.8 and 0.2 -> 0.6 over 100 -> 1000 steps: 50% at 10^2.25 and 10^2.75 steps.
+    assert "| joint | adam | 0.001 | 178 | 562 | 0.32 | < 1 |" in md
+    assert "robustness ratio vs filtered, mean over seeds:" in ratio_text(sweep_summary(sweep))

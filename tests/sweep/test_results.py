@@ -121,3 +121,55 @@ def test_sweep_result_ratios_refuse_names_they_do_not_know_and_field_sweeps():
         swept.ratios("scrach")
     with pytest.raises(ConfigError, match="a field sweep has no robustness ratios"):
         SweepResult(Path("s"), {"cells": [], "field": {}}).ratios()
+
+
+def _runs(values: dict[int, float], step: int = 100) -> dict[int, dict]:
+    """attack seed -> results per budget, as done.json keeps them, with a +-0.1 interval over prompts."""
+    return {s: {str(step): {"unsafe_rate": {"value": v, "ci": [max(0.0, v - 0.1), min(1.0, v + 0.1)]}}}
+            for s, v in values.items()}
+
+
+def test_over_seeds_takes_the_t_interval_across_seeds_and_one_seeds_interval_over_prompts():
+    from patronus.sweep.results import over_seeds
+
+    one = over_seeds(_runs({3: 0.4}), 100)
+    assert (one.value, one.lo, one.hi, one.by_seed) == (0.4, pytest.approx(0.3), 0.5, {3: 0.4})
+    many = over_seeds(_runs({0: 0.2, 1: 0.4, 2: 0.6}), 100)  # mean 0.4, sd 0.2, t(2) = 4.303
+    assert many.value == pytest.approx(0.4) and many.hi == pytest.approx(0.4 + 4.303 * 0.2 / 3 ** 0.5)
+    assert many.lo == 0.0  # clipped at a rate's floor
+    assert str(many) == "40 [0, 90] (20 / 40 / 60)"
+    assert over_seeds(_runs({0: 0.2}), 500) is None  # no seed reached that budget
+
+
+def test_paired_difference_removes_the_noise_both_models_share_and_welch_keeps_it():
+    from patronus.sweep.results import paired_difference, welch_difference
+
+    mine, theirs = {0: 0.30, 1: 0.50, 2: 0.70}, {0: 0.20, 1: 0.40, 2: 0.60, 7: 0.9}
+    paired = paired_difference(mine, theirs)  # the same +10 at every shared seed: no spread at all
+    assert (paired.value, paired.lo, paired.hi, paired.seeds) == (pytest.approx(0.1),) * 3 + (3,)
+    assert str(paired) == "+10 [+10, +10]"
+    welch = welch_difference([0.3, 0.5, 0.7], [0.2, 0.4, 0.6])
+    assert welch.value == pytest.approx(0.1) and welch.lo < 0 < welch.hi  # the seeds' spread, unpaired
+    assert paired_difference({0: 0.3}, {0: 0.2, 1: 0.1}) is None  # one shared seed: no interval
+    with pytest.raises(ValueError, match="two seeds a side"):
+        welch_difference([0.3], [0.2, 0.4])
+
+
+def test_seed_mean_ratios_read_the_mean_curves_of_settings_run_at_several_seeds():
+    from patronus.sweep.results import multi_seed, seed_mean_ratios
+
+    def cell(model, seed, rates, lr=1e-3):
+        return {"model": model, "cell": {"kind": "joint", "rank": None, "optimizer": "adam", "lr": lr, "seed": seed},
+                "results": {str(s): {"unsafe_rate": {"value": v, "ci": [v, v]}} for s, v in rates.items()}}
+
+    cells = [cell("protected", 0, {100: 0.2, 1000: 0.8}), cell("protected", 1, {100: 0.4, 1000: 1.0}),
+             cell("filtered", 0, {100: 0.0, 1000: 0.6}), cell("filtered", 1, {100: 0.2, 1000: 0.8}),
+             cell("protected", 0, {100: 0.9}, lr=1e-4), cell("filtered", 0, {100: 0.1}, lr=1e-4)]
+    sweep = {"cells": cells}
+    assert list(multi_seed(sweep)) == [("joint", "adam", 1e-3)]  # lr 1e-4 ran one seed
+    (pair, ratios), = seed_mean_ratios(sweep).items()
+    r = ratios[("joint", "adam", 1e-3)]
+    assert pair == ("protected", "filtered")
+    # Mean 0.3 -> 0.9 reaches 50% a third of the way in log steps; mean 0.1 -> 0.7 two thirds of the way.
+    assert r.protected.lo == pytest.approx(10 ** (2 + 1 / 3)) and r.reference.lo == pytest.approx(10 ** (2 + 2 / 3))
+    assert str(r) == "0.46" and r.verdict == "< 1"
