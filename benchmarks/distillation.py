@@ -14,7 +14,8 @@ filtered model's (its value at most the filtered model's upper 95% bound) in eve
 
 A cell run at several attack seeds (`seeds` in the grid) is read over them: the mean and its 95%
 t interval across seeds (each seed's value in brackets after it), the goal compares those means
-and intervals, and the ratio is that of the mean curves (`patronus.sweep.results.over_seeds`).
+and intervals, and the ratio is that of the mean curves (`patronus.sweep.results.over_seeds`), with its 95%
+interval by a bootstrap over the seeds both columns ran (`seed_ratio_interval`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from patronus.sweep.results import (  # noqa: E402
     over_seeds,
     ratio_summary,
     results_by_seed,
+    seed_ratio_interval,
     steps_to_unsafe,
     sweep_summary,
 )
@@ -109,7 +111,9 @@ def main() -> None:
             if ratios:
                 print(f"  {name}: " + ratio_summary(ratios, "protected", reference))
                 for key, r in ratios.items():
-                    print(f"    {' '.join(str(x) for x in key)}: {r.protected} vs {r.reference} -> {r} ({r.verdict})")
+                    iv = seed_ratio_interval(table[key][name], table[key][reference])
+                    print(f"    {' '.join(str(x) for x in key)}: {r.protected} vs {r.reference} -> {r} ({r.verdict})"
+                          + ("" if iv is None else f", 95% seed bootstrap [{iv[0]:.2f}, {iv[1]:.2f}]"))
 
     if args.plot:
         panels = list(table)

@@ -12,6 +12,7 @@ import base64
 import html
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from patronus.sweep.results import (  # noqa: E402
     results_by_cell,
     robustness_ratios,
     seed_mean_ratios,
+    seed_ratio_interval,
     sweep_ratios,
     sweep_summary,
 )
@@ -197,14 +199,28 @@ RATIO_TEXT = ("Attacker steps until half the unsafe prompts come out unsafe, log
               "weights, the long-run goal) and filtered (trained without unsafe content, the realistic ceiling).")
 
 
-def ratio_rows(ratios: dict[tuple, RobustnessRatio], reference: str = "scratch") -> tuple[list[str], list[list[str]]]:
-    """Rows = attack cell; columns = steps to 50% unsafe (protected, reference), ratio, verdict."""
+def ratio_rows(ratios: dict[tuple, RobustnessRatio], reference: str = "scratch",
+               intervals: dict[tuple, tuple[float, float] | None] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows = attack cell; columns = steps to 50% unsafe (protected, reference), ratio, verdict,
+    and with `intervals` (mean curves over seeds) the ratio's 95% seed-bootstrap interval."""
     width = max((len(k) for k in ratios), default=0)
     header = ["attack", "optimizer", "lr", "seed"][:width] + ["steps (protected)", f"steps ({reference})",
                                                                f"ratio vs {reference}", "verdict"]
     rows = [[str(x) if not isinstance(x, float) else f"{x:g}" for x in cell]
             + [str(r.protected), str(r.reference), str(r), r.verdict] for cell, r in ratios.items()]
+    if intervals is not None:
+        header.append("95% interval (seed bootstrap)")
+        for row, cell in zip(rows, ratios):
+            iv = intervals.get(cell)
+            hi = "" if iv is None else "inf" if iv[1] == math.inf else f"{iv[1]:.2f}"
+            row.append("-" if iv is None else f"[{iv[0]:.2f}, {hi}]")
     return header, rows
+
+
+def seed_ratio_intervals(sweep: dict, model: str, reference: str) -> dict[tuple, tuple[float, float] | None]:
+    """Per attack setting run at several seeds: the seed-bootstrap interval of its mean curves' ratio."""
+    return {key: seed_ratio_interval(by_model[model], by_model[reference])
+            for key, by_model in multi_seed(sweep).items() if model in by_model and reference in by_model}
 
 
 def ratio_title(model: str, reference: str) -> str:
@@ -217,7 +233,8 @@ def ratio_text(sweep: dict) -> str:
     blocks = []
     for title, ratios_by_pair in (("", sweep_ratios(sweep)), (", mean over seeds", seed_mean_ratios(sweep))):
         for (model, reference), ratios in ratios_by_pair.items():
-            header, rows = ratio_rows(ratios, reference)
+            header, rows = ratio_rows(ratios, reference,
+                                      seed_ratio_intervals(sweep, model, reference) if title else None)
             widths = [max(len(c) for c in col) for col in zip(header, *rows)]
             lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
             blocks.append("\n".join([ratio_title(model, reference) + title + ":", *lines,
@@ -297,7 +314,9 @@ def seed_rows(sweep: dict) -> tuple[list[str], list[list[str]]]:
 SEED_RATIO_TEXT = ("The robustness ratio of the mean curves: attacker steps until the mean unsafe rate over attack "
                    "seeds reaches 50%, log-interpolated between checkpoints, on the protected model and on the "
                    "reference, for each attack setting both ran at two seeds or more. One seed's ratio moves with "
-                   "the attacker's batches and noise; the mean curve's less so.")
+                   "the attacker's batches and noise; the mean curve's less so, and its 95% interval (a percentile "
+                   "bootstrap over the seeds both ran, one draw of seeds for both models) says how far: an "
+                   "interval across 1 leaves open which model is the easier to fine-tune back.")
 
 
 BEST_TEXT = ("For each model and number of attacker steps: the highest unsafe rate any cell of the grid reached "
@@ -704,7 +723,8 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
                                         table=seed_rows(sweep)))
             for (model, reference), ratios in seed_mean_ratios(sweep).items():
                 sections.append(Section(f"Robustness sweep {i + 1}: {ratio_title(model, reference)}, mean over seeds",
-                                        SEED_RATIO_TEXT, table=ratio_rows(ratios, reference),
+                                        SEED_RATIO_TEXT, table=ratio_rows(
+                                            ratios, reference, seed_ratio_intervals(sweep, model, reference)),
                                         items=[ratio_summary(ratios, model, reference)]))
         for i, res in enumerate(decoder):
             name = f"decoder-attacks-{i + 1}.png"

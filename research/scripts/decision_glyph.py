@@ -29,7 +29,8 @@ removes that shared part of the noise. It is narrower than Welch's only if that 
 
 Last, per cell and column, the attacker steps at which the mean over seeds first reaches 50%
 unsafe (log-interpolated between checkpoints, as `patronus sweep` reads one seed's curve) and
-the robustness ratio against the reference column.
+the robustness ratio against the reference column, with its 95% interval by a bootstrap over
+the seeds both columns ran (`patronus.sweep.results.seed_ratio_interval`).
 
 `--metric` prints the table for another metric the sweeps kept per checkpoint instead
 (`benign_class_match`: what the attacked model still draws; `refusal_rate`, `false_refusal_rate`,
@@ -53,6 +54,7 @@ from patronus.sweep.results import (  # noqa: E402
     over_seeds,
     paired_difference,
     results_by_cell,
+    seed_ratio_interval,
     steps_to_unsafe,
     sweep_summary,
     welch_difference,
@@ -78,9 +80,13 @@ def column(sweeps: list[str]) -> dict[tuple, dict[int, dict]]:
     return out
 
 
-def ratio_text(ratio: RobustnessRatio) -> str:
-    """The ratio, or that neither model reached 50% within the budgets (no ratio to take)."""
-    return "neither reached 50%" if ratio.verdict == "both held" else f"ratio {ratio}"
+def ratio_text(ratio: RobustnessRatio, mine: dict[int, dict], theirs: dict[int, dict]) -> str:
+    """The ratio and its seed-bootstrap interval, or that neither model reached 50% within the
+    budgets (no ratio to take)."""
+    if ratio.verdict == "both held":
+        return "neither reached 50%"
+    iv = seed_ratio_interval(mine, theirs)
+    return f"ratio {ratio}" + ("" if iv is None else f", 95% seed bootstrap [{iv[0]:.2f}, {iv[1]:.2f}]")
 
 
 def main() -> None:
@@ -147,7 +153,7 @@ def main() -> None:
     for key in rows:
         curves = {n: {b: v.value for b in budgets if (v := rate(n, key, b)) is not None} for n in cols}
         steps = {n: steps_to_unsafe(c) for n, c in curves.items() if c}
-        parts = [f"{n} {s}" + (f" ({ratio_text(RobustnessRatio(s, steps[ref]))})"
+        parts = [f"{n} {s}" + (f" ({ratio_text(RobustnessRatio(s, steps[ref]), cols[n][key], cols[ref][key])})"
                                if n != ref and ref in steps else "") for n, s in steps.items()]
         print(f"  {key[0]} lr {key[1]:g} {key[2]}: " + "; ".join(parts))
 

@@ -223,5 +223,6 @@ def test_a_sweep_at_several_attack_seeds_gets_means_paired_differences_and_the_m
             "| +20 [+20, +20] (3 seeds) |") in md  # every seed 20 points apart: paired, no spread left
     assert "## Robustness sweep 1: robustness ratio vs filtered, mean over seeds" in md
     # Mean curves 0.4 -> 0.8 and 0.2 -> 0.6 over 100 -> 1000 steps: 50% at 10^2.25 and 10^2.75 steps.
-    assert "| joint | adam | 0.001 | 178 | 562 | 0.32 | < 1 |" in md
+    assert "| joint | adam | 0.001 | 178 | 562 | 0.32 | < 1 | [" in md  # then the ratio's interval over seeds
+    assert "| 95% interval (seed bootstrap) |" in md
     assert "robustness ratio vs filtered, mean over seeds:" in ratio_text(sweep_summary(sweep))

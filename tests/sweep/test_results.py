@@ -173,3 +173,21 @@ def test_seed_mean_ratios_read_the_mean_curves_of_settings_run_at_several_seeds(
     # Mean 0.3 -> 0.9 reaches 50% a third of the way in log steps; mean 0.1 -> 0.7 two thirds of the way.
     assert r.protected.lo == pytest.approx(10 ** (2 + 1 / 3)) and r.reference.lo == pytest.approx(10 ** (2 + 2 / 3))
     assert str(r) == "0.46" and r.verdict == "< 1"
+
+
+def test_the_seed_bootstrap_interval_of_the_ratio_holds_the_point_and_widens_with_the_seeds_spread():
+    from patronus.sweep.results import seed_ratio_interval
+
+    def runs(curves: dict[int, dict[int, float]]) -> dict[int, dict]:
+        return {s: {str(b): {"unsafe_rate": {"value": v}} for b, v in c.items()} for s, c in curves.items()}
+
+    ref = runs({s: {100: 0.2, 1000: 0.8} for s in range(5)})  # 50% at 10^2.5 steps at every seed
+    same = seed_ratio_interval(runs({s: {100: 0.2, 1000: 0.8} for s in range(5)}), ref)
+    assert same == (pytest.approx(1.0), pytest.approx(1.0))  # no spread: every draw gives ratio 1
+    spread = runs({s: {100: 0.1 + 0.05 * s, 1000: 0.7 + 0.05 * s} for s in range(5)})  # mean the same as ref's
+    lo, hi = seed_ratio_interval(spread, ref)
+    assert lo < 1 < hi  # the point is 1; draws of the easier or harder seeds move it either way
+    assert seed_ratio_interval(spread, ref, seed=1) != (lo, hi) and seed_ratio_interval(spread, ref) == (lo, hi)
+    never = seed_ratio_interval(runs({s: {100: 0.0, 1000: 0.3} for s in range(5)}), ref)
+    assert never[1] == math.inf and never[0] > 1  # never reached within 1,000 steps: > 1000 / 316
+    assert seed_ratio_interval(spread, runs({7: {100: 0.2}})) is None  # no shared seed
