@@ -323,8 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--gpus-per-cell", type=float, default=0.0, help="ray: GPUs each cell's task holds")
     sw.set_defaults(func=cmd_sweep)
 
-    rp = sub.add_parser("report", help="turn evaluation runs into report.md and a self-contained report.html")
-    rp.add_argument("runs", nargs="+", help="run directories written by `patronus evaluate`")
+    rp = sub.add_parser("report", help="turn evaluation runs and sweeps into report.md and a self-contained "
+                        "report.html")
+    rp.add_argument("runs", nargs="+", help="directories written by `patronus evaluate` or `patronus sweep` (also one "
+                    "still running), or decoder-attack results (benchmarks/moderator.py)")
     rp.add_argument("--out", required=True)
     rp.set_defaults(func=cmd_report)
 
