@@ -227,10 +227,9 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 
 def t975(df: float) -> float:
-    """The table's t at `df` rounded down (a fractional Welch df gets the wider interval)."""
-    if df < 1:
-        raise ValueError(f"a t interval needs at least one degree of freedom, got {df}")
-    return T975[min(int(df), len(T975)) - 1]
+    """The table's t at `df` rounded down (a fractional Welch df gets the wider interval); at
+    least one degree of freedom, which Welch's df of two seeds a side can miss by a rounding error."""
+    return T975[min(max(int(df), 1), len(T975)) - 1]
 
 
 def _mean_and_half(values: list[float]) -> tuple[float, float]:
@@ -365,8 +364,8 @@ def seed_ratio_interval(mine: dict[int, dict], theirs: dict[int, dict], threshol
     censored by the budgets is an interval itself: the bound is the 2.5th percentile of the
     draws' lower ends and the 97.5th of their upper ends (inf: at least 2.5% of draws never
     reached the threshold on `mine`, or reached it by the first checkpoint on `theirs`). Few
-    seeds give few distinct draws (5: 126), so the interval is rough; it says how far one more
-    set of seeds could move the ratio, which the point estimate alone hides.
+    seeds give few distinct draws (5: 126), so the interval is rough; it says how far the ratio
+    moves with the set of seeds, which the point estimate alone hides.
     """
     shared = sorted(mine.keys() & theirs.keys())
     if len(shared) < 2:
