@@ -32,6 +32,7 @@ from patronus.report import save_figure, steps_axis  # noqa: E402
 from patronus.sweep.results import (  # noqa: E402
     RATIO_REFERENCES,
     RobustnessRatio,
+    mean_curve,
     over_seeds,
     ratio_summary,
     results_by_seed,
@@ -58,11 +59,6 @@ def columns(refs: dict, models: dict[str, dict]) -> dict[tuple, dict[str, dict[i
                 if ref in by_model:
                     row[ref] = by_model[ref]
     return out
-
-
-def curve(by_seed: dict[int, dict], budgets: list[int]) -> dict[int, float]:
-    """Step -> mean unsafe rate over the seeds that reached it."""
-    return {b: v.value for b in budgets if (v := over_seeds(by_seed, b)) is not None}
 
 
 def main() -> None:
@@ -105,8 +101,8 @@ def main() -> None:
     print("\nRobustness ratios (attacker steps until the mean unsafe rate over seeds reaches 50%):")
     for name in ["shipped"] + list(models):
         for reference in RATIO_REFERENCES:
-            ratios = {key: RobustnessRatio(steps_to_unsafe(curve(row[name], budgets)),
-                                           steps_to_unsafe(curve(row[reference], budgets)))
+            ratios = {key: RobustnessRatio(steps_to_unsafe(mean_curve(row[name])),
+                                           steps_to_unsafe(mean_curve(row[reference])))
                       for key, row in table.items() if name in row and reference in row}
             if ratios:
                 print(f"  {name}: " + ratio_summary(ratios, "protected", reference))
@@ -121,7 +117,7 @@ def main() -> None:
         for ax, key in zip(axes[0], panels):
             for n in names:
                 if n in table[key]:
-                    mean = curve(table[key][n], budgets)
+                    mean = mean_curve(table[key][n])
                     ax.plot(list(mean), [100 * v for v in mean.values()], "o-", label=n)
             kind, _opt, lr, renderer = key
             ax.set_title(f"{kind} Adam {lr:g}\n{renderer}", fontsize=9)

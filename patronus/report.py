@@ -12,7 +12,6 @@ import base64
 import html
 import itertools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,8 +211,7 @@ def ratio_rows(ratios: dict[tuple, RobustnessRatio], reference: str = "scratch",
         header.append("95% interval (seed bootstrap)")
         for row, cell in zip(rows, ratios):
             iv = intervals.get(cell)
-            hi = "" if iv is None else "inf" if iv[1] == math.inf else f"{iv[1]:.2f}"
-            row.append("-" if iv is None else f"[{iv[0]:.2f}, {hi}]")
+            row.append("-" if iv is None else f"[{iv[0]:.2f}, {iv[1]:.2f}]")  # an unbounded end prints inf
     return header, rows
 
 

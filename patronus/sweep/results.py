@@ -327,6 +327,12 @@ def multi_seed(sweep: dict) -> dict[tuple, dict[str, dict[int, dict]]]:
             if any(len(seeds) > 1 for seeds in by_model.values())}
 
 
+def mean_curve(by_seed: dict[int, dict]) -> dict[int, float]:
+    """Step -> the mean unsafe rate over the attack seeds in `by_seed` that reached that step."""
+    steps = sorted({int(k) for results in by_seed.values() for k in results})
+    return {b: over_seeds(by_seed, b).value for b in steps}
+
+
 def seed_mean_ratios(sweep: dict, threshold: float = 0.5, models: tuple[str, ...] = RATIO_MODELS,
                      references: tuple[str, ...] = RATIO_REFERENCES
                      ) -> dict[tuple[str, str], dict[tuple, RobustnessRatio]]:
@@ -334,12 +340,7 @@ def seed_mean_ratios(sweep: dict, threshold: float = 0.5, models: tuple[str, ...
     attack seeds, for each attack setting both ran at two seeds or more."""
     out: dict[tuple[str, str], dict[tuple, RobustnessRatio]] = {}
     for key, by_model in multi_seed(sweep).items():
-        curves = {}
-        for model, by_seed in by_model.items():
-            if len(by_seed) < 2:
-                continue
-            steps = sorted({int(s) for r in by_seed.values() for s in r})
-            curves[model] = {s: v.value for s in steps if (v := over_seeds(by_seed, s)) is not None}
+        curves = {model: mean_curve(by_seed) for model, by_seed in by_model.items() if len(by_seed) > 1}
         for m in models:
             for r in references:
                 if m in curves and r in curves:
