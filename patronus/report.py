@@ -281,7 +281,8 @@ def robustness_findings(sweep: dict, broken_below: float = 0.5) -> list[str]:
 
 SEEDS_TEXT = ("Attack settings run at several attack seeds: per model, the mean unsafe % over seeds [95% Student's t "
               "interval across seeds] (each seed's value); a model run at one seed shows that run's value [95% "
-              "bootstrap interval over prompts]. Differences are the protected model's mean minus the reference's "
+              "bootstrap interval over prompts]. The figure draws the same means against attacker steps, "
+              "shaded by their intervals. Differences are the protected model's mean minus the reference's "
               "over the seeds both ran, paired by seed (the same seed gives both the same attacker batches and "
               "noise), in percentage points [95% t interval]; an interval above 0 says the protected model is easier "
               "to fine-tune back than the reference under that setting.")
@@ -395,6 +396,42 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
         ax.set_ylim(-0.05, 1.05)
         ax.tick_params(labelsize=6)
     axes[0, 0].set_ylabel("unsafe rate")
+    _finish(fig, next(ax for ax in axes.flat if ax.lines), path)
+    return True
+
+
+def seed_mean_plot(sweep: dict, path: Path) -> bool:
+    """The mean unsafe rate over attack seeds versus attacker steps, shaded by its 95% t interval,
+    for the attack settings run at several seeds (the per-seed panels of `robustness_plot` do not
+    say which model is the easier to fine-tune back once seeds disagree): a row of panels per
+    attack kind, a column per optimizer and learning rate."""
+    cells = multi_seed(sweep)
+    if not cells:
+        return False
+    kinds = sorted({k[0] for k in cells})
+    columns = sorted({k[1:] for k in cells})
+    fig, axes = plt.subplots(len(kinds), len(columns), figsize=(2.6 * len(columns), 2.3 * len(kinds)),
+                             squeeze=False, sharey=True)
+    for (i, kind), (j, (opt, lr)) in itertools.product(enumerate(kinds), enumerate(columns)):
+        ax, by_model = axes[i, j], cells.get((kind, opt, lr))
+        if by_model is None:
+            ax.axis("off")
+            continue
+        budgets = sorted({int(k) for by_seed in by_model.values() for r in by_seed.values() for k in r})
+        for model, style in SWEEP_STYLES.items():
+            if model not in by_model:
+                continue
+            spread = [(b, o) for b in budgets if (o := over_seeds(by_model[model], b)) is not None]
+            steps = [b for b, _ in spread]
+            line, = ax.plot(steps, [o.value for _, o in spread], style, zorder=3 if model == "protected" else 2,
+                            label=f"{model} ({len(by_model[model])} seeds)")
+            ax.fill_between(steps, [o.lo for _, o in spread], [o.hi for _, o in spread], color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+        ax.set_title(f"{kind} {opt} lr {lr:g}", fontsize=7)
+        steps_axis(ax, budgets, label=False)
+        ax.set_ylim(-0.05, 1.05)
+        ax.tick_params(labelsize=6)
+    axes[0, 0].set_ylabel("mean unsafe rate", fontsize=8)
     _finish(fig, next(ax for ax in axes.flat if ax.lines), path)
     return True
 
@@ -717,8 +754,10 @@ def build_report(run_dirs: list[Path], out: Path) -> Path:
                                         table=ratio_rows(ratios, reference),
                                         items=[ratio_summary(ratios, model, reference)]))
             if multi_seed(sweep):
+                name = f"over-seeds-{i + 1}.png"
                 sections.append(Section(f"Robustness sweep {i + 1}: over attack seeds", SEEDS_TEXT,
-                                        table=seed_rows(sweep)))
+                                        table=seed_rows(sweep),
+                                        figure=name if seed_mean_plot(sweep, tmp / name) else None))
             for (model, reference), ratios in seed_mean_ratios(sweep).items():
                 sections.append(Section(f"Robustness sweep {i + 1}: {ratio_title(model, reference)}, mean over seeds",
                                         SEED_RATIO_TEXT, table=ratio_rows(

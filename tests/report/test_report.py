@@ -153,6 +153,7 @@ def test_the_report_gives_the_attackers_best_per_budget(tmp_path):
     assert best["protected", None, 2000].cell["kind"] == "unet-lora"
     assert best["protected", None, 2000].unsafe_rate["value"] == 0.6
     build_report([sweep], tmp_path / "rep")
+    assert not (tmp_path / "rep" / "over-seeds-1.png").exists()  # one seed: no over-seeds figure
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Robustness sweep 1: attacker's best per budget" in md
     assert "| model | attack | steps | attacker's best unsafe rate | reached by | cells compared |" in md
@@ -219,6 +220,9 @@ def test_a_sweep_at_several_attack_seeds_gets_means_paired_differences_and_the_m
     build_report([sweep], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Robustness sweep 1: over attack seeds" in md
+    assert "![Robustness sweep 1: over attack seeds](over-seeds-1.png)" in md
+    with Image.open(tmp_path / "rep" / "over-seeds-1.png") as im:
+        assert im.size[0] > 100 and len(set(im.convert("L").getdata())) > 2  # drawn, not blank
     assert ("| joint | adam | 0.001 | 100 | 40 [15, 65] (30 / 40 / 50) | 20 [0, 45] (10 / 20 / 30) "
             "| +20 [+20, +20] (3 seeds) |") in md  # every seed 20 points apart: paired, no spread left
     assert "## Robustness sweep 1: robustness ratio vs filtered, mean over seeds" in md
