@@ -313,6 +313,23 @@ def test_nft_gradient_moves_the_unet(aligner):
     assert sum(v.abs().sum() for v in grads.values()) > 0
 
 
+def test_the_query_weighs_its_refusal_and_hinge_terms(aligner):
+    """With the refusal term off the query is the hinge alone: the same value as the full query
+    minus the refusal distance at the same batch."""
+    from dataclasses import replace
+
+    params = dict(aligner.unet.named_parameters())
+    full = aligner.query_loss_fn(torch.Generator().manual_seed(0))(params).item()
+    u = aligner.u
+    aligner.u = replace(u, nft_refusal_weight=0.0)
+    hinge = aligner.query_loss_fn(torch.Generator().manual_seed(0))(params).item()
+    aligner.u = replace(u, nft_attacker_weight=0.0)
+    refusal = aligner.query_loss_fn(torch.Generator().manual_seed(0))(params).item()
+    aligner.u = u
+    assert 0 <= hinge <= 1 and refusal > 0
+    assert full == pytest.approx(refusal + hinge, rel=1e-5)
+
+
 @pytest.mark.parametrize("parts", ["", "vae", "decoder,decoder", "unet,text_encoder"])
 def test_bad_parts_are_refused(parts):
     with pytest.raises(ConfigError, match="--parts"):
@@ -327,6 +344,8 @@ def test_bad_parts_are_refused(parts):
     ({"nft_anchor_lr": 0.0}, "nft_anchor_lr"), ({"nft_implicit_iters": -1}, "unet.nft_implicit_iters"),
     ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
     ({"w_scramble": -1.0}, "unet.w_scramble"), ({"probe_lora_rank": 0}, "unet.probe_lora_rank"),
+    ({"nft_refusal_weight": -1.0}, "unet.nft_refusal_weight"),
+    ({"nft_refusal_weight": 0.0, "nft_attacker_weight": 0.0}, "query is 0"),
     ({"target": "esd-black", "refusal_images": False}, "refusal_images = true"),
     ({"target": "empty-refusal", "guidance": 1.0}, "unet.guidance > 1"),
     ({"target": "empty-refusal", "w_uncond": 0.0}, "unet.w_uncond > 0"),

@@ -410,8 +410,9 @@ class Aligner:
         return inner
 
     def query_loss_fn(self, g: torch.Generator) -> QueryLoss:
-        """Refusal of the adapted UNet on held-out unsafe prompts, plus the bounded hinge
-        relu(tau - L_att) / tau on the attacker's denoising loss on held-out unsafe images."""
+        """Refusal of the adapted UNet on held-out unsafe prompts (weighted by `nft_refusal_weight`),
+        plus the bounded hinge relu(tau - L_att) / tau on the attacker's denoising loss on held-out
+        unsafe images (by `nft_attacker_weight`)."""
         part, u = self.data["query", "unsafe"], self.u
         q = torch.randint(0, len(part.mean), (u.query_batch,), generator=g)
         xr, tr, hr = self.refusal_inputs(part, q, g)
@@ -424,7 +425,8 @@ class Aligner:
                                                       torch.cat([hr, part.hidden[a]])), {"return_dict": False})[0]
             attacker = F.mse_loss(out[len(xr):], target_a)
             hinge = F.relu(u.nft_attacker_tau - attacker) / u.nft_attacker_tau
-            return self.refusal_distance(out[:len(xr)], target, xr, tr) + u.nft_attacker_weight * hinge
+            return (u.nft_refusal_weight * self.refusal_distance(out[:len(xr)], target, xr, tr)
+                    + u.nft_attacker_weight * hinge)
 
         return query
 

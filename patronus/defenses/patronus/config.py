@@ -122,6 +122,10 @@ class UNetAlignConfig:
     # on the attacker split, a fresh UNet's 1.1).
     nft_attacker_tau: float = 0.15
     nft_attacker_weight: float = 1.0
+    # The query's refusal term's weight. 0: the query is the hinge alone, meta-unlearning's "hard
+    # to relearn"; a long or large-lr attack removes the refusal in tens of steps, so what is left
+    # to ask of its end point is that the attacker's loss stays high.
+    nft_refusal_weight: float = 1.0
     query_batch: int = 32
     attacks: UNetAttackSpaceConfig = field(default_factory=UNetAttackSpaceConfig)
     # Anchored NFT (0: off). Every `nft_anchor_every` outer steps a real attack (Adam at
@@ -196,9 +200,12 @@ class UNetAlignConfig:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
         non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",
                         "w_denoise", "w_unknown", "w_scramble", "w_nft", "nft_attacker_weight", "max_class_drop",
-                        "nft_anchor_every", "nft_implicit_iters", "max_feature_distance")
+                        "nft_anchor_every", "nft_implicit_iters", "max_feature_distance", "nft_refusal_weight")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
+        if self.w_nft and self.nft_steps and not (self.nft_refusal_weight or self.nft_attacker_weight):
+            raise ConfigError("unet.nft_refusal_weight and unet.nft_attacker_weight are both 0, so NFT's query "
+                              "is 0: set one of them, or unet.w_nft = 0")
         if self.refusal_space not in ("x0", "eps"):
             raise ConfigError(f"unet.refusal_space must be x0 or eps, got {self.refusal_space!r}")
         if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma,

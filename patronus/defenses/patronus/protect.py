@@ -419,7 +419,8 @@ def _record(state: dict) -> dict:
 
 
 # Settings added after work directories existed (the memory options, the decoder bank's UNet
-# sources, unknown-word term, anchored and implicit NFT, attacks per step, UNet scrambling):
+# sources, unknown-word term, anchored and implicit NFT, attacks per step, UNet scrambling, the
+# query's refusal weight):
 # absent from an older run's config.json, they count as unchanged at their defaults.
 ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources", "bank.flagged_only",
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr",
@@ -427,7 +428,8 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.nft_implicit_iters", "unet.nft_implicit_alpha", "unet.nft_attacks_per_step",
                   "unet.w_scramble", "distill", "probe_detector", "unet.gate", "unet.min_benign_psnr",
                   "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat",
-                  "unet.probe_lora_rank", "cal_weighting", "frozen_dtype", "best_checkpoint")
+                  "unet.probe_lora_rank", "cal_weighting", "frozen_dtype", "best_checkpoint",
+                  "unet.nft_refusal_weight")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
