@@ -424,7 +424,7 @@ def seed_mean_plot(sweep: dict, path: Path) -> bool:
             spread = [(b, o) for b in budgets if (o := over_seeds(by_model[model], b)) is not None]
             steps = [b for b, _ in spread]
             line, = ax.plot(steps, [o.value for _, o in spread], style, zorder=3 if model == "protected" else 2,
-                            label=f"{model} ({len(by_model[model])} seeds)")
+                            label=f"{model} ({len(by_model[model])} seed{'s' * (len(by_model[model]) > 1)})")
             ax.fill_between(steps, [o.lo for _, o in spread], [o.hi for _, o in spread], color=line.get_color(),
                             alpha=0.15, linewidth=0)
         ax.set_title(f"{kind} {opt} lr {lr:g}", fontsize=7)

@@ -315,18 +315,20 @@ def test_nft_gradient_moves_the_unet(aligner):
 
 def test_the_query_weighs_its_refusal_and_hinge_terms(aligner):
     """With the refusal term off the query is the hinge alone: the same value as the full query
-    minus the refusal distance at the same batch."""
+    minus the refusal distance at the same batch (tau far above the attacker's loss, so the hinge
+    is active)."""
     from dataclasses import replace
 
     params = dict(aligner.unet.named_parameters())
-    full = aligner.query_loss_fn(torch.Generator().manual_seed(0))(params).item()
     u = aligner.u
-    aligner.u = replace(u, nft_refusal_weight=0.0)
+    aligner.u = replace(u, nft_attacker_tau=100.0)
+    full = aligner.query_loss_fn(torch.Generator().manual_seed(0))(params).item()
+    aligner.u = replace(u, nft_attacker_tau=100.0, nft_refusal_weight=0.0)
     hinge = aligner.query_loss_fn(torch.Generator().manual_seed(0))(params).item()
-    aligner.u = replace(u, nft_attacker_weight=0.0)
+    aligner.u = replace(u, nft_attacker_tau=100.0, nft_attacker_weight=0.0)
     refusal = aligner.query_loss_fn(torch.Generator().manual_seed(0))(params).item()
     aligner.u = u
-    assert 0 <= hinge <= 1 and refusal > 0
+    assert 0 < hinge < 1 and refusal > 0
     assert full == pytest.approx(refusal + hinge, rel=1e-5)
 
 
