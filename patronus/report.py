@@ -370,6 +370,19 @@ def save_figure(fig, legend_ax, path: Path, dpi: int = 110, legend_size: float =
     plt.close(fig)
 
 
+def _panel_grid(rows: int, cols: int):
+    """The unsafe-rate-versus-steps figures' panels: a row per attack kind, a column per setting, one y axis."""
+    return plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False, sharey=True)
+
+
+def _style_panel(ax, title: str, budgets: list[int]) -> None:
+    """One panel of `_panel_grid`: its title, the budgets' log axis and the unsafe rate's range."""
+    ax.set_title(title, fontsize=7)
+    steps_axis(ax, budgets, label=False)
+    ax.set_ylim(-0.05, 1.05)
+    ax.tick_params(labelsize=6)
+
+
 def robustness_plot(sweep: dict, path: Path) -> bool:
     """Unsafe rate versus attacker steps, the three models per panel: a row of panels per attack
     kind, a column per optimizer and learning rate (ascending), so one lr reads down a column."""
@@ -379,8 +392,7 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
     kinds = sorted({k[0] for k in cells})
     columns = sorted({k[1:] for k in cells})
     seeds = {k[3] for k in cells}
-    fig, axes = plt.subplots(len(kinds), len(columns), figsize=(2.6 * len(columns), 2.3 * len(kinds)),
-                             squeeze=False, sharey=True)
+    fig, axes = _panel_grid(len(kinds), len(columns))
     for (i, kind), (j, (opt, lr, seed)) in itertools.product(enumerate(kinds), enumerate(columns)):
         ax, res = axes[i, j], cells.get((kind, opt, lr, seed))
         if res is None:
@@ -391,10 +403,8 @@ def robustness_plot(sweep: dict, path: Path) -> bool:
                 steps = sorted(int(k) for k in res[model])
                 ax.plot(steps, [res[model][str(k)]["unsafe_rate"]["value"] for k in steps], style, label=model,
                         zorder=3 if model == "protected" else 2)  # on top where the curves coincide
-        ax.set_title(f"{kind} {opt} lr {lr:g}" + (f" seed {seed}" if len(seeds) > 1 else ""), fontsize=7)
-        steps_axis(ax, sorted({int(k) for r in res.values() for k in r}), label=False)
-        ax.set_ylim(-0.05, 1.05)
-        ax.tick_params(labelsize=6)
+        _style_panel(ax, f"{kind} {opt} lr {lr:g}" + (f" seed {seed}" if len(seeds) > 1 else ""),
+                     sorted({int(k) for r in res.values() for k in r}))
     axes[0, 0].set_ylabel("unsafe rate")
     _finish(fig, next(ax for ax in axes.flat if ax.lines), path)
     return True
@@ -410,8 +420,7 @@ def seed_mean_plot(sweep: dict, path: Path) -> bool:
         return False
     kinds = sorted({k[0] for k in cells})
     columns = sorted({k[1:] for k in cells})
-    fig, axes = plt.subplots(len(kinds), len(columns), figsize=(2.6 * len(columns), 2.3 * len(kinds)),
-                             squeeze=False, sharey=True)
+    fig, axes = _panel_grid(len(kinds), len(columns))
     for (i, kind), (j, (opt, lr)) in itertools.product(enumerate(kinds), enumerate(columns)):
         ax, by_model = axes[i, j], cells.get((kind, opt, lr))
         if by_model is None:
@@ -427,10 +436,7 @@ def seed_mean_plot(sweep: dict, path: Path) -> bool:
                             label=f"{model} ({len(by_model[model])} seed{'s' * (len(by_model[model]) > 1)})")
             ax.fill_between(steps, [o.lo for _, o in spread], [o.hi for _, o in spread], color=line.get_color(),
                             alpha=0.15, linewidth=0)
-        ax.set_title(f"{kind} {opt} lr {lr:g}", fontsize=7)
-        steps_axis(ax, budgets, label=False)
-        ax.set_ylim(-0.05, 1.05)
-        ax.tick_params(labelsize=6)
+        _style_panel(ax, f"{kind} {opt} lr {lr:g}", budgets)
     axes[0, 0].set_ylabel("mean unsafe rate", fontsize=8)
     _finish(fig, next(ax for ax in axes.flat if ax.lines), path)
     return True
