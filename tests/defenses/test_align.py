@@ -332,6 +332,36 @@ def test_the_query_weighs_its_refusal_and_hinge_terms(aligner):
     assert full == pytest.approx(refusal + hinge, rel=1e-5)
 
 
+def test_a_joint_simulated_attacker_starts_where_the_unet_attacker_does(mini_pipeline, tmp_path):
+    """With `nft_text_encoder` the attacker's losses read token ids through the text encoder; at
+    the starting weights they equal the UNet attacker's on the fixed states, batch for batch (the
+    query's rows laid out as its targets), and the query's gradient reaches both parts."""
+    from accelerate import Accelerator
+
+    from patronus.nft.maml import simulate_first_order
+    from patronus.nft.space import SimulatedAttack
+
+    unet_only = Aligner(str(mini_pipeline), _cfg(tmp_path, nft_attacker_tau=100.0), Accelerator())
+    joint = Aligner(str(mini_pipeline), _cfg(tmp_path, nft_attacker_tau=100.0, nft_text_encoder=True), Accelerator())
+    values = []
+    for a in (unet_only, joint):
+        params = dict(a.attacked().named_parameters())
+        values.append((a.inner_loss_fn(2)(params, torch.Generator().manual_seed(0)).item(),
+                       a.query_loss_fn(torch.Generator().manual_seed(0))(params).item()))
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    attack = SimulatedAttack("adam", 1e-3, 2, 2, "denoise", "full", 4)
+    g = torch.Generator().manual_seed(0)
+    grads, _ = simulate_first_order(joint.attacked(), attack, joint.inner_loss_fn(2), joint.query_loss_fn(g), 1, g)
+    for part in ("unet.", "text_encoder."):
+        assert sum(v.abs().sum() for k, v in grads.items() if k.startswith(part)) > 0
+
+
+def test_nft_against_a_joint_attacker_trains_the_unet_alone(mini_pipeline, tmp_path):
+    info = protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path, nft_text_encoder=True), tmp_path / "work")
+    assert info["changed_weight_files"] == ["unet/diffusion_pytorch_model.safetensors"]
+    assert len(info["unet"]["losses"]["stage2"]) == 4
+
+
 @pytest.mark.parametrize("parts", ["", "vae", "decoder,decoder", "unet,text_encoder"])
 def test_bad_parts_are_refused(parts):
     with pytest.raises(ConfigError, match="--parts"):
@@ -348,6 +378,7 @@ def test_bad_parts_are_refused(parts):
     ({"w_scramble": -1.0}, "unet.w_scramble"), ({"probe_lora_rank": 0}, "unet.probe_lora_rank"),
     ({"nft_refusal_weight": -1.0}, "unet.nft_refusal_weight"),
     ({"nft_refusal_weight": 0.0, "nft_attacker_weight": 0.0}, "query is 0"),
+    ({"nft_text_encoder": True, "nft_anchor_every": 2}, "nft_anchor_every = 0"),
     ({"target": "esd-black", "refusal_images": False}, "refusal_images = true"),
     ({"target": "empty-refusal", "guidance": 1.0}, "unet.guidance > 1"),
     ({"target": "empty-refusal", "w_uncond": 0.0}, "unet.w_uncond > 0"),

@@ -9,7 +9,8 @@ Read top to bottom:
      denoising loss. With `update = "lora"` a peft LoRA is trained and merged afterwards;
   3. stage 2 (non-fine-tunable): the same terms plus the first-order MAML gradient of the query
      loss (refusal of the adapted UNet, and a hinge on the attacker's own denoising loss)
-     along a simulated denoising fine-tune drawn from `UNetAlignConfig.attacks`;
+     along a simulated denoising fine-tune drawn from `UNetAlignConfig.attacks` (of the UNet,
+     or with `nft_text_encoder` of the UNet and the text encoder, as `joint`);
   4. every `probe_every` steps a real `unet-full` attack (fixed seed) probes the UNet: its
      samples for held-out unsafe prompts are decoded by the *original* decoder and scored by
      `probe_detector`. The best checkpoint (past the gate, `UNetAlignConfig.gate`: benign class
@@ -100,9 +101,25 @@ def _embed(pipe: StableDiffusionPipeline, texts: list[str],
            text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
     """The text states of `texts` (by `text_encoder`, else the pipeline's), in chunks of 256."""
     text_encoder = text_encoder or pipe.text_encoder
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+    ids = _token_ids(pipe, texts)
     return torch.cat([text_encoder(ids[i:i + 256])[0] for i in range(0, len(ids), 256)])
+
+
+def _token_ids(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tensor:
+    return pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+
+
+class UNetWithText(torch.nn.Module):
+    """The UNet reading a text encoder's states of token ids, called like the UNet (ids in place
+    of states): the module a simulated `joint` attacker fine-tunes, both parts' weights."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, return_dict: bool = False):
+        return self.unet(x_t, t, self.text_encoder(ids)[0], return_dict=return_dict)
 
 
 def feature_distance(perceptual: Perceptual, images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -187,6 +204,9 @@ class Aligner:
         self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.scale = self.pipe.vae.config.scaling_factor
         self.data = load_partitions(self.pipe, cfg)
+        # the simulated attacker's prompts as token ids, when it fine-tunes the text encoder too
+        attacker_parts = (("train", "unsafe"), ("query", "unsafe")) if self.u.nft_text_encoder else ()
+        self.ids = {key: _token_ids(self.pipe, self.data[key].texts) for key in attacker_parts}
         with torch.no_grad():
             self.h_empty = _embed(self.pipe, [""])
             if self.u.w_unknown > 0 and not self.u.unknown_fresh:
@@ -397,14 +417,24 @@ class Aligner:
                 + u.w_scramble * t.get("scramble", 0.0))
 
     # --- the simulated attacker and the query --------------------------------------------------
+    def attacked(self) -> torch.nn.Module:
+        """What the simulated attacker fine-tunes: the UNet, or with `nft_text_encoder` the UNet
+        and the text encoder (parameters "unet.*" and "text_encoder.*")."""
+        return UNetWithText(self.unet, self.pipe.text_encoder) if self.u.nft_text_encoder else self.unet
+
+    def _prompts(self, key: tuple[str, str], idx: torch.Tensor) -> torch.Tensor:
+        """What `attacked()` reads for the prompts `idx` of partition `key`: token ids or fixed states."""
+        return self.ids[key][idx] if self.u.nft_text_encoder else self.data[key].hidden[idx]
+
     def inner_loss_fn(self, batch_size: int) -> InnerLoss:
         """The attacker's denoising fine-tune on the defender's unsafe training images."""
-        part = self.data["train", "unsafe"]
+        key, module = ("train", "unsafe"), self.attacked()
+        part = self.data[key]
 
         def inner(params: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
             idx = torch.randint(0, len(part.mean), (batch_size,), generator=g)
             x_t, t, target = self.noised(part, idx, g)
-            pred = functional_call(self.unet, params, (x_t, t, part.hidden[idx]), {"return_dict": False})[0]
+            pred = functional_call(module, params, (x_t, t, self._prompts(key, idx)), {"return_dict": False})[0]
             return F.mse_loss(pred, target)
 
         return inner
@@ -413,16 +443,19 @@ class Aligner:
         """Refusal of the adapted UNet on held-out unsafe prompts (weighted by `nft_refusal_weight`),
         plus the bounded hinge relu(tau - L_att) / tau on the attacker's denoising loss on held-out
         unsafe images (by `nft_attacker_weight`)."""
-        part, u = self.data["query", "unsafe"], self.u
+        key, u, module = ("query", "unsafe"), self.u, self.attacked()
+        part = self.data[key]
         q = torch.randint(0, len(part.mean), (u.query_batch,), generator=g)
         xr, tr, hr = self.refusal_inputs(part, q, g)
         target = self.refusal_target(xr, tr, hr)
         a = torch.randint(0, len(part.mean), (u.query_batch,), generator=g)
         xa, ta, target_a = self.noised(part, a, g)
+        rows = self._prompts(key, q)  # laid out as `refusal_inputs` lays out `hr`
+        prompts = torch.cat([rows.repeat(len(xr) // len(q), *[1] * (rows.dim() - 1)), self._prompts(key, a)])
 
         def query(params: dict[str, torch.Tensor]) -> torch.Tensor:
-            out = functional_call(self.unet, params, (torch.cat([xr, xa]), torch.cat([tr, ta]),
-                                                      torch.cat([hr, part.hidden[a]])), {"return_dict": False})[0]
+            out = functional_call(module, params, (torch.cat([xr, xa]), torch.cat([tr, ta]), prompts),
+                                  {"return_dict": False})[0]
             attacker = F.mse_loss(out[len(xr):], target_a)
             hinge = F.relu(u.nft_attacker_tau - attacker) / u.nft_attacker_tau
             return (u.nft_refusal_weight * self.refusal_distance(out[:len(xr)], target, xr, tr)
@@ -617,7 +650,7 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
             rng = np.random.default_rng([cfg.seed, 12, step, acc.process_index] + ([k] if k else []))
             attack = sample_attack(rng, u.attacks)
             gk = g if k == 0 else _step_generator(mix_seed(cfg.seed, k), 2, step)
-            gr, q = simulate_first_order(a.unet, attack, a.inner_loss_fn(attack.batch_size), query,
+            gr, q = simulate_first_order(a.attacked(), attack, a.inner_loss_fn(attack.batch_size), query,
                                          u.attacks.queries_per_attack, gk, u.attacks.query_weighting,
                                          tuple(UNET_LORA_TARGETS), offset=run.extra or None,
                                          implicit=((u.nft_implicit_alpha, u.nft_implicit_iters)
@@ -629,10 +662,12 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
                 grads = gr
             q_value, inner = q_value + q / n, inner + attack.steps
             names.append(f"{attack.optimizer}/{attack.update}x{attack.steps}")
+        if u.nft_text_encoder:  # the defender trains the UNet alone
+            grads = {k.removeprefix("unet."): v for k, v in grads.items() if k.startswith("unet.")}
         for v in grads.values():
             v.div_(n)
         what = ((names[0] if n == 1 else f"{n} attacks") + ("+anchor" if run.extra else "")
-                + ("+implicit" if u.nft_implicit_iters else ""))
+                + ("+implicit" if u.nft_implicit_iters else "") + ("+text" if u.nft_text_encoder else ""))
         return nft_surrogate(a.unet, grads), q_value, what, inner
 
     t0, inner_total, first = time.time(), 0, state["step"]

@@ -126,6 +126,11 @@ class UNetAlignConfig:
     # to relearn"; a long or large-lr attack removes the refusal in tens of steps, so what is left
     # to ask of its end point is that the attacker's loss stays high.
     nft_refusal_weight: float = 1.0
+    # The simulated attacker fine-tunes the text encoder with the UNet, as `joint` does: the
+    # prompts' states move along its trajectory (the inner loss and the query read them from the
+    # adapted encoder). The defender's MAML gradient still reaches the UNet alone. False: the
+    # `unet-full` attacker, the states fixed. A LoRA attack adapts the UNet's layers only.
+    nft_text_encoder: bool = False
     query_batch: int = 32
     attacks: UNetAttackSpaceConfig = field(default_factory=UNetAttackSpaceConfig)
     # Anchored NFT (0: off). Every `nft_anchor_every` outer steps a real attack (Adam at
@@ -206,6 +211,9 @@ class UNetAlignConfig:
         if self.w_nft and self.nft_steps and not (self.nft_refusal_weight or self.nft_attacker_weight):
             raise ConfigError("unet.nft_refusal_weight and unet.nft_attacker_weight are both 0, so NFT's query "
                               "is 0: set one of them, or unet.w_nft = 0")
+        if self.nft_text_encoder and self.nft_anchor_every:
+            raise ConfigError("unet.nft_text_encoder: the anchor's real attack moves the UNet alone; set "
+                              "unet.nft_anchor_every = 0")
         if self.refusal_space not in ("x0", "eps"):
             raise ConfigError(f"unet.refusal_space must be x0 or eps, got {self.refusal_space!r}")
         if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma,

@@ -429,7 +429,7 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.w_scramble", "distill", "probe_detector", "unet.gate", "unet.min_benign_psnr",
                   "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat",
                   "unet.probe_lora_rank", "cal_weighting", "frozen_dtype", "best_checkpoint",
-                  "unet.nft_refusal_weight")
+                  "unet.nft_refusal_weight", "unet.nft_text_encoder")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
