@@ -371,7 +371,7 @@ def save_figure(fig, legend_ax, path: Path, dpi: int = 110, legend_size: float =
 
 
 def _panel_grid(rows: int, cols: int):
-    """The unsafe-rate-versus-steps figures' panels: a row per attack kind, a column per setting, one y axis."""
+    """The unsafe-rate-versus-steps figures' panels: rows of attack kinds, a column per setting, one y axis."""
     return plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False, sharey=True)
 
 
@@ -385,15 +385,16 @@ def _style_panel(ax, title: str, budgets: list[int]) -> None:
 
 def robustness_plot(sweep: dict, path: Path) -> bool:
     """Unsafe rate versus attacker steps, the three models per panel: a row of panels per attack
-    kind, a column per optimizer and learning rate (ascending), so one lr reads down a column."""
+    kind (and attack seed), a column per optimizer and learning rate (ascending), so one lr reads
+    down a column and ten seeds add rows, not a figure ten times as wide."""
     cells = results_by_cell(sweep)
     if not cells:
         return False
-    kinds = sorted({k[0] for k in cells})
-    columns = sorted({k[1:] for k in cells})
+    rows = sorted({(k[0], k[3]) for k in cells})
+    columns = sorted({k[1:3] for k in cells})
     seeds = {k[3] for k in cells}
-    fig, axes = _panel_grid(len(kinds), len(columns))
-    for (i, kind), (j, (opt, lr, seed)) in itertools.product(enumerate(kinds), enumerate(columns)):
+    fig, axes = _panel_grid(len(rows), len(columns))
+    for (i, (kind, seed)), (j, (opt, lr)) in itertools.product(enumerate(rows), enumerate(columns)):
         ax, res = axes[i, j], cells.get((kind, opt, lr, seed))
         if res is None:
             ax.axis("off")

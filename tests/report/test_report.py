@@ -223,6 +223,8 @@ def test_a_sweep_at_several_attack_seeds_gets_means_paired_differences_and_the_m
     assert "![Robustness sweep 1: over attack seeds](over-seeds-1.png)" in md
     with Image.open(tmp_path / "rep" / "over-seeds-1.png") as im:
         assert im.size[0] > 100 and len(set(im.convert("L").getdata())) > 2  # drawn, not blank
+    with Image.open(tmp_path / "rep" / "robustness-1.png") as im:
+        assert im.size[1] > im.size[0]  # the per-seed panels: a row per seed, not a column
     assert ("| joint | adam | 0.001 | 100 | 40 [15, 65] (30 / 40 / 50) | 20 [0, 45] (10 / 20 / 30) "
             "| +20 [+20, +20] (3 seeds) |") in md  # every seed 20 points apart: paired, no spread left
     assert "## Robustness sweep 1: robustness ratio vs filtered, mean over seeds" in md
