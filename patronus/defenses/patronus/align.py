@@ -450,8 +450,8 @@ class Aligner:
         target = self.refusal_target(xr, tr, hr)
         a = torch.randint(0, len(part.mean), (u.query_batch,), generator=g)
         xa, ta, target_a = self.noised(part, a, g)
-        rows = self._prompts(key, q)  # laid out as `refusal_inputs` lays out `hr`
-        prompts = torch.cat([rows.repeat(len(xr) // len(q), *[1] * (rows.dim() - 1)), self._prompts(key, a)])
+        rows = self._prompts(key, q)  # repeated as `refusal_inputs` repeats `hr`
+        prompts = torch.cat([rows] * (len(xr) // len(q)) + [self._prompts(key, a)])
 
         def query(params: dict[str, torch.Tensor]) -> torch.Tensor:
             out = functional_call(module, params, (torch.cat([xr, xa]), torch.cat([tr, ta]), prompts),
