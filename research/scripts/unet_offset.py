@@ -11,7 +11,8 @@ base + scale * (model - base) (`--scale -1`: the refusal's mirror image, which a
 that overshoots the filtered point on its way out of the refusal would pass through), or, with
 `--random SEED`, base + a Gaussian offset whose norm matches (model - base) tensor by tensor
 (a move of the same size in no particular direction), in --model's precision. The sweeps then
-attack it as any model.
+attack it as any model. --model's patronus.json is left behind: its weight hashes and records
+describe --model, not the diagnostic.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main() -> None:
         out[k] = (b + noise * (delta.norm() / noise.norm()) if delta.norm() > 0 else b).to(model[k].dtype)
     shift = sum(float((out[k].float() - base[k].float()).norm() ** 2) for k in base) ** 0.5
     size = sum(float(base[k].float().norm() ** 2) for k in base) ** 0.5
-    shutil.copytree(model_dir, args.out)
+    shutil.copytree(model_dir, args.out, ignore=shutil.ignore_patterns("patronus.json"))
     save_file({k: v.contiguous() for k, v in out.items()}, args.out / UNET)
     how = f"scale {args.scale:g}" if args.scale is not None else f"random direction, seed {args.random}"
     (args.out / "README.md").write_text(
