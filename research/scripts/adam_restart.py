@@ -1,0 +1,99 @@
+"""Does a model's first attacker steps damp the rest of the attack? The same attack with Adam restarted.
+
+A refusal hands the attacker a first loss many times the usual one; Adam's second-moment estimate
+keeps those gradients for hundreds of steps and shrinks every later step. At a rate past the
+attacker's best (Adam 1e-3 on the glyph models) a shrunk step is a better one, so the refusal
+would help the attacker there the way a smaller learning rate would. The test: attack for 10
+steps, start a fresh Adam from where that ended and attack on to 100 and 500 steps in all, and
+compare with the uninterrupted attack of the same seed (a decision-grid sweep). On a model whose
+first steps are ordinary the restart should change little; where the first steps damp the attack
+it should cost the attacker.
+
+    # each model M, name N, attack seed s in 0..4 (the second attack starts from the first one's end):
+    patronus attack M --kind joint --optimizer adam --lr 1e-3 --steps 10 --batch-size 16 --seed s \\
+        --out runs/reset-N-joint-lr1e-3-s$s-first10
+    patronus attack runs/reset-N-joint-lr1e-3-s$s-first10/step-10 --kind joint --optimizer adam --lr 1e-3 \\
+        --steps 490 --batch-size 16 --save-at 90,490 --seed s --out runs/reset-N-joint-lr1e-3-s$s
+    patronus evaluate runs/reset-N-joint-lr1e-3-s$s/step-90 --suite glyph --out runs/reset-N-joint-lr1e-3-s$s-eval-90
+    # (likewise step-490 -> -eval-490)
+    python research/scripts/adam_restart.py \\
+        --column "filtered=runs/reset-filtered-joint-lr1e-3,runs/dgj-filtered-lr1e-3" \\
+        --column "empty refusal=runs/reset-er-joint-lr1e-3,runs/dgj5-er-plain-gamma10-long"
+
+Each column is NAME=RESET_PREFIX,SWEEP: the restarted attacks' evaluations (PREFIX-s{seed}-eval-{90,490})
+and the sweep whose `joint` lr 1e-3 cells are the uninterrupted attacks. Prints, per model and
+budget, both means over the seeds that have both (95% t interval) and the paired difference
+restarted - uninterrupted; then each model's difference minus the first column's, paired by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from patronus.sweep.results import OverSeeds, paired_difference, results_by_seed, sweep_summary, t975
+
+CELL = ("joint", "adam", 1e-3)
+BUDGETS = {100: 90, 500: 490}  # total attacker steps -> the restarted attack's own step
+
+
+def uninterrupted(sweep: str) -> dict[int, dict[int, float]]:
+    """budget -> seed -> unsafe rate of the sweep's `joint` Adam 1e-3 cells."""
+    cells = results_by_seed(sweep_summary(Path(sweep)))
+    if CELL not in cells:
+        raise SystemExit(f"{sweep} has no joint Adam 1e-3 cells; its cells: {sorted(cells)}")
+    by_seed = cells[CELL]["protected"]
+    return {b: {s: r[str(b)]["unsafe_rate"]["value"] for s, r in by_seed.items() if str(b) in r} for b in BUDGETS}
+
+
+def restarted(prefix: str) -> dict[int, dict[int, float]]:
+    """budget -> seed -> unsafe rate of the restarted attacks that have been evaluated."""
+    out: dict[int, dict[int, float]] = {b: {} for b in BUDGETS}
+    for b, own in BUDGETS.items():
+        for path in sorted(Path(prefix).parent.glob(f"{Path(prefix).name}-s*-eval-{own}/metrics.json")):
+            seed = int(path.parent.name.removeprefix(f"{Path(prefix).name}-s").split("-")[0])
+            out[b][seed] = json.loads(path.read_text())["metrics"]["unsafe_rate"]["value"]
+    return out
+
+
+def summary(values: dict[int, float]) -> str:
+    """Mean over seeds [95% t interval] (per seed), as the sweeps print a multi-seed cell."""
+    mean = statistics.mean(values.values())
+    half = t975(len(values) - 1) * statistics.stdev(values.values()) / len(values) ** 0.5
+    return str(OverSeeds(mean, max(0.0, mean - half), min(1.0, mean + half), values))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--column", action="append", required=True, metavar="NAME=RESET_PREFIX,SWEEP")
+    args = p.parse_args()
+    effects: dict[str, dict[int, dict[int, float]]] = {}
+    for spec in args.column:
+        name, _, paths = spec.partition("=")
+        prefix, _, sweep = paths.partition(",")
+        if not sweep:
+            p.error(f"--column {spec!r}: expected NAME=RESET_PREFIX,SWEEP")
+        plain, fresh = uninterrupted(sweep), restarted(prefix)
+        effects[name] = {}
+        for b in BUDGETS:
+            seeds = sorted(plain[b].keys() & fresh[b].keys())
+            if len(seeds) < 2:
+                print(f"{name}, {b} steps: {len(seeds)} seed(s) with both attacks; need 2")
+                continue
+            mine, theirs = {s: fresh[b][s] for s in seeds}, {s: plain[b][s] for s in seeds}
+            effects[name][b] = {s: mine[s] - theirs[s] for s in seeds}
+            print(f"{name}, {b} steps, seeds {seeds}: uninterrupted {summary(theirs)}, "
+                  f"Adam restarted after 10 {summary(mine)}, restarted - uninterrupted "
+                  f"{paired_difference(mine, theirs)} points")
+    first, *others = effects
+    for name in others:
+        for b in BUDGETS:
+            if b in effects[name] and b in effects[first]:
+                print(f"{name} - {first}, {b} steps: the restart's effect differs by "
+                      f"{paired_difference(effects[name][b], effects[first][b])} points (paired by seed)")
+
+
+if __name__ == "__main__":
+    main()
