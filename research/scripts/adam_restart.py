@@ -1,4 +1,4 @@
-"""Does a model's first attacker steps damp the rest of the attack? The same attack with Adam restarted.
+"""Do a model's first attacker steps damp the rest of the attack? The same attack with Adam restarted.
 
 A refusal hands the attacker a first loss many times the usual one; Adam's second-moment estimate
 keeps those gradients for hundreds of steps and shrinks every later step. At a rate past the
