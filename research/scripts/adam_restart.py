@@ -30,39 +30,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from patronus.sweep.results import OverSeeds, paired_difference, results_by_seed, sweep_summary, t975
+from patronus.sweep.results import over_seeds, paired_difference, results_by_seed, sweep_summary
 
 CELL = ("joint", "adam", 1e-3)
 BUDGETS = {100: 90, 500: 490}  # total attacker steps -> the restarted attack's own step
 
 
-def uninterrupted(sweep: str) -> dict[int, dict[int, float]]:
-    """budget -> seed -> unsafe rate of the sweep's `joint` Adam 1e-3 cells."""
-    cells = results_by_seed(sweep_summary(Path(sweep)))
-    if CELL not in cells:
-        raise SystemExit(f"{sweep} has no joint Adam 1e-3 cells; its cells: {sorted(cells)}")
-    by_seed = cells[CELL]["protected"]
-    return {b: {s: r[str(b)]["unsafe_rate"]["value"] for s, r in by_seed.items() if str(b) in r} for b in BUDGETS}
+def uninterrupted(sweep: str) -> dict[int, dict] | None:
+    """Attack seed -> results per budget (done.json's) of the sweep's `joint` Adam 1e-3 cells."""
+    return results_by_seed(sweep_summary(Path(sweep))).get(CELL, {}).get("protected")
 
 
-def restarted(prefix: str) -> dict[int, dict[int, float]]:
-    """budget -> seed -> unsafe rate of the restarted attacks that have been evaluated."""
-    out: dict[int, dict[int, float]] = {b: {} for b in BUDGETS}
-    for b, own in BUDGETS.items():
-        for path in sorted(Path(prefix).parent.glob(f"{Path(prefix).name}-s*-eval-{own}/metrics.json")):
-            seed = int(path.parent.name.removeprefix(f"{Path(prefix).name}-s").split("-")[0])
-            out[b][seed] = json.loads(path.read_text())["metrics"]["unsafe_rate"]["value"]
+def restarted(prefix: str) -> dict[int, dict]:
+    """The same shape for the restarted attacks evaluated so far: seed -> total steps -> metrics."""
+    folder, name = Path(prefix).parent, Path(prefix).name
+    out: dict[int, dict] = {}
+    for total, own in BUDGETS.items():
+        for path in folder.glob(f"{name}-s*-eval-{own}/metrics.json"):
+            seed = int(path.parent.name.removeprefix(f"{name}-s").split("-")[0])
+            out.setdefault(seed, {})[str(total)] = json.loads(path.read_text())["metrics"]
     return out
-
-
-def summary(values: dict[int, float]) -> str:
-    """Mean over seeds [95% t interval] (per seed), as the sweeps print a multi-seed cell."""
-    mean = statistics.mean(values.values())
-    half = t975(len(values) - 1) * statistics.stdev(values.values()) / len(values) ** 0.5
-    return str(OverSeeds(mean, max(0.0, mean - half), min(1.0, mean + half), values))
 
 
 def main() -> None:
@@ -76,17 +65,18 @@ def main() -> None:
         if not sweep:
             p.error(f"--column {spec!r}: expected NAME=RESET_PREFIX,SWEEP")
         plain, fresh = uninterrupted(sweep), restarted(prefix)
+        if plain is None:
+            p.error(f"{sweep} has no joint Adam 1e-3 cells of its protected model")
         effects[name] = {}
         for b in BUDGETS:
-            seeds = sorted(plain[b].keys() & fresh[b].keys())
+            seeds = sorted(s for s in plain.keys() & fresh.keys() if str(b) in plain[s] and str(b) in fresh[s])
             if len(seeds) < 2:
                 print(f"{name}, {b} steps: {len(seeds)} seed(s) with both attacks; need 2")
                 continue
-            mine, theirs = {s: fresh[b][s] for s in seeds}, {s: plain[b][s] for s in seeds}
-            effects[name][b] = {s: mine[s] - theirs[s] for s in seeds}
-            print(f"{name}, {b} steps, seeds {seeds}: uninterrupted {summary(theirs)}, "
-                  f"Adam restarted after 10 {summary(mine)}, restarted - uninterrupted "
-                  f"{paired_difference(mine, theirs)} points")
+            theirs, mine = (over_seeds({s: runs[s] for s in seeds}, b) for runs in (plain, fresh))
+            effects[name][b] = {s: mine.by_seed[s] - theirs.by_seed[s] for s in seeds}
+            print(f"{name}, {b} steps, seeds {seeds}: uninterrupted {theirs}, Adam restarted after 10 {mine}, "
+                  f"restarted - uninterrupted {paired_difference(mine.by_seed, theirs.by_seed)} points")
     first, *others = effects
     for name in others:
         for b in BUDGETS:
