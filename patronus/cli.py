@@ -126,6 +126,14 @@ def _read_rewrite(path: str | None) -> dict | None:
                               f"give the attack-prompts.json of a prompt-space attack's checkpoint") from e
 
 
+def _rgb(text: str) -> tuple[int, ...]:
+    """`--refusal-rgb 150,150,150` as a tuple; the range is checked by EvalConfig."""
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three integers R,G,B (e.g. 150,150,150)") from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from patronus.api import evaluate
     from patronus.evaluation.harness import EvalConfig
@@ -135,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         unsafe_prompts=args.unsafe_prompts, benign_prompts=args.benign_prompts, detector=args.detector,
         n_per_prompt=args.n_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
         batch_size=args.batch_size, prompt_rewrite=_read_rewrite(args.attack_prompts), vae_slicing=args.vae_slicing,
-        refusal=args.refusal,
+        refusal=args.refusal, refusal_rgb=args.refusal_rgb,
     )
     result = evaluate(args.model, args.out, settings, reference=args.reference).record
     m, t = result["metrics"], result["timing"]
@@ -253,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vae-slicing", action="store_true", help="decode one image at a time (less memory)")
     ev.add_argument("--refusal", choices=list(REFUSALS), default=default(EvalConfig, "refusal"),
                     help="a refusal is a near-black image (black, default) or near the model's own VAE's rendering "
-                         "of the black image's latent (rendered: for an aligned UNet on a VAE without the moderator)")
+                         "of its refusal latent (rendered: for an aligned UNet on a VAE without the moderator)")
+    ev.add_argument("--refusal-rgb", type=_rgb, default=default(EvalConfig, "refusal_rgb"), metavar="R,G,B",
+                    help="the colour of the plain image whose latent the UNet refuses with (unet.refusal_rgb; "
+                         "default 0,0,0: black), with --refusal rendered")
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, decoder moderator and "

@@ -47,7 +47,7 @@ from patronus.evaluation.suites import (
 )
 from patronus.imaging import grid
 from patronus.io import atomic_dir
-from patronus.models.components import encode_latents
+from patronus.models.components import encode_latents, plain_image
 from patronus.models.inference import InferenceConfig, read_inference
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, decode_latents, generate_latents
@@ -76,9 +76,11 @@ class EvalConfig:
     prompt_rewrite: dict | None = None  # a prompt-space attack's attack-prompts.json (suites.rewrite_unsafe)
     vae_slicing: bool = False  # decode one image at a time (512 px batches are large): memory, not results
     # What a refusal looks like: "black" (near-black, the moderated decoder's output), or
-    # "rendered" (near the model's own VAE's rendering of the encoded black image: the latent an
-    # aligned UNet refuses with, which a VAE without the moderator may render dark grey).
+    # "rendered" (near the model's own VAE's rendering of the encoded plain `refusal_rgb` image:
+    # the latent an aligned UNet refuses with, `unet.refusal_rgb`, which a VAE without the
+    # moderator may render dark grey when it is black).
     refusal: str = "black"
+    refusal_rgb: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self):
         if self.n_per_prompt < 1 or self.batch_size < 1 or self.steps < 1:
@@ -89,6 +91,10 @@ class EvalConfig:
             raise ConfigError("--guidance must be a finite number >= 0 (1 or less turns classifier-free guidance off)")
         if self.refusal not in REFUSALS:
             raise ConfigError(f"unknown --refusal {self.refusal!r}; choose one of {', '.join(REFUSALS)}")
+        if len(self.refusal_rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.refusal_rgb):
+            raise ConfigError(f"--refusal-rgb must be three integers in 0-255 (R,G,B), got {self.refusal_rgb!r}")
+        if self.refusal == "black" and tuple(self.refusal_rgb) != (0, 0, 0):
+            raise ConfigError("--refusal-rgb names the colour of a rendered refusal: add --refusal rendered")
 
 
 @dataclass(frozen=True)
@@ -192,12 +198,11 @@ def compute_metrics(jobs: list[Job], detections: list[dict], refused: np.ndarray
     return m
 
 
-def rendered_refusal(pipe, resolution: int) -> np.ndarray:
-    """The pipeline's own rendering of its refusal: the VAE encoder's latent of an all-black
+def rendered_refusal(pipe, resolution: int, rgb: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """The pipeline's own rendering of its refusal: the VAE encoder's latent of a plain `rgb`
     image (the aligned UNet's refusal target), decoded as generated latents are."""
-    black = torch.full((1, 3, resolution, resolution), -1.0, dtype=pipe.vae.dtype)
     with torch.no_grad():
-        z = encode_latents(pipe.vae, black) * pipe.vae.config.scaling_factor
+        z = encode_latents(pipe.vae, plain_image(rgb, resolution).to(pipe.vae.dtype)) * pipe.vae.config.scaling_factor
         return decode_latents(pipe, z)[0]
 
 
@@ -255,7 +260,7 @@ def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detec
     images, latents = run_jobs(pipe, jobs, s, given, inference)
     gen_seconds = time.time() - t0
     detections = detector.detect(images)
-    reference_image = rendered_refusal(pipe, images.shape[1]) if s.refusal == "rendered" else None
+    reference_image = rendered_refusal(pipe, images.shape[1], s.refusal_rgb) if s.refusal == "rendered" else None
     refused = is_refusal(images, reference_image)
     metrics = compute_metrics(jobs, detections, refused, s.seed)
     if isinstance(detector, GlyphNetDetector):

@@ -66,6 +66,12 @@ class DecoderHead(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+def plain_image(rgb: tuple[int, int, int], resolution: int) -> torch.Tensor:
+    """A (1, 3, resolution, resolution) image of one colour on the VAE's [-1, 1] scale: a
+    refusal is the latent of such an image (black by default)."""
+    return (torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1).view(1, 3, 1, 1).expand(1, 3, resolution, resolution)
+
+
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256, with_std: bool = False,
                    progress: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

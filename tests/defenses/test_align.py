@@ -176,7 +176,7 @@ def test_black_target_implies_the_black_latent(aligner):
     target = aligner.refusal_target(x_t, t, hidden)
     abar = aligner.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x0 = (x_t - (1 - abar).sqrt() * target) / abar.sqrt()  # the clean latent an epsilon prediction implies
-    torch.testing.assert_close(x0, aligner.x0_black.expand_as(x0), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x0, aligner.x0_refusal.expand_as(x0), atol=1e-3, rtol=1e-3)
     weights = aligner.snr_weight(t).flatten()
     assert (weights > 0).all() and (weights <= 1 + 1e-6).all()
     assert aligner.refusal_distance(target, target, x_t, t).item() == 0
@@ -186,12 +186,30 @@ def test_black_target_implies_the_black_latent(aligner):
         torch.testing.assert_close(aligner.refusal_distance(target + 0.1, target, x_t, t), torch.tensor(0.01))
 
 
+@pytest.mark.parametrize("aligner", [{"refusal_rgb": [150, 150, 150]}], indirect=True, ids=["grey"])
+def test_the_refusal_latent_is_the_encoders_latent_of_the_plain_refusal_image(aligner):
+    """`unet.refusal_rgb`: the refusal is the latent of a plain image of that colour, not black's."""
+    from patronus.models.components import encode_latents
+
+    r = aligner.pipe.vae.config.sample_size
+    grey = torch.full((1, 3, r, r), 150 / 127.5 - 1)
+    black = torch.full((1, 3, r, r), -1.0)
+    torch.testing.assert_close(aligner.x0_refusal, encode_latents(aligner.pipe.vae, grey) * aligner.scale)
+    assert not torch.allclose(aligner.x0_refusal, encode_latents(aligner.pipe.vae, black) * aligner.scale)
+
+
+@pytest.mark.parametrize("rgb", [[0, 0], [0, 0, 256], [0.5, 0, 0]])
+def test_refusal_rgb_must_be_a_colour(tmp_path, rgb):
+    with pytest.raises(ConfigError, match="unet.refusal_rgb must be"):
+        _cfg(tmp_path, refusal_rgb=rgb)
+
+
 def test_the_probe_counts_refusals_as_its_vae_renders_them(aligner, monkeypatch):
     """The mini VAE, like one trained without the moderator, does not render the refusal latent
     black; the probe still counts samples that decode to its rendering as refusals."""
     assert not is_refusal(aligner.rendered_refusal[None]).any()
     with torch.no_grad():
-        refusal = aligner.pipe.vae.decode(aligner.x0_black / aligner.scale, return_dict=False)[0].clamp(-1, 1)
+        refusal = aligner.pipe.vae.decode(aligner.x0_refusal / aligner.scale, return_dict=False)[0].clamp(-1, 1)
     monkeypatch.setattr(aligner, "_sample", lambda unet, kind: refusal.expand(aligner.u.probe_samples, -1, -1, -1))
     assert aligner._sample_scores(aligner.unet)["refusal_rate"] == 1.0
 
@@ -217,7 +235,7 @@ def test_without_image_rows_the_refusal_is_learned_along_its_own_trajectory_alon
     idx = torch.tensor([1, 0, 3])
     x_t, t, hidden = aligner.refusal_inputs(unsafe, idx, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
-    expected, t_blk, _ = noised_batch(aligner.scheduler, aligner.x0_black.expand(3, -1, -1, -1), g)
+    expected, t_blk, _ = noised_batch(aligner.scheduler, aligner.x0_refusal.expand(3, -1, -1, -1), g)
     torch.testing.assert_close(x_t, expected)
     torch.testing.assert_close(t, t_blk)
     torch.testing.assert_close(hidden, unsafe.hidden[idx])
@@ -243,7 +261,7 @@ def test_esd_black_target_is_esds_at_the_images_and_the_refusal_along_its_trajec
         uncond = aligner.teacher(x_t[:3], t[:3], aligner.h_empty.expand(3, -1, -1)).sample
     target = aligner.refusal_target(x_t, t, hidden)
     torch.testing.assert_close(target[:3], uncond)
-    torch.testing.assert_close(target[3:], aligner.x0_target(x_t[3:], t[3:], aligner.x0_black))
+    torch.testing.assert_close(target[3:], aligner.x0_target(x_t[3:], t[3:], aligner.x0_refusal))
 
 
 @pytest.mark.parametrize("aligner", [{"target": "empty-refusal"}], indirect=True)
@@ -252,7 +270,7 @@ def test_empty_refusal_target_refuses_where_the_sampler_chooses_and_along_its_tr
     x_t, t, hidden = aligner.refusal_inputs(aligner.data["train", "unsafe"], torch.arange(8), g)
     with torch.no_grad():
         uncond = aligner.teacher(x_t, t, aligner.h_empty.expand(len(x_t), -1, -1)).sample
-    target, black = aligner.refusal_target(x_t, t, hidden), aligner.x0_target(x_t, t, aligner.x0_black)
+    target, black = aligner.refusal_target(x_t, t, hidden), aligner.x0_target(x_t, t, aligner.x0_refusal)
     torch.testing.assert_close(target[8:], black[8:])  # the refusal's own trajectory
     w = aligner.snr_weight(t[:8]).view(-1, 1, 1, 1)
     torch.testing.assert_close(target[:8], w * black[:8] + (1 - w) * uncond[:8])

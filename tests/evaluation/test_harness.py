@@ -104,6 +104,22 @@ def test_rendered_refusal_is_the_models_own_rendering_of_black(run, mini_pipelin
         EvalConfig(refusal="grey")
 
 
+def test_rendered_refusal_of_a_plain_colour(mini_pipeline):
+    """`refusal_rgb`: the reference is the rendering of that colour's latent, which a refusal
+    drawn in black does not match; the colour needs the rendered rule and must be a colour."""
+    from patronus.evaluation.harness import rendered_refusal
+    from patronus.evaluation.metrics import is_refusal
+    from patronus.models.registry import load_pipeline
+
+    pipe = load_pipeline(str(mini_pipeline))
+    grey, black = rendered_refusal(pipe, 32, (150, 150, 150)), rendered_refusal(pipe, 32)
+    assert is_refusal(grey[None], grey)[0] and not is_refusal(black[None], grey)[0]
+    with pytest.raises(ValueError, match="add --refusal rendered"):
+        EvalConfig(refusal_rgb=(150, 150, 150))
+    with pytest.raises(ValueError, match="three integers in 0-255"):
+        EvalConfig(refusal="rendered", refusal_rgb=(150, 150))
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "patronus", *args], capture_output=True, text=True, timeout=300)
 
@@ -126,4 +142,13 @@ def test_not_a_pipeline_cli(tmp_path):
     (tmp_path / "dir").mkdir()
     r = cli("evaluate", str(tmp_path / "dir"), "--suite", "glyph-quick", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "not a diffusers pipeline" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("rgb,message", [("150,150", "three integers in 0-255"), ("grey", "not three integers"),
+                                         ("150,150,150", "add --refusal rendered")])
+def test_refusal_rgb_cli(mini_pipeline, tmp_path, rgb, message):
+    r = cli("evaluate", str(mini_pipeline), "--suite", "glyph-quick", "--refusal-rgb", rgb,
+            "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()

@@ -57,7 +57,7 @@ from patronus.defenses.patronus.losses import Perceptual, make_perceptual, rando
 from patronus.detectors import detect_decoded, make_detector
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_tensor, to_uint8
-from patronus.models.components import encode_latents, hold_frozen_in
+from patronus.models.components import encode_latents, hold_frozen_in, plain_image
 from patronus.models.registry import load_pipeline
 from patronus.models.sampling import generate_latents
 from patronus.nft.maml import InnerLoss, QueryLoss, nft_surrogate, simulate_first_order
@@ -214,11 +214,11 @@ class Aligner:
                                                           mix_seed(cfg.seed, UNKNOWN_SEED))
                 self.h_unknown = _embed(self.pipe, self.unknown_texts)
             r = self.pipe.vae.config.sample_size
-            black = torch.full((1, 3, r, r), -1.0, device=device)
-            self.x0_black = encode_latents(self.pipe.vae, black) * self.scale
-            # how this VAE renders the refusal latent: a VAE trained without the moderator draws it
-            # dark grey, which the near-black test alone would not count as a refusal
-            self.rendered_refusal = to_uint8(self.pipe.vae.decode(self.x0_black / self.scale, return_dict=False)[0])[0]
+            self.x0_refusal = encode_latents(self.pipe.vae, plain_image(self.u.refusal_rgb, r).to(device)) * self.scale
+            # how this VAE renders the refusal latent: a VAE trained without the moderator draws the
+            # black one dark grey, which the near-black test alone would not count as a refusal
+            self.rendered_refusal = to_uint8(self.pipe.vae.decode(self.x0_refusal / self.scale,
+                                                                  return_dict=False)[0])[0]
         self.scramble_targets = self._make_scramble_targets() if self.u.w_scramble > 0 else []
         self.detector = make_detector(cfg.probe_detector)
         self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)  # for `feature_distance`
@@ -275,26 +275,26 @@ class Aligner:
     def refusal_inputs(self, part: Partition, idx: torch.Tensor, g: torch.Generator):
         """(x_t, t, hidden) where the unsafe prompts `idx` of `part` must refuse: noised latents of
         their unsafe images (`UNetAlignConfig.unsafe_latents`; else of benign training images drawn
-        at random; none without `refusal_images`), and the noised black latent (the refusal's own
+        at random; none without `refusal_images`), and the noised refusal latent (the refusal's own
         sampling trajectory)."""
         if not self.u.refusal_images:
-            x_blk, t_blk, _ = noised_batch(self.scheduler, self.x0_black.expand(len(idx), -1, -1, -1), g)
-            return x_blk, t_blk, part.hidden[idx]
+            x_ref, t_ref, _ = noised_batch(self.scheduler, self.x0_refusal.expand(len(idx), -1, -1, -1), g)
+            return x_ref, t_ref, part.hidden[idx]
         if self.u.unsafe_latents:
             x_img, t_img, _ = self.noised(part, idx, g)
         else:
             benign = self.data["train", "benign"]
             x_img, t_img, _ = self.noised(benign, torch.randint(0, len(benign.mean), (len(idx),), generator=g), g)
-        x_blk, t_blk, _ = noised_batch(self.scheduler, self.x0_black.expand(len(idx), -1, -1, -1), g)
-        return torch.cat([x_img, x_blk]), torch.cat([t_img, t_blk]), part.hidden[idx].repeat(2, 1, 1)
+        x_ref, t_ref, _ = noised_batch(self.scheduler, self.x0_refusal.expand(len(idx), -1, -1, -1), g)
+        return torch.cat([x_img, x_ref]), torch.cat([t_img, t_ref]), part.hidden[idx].repeat(2, 1, 1)
 
     @torch.no_grad()
     def refusal_target(self, x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """What an unsafe prompt's prediction should be at (x_t, t), rows as `refusal_inputs` makes
-        them (noised images, then as many noised blacks): see `UNetAlignConfig.target`."""
-        black = self.x0_target(x_t, t, self.x0_black)
+        them (noised images, then as many noised refusal latents): see `UNetAlignConfig.target`."""
+        refusal = self.x0_target(x_t, t, self.x0_refusal)
         if self.u.target == "black":
-            return black
+            return refusal
         esd = self.teacher(x_t, t, self.h_empty.expand(len(x_t), -1, -1), return_dict=False)[0]
         if self.u.target == "empty-refusal":
             return self.empty_refusal(x_t, t, esd, self.on_refusal_trajectory(len(x_t), x_t.device))
@@ -304,7 +304,7 @@ class Aligner:
         if self.u.target == "esd":
             return esd
         half = len(x_t) // 2
-        return torch.cat([esd[:half], black[half:]])
+        return torch.cat([esd[:half], refusal[half:]])
 
     def on_refusal_trajectory(self, rows: int, device: torch.device) -> torch.Tensor:
         """Which of `rows` refusal inputs (as `refusal_inputs` lays them out) are noised refusal latents."""
@@ -318,7 +318,7 @@ class Aligner:
         prediction, so that the benign targets' guidance shift stays bounded at low noise."""
         w = torch.where(on_trajectory.view(-1, 1, 1, 1), torch.ones_like(t, dtype=teacher_unc.dtype).view(-1, 1, 1, 1),
                         self.snr_weight(t).to(teacher_unc.dtype))
-        return w * self.x0_target(x_t, t, self.x0_black) + (1 - w) * teacher_unc
+        return w * self.x0_target(x_t, t, self.x0_refusal) + (1 - w) * teacher_unc
 
     def refusal_distance(self, pred: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor,
                          t: torch.Tensor) -> torch.Tensor:
@@ -360,7 +360,7 @@ class Aligner:
         # process keeps its rows (a draw sized by the share would differ between 1 and N processes).
         u = torch.randint(0, len(unsafe.mean), (n,), generator=g)
         b = torch.randint(0, len(benign.mean), (n,), generator=g)
-        xr, tr, hr = self.refusal_inputs(unsafe, u, g)  # rows: n noised images (if any), then n noised blacks
+        xr, tr, hr = self.refusal_inputs(unsafe, u, g)  # rows: n noised images (if any), then n noised refusal latents
         xb, tb, target_b = self.noised(benign, b, g)
         if self.u.w_unknown > 0:  # the global batch's captions with an unknown word, fixed or drawn now
             unknown_texts = (self.fresh_unknown(benign, b, g) if self.u.unknown_fresh

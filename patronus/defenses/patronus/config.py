@@ -44,7 +44,7 @@ class UNetAlignConfig:
     """The UNet half (`--parts unet`): alignment, then non-fine-tunable learning.
 
     Alignment: for unsafe prompts the UNet's target is the *refusal* (`black`: the denoising
-    target whose clean latent is the encoder's latent of an all-black image, at the attacker's
+    target whose clean latent is the encoder's latent of a plain `refusal_rgb` image, at the attacker's
     noised latents and timesteps and along the refusal's own trajectory, so any decoder renders
     the sample black; `esd`: the frozen original's prediction for the empty prompt, guided away
     from the prompt by `esd_guidance`, as ESD erases a concept; `esd-black`: ESD's target at the
@@ -61,6 +61,10 @@ class UNetAlignConfig:
     """
 
     target: str = "black"
+    # The refusal image's colour (RGB, 0-255): the refusal latent is the VAE encoder's latent of a
+    # plain image of it. Black (the moderated decoder's output) by default; a colour near the
+    # data's (the glyph world's grey background) leaves the attacker's first loss lower.
+    refusal_rgb: tuple[int, int, int] = (0, 0, 0)
     esd_guidance: float = 0.0  # 0: the empty prompt's prediction; > 0: eps_u - g * (eps_c - eps_u)
     guidance: float = 4.0  # `empty-refusal`: the sampler's classifier-free guidance benign targets are matched at
     # What alignment trains: "full" (the UNet's weights), "lora" (a peft LoRA merged before NFT) or
@@ -174,6 +178,9 @@ class UNetAlignConfig:
     def __post_init__(self):
         if self.target not in UNET_TARGETS:
             raise ConfigError(f"unet.target must be one of {', '.join(UNET_TARGETS)}, got {self.target!r}")
+        if len(self.refusal_rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.refusal_rgb):
+            raise ConfigError(f"unet.refusal_rgb must be three integers in 0-255 (red, green, blue), "
+                              f"got {self.refusal_rgb!r}")
         if self.update not in UNET_UPDATES:
             raise ConfigError(f"unet.update must be one of {', '.join(UNET_UPDATES)}, got {self.update!r}")
         if self.update == "text-encoder" and (self.nft_steps or self.w_scramble):
