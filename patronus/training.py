@@ -186,15 +186,19 @@ EXTRA = "extra/"  # RunState.extra's prefix in a checkpoint's tensors; weight na
 class RunState:
     """Where a probed training run is (stage, step), its probes, and the best checkpoint's
     weights so far; saved with every checkpoint so that a resumed run ends exactly where an
-    unbroken one does. Probes are ranked by the keys in `rank_by`, compared in order. With
+    unbroken one does. Probes are ranked by the keys in `rank_by`, compared in order; two probes
+    that both fail the gate (`feasible` false) by `infeasible_rank_by` when given, so that a run
+    where no checkpoint passes keeps the one nearest to passing rather than the best-scored (a
+    broken model leaves a probe attacker little to flag, which scores well). With
     `best_on_disk` the best weights wait in `BEST` in the checkpoint folder (each checkpoint
     links to its version) instead of in CPU memory: a UNet's worth less at SD-1.5 widths."""
 
     BEST = "best.safetensors"
 
     def __init__(self, checkpointer: Checkpointer, rank_by: tuple[str, ...] = ("feasible", "score", "benign_psnr"),
-                 best_on_disk: bool = False):
+                 best_on_disk: bool = False, infeasible_rank_by: tuple[str, ...] | None = None):
         self.checkpointer, self.rank_by, self.best_on_disk = checkpointer, rank_by, best_on_disk
+        self.infeasible_rank_by = infeasible_rank_by
         self.state: dict = {"stage": 1, "step": 0, "probes": [], "best": None, "timing": {}, "losses": {}}
         self._best: dict[str, torch.Tensor] = {}  # in memory, without `best_on_disk`
         self.extra: dict[str, torch.Tensor] = {}  # other tensors the loop resumes from (kept as "extra/NAME")
@@ -240,12 +244,17 @@ class RunState:
         files = {self.BEST: self._best_file} if self.best_on_disk and self._best_file.exists() else {}
         self.checkpointer.save(self.state["stage"] * 1_000_000 + self.state["step"], self.state, tensors, files)
 
+    def _rank(self, result: dict) -> tuple:
+        if self.infeasible_rank_by is not None and not result["feasible"]:
+            return (False, *(result[k] for k in self.infeasible_rank_by))
+        return tuple(result[k] for k in self.rank_by)
+
     def record_probe(self, result: dict, model: torch.nn.Module) -> None:
         """Keep the probe; keep `model`'s weights when it is the best checkpoint so far (for the
         decoder: benign PSNR above the bar first, then the highest probe score, then PSNR)."""
         self.state["probes"].append(result)
-        best, key = self.state["best"], self.rank_by
-        if best is None or tuple(result[k] for k in key) > tuple(best[k] for k in key):
+        best = self.state["best"]
+        if best is None or self._rank(result) > self._rank(best):
             self.state["best"] = result
             if not self.best_on_disk:
                 # On the CPU: on a GPU a UNet-sized copy would sit beside the training state until the end.

@@ -202,6 +202,31 @@ def test_the_best_checkpoint_on_disk_survives_a_resume_and_stays_the_best(tmp_pa
     assert all(torch.equal(again.best_weights()[k], first[k]) for k in first)
 
 
+def test_with_no_checkpoint_through_the_gate_the_nearest_to_it_is_kept(tmp_path):
+    """`infeasible_rank_by`: among probes that all fail the gate, the one nearest to passing (benign
+    class) wins over a better-scored broken one; a probe that passes beats both."""
+    from accelerate import Accelerator
+
+    from patronus.training import Checkpointer, RunState
+
+    model = torch.nn.Linear(3, 2)
+    rank = ("feasible", "score", "benign_class_match")
+    run = RunState(Checkpointer(Accelerator(cpu=True), tmp_path / "a"), rank_by=rank,
+                   infeasible_rank_by=("benign_class_match", "score"))
+    broken = {"feasible": False, "score": 0.9, "benign_class_match": 0.41}
+    near = {"feasible": False, "score": 0.1, "benign_class_match": 0.95}
+    for probe in (broken, near):
+        run.record_probe(probe, model)
+    assert run.state["best"] == near
+    passing = {"feasible": True, "score": 0.05, "benign_class_match": 0.99}
+    run.record_probe(passing, model)
+    assert run.state["best"] == passing
+    by_score = RunState(Checkpointer(Accelerator(cpu=True), tmp_path / "b"), rank_by=rank)
+    for probe in (broken, near):
+        by_score.record_probe(probe, model)
+    assert by_score.state["best"] == broken  # without it: the score decides, as for the decoder
+
+
 def test_uniform_calibration_is_plain_mse_and_near_black_changes_only_the_calibration(mini_pipeline, tmp_path, cfg):
     from dataclasses import replace
 

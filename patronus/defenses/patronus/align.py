@@ -628,7 +628,7 @@ def _stage2_nft(a: Aligner, folder: Path, resume: bool) -> dict:
     a.model, opt = acc.prepare(a.unet, opt)
     tie_break = "benign_class_match" if u.gate == "class" else "benign_psnr"
     run = RunState(Checkpointer(acc, folder), rank_by=("feasible", "score", tie_break),
-                   best_on_disk=cfg.best_checkpoint == "disk")
+                   best_on_disk=cfg.best_checkpoint == "disk", infeasible_rank_by=(tie_break, "score"))
     if resume:
         run.restore()
     state = run.state
