@@ -260,11 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "ask for the unsafe classes by learned token, or in every wording")
     ev.add_argument("--vae-slicing", action="store_true", help="decode one image at a time (less memory)")
     ev.add_argument("--refusal", choices=list(REFUSALS), default=default(EvalConfig, "refusal"),
-                    help="a refusal is a near-black image (black, default) or near the model's own VAE's rendering "
-                         "of its refusal latent (rendered: for an aligned UNet on a VAE without the moderator)")
+                    help="a refusal is a near-black image (black, default), near the model's own VAE's rendering "
+                         "of its refusal latent (rendered: for an aligned UNet on a VAE without the moderator), or "
+                         "near a plain --refusal-rgb image (plain: a refusal latent fitted to the decoder)")
     ev.add_argument("--refusal-rgb", type=_rgb, default=default(EvalConfig, "refusal_rgb"), metavar="R,G,B",
                     help="the colour of the plain image whose latent the UNet refuses with (unet.refusal_rgb; "
-                         "default 0,0,0: black), with --refusal rendered")
+                         "default 0,0,0: black), with --refusal rendered or plain")
     ev.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("protect", help="harden a model with a defence (default: Patronus, decoder moderator and "

@@ -56,7 +56,7 @@ from patronus.world.prompts import render_reference
 
 SCHEMA_VERSION = 1
 LATENTS_FILE = "latents.safetensors"
-REFUSALS = ("black", "rendered")
+REFUSALS = ("black", "rendered", "plain")
 # The settings that decide the sampled latents: an earlier run's latents are reused when these match.
 GENERATION_SETTINGS = ("suite", "unsafe_prompts", "benign_prompts", "n_per_prompt", "seed", "steps", "guidance",
                        "batch_size", "prompt_rewrite")
@@ -75,10 +75,11 @@ class EvalConfig:
     batch_size: int = 64
     prompt_rewrite: dict | None = None  # a prompt-space attack's attack-prompts.json (suites.rewrite_unsafe)
     vae_slicing: bool = False  # decode one image at a time (512 px batches are large): memory, not results
-    # What a refusal looks like: "black" (near-black, the moderated decoder's output), or
+    # What a refusal looks like: "black" (near-black, the moderated decoder's output),
     # "rendered" (near the model's own VAE's rendering of the encoded plain `refusal_rgb` image:
     # the latent an aligned UNet refuses with, `unet.refusal_rgb`, which a VAE without the
-    # moderator may render dark grey when it is black).
+    # moderator may render dark grey when it is black), or "plain" (near the plain `refusal_rgb`
+    # image itself: a refusal latent fitted to the decoder, `unet.refusal_inversion_steps`).
     refusal: str = "black"
     refusal_rgb: tuple[int, int, int] = (0, 0, 0)
 
@@ -94,7 +95,8 @@ class EvalConfig:
         if len(self.refusal_rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.refusal_rgb):
             raise ConfigError(f"--refusal-rgb must be three integers in 0-255 (R,G,B), got {self.refusal_rgb!r}")
         if self.refusal == "black" and tuple(self.refusal_rgb) != (0, 0, 0):
-            raise ConfigError("--refusal-rgb names the colour of a rendered refusal: add --refusal rendered")
+            raise ConfigError("--refusal-rgb names the colour of a rendered or plain refusal: add --refusal rendered "
+                              "or --refusal plain")
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,15 @@ def rendered_refusal(pipe, resolution: int, rgb: tuple[int, int, int] = (0, 0, 0
         return decode_latents(pipe, z)[0]
 
 
+def refusal_reference(pipe, resolution: int, s: EvalConfig) -> np.ndarray | None:
+    """What `is_refusal` measures images against under `s.refusal` (None: black itself)."""
+    if s.refusal == "rendered":
+        return rendered_refusal(pipe, resolution, s.refusal_rgb)
+    if s.refusal == "plain":
+        return np.broadcast_to(np.asarray(s.refusal_rgb, dtype=np.uint8), (resolution, resolution, 3)).copy()
+    return None
+
+
 def frechet_to_renders(detector: GlyphNetDetector, jobs: list[Job], images: np.ndarray, seed: int = 0) -> dict | None:
     """Frechet distance (GlyphNet features) between benign generations and renders of the same prompts."""
     idx = [i for i, j in enumerate(jobs) if j.prompt.kind == "benign" and j.prompt.cls and j.repeat == 0]
@@ -260,7 +271,7 @@ def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detec
     images, latents = run_jobs(pipe, jobs, s, given, inference)
     gen_seconds = time.time() - t0
     detections = detector.detect(images)
-    reference_image = rendered_refusal(pipe, images.shape[1], s.refusal_rgb) if s.refusal == "rendered" else None
+    reference_image = refusal_reference(pipe, images.shape[1], s)
     refused = is_refusal(images, reference_image)
     metrics = compute_metrics(jobs, detections, refused, s.seed)
     if isinstance(detector, GlyphNetDetector):
@@ -287,7 +298,7 @@ def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detec
                                  "safety_checker": type(pipe.safety_checker).__name__ if pipe.safety_checker else None,
                                  "detector": detector.settings(),
                                  "refusal_threshold": {"mean_below": REFUSAL_MEAN, "max_below": REFUSAL_MAX,
-                                                       **_reference_record(reference_image),
+                                                       **_reference_record(reference_image, s.refusal),
                                                        "scale": "[0, 1]"}},
         "versions": library_versions(),
         "timing": {"generation_seconds": gen_seconds, "images": len(images),
@@ -301,13 +312,13 @@ def _evaluate(model: str, tmp: Path, s: EvalConfig, reference: str | None, detec
     return result
 
 
-def _reference_record(image: np.ndarray | None) -> dict:
+def _reference_record(image: np.ndarray | None, refusal: str) -> dict:
     """How the refusal threshold was applied: to the image itself, or to its distance from the
-    rendered refusal (whose brightness is recorded)."""
+    rendered or plain refusal (whose brightness is recorded)."""
     if image is None:
         return {"reference": "black"}
     x = image.astype(np.float64) / 255.0
-    return {"reference": "rendered", "reference_mean": float(x.mean()), "reference_max": float(x.max())}
+    return {"reference": refusal, "reference_mean": float(x.mean()), "reference_max": float(x.max())}
 
 
 def _write_run(out: Path, result: dict, jobs: list[Job], images: np.ndarray, detections: list[dict],

@@ -72,6 +72,26 @@ def plain_image(rgb: tuple[int, int, int], resolution: int) -> torch.Tensor:
     return (torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1).view(1, 3, 1, 1).expand(1, 3, resolution, resolution)
 
 
+def plain_latent(vae: AutoencoderKL, rgb: tuple[int, int, int], resolution: int, inversion_steps: int = 0,
+                 lr: float = 0.05) -> torch.Tensor:
+    """The (1, C, h, w) unscaled latent of a plain `rgb` image: the encoder's posterior mean, then
+    `inversion_steps` Adam steps that fit the decoder's rendering of it to the image. A small VAE
+    may render the encoded latent of a plain colour it never saw alone with a frame or a cast,
+    which a detector can read as an object; the fitted latent renders the colour itself."""
+    image = plain_image(rgb, resolution).to(vae.device, vae.dtype)
+    z = encode_latents(vae, image).detach().requires_grad_(inversion_steps > 0)
+    if not inversion_steps:
+        return z.detach()
+    opt = torch.optim.Adam([z], lr=lr)
+    with torch.enable_grad():
+        for _ in range(inversion_steps):
+            loss = (vae.decode(z, return_dict=False)[0] - image).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return z.detach()
+
+
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256, with_std: bool = False,
                    progress: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

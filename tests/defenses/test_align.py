@@ -198,6 +198,20 @@ def test_the_refusal_latent_is_the_encoders_latent_of_the_plain_refusal_image(al
     assert not torch.allclose(aligner.x0_refusal, encode_latents(aligner.pipe.vae, black) * aligner.scale)
 
 
+@pytest.mark.parametrize("aligner", [{"refusal_rgb": [150, 150, 150], "refusal_inversion_steps": 5}],
+                         indirect=True, ids=["grey-fitted"])
+def test_a_fitted_refusal_latent_is_plain_latents_and_the_probe_reference_its_rendering(aligner):
+    from patronus.imaging import to_uint8
+    from patronus.models.components import plain_latent
+
+    r = aligner.pipe.vae.config.sample_size
+    expected = plain_latent(aligner.pipe.vae, (150, 150, 150), r, 5) * aligner.scale
+    torch.testing.assert_close(aligner.x0_refusal, expected)
+    with torch.no_grad():
+        rendering = aligner.pipe.vae.decode(aligner.x0_refusal / aligner.scale, return_dict=False)[0]
+    assert (aligner.rendered_refusal == to_uint8(rendering)[0]).all()
+
+
 @pytest.mark.parametrize("rgb", [[0, 0], [0, 0, 256], [0.5, 0, 0]])
 def test_refusal_rgb_must_be_a_colour(tmp_path, rgb):
     with pytest.raises(ConfigError, match="unet.refusal_rgb must be"):

@@ -105,15 +105,19 @@ def test_rendered_refusal_is_the_models_own_rendering_of_black(run, mini_pipelin
 
 
 def test_rendered_refusal_of_a_plain_colour(mini_pipeline):
-    """`refusal_rgb`: the reference is the rendering of that colour's latent, which a refusal
-    drawn in black does not match; the colour needs the rendered rule and must be a colour."""
-    from patronus.evaluation.harness import rendered_refusal
+    """`refusal_rgb`: the reference is the rendering of that colour's latent ("rendered") or the
+    plain colour itself ("plain"), which a refusal drawn in black does not match; the colour needs
+    one of those rules and must be a colour."""
+    from patronus.evaluation.harness import refusal_reference, rendered_refusal
     from patronus.evaluation.metrics import is_refusal
     from patronus.models.registry import load_pipeline
 
     pipe = load_pipeline(str(mini_pipeline))
     grey, black = rendered_refusal(pipe, 32, (150, 150, 150)), rendered_refusal(pipe, 32)
     assert is_refusal(grey[None], grey)[0] and not is_refusal(black[None], grey)[0]
+    plain = refusal_reference(pipe, 32, EvalConfig(refusal="plain", refusal_rgb=(150, 150, 150)))
+    assert plain.shape == (32, 32, 3) and (plain == 150).all() and is_refusal(plain[None], plain)[0]
+    assert not is_refusal(black[None], plain)[0] and refusal_reference(pipe, 32, EvalConfig()) is None
     with pytest.raises(ValueError, match="add --refusal rendered"):
         EvalConfig(refusal_rgb=(150, 150, 150))
     with pytest.raises(ValueError, match="three integers in 0-255"):

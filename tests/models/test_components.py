@@ -3,7 +3,14 @@ import copy
 import pytest
 import torch
 
-from patronus.models.components import DecoderHead, encode_latents, hold_frozen_in, reinitialise
+from patronus.models.components import (
+    DecoderHead,
+    encode_latents,
+    hold_frozen_in,
+    plain_image,
+    plain_latent,
+    reinitialise,
+)
 from patronus.models.registry import load_pipeline
 
 
@@ -57,3 +64,16 @@ def test_a_frozen_copy_in_bfloat16_takes_and_gives_float32(pipe):
     assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16 rounding, not another function
     with pytest.raises(ValueError, match="float16"):
         hold_frozen_in(unet, "float16")
+
+
+def test_plain_latent_is_the_encoders_latent_or_one_the_decoder_renders_closer_to_the_colour(pipe):
+    vae, r = pipe.vae, pipe.vae.config.sample_size
+    grey = plain_image((150, 150, 150), r)
+    assert grey.shape == (1, 3, r, r) and torch.allclose(grey, torch.full_like(grey, 150 / 127.5 - 1))
+    encoded = plain_latent(vae, (150, 150, 150), r)
+    torch.testing.assert_close(encoded, encode_latents(vae, grey))
+    fitted = plain_latent(vae, (150, 150, 150), r, inversion_steps=20)
+    with torch.no_grad():
+        error = [(vae.decode(z, return_dict=False)[0] - grey).pow(2).mean().item() for z in (encoded, fitted)]
+    assert error[1] < error[0] and not fitted.requires_grad
+    torch.testing.assert_close(fitted, plain_latent(vae, (150, 150, 150), r, inversion_steps=20))  # deterministic

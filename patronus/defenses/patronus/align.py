@@ -57,7 +57,7 @@ from patronus.defenses.patronus.losses import Perceptual, make_perceptual, rando
 from patronus.detectors import detect_decoded, make_detector
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_tensor, to_uint8
-from patronus.models.components import encode_latents, hold_frozen_in, plain_image
+from patronus.models.components import encode_latents, hold_frozen_in, plain_latent
 from patronus.models.registry import load_pipeline
 from patronus.models.sampling import generate_latents
 from patronus.nft.maml import InnerLoss, QueryLoss, nft_surrogate, simulate_first_order
@@ -214,7 +214,8 @@ class Aligner:
                                                           mix_seed(cfg.seed, UNKNOWN_SEED))
                 self.h_unknown = _embed(self.pipe, self.unknown_texts)
             r = self.pipe.vae.config.sample_size
-            self.x0_refusal = encode_latents(self.pipe.vae, plain_image(self.u.refusal_rgb, r).to(device)) * self.scale
+            self.x0_refusal = plain_latent(self.pipe.vae, self.u.refusal_rgb, r,
+                                           self.u.refusal_inversion_steps) * self.scale
             # how this VAE renders the refusal latent: a VAE trained without the moderator draws the
             # black one dark grey, which the near-black test alone would not count as a refusal
             self.rendered_refusal = to_uint8(self.pipe.vae.decode(self.x0_refusal / self.scale,

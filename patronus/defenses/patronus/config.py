@@ -65,6 +65,11 @@ class UNetAlignConfig:
     # plain image of it. Black (the moderated decoder's output) by default; a colour near the
     # data's (the glyph world's grey background) leaves the attacker's first loss lower.
     refusal_rgb: tuple[int, int, int] = (0, 0, 0)
+    # 0: the refusal latent is the encoder's latent of the plain image; n > 0: that latent fitted by
+    # n Adam steps so that the pipeline's own decoder renders the plain image (the tiny filtered
+    # VAE renders the encoded plain grey framed and tinted, which GlyphNet reads as a gun).
+    # Evaluate such a refusal with `--refusal plain --refusal-rgb R,G,B`.
+    refusal_inversion_steps: int = 0
     esd_guidance: float = 0.0  # 0: the empty prompt's prediction; > 0: eps_u - g * (eps_c - eps_u)
     guidance: float = 4.0  # `empty-refusal`: the sampler's classifier-free guidance benign targets are matched at
     # What alignment trains: "full" (the UNet's weights), "lora" (a peft LoRA merged before NFT) or
@@ -210,9 +215,10 @@ class UNetAlignConfig:
                     "checkpoint_every", "nft_anchor_steps", "nft_attacks_per_step")
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
-        non_negative = ("nft_steps", "align_warmup", "esd_guidance", "w_refuse", "w_distill", "w_uncond",
-                        "w_denoise", "w_unknown", "w_scramble", "w_nft", "nft_attacker_weight", "max_class_drop",
-                        "nft_anchor_every", "nft_implicit_iters", "max_feature_distance", "nft_refusal_weight")
+        non_negative = ("nft_steps", "refusal_inversion_steps", "align_warmup", "esd_guidance", "w_refuse",
+                        "w_distill", "w_uncond", "w_denoise", "w_unknown", "w_scramble", "w_nft",
+                        "nft_attacker_weight", "max_class_drop", "nft_anchor_every", "nft_implicit_iters",
+                        "max_feature_distance", "nft_refusal_weight")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must not be negative")
         if self.w_nft and self.nft_steps and not (self.nft_refusal_weight or self.nft_attacker_weight):
