@@ -44,10 +44,10 @@ class UNetAlignConfig:
     """The UNet half (`--parts unet`): alignment, then non-fine-tunable learning.
 
     Alignment: for unsafe prompts the UNet's target is the *refusal* (`black`: the denoising
-    target whose clean latent is the encoder's latent of a plain `refusal_rgb` image, at the attacker's
-    noised latents and timesteps and along the refusal's own trajectory, so any decoder renders
-    the sample black; `esd`: the frozen original's prediction for the empty prompt, guided away
-    from the prompt by `esd_guidance`, as ESD erases a concept; `esd-black`: ESD's target at the
+    target whose clean latent is the refusal latent, of a plain `refusal_rgb` image, at the
+    attacker's noised latents and timesteps and along the refusal's own trajectory, so any decoder
+    renders the sample as that image; `esd`: the frozen original's prediction for the empty
+    prompt, guided away from the prompt by `esd_guidance`, as ESD erases a concept; `esd-black`: ESD's target at the
     noised images, the refusal latent's along the refusal's own trajectory; `empty-refusal`: the
     empty prompt itself refuses and unsafe prompts are read as it, so no output belongs to the
     unsafe words alone: both are trained to the refusal latent at SNR <= `snr_gamma` and along the
@@ -63,7 +63,8 @@ class UNetAlignConfig:
     target: str = "black"
     # The refusal image's colour (RGB, 0-255): the refusal latent is the VAE encoder's latent of a
     # plain image of it. Black (the moderated decoder's output) by default; a colour near the
-    # data's (the glyph world's grey background) leaves the attacker's first loss lower.
+    # data's (the glyph world's grey background) halves the attacker's first loss but moved no
+    # attacked cell (docs/research-log.md, 2026-12-05).
     refusal_rgb: tuple[int, int, int] = (0, 0, 0)
     # 0: the refusal latent is the encoder's latent of the plain image; n > 0: that latent fitted by
     # n Adam steps so that the pipeline's own decoder renders the plain image (the tiny filtered
