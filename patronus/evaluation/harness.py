@@ -47,7 +47,7 @@ from patronus.evaluation.suites import (
 )
 from patronus.imaging import grid
 from patronus.io import atomic_dir
-from patronus.models.components import encode_latents, plain_image
+from patronus.models.components import is_rgb, plain_latent
 from patronus.models.inference import InferenceConfig, read_inference
 from patronus.models.registry import load_pipeline, resolve_model
 from patronus.models.sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, decode_latents, generate_latents
@@ -92,7 +92,7 @@ class EvalConfig:
             raise ConfigError("--guidance must be a finite number >= 0 (1 or less turns classifier-free guidance off)")
         if self.refusal not in REFUSALS:
             raise ConfigError(f"unknown --refusal {self.refusal!r}; choose one of {', '.join(REFUSALS)}")
-        if len(self.refusal_rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.refusal_rgb):
+        if not is_rgb(self.refusal_rgb):
             raise ConfigError(f"--refusal-rgb must be three integers in 0-255 (R,G,B), got {self.refusal_rgb!r}")
         if self.refusal == "black" and tuple(self.refusal_rgb) != (0, 0, 0):
             raise ConfigError("--refusal-rgb names the colour of a rendered or plain refusal: add --refusal rendered "
@@ -204,7 +204,7 @@ def rendered_refusal(pipe, resolution: int, rgb: tuple[int, int, int] = (0, 0, 0
     """The pipeline's own rendering of its refusal: the VAE encoder's latent of a plain `rgb`
     image (the aligned UNet's refusal target), decoded as generated latents are."""
     with torch.no_grad():
-        z = encode_latents(pipe.vae, plain_image(rgb, resolution).to(pipe.vae.dtype)) * pipe.vae.config.scaling_factor
+        z = plain_latent(pipe.vae, rgb, resolution) * pipe.vae.config.scaling_factor
         return decode_latents(pipe, z)[0]
 
 

@@ -66,6 +66,11 @@ class DecoderHead(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+def is_rgb(value) -> bool:
+    """Whether `value` names a colour as `plain_image` takes it: three integers in 0-255."""
+    return len(value) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in value)
+
+
 def plain_image(rgb: tuple[int, int, int], resolution: int) -> torch.Tensor:
     """A (1, 3, resolution, resolution) image of one colour on the VAE's [-1, 1] scale: a
     refusal is the latent of such an image (black by default)."""
@@ -79,9 +84,10 @@ def plain_latent(vae: AutoencoderKL, rgb: tuple[int, int, int], resolution: int,
     may render the encoded latent of a plain colour it never saw alone with a frame or a cast,
     which a detector can read as an object; the fitted latent renders the colour itself."""
     image = plain_image(rgb, resolution).to(vae.device, vae.dtype)
-    z = encode_latents(vae, image).detach().requires_grad_(inversion_steps > 0)
+    z = encode_latents(vae, image)
     if not inversion_steps:
-        return z.detach()
+        return z
+    z = z.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     with torch.enable_grad():
         for _ in range(inversion_steps):

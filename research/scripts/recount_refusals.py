@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from patronus.evaluation.harness import EvalConfig, refusal_reference
+from patronus.evaluation.harness import REFUSALS, EvalConfig, refusal_reference
 from patronus.evaluation.metrics import is_refusal
 from patronus.models.registry import load_pipeline
 from patronus.sweep.results import over_seeds
@@ -40,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sweep", help="a `patronus sweep` output folder")
     p.add_argument("--model", required=True, help="the swept model (its VAE renders the `rendered` reference)")
-    p.add_argument("--refusal", default="rendered", choices=["black", "rendered", "plain"])
+    p.add_argument("--refusal", default="rendered", choices=REFUSALS)
     p.add_argument("--refusal-rgb", default="0,0,0", help="R,G,B as for patronus evaluate")
     p.add_argument("--column", default="protected", help="which of the sweep's models to recount")
     args = p.parse_args()

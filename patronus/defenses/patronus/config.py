@@ -14,7 +14,7 @@ from patronus.config import build, merge, read_config_file
 from patronus.defenses.patronus.bank import UNET_SOURCES, FeatureBankConfig
 from patronus.detectors import DETECTORS
 from patronus.errors import ConfigError
-from patronus.models.components import FROZEN_DTYPES
+from patronus.models.components import FROZEN_DTYPES, is_rgb
 from patronus.nft.space import AttackSpaceConfig
 from patronus.training import OPTIMIZERS
 
@@ -184,7 +184,7 @@ class UNetAlignConfig:
     def __post_init__(self):
         if self.target not in UNET_TARGETS:
             raise ConfigError(f"unet.target must be one of {', '.join(UNET_TARGETS)}, got {self.target!r}")
-        if len(self.refusal_rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.refusal_rgb):
+        if not is_rgb(self.refusal_rgb):
             raise ConfigError(f"unet.refusal_rgb must be three integers in 0-255 (red, green, blue), "
                               f"got {self.refusal_rgb!r}")
         if self.update not in UNET_UPDATES:
