@@ -178,7 +178,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
                        rank=args.rank, batch_size=args.batch_size, save_at=save_at, seed=args.seed,
                        swap_from=getattr(args, "from"), swap_part=args.swap_part, then=args.then,
                        sampler_steps=args.sampler_steps, guidance=args.guidance, schedule=args.schedule,
-                       freeze_text_encoder=args.freeze_text_encoder,
+                       freeze_text_encoder=args.freeze_text_encoder, max_grad_norm=args.max_grad_norm,
                        gradient_checkpointing=args.gradient_checkpointing, vae_slicing=args.vae_slicing)
     result = attack(args.model, args.out, cfg)
     print("attacked pipelines:\n" + "\n".join(f"  {d}" for d in result.checkpoints))
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recompute activations in the backward pass (less memory, about a third slower)")
     at.add_argument("--vae-slicing", action="store_true", help="encode the attacker's images one at a time")
     at.add_argument("--freeze-text-encoder", action="store_true", help="joint: train the UNet and decoder only")
+    at.add_argument("--max-grad-norm", type=float, default=default(AttackConfig, "max_grad_norm"),
+                    help="clip each step's gradient to this global norm, as diffusers' training scripts do "
+                         "(their default: 1.0; default here: no clipping)")
     at.add_argument("--out", required=True)
     at.set_defaults(func=cmd_attack)
 

@@ -511,15 +511,19 @@ FIELD_ROWS = {"none": "none (unprotected)", "negative-prompt": "negative prompt"
 
 
 def field_column(cell: dict) -> str:
-    """A field table's column: the attack's name, with a learning-rate schedule other than constant."""
-    name = attack_name(cell)
-    return name if schedule_of(cell) == "constant" else f"{name} ({schedule_of(cell)} lr)"
+    """A field table's column: the attack's name, with a learning-rate schedule other than constant and
+    gradient clipping where the attack has them."""
+    extras = [f"{schedule_of(cell)} lr"] if schedule_of(cell) != "constant" else []
+    if cell.get("max_grad_norm") is not None:
+        extras.append(f"gradient clipped to {cell['max_grad_norm']:g}")
+    return attack_name(cell) + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _attack_cell(attack: dict) -> dict:
     """The parts of a field grid's attack (as grid.json holds it) that name its column."""
     return {"kind": attack["kind"], "rank": attack["rank"] or (8 if "lora" in attack["kind"] else None),
-            "schedule": attack.get("schedule"), "freeze_text_encoder": attack.get("freeze_text_encoder")}
+            "schedule": attack.get("schedule"), "freeze_text_encoder": attack.get("freeze_text_encoder"),
+            "max_grad_norm": attack.get("max_grad_norm")}
 
 
 def field_cells(sweep: dict) -> tuple[list[str], list[str], dict[tuple[str, str], dict]]:

@@ -44,6 +44,10 @@ class AttackConfig:
     sampler_steps: int = 5  # soft-prompt: DDIM steps of the differentiable sampler
     guidance: float = DEFAULT_GUIDANCE  # soft-prompt: classifier-free guidance of that sampler
     freeze_text_encoder: bool = False  # joint: train the UNet and decoder only, the text encoder kept as it is
+    # Clip the gradient's global norm before each step, as diffusers' training scripts do by default
+    # (`--max_grad_norm 1.0`). A refusal's first gradients are many times the usual ones and would
+    # otherwise fill Adam's second-moment estimate and shrink every later step (docs/concepts/threat-model.md).
+    max_grad_norm: float | None = None
     # Memory, for real checkpoints: recompute the trained modules' activations in the backward
     # pass; encode the attacker's images one at a time. Mixed precision comes from accelerate
     # (`accelerate launch --mixed_precision bf16`), whose autocast covers each step.
@@ -65,6 +69,12 @@ class AttackConfig:
                               f"{self.kind} does not train it")
         if self.freeze_text_encoder and ATTACKS[self.kind].trains == {"text_encoder"}:
             raise ConfigError(f"--freeze-text-encoder leaves {self.kind} nothing to train; drop the flag")
+        if self.max_grad_norm is not None and not (ATTACKS[self.kind].trains or self.then):
+            raise ConfigError(f"--max-grad-norm clips the fine-tuning attacks' gradients; {self.kind} fine-tunes "
+                              f"no weights")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"--max-grad-norm must be a positive finite number (diffusers' scripts use 1.0), "
+                              f"got {self.max_grad_norm}")
         if self.kind == "swap-decoder" and not self.swap_from:
             raise ConfigError("swap-decoder needs the pipeline to take the VAE from (--from DIR)")
         if self.swap_part not in ("vae", "decoder"):

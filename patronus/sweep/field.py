@@ -55,7 +55,8 @@ FIELD_DEFENCES = ("none", "negative-prompt", "checker", "sld", "esd", "uce", "pa
 HALVES = {"patronus-decoder": ("decoder", "unet"), "patronus-unet": ("unet", "vae")}  # row: (half kept, part put back)
 BASELINES = ("negative-prompt", "checker", "sld", "esd", "uce")
 # FieldAttack settings that came after field sweeps existed: a saved attack without them had these.
-ADDED_ATTACK_SETTINGS: dict[str, object] = {"schedule": "constant", "freeze_text_encoder": False}
+ADDED_ATTACK_SETTINGS: dict[str, object] = {"schedule": "constant", "freeze_text_encoder": False,
+                                             "max_grad_norm": None}
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class FieldAttack:
     sampler_steps: int = 5
     schedule: str = "constant"  # or "step": lr x0.1 at 25%, 50% and 75% of `steps`
     freeze_text_encoder: bool = False  # joint: the UNet and decoder only
+    max_grad_norm: float | None = None  # the fine-tuning kinds: clip each step's gradient (diffusers' scripts: 1.0)
 
     def cell(self, seed: int) -> dict:
         one_shot = ATTACKS[self.kind].one_shot
@@ -77,7 +79,8 @@ class FieldAttack:
         return ({"kind": self.kind, "rank": rank, "optimizer": None if one_shot else self.optimizer,
                  "lr": None if one_shot else self.lr, "seed": seed}
                 | ({"schedule": self.schedule} if self.schedule != "constant" and not one_shot else {})
-                | ({"freeze_text_encoder": True} if self.freeze_text_encoder else {}))
+                | ({"freeze_text_encoder": True} if self.freeze_text_encoder else {})
+                | ({"max_grad_norm": self.max_grad_norm} if self.max_grad_norm is not None else {}))
 
     def config(self, grid: FieldGridConfig, unprotected: str) -> AttackConfig:
         one_shot = ATTACKS[self.kind].one_shot
@@ -86,7 +89,7 @@ class FieldAttack:
                             rank=self.rank or 8, batch_size=grid.batch_size, seed=grid.seed,
                             swap_from=unprotected if self.kind == "swap-decoder" else None,
                             sampler_steps=self.sampler_steps, schedule=self.schedule,
-                            freeze_text_encoder=self.freeze_text_encoder)
+                            freeze_text_encoder=self.freeze_text_encoder, max_grad_norm=self.max_grad_norm)
 
 
 @dataclass(frozen=True)

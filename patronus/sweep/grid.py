@@ -29,10 +29,10 @@ _LIST_TYPES: dict[str, tuple[type, ...]] = {"kinds": (str,), "ranks": (int,), "o
                                             "seeds": (int,), "references": (str,)}
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {"batch_size": (int,), "data": (str,), "suite": (str,),
                                               "keep_checkpoints": (bool,), "freeze_text_encoder": (bool,),
-                                              "eval": (dict,)}
+                                              "max_grad_norm": (int, float, type(None)), "eval": (dict,)}
 # Settings that came after sweeps existed: a sweep's grid.json without them ran with these values,
 # so it resumes under a grid that leaves them at their defaults (`with_added_settings`).
-ADDED_SETTINGS: dict[str, object] = {"schedules": ["constant"], "freeze_text_encoder": False}
+ADDED_SETTINGS: dict[str, object] = {"schedules": ["constant"], "freeze_text_encoder": False, "max_grad_norm": None}
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class GridConfig:
     references: tuple[str, ...] = REFERENCES
     keep_checkpoints: bool = False
     freeze_text_encoder: bool = False  # the kinds that train the text encoder (joint) train the UNet and decoder only
+    max_grad_norm: float | None = None  # the fine-tuning kinds clip each step's gradient norm (diffusers' scripts: 1.0)
     eval: dict = field(default_factory=dict)  # extra EvalConfig fields (steps, guidance, ...)
 
     def __post_init__(self):
@@ -79,12 +80,17 @@ class GridConfig:
         def frozen_text(kind: str) -> bool:
             return self.freeze_text_encoder and kind in ATTACKS and "text_encoder" in ATTACKS[kind].trains
 
-        # "schedule" and "freeze_text_encoder" only where they differ from the defaults, so that
-        # the cells (ids, done.json) of a grid without them are those of sweeps made before them.
+        def clipped(kind: str) -> bool:  # the one-shot and prompt-space kinds train no weights
+            return self.max_grad_norm is not None and kind in ATTACKS and bool(ATTACKS[kind].trains)
+
+        # "schedule", "freeze_text_encoder" and "max_grad_norm" only where they differ from the
+        # defaults, so that the cells (ids, done.json) of a grid without them are those of sweeps
+        # made before them.
         kinds = [(k, r) for k in self.kinds for r in (self.ranks if lora(k) else (None,))]
         return [{"kind": k, "rank": r, "optimizer": o, "lr": lr, "seed": s}
                 | ({"schedule": sch} if sch != "constant" else {})
                 | ({"freeze_text_encoder": True} if frozen_text(k) else {})
+                | ({"max_grad_norm": self.max_grad_norm} if clipped(k) else {})
                 for (k, r), o, sch, lr, s in itertools.product(kinds, self.optimizers, self.schedules, self.lrs,
                                                                 self.seeds)]
 
@@ -104,14 +110,16 @@ def _check_type(name: str, value: object) -> None:
             raise ConfigError(f"grid setting {name} = {value!r} must be a {'' if may_be_empty else 'non-empty '}"
                               f"list of {' or '.join(t.__name__ for t in types)}{hint}")
     elif not ok(value, _SCALAR_TYPES[name]):
-        raise ConfigError(f"grid setting {name} = {value!r} must be of type {_SCALAR_TYPES[name][0].__name__}")
+        kinds = " or ".join(t.__name__ for t in _SCALAR_TYPES[name] if t is not type(None))
+        raise ConfigError(f"grid setting {name} = {value!r} must be of type {kinds}")
 
 
 def attack_config(grid: GridConfig, cell: dict) -> AttackConfig:
     return AttackConfig(kind=cell["kind"], data=grid.data, optimizer=cell["optimizer"], lr=cell["lr"],
                         schedule=cell.get("schedule", "constant"), steps=max(grid.budgets), rank=cell["rank"] or 8,
                         batch_size=grid.batch_size, save_at=tuple(grid.budgets), seed=cell["seed"],
-                        freeze_text_encoder=cell.get("freeze_text_encoder", False))
+                        freeze_text_encoder=cell.get("freeze_text_encoder", False),
+                        max_grad_norm=cell.get("max_grad_norm"))
 
 
 def with_added_settings(saved: dict) -> dict:

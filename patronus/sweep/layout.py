@@ -32,8 +32,9 @@ class SweepError(PatronusError):
 
 # A cell is a dict: kind, rank (LoRA kinds, else None), optimizer and lr (None for one-shot kinds),
 # seed, and only where they differ from the defaults, "schedule" (a learning-rate schedule other
-# than "constant") and "freeze_text_encoder" (True: `joint` without the text encoder). Cells, and
-# so their ids and done.json files, of sweeps started before these two existed stay as they were.
+# than "constant"), "freeze_text_encoder" (True: `joint` without the text encoder) and
+# "max_grad_norm" (the gradient clipped to that norm). Cells, and so their ids and done.json
+# files, of sweeps started before these existed stay as they were.
 
 
 def schedule_of(cell: dict) -> str:
@@ -50,18 +51,26 @@ def attack_name(cell: dict) -> str:
     return kind_name(cell) + (f"-r{cell['rank']}" if cell["rank"] else "")
 
 
+def clip_name(cell: dict) -> str | None:
+    """`clip1` for a cell whose gradient is clipped to norm 1; None for an unclipped one."""
+    return None if cell.get("max_grad_norm") is None else f"clip{cell['max_grad_norm']:g}"
+
+
 def optimizer_name(cell: dict) -> str | None:
-    """The optimizer with its learning-rate schedule where that is not constant, e.g. `sgd` or `sgd+step`."""
-    if cell["optimizer"] is None or schedule_of(cell) == "constant":
-        return cell["optimizer"]
-    return f"{cell['optimizer']}+{schedule_of(cell)}"
+    """The optimizer with its learning-rate schedule where that is not constant and its gradient
+    clipping where there is some, e.g. `sgd`, `sgd+step` or `adam+clip1`."""
+    if cell["optimizer"] is None:
+        return None
+    extras = [schedule_of(cell)] if schedule_of(cell) != "constant" else []
+    return "+".join([cell["optimizer"], *extras, *filter(None, [clip_name(cell)])])
 
 
 def cell_id(cell: dict) -> str:
     if cell["optimizer"] is None:  # a one-shot attack (no training): nothing but the kind to tell apart
         return f"{attack_name(cell)}_s{cell['seed']}"
-    schedule = "" if schedule_of(cell) == "constant" else f"_{schedule_of(cell)}"
-    return f"{attack_name(cell)}_{cell['optimizer']}_lr{cell['lr']:g}{schedule}_s{cell['seed']}"
+    extras = "".join(f"_{x}" for x in (schedule_of(cell) if schedule_of(cell) != "constant" else None,
+                                       clip_name(cell)) if x)
+    return f"{attack_name(cell)}_{cell['optimizer']}_lr{cell['lr']:g}{extras}_s{cell['seed']}"
 
 
 def step_of(path: Path) -> int:

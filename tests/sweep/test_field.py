@@ -128,3 +128,15 @@ def test_a_field_sweep_started_before_schedules_existed_resumes(tmp_path):
     layout.grid_file.write_text(json.dumps(old))
     with pytest.raises(SweepError, match="another grid"):
         _check_same_field(layout, field_grid_from_dict(stepped, "g"), {"protected": "p"})
+
+
+def test_a_clipped_attack_is_its_own_column():
+    from patronus.report import field_column
+    from patronus.sweep.field import FieldAttack, FieldGridConfig
+
+    clipped = FieldAttack(kind="joint", lr=1e-3, max_grad_norm=1.0)
+    grid = FieldGridConfig(attacks=(clipped, FieldAttack(kind="joint", lr=1e-3)), defences=("none",))
+    assert clipped.config(grid, "patronus-tiny").max_grad_norm == 1.0
+    assert field_column(clipped.cell(0)) == "joint (gradient clipped to 1)"
+    with pytest.raises(ConfigError, match="none fine-tunes no weights"):
+        FieldGridConfig(attacks=(FieldAttack(kind="none", max_grad_norm=1.0),), defences=("none",))

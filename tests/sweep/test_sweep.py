@@ -76,6 +76,23 @@ def test_schedules_and_a_frozen_text_encoder_expand_the_cells_without_renaming_t
         grid_from_dict({"schedules": "step"}, "g")
 
 
+def test_gradient_clipping_names_its_cells_and_leaves_the_one_shot_kinds_alone():
+    from patronus.sweep.grid import attack_config
+    from patronus.sweep.layout import optimizer_name
+
+    grid = GridConfig(kinds=("joint", "none"), optimizers=("adam",), lrs=(1e-3,), max_grad_norm=1.0)
+    joint, none = grid.cells()
+    assert (cell_id(joint), optimizer_name(joint)) == ("joint_adam_lr0.001_clip1_s0", "adam+clip1")
+    assert attack_config(grid, joint).max_grad_norm == 1.0
+    assert "max_grad_norm" not in none and attack_config(grid, none).max_grad_norm is None
+    unclipped = GridConfig(kinds=("joint",), optimizers=("adam",), lrs=(1e-3,)).cells()[0]
+    assert cell_id(unclipped) == "joint_adam_lr0.001_s0"  # as before clipping existed
+    with pytest.raises(ValueError, match="max_grad_norm = 'one' must be of type int or float"):
+        GridConfig(max_grad_norm="one")
+    with pytest.raises(ValueError, match="--max-grad-norm must be a positive"):
+        GridConfig(kinds=("joint",), max_grad_norm=-1.0)
+
+
 def test_a_sweep_started_before_schedules_existed_resumes(tmp_path):
     from dataclasses import asdict
 
@@ -84,7 +101,7 @@ def test_a_sweep_started_before_schedules_existed_resumes(tmp_path):
 
     layout = SweepLayout(tmp_path / "sweep")
     layout.root.mkdir()
-    added = ("schedules", "freeze_text_encoder")
+    added = ("schedules", "freeze_text_encoder", "max_grad_norm")
     old = {k: v for k, v in json.loads(json.dumps(asdict(TINY))).items() if k not in added}
     layout.grid_file.write_text(json.dumps(old))
     models = {"protected": "p"}

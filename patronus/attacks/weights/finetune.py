@@ -159,6 +159,8 @@ def _finetune(pipe: StableDiffusionPipeline, kind: AttackKind, s: AttackConfig, 
                 loss = loss + F.mse_loss(head_f(lat_mean[mine].to(device)).float(), images[mine].to(device))
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        if s.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, s.max_grad_norm)
         opt.step()
         if schedule is not None:
             schedule.step()
