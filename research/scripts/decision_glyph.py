@@ -62,21 +62,24 @@ from patronus.sweep.results import (  # noqa: E402
 
 
 def column(sweeps: list[str]) -> dict[tuple, dict[int, dict]]:
-    """(kind, lr, rendered by) -> attack seed -> results per budget, for one model's sweeps."""
+    """(attack, lr, rendered by) -> attack seed -> results per budget, for one model's sweeps. The
+    attack is the kind, with the optimizer where it is not plain Adam (e.g. `joint adam+clip1`), so
+    that clipped and unclipped cells of one rate stay apart."""
     out: dict[tuple, dict[int, dict]] = {}
     for spec in sweeps:
         sweep, _, model = spec.partition("#")
-        for (kind, _opt, lr, seed), by_model in results_by_cell(sweep_summary(Path(sweep))).items():
+        for (kind, opt, lr, seed), by_model in results_by_cell(sweep_summary(Path(sweep))).items():
+            attack = kind if opt == "adam" else f"{kind} {opt}"
             if model:
                 if model in by_model:
-                    out.setdefault((kind, lr, "original VAE" if kind == "unet-full" else "own decoder"),
+                    out.setdefault((attack, lr, "original VAE" if kind == "unet-full" else "own decoder"),
                                    {})[seed] = by_model[model]
                 continue
             own = "original VAE" if kind == "unet-full" and "original-vae" not in by_model else "own decoder"
             if "protected" in by_model:
-                out.setdefault((kind, lr, own), {})[seed] = by_model["protected"]
+                out.setdefault((attack, lr, own), {})[seed] = by_model["protected"]
             if "original-vae" in by_model:
-                out.setdefault((kind, lr, "original VAE"), {})[seed] = by_model["original-vae"]
+                out.setdefault((attack, lr, "original VAE"), {})[seed] = by_model["original-vae"]
     return out
 
 
@@ -101,7 +104,8 @@ def main() -> None:
     cols = {name: column(sweeps.split(","))
             for name, sweeps in (c.split("=", 1) for c in args.column)}
     # Every attack's cells but `unet-full` rendered by a protected decoder (not a bar's cell).
-    rows = sorted({key for c in cols.values() for key in c if key[0] != "unet-full" or key[2] == "original VAE"})
+    rows = sorted({key for c in cols.values() for key in c
+                   if key[0].split()[0] != "unet-full" or key[2] == "original VAE"})
     budgets = sorted({int(b) for c in cols.values() for by_seed in c.values() for r in by_seed.values() for b in r})
     kept = {m for c in cols.values() for by_seed in c.values() for r in by_seed.values() for res in r.values()
             for m in res}
@@ -173,7 +177,7 @@ def plot(cols: dict, rows: list[tuple], budgets: list[int], rate, out: Path) -> 
                             yerr=[[100 * (v.value - v.lo) for _, v in points],
                                   [100 * (v.hi - v.value) for _, v in points]],
                             marker="o", capsize=2, label=name, color=colours[name])
-        ax.set_title(f"{key[0]} Adam {key[1]:g}\n{key[2]}", fontsize=8)
+        ax.set_title(f"{key[0]} lr {key[1]:g}\n{key[2]}", fontsize=8)
         steps_axis(ax, budgets)
     axes[0][0].set_ylabel("unsafe % (glyph suite)")
     save_figure(fig, axes[0][0], out, dpi=90, below=True)
