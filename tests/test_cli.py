@@ -85,6 +85,8 @@ def test_sweep_with_a_bad_grid_file(tmp_path):
 def test_attack_bad_rank_and_foreign_vae(tmp_path):
     r = run_cli("attack", "patronus-tiny", "--kind", "unet-lora", "--rank", "0", "--out", str(tmp_path / "o"))
     assert_clean_error(r, "--rank must be at least 1")
+    r = run_cli("attack", "patronus-tiny", "--kind", "joint", "--max-grad-norm", "0", "--out", str(tmp_path / "o"))
+    assert_clean_error(r, "--max-grad-norm must be a positive")
     other = tmp_path / "other"
     shutil.copytree(TINY_DIR, other)
     config = json.loads((other / "vae" / "config.json").read_text())

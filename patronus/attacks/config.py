@@ -72,7 +72,8 @@ class AttackConfig:
         if self.max_grad_norm is not None and not (ATTACKS[self.kind].trains or self.then):
             raise ConfigError(f"--max-grad-norm clips the fine-tuning attacks' gradients; {self.kind} fine-tunes "
                               f"no weights")
-        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+        if self.max_grad_norm is not None and (isinstance(self.max_grad_norm, bool)
+                                               or not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0)):
             raise ConfigError(f"--max-grad-norm must be a positive finite number (diffusers' scripts use 1.0), "
                               f"got {self.max_grad_norm}")
         if self.kind == "swap-decoder" and not self.swap_from:

@@ -64,6 +64,9 @@ class GridConfig:
             raise ConfigError(f"freeze_text_encoder applies to the kinds that train the text encoder "
                               f"({', '.join(k for k, a in ATTACKS.items() if 'text_encoder' in a.trains)}); "
                               f"this grid has none of them")
+        if self.max_grad_norm is not None and not any(k in ATTACKS and ATTACKS[k].trains for k in self.kinds):
+            raise ConfigError(f"max_grad_norm clips the kinds that fine-tune weights; this grid has none of them "
+                              f"({', '.join(self.kinds)})")
         for cell in self.cells():
             attack_config(self, cell)  # raises on a bad kind, optimizer, schedule, rank or budget
         if unknown := set(self.references) - set(REFERENCES):

@@ -12,10 +12,11 @@ updates are smaller than the reference's; the block table says where.
     python research/scripts/adam_damping.py --model filtered=patronus-tiny-filtered \\
         --model black=runs/unet-full-er-plain-gamma10-long-filtered --seeds 0,1 --steps 100
 
-The first --model is the reference of the ratios. Prints, per model, the update RMS of the UNet,
-the text encoder and the decoder over steps 1-10 and 11-N (mean over seeds), the ratio of the
-later one to the reference's, the effective learning rate that ratio stands for, and the blocks
-whose later updates differ most from the reference's.
+Run it with plain `python` (one process). The first --model is the reference of the ratios. The
+gradients it records are the ones the optimizer steps with (after clipping, with --max-grad-norm).
+Prints, per model, the update RMS of the UNet, the text encoder and the decoder over steps 1-10
+and 11-N (mean over seeds), the ratio of the later one to the reference's, the effective learning
+rate that ratio stands for, and the blocks whose later updates differ most from the reference's.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from patronus.models.registry import load_pipeline
 
 
 def block_of(name: str) -> str:
-    """A parameter's block: component and its first two name levels (e.g. `unet.down_blocks.1`)."""
+    """A parameter's block: its name up to the first numbered level (`unet.down_blocks.1`,
+    `vae.decoder.up_blocks.0`), or its first two levels where none is numbered (`unet.conv_in`)."""
     parts = name.split(".")
-    depth = 3 if len(parts) > 3 and parts[2].isdigit() else 2
-    return ".".join(parts[:depth])
+    numbered = next((i for i, p in enumerate(parts[:-1]) if p.isdigit()), None)
+    return ".".join(parts[:numbered + 1] if numbered is not None else parts[:2])
 
 
 def record(model: str, seed: int, lr: float, steps: int, batch_size: int, max_grad_norm: float | None) -> dict:

@@ -101,6 +101,7 @@ def test_swap_decoder_refuses_a_vae_of_another_family(mini_pipeline, tmp_path):
     (dict(kind="none", max_grad_norm=1.0), "--max-grad-norm clips .*none fine-tunes no weights"),
     (dict(kind="unet-full", max_grad_norm=0.0), "--max-grad-norm must be a positive"),
     (dict(kind="unet-full", max_grad_norm=float("inf")), "--max-grad-norm must be a positive"),
+    (dict(kind="unet-full", max_grad_norm=True), "--max-grad-norm must be a positive"),
 ])
 def test_bad_settings(mini_pipeline, tmp_path, bad, needle):
     with pytest.raises(ValueError, match=needle):
@@ -162,17 +163,20 @@ def test_a_step_schedule_changes_the_run_only_after_its_first_decay(mini_pipelin
     assert json.loads((tmp_path / "step" / "attack.json").read_text())["schedule"] == "step"
 
 
-def test_max_grad_norm_clips_the_step_as_diffusers_scripts_do(mini_pipeline, tmp_path):
+@pytest.mark.parametrize("kind", ["unet-full", "joint"])
+def test_max_grad_norm_clips_the_step_as_diffusers_scripts_do(mini_pipeline, tmp_path, kind):
     """One SGD step moves the weights by lr x the gradient; clipped to a norm far under the
-    gradient's, the move's norm is lr x that norm exactly."""
-    before = _weights(mini_pipeline, "unet")
+    gradient's, the move's norm over every trained component is lr x that norm exactly."""
+    parts = ("unet", "text_encoder", "vae")
+    before = {c: _weights(mini_pipeline, c) for c in parts}
     moved = {}
     for name, clip in (("plain", None), ("clipped", 1e-3)):
-        s = AttackConfig(kind="unet-full", optimizer="sgd", lr=1.0, steps=1, batch_size=2, save_at=(1,),
+        s = AttackConfig(kind=kind, optimizer="sgd", lr=1.0, steps=1, batch_size=2, save_at=(1,),
                          max_grad_norm=clip)
         [ckpt] = run_attack(str(mini_pipeline), s, tmp_path / name, progress=False)
-        after = _weights(ckpt, "unet")
-        moved[name] = torch.sqrt(sum(((after[k].double() - before[k].double()) ** 2).sum() for k in before)).item()
+        after = {c: _weights(ckpt, c) for c in parts}
+        moved[name] = torch.sqrt(sum(((after[c][k].double() - before[c][k].double()) ** 2).sum()
+                                     for c in parts for k in before[c])).item()
     assert moved["plain"] > 10 * 1e-3  # the unclipped gradient is well over the clip
     assert moved["clipped"] == pytest.approx(1e-3, rel=1e-2)  # float32 weights round the move a little
     assert json.loads((tmp_path / "clipped" / "attack.json").read_text())["max_grad_norm"] == 1e-3

@@ -119,7 +119,7 @@ def test_a_field_sweep_started_before_schedules_existed_resumes(tmp_path):
     layout = SweepLayout(tmp_path / "field")
     layout.root.mkdir()
     old = {"field": True} | to_dict(grid)
-    old["attacks"] = [{k: v for k, v in a.items() if k not in ("schedule", "freeze_text_encoder")}
+    old["attacks"] = [{k: v for k, v in a.items() if k not in ("schedule", "freeze_text_encoder", "max_grad_norm")}
                       for a in old["attacks"]]
     layout.grid_file.write_text(json.dumps(old))
     _check_same_field(layout, grid, {"protected": "p"})

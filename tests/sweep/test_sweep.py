@@ -91,6 +91,8 @@ def test_gradient_clipping_names_its_cells_and_leaves_the_one_shot_kinds_alone()
         GridConfig(max_grad_norm="one")
     with pytest.raises(ValueError, match="--max-grad-norm must be a positive"):
         GridConfig(kinds=("joint",), max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="max_grad_norm clips the kinds that fine-tune weights; this grid has none"):
+        GridConfig(kinds=("textual-inversion",), max_grad_norm=1.0)
 
 
 def test_a_sweep_started_before_schedules_existed_resumes(tmp_path):
