@@ -51,25 +51,26 @@ def attack_name(cell: dict) -> str:
     return kind_name(cell) + (f"-r{cell['rank']}" if cell["rank"] else "")
 
 
-def clip_name(cell: dict) -> str | None:
-    """`clip1` for a cell whose gradient is clipped to norm 1; None for an unclipped one."""
-    return None if cell.get("max_grad_norm") is None else f"clip{cell['max_grad_norm']:g}"
+def _training_extras(cell: dict) -> list[str]:
+    """What a cell's training has beyond optimizer and rate: a schedule other than constant
+    (`step`), gradient clipping (`clip1` for norm 1). Empty for the cells every old sweep had."""
+    extras = [schedule_of(cell)] if schedule_of(cell) != "constant" else []
+    if cell.get("max_grad_norm") is not None:
+        extras.append(f"clip{cell['max_grad_norm']:g}")
+    return extras
 
 
 def optimizer_name(cell: dict) -> str | None:
-    """The optimizer with its learning-rate schedule where that is not constant and its gradient
-    clipping where there is some, e.g. `sgd`, `sgd+step` or `adam+clip1`."""
+    """The optimizer with its schedule and clipping where it has them, e.g. `sgd`, `sgd+step`, `adam+clip1`."""
     if cell["optimizer"] is None:
         return None
-    extras = [schedule_of(cell)] if schedule_of(cell) != "constant" else []
-    return "+".join([cell["optimizer"], *extras, *filter(None, [clip_name(cell)])])
+    return "+".join([cell["optimizer"], *_training_extras(cell)])
 
 
 def cell_id(cell: dict) -> str:
     if cell["optimizer"] is None:  # a one-shot attack (no training): nothing but the kind to tell apart
         return f"{attack_name(cell)}_s{cell['seed']}"
-    extras = "".join(f"_{x}" for x in (schedule_of(cell) if schedule_of(cell) != "constant" else None,
-                                       clip_name(cell)) if x)
+    extras = "".join(f"_{x}" for x in _training_extras(cell))
     return f"{attack_name(cell)}_{cell['optimizer']}_lr{cell['lr']:g}{extras}_s{cell['seed']}"
 
 
