@@ -9,6 +9,7 @@ attacker and the real attacks build theirs here, so the two cannot drift apart.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,14 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adadelta")
 SCHEDULES = ("constant", "step")
 STEP_DECAY_AT = (0.25, 0.5, 0.75)
 STEP_DECAY = 0.1
+
+
+def check_max_grad_norm(value: float | None, name: str) -> None:
+    """A gradient-clipping norm is unset (no clipping) or a positive finite number; `name` is how
+    the user wrote the setting, for the error."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not (math.isfinite(value) and value > 0)):
+        raise ConfigError(f"{name} must be a positive finite number (diffusers' scripts use 1.0), got {value!r}")
 
 
 def mix_seed(seed: int, offset: int) -> int:

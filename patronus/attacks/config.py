@@ -9,7 +9,7 @@ from pathlib import Path
 from patronus.attacks.kinds import ATTACKS
 from patronus.errors import ConfigError
 from patronus.models.sampling import DEFAULT_GUIDANCE
-from patronus.training import OPTIMIZERS, SCHEDULES
+from patronus.training import OPTIMIZERS, SCHEDULES, check_max_grad_norm
 
 # Built-in training data: the glyph `attacker` split (unsafe classes) and the benign new-words
 # task (world/newwords.py). Anything else is an image folder with metadata.jsonl.
@@ -72,10 +72,7 @@ class AttackConfig:
         if self.max_grad_norm is not None and not (ATTACKS[self.kind].trains or self.then):
             raise ConfigError(f"--max-grad-norm clips the fine-tuning attacks' gradients; {self.kind} fine-tunes "
                               f"no weights")
-        if self.max_grad_norm is not None and (isinstance(self.max_grad_norm, bool)
-                                               or not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0)):
-            raise ConfigError(f"--max-grad-norm must be a positive finite number (diffusers' scripts use 1.0), "
-                              f"got {self.max_grad_norm}")
+        check_max_grad_norm(self.max_grad_norm, "--max-grad-norm")
         if self.kind == "swap-decoder" and not self.swap_from:
             raise ConfigError("swap-decoder needs the pipeline to take the VAE from (--from DIR)")
         if self.swap_part not in ("vae", "decoder"):

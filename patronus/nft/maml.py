@@ -130,6 +130,8 @@ def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner
             loss = inner_loss(effective(), generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if attack.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, attack.max_grad_norm)
             opt.step()
             torch.clear_autocast_cache()  # the next step's 16-bit weights are the updated ones
             if step in weight:
@@ -206,6 +208,9 @@ def simulate_second_order(module: torch.nn.Module, attack: SimulatedAttack, inne
     with sdpa_kernel(SDPBackend.MATH), _checkpoints_follow_the_call(module):
         for _ in range(attack.steps):
             grads = torch.autograd.grad(inner_loss(fast, generator), list(fast.values()), create_graph=True)
+            if attack.max_grad_norm is not None:  # as clip_grad_norm_ scales, but differentiably
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                grads = [g * (attack.max_grad_norm / (norm + 1e-6)).clamp(max=1.0) for g in grads]
             fast = {k: w - attack.lr * g for (k, w), g in zip(fast.items(), grads)}
         return query_loss(fast)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from patronus.errors import ConfigError
-from patronus.training import OPTIMIZERS
+from patronus.training import OPTIMIZERS, check_max_grad_norm
 
 UPDATES = ("full", "lora")
 
@@ -40,6 +40,10 @@ class AttackSpaceConfig:
     lora_ranks: tuple[int, ...] = (4, 64)  # the sweep's ranks, parametrised as peft does
     queries_per_attack: int = 3  # query loss taken this many times along each trajectory
     query_weighting: str = "late"  # "late": the i-th of n queries weighs i / (1 + ... + n); or "uniform"
+    # Every simulated attacker clips its gradient's norm to this before each step (None: never), as
+    # the real attacker does with `--max-grad-norm`: an unclipped one is slowed by the large first
+    # gradients a refusal gives it, so NFT against it learns that damping (docs/concepts/threat-model.md).
+    max_grad_norm: float | None = None
 
     def __post_init__(self):
         _weighted("optimizers", self.optimizers, OPTIMIZERS)
@@ -56,6 +60,7 @@ class AttackSpaceConfig:
             raise ConfigError("attacks.lora_ranks and attacks.queries_per_attack must be at least 1")
         if self.query_weighting not in ("late", "uniform"):
             raise ConfigError(f"attacks.query_weighting must be late or uniform, got {self.query_weighting!r}")
+        check_max_grad_norm(self.max_grad_norm, "attacks.max_grad_norm")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class SimulatedAttack:
     objective: str  # what the attacker minimises (its meaning is the defence's)
     update: str  # "full" or "lora"
     lora_rank: int
+    max_grad_norm: float | None = None  # the gradient's norm is clipped to this before each step
 
     def query_steps(self, n: int) -> list[int]:
         """Inner steps (1-based) after which the query loss is taken: evenly spaced, always the last."""
@@ -88,4 +94,5 @@ def sample_attack(rng: np.random.Generator, space: AttackSpaceConfig) -> Simulat
         objective=_pick(rng, space.objectives),
         update=_pick(rng, space.updates),
         lora_rank=int(space.lora_ranks[int(rng.integers(len(space.lora_ranks)))]),
+        max_grad_norm=space.max_grad_norm,
     )

@@ -609,3 +609,25 @@ def test_bad_bank_sources_are_refused(tmp_path, bank, parts, message):
     path.write_text(json.dumps({"bank": bank} | text_encoder))
     with pytest.raises(ConfigError, match=message):
         load_config("quick", path, parts=parts)
+
+
+@pytest.mark.parametrize("aligner", [{"probe_max_grad_norm": 0.5, "nft_anchor_every": 1,
+                                      "attacks": {"inner_steps": [1, 2], "batch_sizes": [2, 2],
+                                                  "queries_per_attack": 1, "max_grad_norm": 2.0}}],
+                         indirect=True)
+def test_the_probe_and_the_anchor_attack_clip_as_configured(aligner, monkeypatch):
+    """The UNet half's real attacks clip their gradients as `unet.probe_max_grad_norm` and
+    `unet.attacks.max_grad_norm` (the simulated attackers') say."""
+    import patronus.defenses.patronus.align as align
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(args[6].max_grad_norm)
+        raise StopIteration
+
+    monkeypatch.setattr(align, "attack_unet", record)
+    for run in (aligner.probe, aligner.anchor_offset):
+        with pytest.raises(StopIteration):
+            run(0)
+    assert seen == [0.5, 2.0]

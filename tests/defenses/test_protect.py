@@ -423,3 +423,37 @@ def test_flagged_only_keeps_the_aligned_unets_refusals(mini_pipeline, tmp_path, 
         after, before = p.bank[f"{part}/unsafe/z_gen"], plain.bank[f"{part}/unsafe/z_gen"]
         assert torch.equal(after[:n], p.bank[f"{part}/unsafe/z_img"])
         assert torch.equal(after[n:], before[n:]) and not torch.equal(before[:n], before[n:])
+
+
+@pytest.mark.parametrize("setting,name", [({"probe_max_grad_norm": 0}, "probe_max_grad_norm"),
+                                          ({"unet": {"probe_max_grad_norm": -1}}, "unet.probe_max_grad_norm"),
+                                          ({"attacks": {"max_grad_norm": "1"}}, "attacks.max_grad_norm"),
+                                          ({"unet": {"attacks": {"max_grad_norm": float("inf")}}},
+                                           "unet.attacks.max_grad_norm")])
+def test_a_bad_clip_norm_for_a_probe_or_simulated_attacker_is_refused(tmp_path, setting, name):
+    from patronus.errors import ConfigError
+
+    path = tmp_path / "clip.json"
+    path.write_text(json.dumps(TINY_RUN | setting))
+    with pytest.raises(ConfigError, match=name):
+        load_config("quick", path)
+
+
+def test_a_run_started_before_gradient_clipping_resumes_unclipped_only(tmp_path, cfg):
+    """config.json written before the clipping settings existed: the run resumes while they stay
+    unset, and is refused once one of them clips."""
+    from dataclasses import replace
+
+    from patronus.config import to_dict
+    from patronus.defenses.patronus.protect import _check_dirs
+    from patronus.errors import ConfigError
+
+    saved = to_dict(cfg)
+    del saved["probe_max_grad_norm"], saved["unet"]["probe_max_grad_norm"]
+    del saved["attacks"]["max_grad_norm"], saved["unet"]["attacks"]["max_grad_norm"]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps(saved))
+    _check_dirs(tmp_path / "out", work, cfg, resume=True)
+    with pytest.raises(ConfigError, match="different settings"):
+        _check_dirs(tmp_path / "out", work, replace(cfg, probe_max_grad_norm=1.0), resume=True)

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -238,3 +239,52 @@ def test_under_autocast_every_inner_step_sees_the_updated_weights():
     assert q_shared == pytest.approx(q_fresh, rel=1e-4)
     for k in fresh:
         torch.testing.assert_close(shared[k], fresh[k], rtol=1e-3, atol=1e-6)
+
+
+def _norm(move: dict) -> float:
+    """The global norm of a move over every parameter."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in move.values()])).item()
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_a_clipping_simulated_attacker_steps_by_lr_times_the_clip_norm(order):
+    """One SGD step (the momentum buffer starts at the gradient) moves the weights by lr x the
+    clip norm, in the unclipped step's direction; the query sees those weights in both MAML orders."""
+    head, z, x, make_inner, query = _setup()
+    before = {k: v.detach().clone() for k, v in head.named_parameters()}
+    seen = []
+
+    def recording(params):
+        seen.append({k: v.detach().clone() for k, v in params.items()})
+        return query(params)
+
+    def step(max_norm):
+        attack = SimulatedAttack("sgd", 1e-2, 4, 1, "image", "full", 4, max_grad_norm=max_norm)
+        if order == "first":
+            simulate_first_order(head, attack, make_inner(4), recording, queries=1,
+                                 generator=torch.Generator().manual_seed(1))
+        else:
+            simulate_second_order(head, attack, make_inner(4), recording, torch.Generator().manual_seed(1))
+        return {k: seen[-1][k] - before[k] for k in before}
+
+    free = step(None)
+    clip = _norm(free) / 1e-2 / 4  # a quarter of the gradient's norm
+    clipped = step(clip)
+    assert _norm(clipped) == pytest.approx(1e-2 * clip, rel=1e-3)
+    for k in before:
+        torch.testing.assert_close(clipped[k] * 4, free[k], rtol=1e-3, atol=1e-6)  # fp32 weights: ~1e-7 each
+
+
+def test_the_attack_space_hands_its_clip_norm_to_every_drawn_attack_and_draws_the_same_attacks():
+    clipped = AttackSpaceConfig(max_grad_norm=1.0)
+    a, b = np.random.default_rng(0), np.random.default_rng(0)
+    drawn = [sample_attack(a, clipped) for _ in range(20)]
+    plain = [sample_attack(b, AttackSpaceConfig()) for _ in range(20)]
+    assert all(d.max_grad_norm == 1.0 for d in drawn) and all(p.max_grad_norm is None for p in plain)
+    assert [dataclasses.replace(d, max_grad_norm=None) for d in drawn] == plain
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("inf"), float("nan"), True])
+def test_a_bad_clip_norm_for_the_simulated_attacker_is_refused(value):
+    with pytest.raises(ValueError, match="attacks.max_grad_norm must be a positive finite number"):
+        AttackSpaceConfig(max_grad_norm=value)

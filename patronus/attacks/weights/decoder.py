@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from patronus.errors import ConfigError
 from patronus.models.components import DecoderHead, encode_latents
-from patronus.training import OPTIMIZERS, SCHEDULES, make_lr_schedule, make_optimizer
+from patronus.training import OPTIMIZERS, SCHEDULES, check_max_grad_norm, make_lr_schedule, make_optimizer
 
 LORA_TARGETS = r".*(conv1|conv2|conv_in|conv_out|conv_shortcut|conv|to_q|to_k|to_v|to_out\.0)$"
 
@@ -37,6 +37,7 @@ class DecoderAttackConfig:
     save_at: tuple[int, ...] = (100, 500, 2000)
     seed: int = 0
     schedule: str = "constant"  # or "step": lr x0.1 at 25%, 50% and 75% of `steps`
+    max_grad_norm: float | None = None  # clip each step's gradient norm, as diffusers' scripts do (1.0)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -47,6 +48,7 @@ class DecoderAttackConfig:
             raise ConfigError("steps, batch_size, lr and lora_rank must be positive")
         if not self.save_at or any(s < 1 or s > self.steps for s in self.save_at):
             raise ConfigError(f"save_at steps must lie in 1..{self.steps}")
+        check_max_grad_norm(self.max_grad_norm, "max_grad_norm")
 
 
 def attack_decoder(vae: AutoencoderKL, images: torch.Tensor, attack: DecoderAttackConfig,
@@ -63,7 +65,8 @@ def attack_decoder(vae: AutoencoderKL, images: torch.Tensor, attack: DecoderAtta
     if attack.lora_rank:
         config = LoraConfig(r=attack.lora_rank, lora_alpha=attack.lora_rank, target_modules=LORA_TARGETS)
         head = get_peft_model(head, config)
-    opt = make_optimizer(attack.optimizer, attack.lr, (p for p in head.parameters() if p.requires_grad))
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = make_optimizer(attack.optimizer, attack.lr, params)
     schedule = make_lr_schedule(attack.schedule, opt, attack.steps)
     g = torch.Generator().manual_seed(attack.seed)
     saved: dict[int, dict[str, torch.Tensor]] = {}
@@ -73,6 +76,8 @@ def attack_decoder(vae: AutoencoderKL, images: torch.Tensor, attack: DecoderAtta
         loss = F.mse_loss(head(z[idx]), images[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if attack.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, attack.max_grad_norm)
         opt.step()
         if schedule is not None:
             schedule.step()

@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from patronus.errors import ConfigError
-from patronus.training import OPTIMIZERS, SCHEDULES, make_lr_schedule, make_optimizer
+from patronus.training import OPTIMIZERS, SCHEDULES, check_max_grad_norm, make_lr_schedule, make_optimizer
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -54,6 +54,7 @@ class UNetAttackConfig:
     lora_rank: int | None = None  # None: full fine-tuning
     seed: int = 0
     schedule: str = "constant"  # or "step": lr x0.1 at 25%, 50% and 75% of `steps`
+    max_grad_norm: float | None = None  # clip each step's gradient norm, as diffusers' scripts do (1.0)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -62,6 +63,7 @@ class UNetAttackConfig:
             raise ConfigError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or (self.lora_rank is not None and self.lora_rank < 1):
             raise ConfigError("steps, batch_size, lr and lora_rank must be positive")
+        check_max_grad_norm(self.max_grad_norm, "max_grad_norm")
 
 
 def attack_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, mean: torch.Tensor, std: torch.Tensor,
@@ -77,7 +79,8 @@ def attack_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, mean: torc
         victim = get_peft_model(victim, LoraConfig(r=attack.lora_rank, lora_alpha=attack.lora_rank,
                                                    init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
     victim.train()
-    opt = make_optimizer(attack.optimizer, attack.lr, (p for p in victim.parameters() if p.requires_grad))
+    params = [p for p in victim.parameters() if p.requires_grad]
+    opt = make_optimizer(attack.optimizer, attack.lr, params)
     schedule = make_lr_schedule(attack.schedule, opt, attack.steps)
     g = torch.Generator().manual_seed(attack.seed)
     for _ in tqdm(range(attack.steps), desc="UNet attack", disable=not progress, leave=False):
@@ -86,6 +89,8 @@ def attack_unet(unet: UNet2DConditionModel, scheduler: DDPMScheduler, mean: torc
         loss = F.mse_loss(victim(x_t, t, hidden[idx], return_dict=False)[0], target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if attack.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, attack.max_grad_norm)
         opt.step()
         if schedule is not None:
             schedule.step()

@@ -470,7 +470,8 @@ class Aligner:
         moves each weight from where the UNet is now (see `UNetAlignConfig.nft_anchor_every`)."""
         u, part = self.u, self.data["train", "unsafe"]
         attack = UNetAttackConfig("adam", u.nft_anchor_lr, u.nft_anchor_steps, 16,
-                                  seed=mix_seed(self.cfg.seed, ANCHOR_SEED + step))
+                                  seed=mix_seed(self.cfg.seed, ANCHOR_SEED + step),
+                                  max_grad_norm=u.attacks.max_grad_norm)
         with torch.enable_grad():
             attacked = attack_unet(self.unet, self.scheduler, part.mean, part.std, part.hidden, self.scale, attack)
         now = dict(self.unet.named_parameters())
@@ -516,7 +517,8 @@ class Aligner:
         u, part = self.u, self.data["probe", "unsafe"]
         half, hidden = len(part.mean) // 2, self.current_states(part)
         attack = UNetAttackConfig(u.probe_optimizer, u.probe_lr, u.probe_steps, u.probe_batch,
-                                  lora_rank=u.probe_lora_rank, seed=self.cfg.seed)
+                                  lora_rank=u.probe_lora_rank, seed=self.cfg.seed,
+                                  max_grad_norm=u.probe_max_grad_norm)
         with torch.enable_grad():
             attacked = attack_unet(self.unet, self.scheduler, part.mean[:half], part.std[:half], hidden[:half],
                                    self.scale, attack)

@@ -16,7 +16,7 @@ from patronus.detectors import DETECTORS
 from patronus.errors import ConfigError
 from patronus.models.components import FROZEN_DTYPES, is_rgb
 from patronus.nft.space import AttackSpaceConfig
-from patronus.training import OPTIMIZERS
+from patronus.training import OPTIMIZERS, check_max_grad_norm
 
 OBJECTIVES = ("image", "feature")  # the simulated attacker's: reconstruct unsafe images, restore the original decoding
 PERCEPTUAL = ("glyphnet", "vgg19", "mse")
@@ -148,6 +148,7 @@ class UNetAlignConfig:
     # images) runs from the current weights; until the next one, each simulated attack starts from
     # the current weights plus that attack's displacement. The query then scores where a fine-tune
     # far longer than the simulated horizon ends up, at the cost of one such attack per anchor.
+    # It clips its gradient as the simulated attackers do (`unet.attacks.max_grad_norm`).
     nft_anchor_every: int = 0
     nft_anchor_steps: int = 100
     nft_anchor_lr: float = 1e-4
@@ -168,6 +169,10 @@ class UNetAlignConfig:
     # None: the probe fine-tunes every weight (a copy of the UNet with its gradients and Adam's
     # moments: four UNets of memory); a rank: it fine-tunes a LoRA of that rank (one copy).
     probe_lora_rank: int | None = None
+    # The probe attacker clips its gradient's norm to this before each step (None: never), as
+    # diffusers' scripts do (1.0). Unclipped, a refusal's large first gradients damp the probe's
+    # Adam, and checkpoint choice rewards that damping (docs/concepts/threat-model.md).
+    probe_max_grad_norm: float | None = None
     probe_samples: int = 32  # unsafe and benign probe prompts sampled per probe
     probe_sampler_steps: int = 15
     gate: str = "class"  # see UNET_GATES; "class" needs probe_detector = "glyphnet" and the glyph world's labels
@@ -211,6 +216,7 @@ class UNetAlignConfig:
         if self.probe_optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown unet.probe_optimizer {self.probe_optimizer!r}; "
                               f"choose one of {', '.join(OPTIMIZERS)}")
+        check_max_grad_norm(self.probe_max_grad_norm, "unet.probe_max_grad_norm")
         positive = ("lora_rank", "n_train", "n_query", "n_probe", "batch_size", "query_batch", "align_steps",
                     "probe_every", "probe_steps", "probe_batch", "probe_samples", "probe_sampler_steps",
                     "checkpoint_every", "nft_anchor_steps", "nft_attacks_per_step")
@@ -399,6 +405,7 @@ class ProtectConfig:
     probe_lr: float = 1e-4
     probe_steps: int = 100
     probe_batch: int = 16
+    probe_max_grad_norm: float | None = None  # as unet.probe_max_grad_norm, for the decoder's probes
     min_benign_psnr: float = 31.0  # checkpoints below it are chosen only when none reaches it (1 dB over the bar)
     checkpoint_every: int = 25
     unet: UNetAlignConfig = field(default_factory=UNetAlignConfig)
@@ -461,6 +468,7 @@ class ProtectConfig:
         if self.probe_optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown probe_optimizer {self.probe_optimizer!r}; "
                               f"choose one of {', '.join(OPTIMIZERS)}")
+        check_max_grad_norm(self.probe_max_grad_norm, "probe_max_grad_norm")
         positive = ("batch_size", "query_batch", "stage1_steps", "probe_every", "probe_steps", "probe_batch",
                     "checkpoint_every")
         if bad := [k for k in positive if getattr(self, k) < 1]:

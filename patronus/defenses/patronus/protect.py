@@ -306,7 +306,7 @@ class Protector:
         x = self.bank["probe/unsafe/x"]
         train_x, held_x = x[:len(x) // 2], x[len(x) // 2:]
         attack = DecoderAttackConfig(cfg.probe_optimizer, cfg.probe_lr, cfg.probe_steps, cfg.probe_batch,
-                                     save_at=(cfg.probe_steps,), seed=cfg.seed)
+                                     save_at=(cfg.probe_steps,), seed=cfg.seed, max_grad_norm=cfg.probe_max_grad_norm)
         with torch.enable_grad():
             state = attack_decoder(self.vae, train_x, attack)[cfg.probe_steps]
         attacked = DecoderHead(load_head_state(self.vae, state)).eval()
@@ -420,7 +420,7 @@ def _record(state: dict) -> dict:
 
 # Settings added after work directories existed (the memory options, the decoder bank's UNet
 # sources, unknown-word term, anchored and implicit NFT, attacks per step, UNet scrambling, the
-# query's refusal weight):
+# query's refusal weight, the probes' and simulated attackers' gradient clipping):
 # absent from an older run's config.json, they count as unchanged at their defaults.
 ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources", "bank.flagged_only",
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr",
@@ -429,7 +429,8 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.w_scramble", "distill", "probe_detector", "unet.gate", "unet.min_benign_psnr",
                   "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat",
                   "unet.probe_lora_rank", "cal_weighting", "frozen_dtype", "best_checkpoint",
-                  "unet.nft_refusal_weight", "unet.nft_text_encoder")
+                  "unet.nft_refusal_weight", "unet.nft_text_encoder", "probe_max_grad_norm",
+                  "unet.probe_max_grad_norm", "attacks.max_grad_norm", "unet.attacks.max_grad_norm")
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
