@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -13,11 +14,11 @@ UPDATES = ("full", "lora")
 
 
 def _weighted(name: str, pairs: tuple, allowed: tuple[str, ...] | None = None) -> None:
-    """`pairs` must be non-empty (choice, probability weight) pairs with positive weights."""
+    """`pairs` (the setting `name`) must be non-empty (choice, probability weight) pairs with positive weights."""
     if (not pairs or any(len(p) != 2 or not isinstance(p[0], str) or not p[1] > 0 for p in pairs)
             or (allowed is not None and any(p[0] not in allowed for p in pairs))):
         choices = f" with a choice from {', '.join(allowed)}" if allowed else ""
-        raise ConfigError(f"attacks.{name} must be [choice, weight] pairs{choices} and weight > 0, got {pairs!r}")
+        raise ConfigError(f"{name} must be [choice, weight] pairs{choices} and weight > 0, got {pairs!r}")
 
 
 @dataclass(frozen=True)
@@ -45,23 +46,26 @@ class AttackSpaceConfig:
     # gradients a refusal gives it, so NFT against it learns that damping (docs/concepts/threat-model.md).
     max_grad_norm: float | None = None
 
+    # The table these settings are read from, for errors: `[attacks]`, or `[unet.attacks]` in the subclass.
+    TABLE: ClassVar[str] = "attacks"
+
     def __post_init__(self):
-        _weighted("optimizers", self.optimizers, OPTIMIZERS)
-        _weighted("objectives", self.objectives)
-        _weighted("updates", self.updates, UPDATES)
+        t = self.TABLE
+        _weighted(f"{t}.optimizers", self.optimizers, OPTIMIZERS)
+        _weighted(f"{t}.objectives", self.objectives)
+        _weighted(f"{t}.updates", self.updates, UPDATES)
         lo, hi = self.lr_range
         if not 0 < lo <= hi:
-            raise ConfigError(f"attacks.lr_range must be [low, high] with 0 < low <= high, got {[lo, hi]}")
+            raise ConfigError(f"{t}.lr_range must be [low, high] with 0 < low <= high, got {[lo, hi]}")
         for name in ("batch_sizes", "inner_steps"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
-                raise ConfigError(f"attacks.{name} must be [low, high] with 1 <= low <= high, got {[lo, hi]}")
+                raise ConfigError(f"{t}.{name} must be [low, high] with 1 <= low <= high, got {[lo, hi]}")
         if not self.lora_ranks or min(self.lora_ranks) < 1 or self.queries_per_attack < 1:
-            raise ConfigError("attacks.lora_ranks and attacks.queries_per_attack must be at least 1")
+            raise ConfigError(f"{t}.lora_ranks and {t}.queries_per_attack must be at least 1")
         if self.query_weighting not in ("late", "uniform"):
-            raise ConfigError(f"attacks.query_weighting must be late or uniform, got {self.query_weighting!r}")
-        check_max_grad_norm(self.max_grad_norm, "attacks.max_grad_norm")
-
+            raise ConfigError(f"{t}.query_weighting must be late or uniform, got {self.query_weighting!r}")
+        check_max_grad_norm(self.max_grad_norm, f"{t}.max_grad_norm")
 
 @dataclass(frozen=True)
 class SimulatedAttack:

@@ -427,16 +427,29 @@ def test_flagged_only_keeps_the_aligned_unets_refusals(mini_pipeline, tmp_path, 
 
 @pytest.mark.parametrize("setting,name", [({"probe_max_grad_norm": 0}, "probe_max_grad_norm"),
                                           ({"unet": {"probe_max_grad_norm": -1}}, "unet.probe_max_grad_norm"),
-                                          ({"attacks": {"max_grad_norm": "1"}}, "attacks.max_grad_norm"),
-                                          ({"unet": {"attacks": {"max_grad_norm": float("inf")}}},
-                                           "unet.attacks.max_grad_norm")])
-def test_a_bad_clip_norm_for_a_probe_or_simulated_attacker_is_refused(tmp_path, setting, name):
+                                          ({"attacks": {"max_grad_norm": 0}}, "attacks.max_grad_norm"),
+                                          ({"unet": {"attacks": {"max_grad_norm": -1}}}, "unet.attacks.max_grad_norm")])
+def test_a_bad_clip_norm_for_a_probe_or_simulated_attacker_is_refused_by_its_name(tmp_path, setting, name):
+    import re
+
     from patronus.errors import ConfigError
 
     path = tmp_path / "clip.json"
     path.write_text(json.dumps(TINY_RUN | setting))
-    with pytest.raises(ConfigError, match=name):
+    with pytest.raises(ConfigError, match=f"^{re.escape(name)} must be a positive finite number"):
         load_config("quick", path)
+
+
+def test_the_attacked_bank_sources_cache_key_holds_no_unset_clipping():
+    """Caches written before `max_grad_norm` existed keep their key; a clipped attack gets another."""
+    from dataclasses import asdict
+
+    from patronus.attacks.weights.unet import UNetAttackConfig
+    from patronus.defenses.patronus.protect import attack_key
+
+    plain = UNetAttackConfig("adam", 1e-4, 300, 16, 64, seed=11)
+    assert attack_key(plain) == {k: v for k, v in asdict(plain).items() if k != "max_grad_norm"}
+    assert attack_key(UNetAttackConfig("adam", 1e-4, 300, 16, 64, seed=11, max_grad_norm=1.0))["max_grad_norm"] == 1.0
 
 
 def test_a_run_started_before_gradient_clipping_resumes_unclipped_only(tmp_path, cfg):

@@ -288,3 +288,32 @@ def test_the_attack_space_hands_its_clip_norm_to_every_drawn_attack_and_draws_th
 def test_a_bad_clip_norm_for_the_simulated_attacker_is_refused(value):
     with pytest.raises(ValueError, match="attacks.max_grad_norm must be a positive finite number"):
         AttackSpaceConfig(max_grad_norm=value)
+
+
+def test_the_second_order_clip_is_differentiated_through():
+    """Full MAML through clipped SGD steps: the outer gradient matches central finite differences
+    (float64, clipping active at every step)."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2).double()
+    g = torch.Generator().manual_seed(0)
+    x, y, xq = (torch.randn(n, generator=g, dtype=torch.float64) for n in ((8, 3), (8, 2), (4, 3)))
+
+    def inner(params, gen):
+        return F.mse_loss(functional_call(module, params, (x,)), y)
+
+    def query(params):
+        return functional_call(module, params, (xq,)).pow(2).mean()
+
+    attack = SimulatedAttack("sgd", 0.1, 8, 3, "image", "full", 4, max_grad_norm=0.05)
+    outer = torch.autograd.grad(simulate_second_order(module, attack, inner, query, torch.Generator()),
+                                list(module.parameters()))
+    assert torch.linalg.vector_norm(torch.autograd.grad(inner(dict(module.named_parameters()), None),
+                                                        module.weight)[0]) > 0.05  # the clip acts
+    for p, grad in zip(module.parameters(), outer):
+        for i in range(p.numel()):
+            p.data.view(-1)[i] += 1e-6
+            up = simulate_second_order(module, attack, inner, query, torch.Generator()).item()
+            p.data.view(-1)[i] -= 2e-6
+            down = simulate_second_order(module, attack, inner, query, torch.Generator()).item()
+            p.data.view(-1)[i] += 1e-6
+            assert grad.view(-1)[i].item() == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from patronus.config import build, merge, read_config_file
 from patronus.defenses.patronus.bank import UNET_SOURCES, FeatureBankConfig
@@ -33,6 +34,8 @@ UNET_GATES = ("class", "fidelity")
 class UNetAttackSpaceConfig(AttackSpaceConfig):
     """The simulated attacks on the UNet: the attacker's denoising fine-tune on unsafe
     image-caption pairs, full weights or a LoRA on the attention projections (as `unet-lora`)."""
+
+    TABLE: ClassVar[str] = "unet.attacks"
 
     objectives: tuple[tuple[str, float], ...] = (("denoise", 1.0),)
     batch_sizes: tuple[int, int] = (8, 16)

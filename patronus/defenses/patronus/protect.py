@@ -160,7 +160,7 @@ class Protector:
             attack = UNetAttackConfig("adam", s.attacked_lr, s.attacked_steps, 16,
                                       s.attacked_lora_rank if s.attacked_update == "lora" else None,
                                       seed=mix_seed(self.cfg.seed, 11))
-            digest = hashlib.sha256(f"{digest} attacked {json.dumps(asdict(attack))}".encode()).hexdigest()
+            digest = hashlib.sha256(f"{digest} attacked {json.dumps(attack_key(attack))}".encode()).hexdigest()
             if not bank_file(cache, s, digest).exists():
                 train = load_partitions(self.pipe, self.cfg)["train", "unsafe"]
                 scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -431,6 +431,12 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.probe_lora_rank", "cal_weighting", "frozen_dtype", "best_checkpoint",
                   "unet.nft_refusal_weight", "unet.nft_text_encoder", "probe_max_grad_norm",
                   "unet.probe_max_grad_norm", "attacks.max_grad_norm", "unet.attacks.max_grad_norm")
+
+
+def attack_key(attack: UNetAttackConfig) -> dict:
+    """The attacked bank source's settings as its cache key holds them: an unset `max_grad_norm`
+    (added later) is left out, so that caches written before it existed are still found."""
+    return {k: v for k, v in asdict(attack).items() if not (k == "max_grad_norm" and v is None)}
 
 
 def _check_dirs(out: Path, workdir: Path, cfg: ProtectConfig, resume: bool) -> None:
