@@ -43,3 +43,25 @@ def test_a_clipping_attacker_steps_by_lr_times_the_clip_norm(mini_pipeline):
 def test_a_bad_clip_norm_is_refused_on_construction(value):
     with pytest.raises(ValueError, match="max_grad_norm must be a positive finite number"):
         UNetAttackConfig(max_grad_norm=value)
+
+
+def test_a_clipping_lora_attacker_clips_the_lora_factors_it_trains(mini_pipeline, monkeypatch):
+    """The clip covers exactly the parameters the optimizer trains: every LoRA factor, no base weight."""
+    pipe = StableDiffusionPipeline.from_pretrained(mini_pipeline)
+    unet, scheduler = pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def record(params, norm):
+        clipped.append(params)
+        return clip(params, norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    shape = (4, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    hidden = torch.zeros(4, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim)
+    attack_unet(unet, scheduler, torch.zeros(shape), torch.ones(shape), hidden, 1.0,
+                UNetAttackConfig("adam", 1e-3, 2, 2, lora_rank=2, max_grad_norm=1.0))
+    assert len(clipped) == 2 and all(p.requires_grad for p in clipped[0])
+    n_lora = sum(2 for m in unet.modules() for name in ("to_q", "to_k", "to_v") if hasattr(m, name))
+    n_lora += sum(2 for m in unet.modules() if hasattr(m, "to_out"))
+    assert len(clipped[0]) == n_lora  # A and B of every targeted projection, nothing else
