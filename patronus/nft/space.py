@@ -67,6 +67,7 @@ class AttackSpaceConfig:
             raise ConfigError(f"{t}.query_weighting must be late or uniform, got {self.query_weighting!r}")
         check_max_grad_norm(self.max_grad_norm, f"{t}.max_grad_norm")
 
+
 @dataclass(frozen=True)
 class SimulatedAttack:
     optimizer: str
