@@ -20,8 +20,9 @@ it should cost the attacker.
         --column "filtered=runs/reset-filtered-joint-lr1e-3,runs/dgj-filtered-lr1e-3" \\
         --column "empty refusal=runs/reset-er-joint-lr1e-3,runs/dgj5-er-plain-gamma10-long"
 
-Each column is NAME=RESET_PREFIX,SWEEP: the restarted attacks' evaluations (PREFIX-s{seed}-eval-{90,490})
-and the sweep whose `joint` lr 1e-3 cells are the uninterrupted attacks. Prints, per model and
+Each column is NAME=RESET_PREFIX,SWEEP[,SWEEP...]: the restarted attacks' evaluations
+(PREFIX-s{seed}-eval-{90,490}) and the sweeps whose `joint` lr 1e-3 cells are the uninterrupted
+attacks (seeds 5-9 live in a second sweep). Prints, per model and
 budget, both means over the seeds that have both (95% t interval) and the paired difference
 restarted - uninterrupted; then each model's difference minus the first column's, paired by seed.
 """
@@ -38,9 +39,12 @@ CELL = ("joint", "adam", 1e-3)
 BUDGETS = {100: 90, 500: 490}  # total attacker steps -> the restarted attack's own step
 
 
-def uninterrupted(sweep: str) -> dict[int, dict] | None:
-    """Attack seed -> results per budget (done.json's) of the sweep's `joint` Adam 1e-3 cells."""
-    return results_by_seed(sweep_summary(Path(sweep))).get(CELL, {}).get("protected")
+def uninterrupted(sweeps: list[str]) -> dict[int, dict] | None:
+    """Attack seed -> results per budget (done.json's) of the sweeps' `joint` Adam 1e-3 cells."""
+    out: dict[int, dict] = {}
+    for sweep in sweeps:
+        out |= results_by_seed(sweep_summary(Path(sweep))).get(CELL, {}).get("protected") or {}
+    return out or None
 
 
 def restarted(prefix: str) -> dict[int, dict]:
@@ -56,17 +60,17 @@ def restarted(prefix: str) -> dict[int, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--column", action="append", required=True, metavar="NAME=RESET_PREFIX,SWEEP")
+    p.add_argument("--column", action="append", required=True, metavar="NAME=RESET_PREFIX,SWEEP[,SWEEP...]")
     args = p.parse_args()
     effects: dict[str, dict[int, dict[int, float]]] = {}
     for spec in args.column:
         name, _, paths = spec.partition("=")
-        prefix, _, sweep = paths.partition(",")
-        if not sweep:
-            p.error(f"--column {spec!r}: expected NAME=RESET_PREFIX,SWEEP")
-        plain, fresh = uninterrupted(sweep), restarted(prefix)
+        prefix, *sweeps = paths.split(",")
+        if not sweeps:
+            p.error(f"--column {spec!r}: expected NAME=RESET_PREFIX,SWEEP[,SWEEP...]")
+        plain, fresh = uninterrupted(sweeps), restarted(prefix)
         if plain is None:
-            p.error(f"{sweep} has no joint Adam 1e-3 cells of its protected model")
+            p.error(f"{', '.join(sweeps)}: no joint Adam 1e-3 cells of a protected model")
         effects[name] = {}
         for b in BUDGETS:
             seeds = sorted(s for s in plain.keys() & fresh.keys() if str(b) in plain[s] and str(b) in fresh[s])

@@ -1,0 +1,101 @@
+"""Sample a pipeline with another pipeline's UNet answering the empty prompt.
+
+Classifier-free guidance mixes two predictions: the prompt's (conditional) and the empty prompt's
+(unconditional). The empty refusal (`unet.target = "empty-refusal"`) makes the second refuse and
+shifts the first so that guided benign samples stay the original's. A benign fine-tune trains the
+conditional branch on the plain denoising loss, which has no such shift. This script tells the
+two costs apart after such a fine-tune: the same conditional branch sampled with its own
+unconditional branch and with another model's (for instance the unrefusing filtered model's),
+at several guidance scales, on the same prompts and seeds as `patronus evaluate`.
+
+    python research/scripts/uncond_swap.py runs/nwa-er-unet-lora/step-500 \\
+        --uncond patronus-tiny-filtered --suite new-words --guidance 1,4 --refusal rendered
+
+It prints, per guidance scale, the benign class match, unsafe rate and refusal rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from patronus.detectors.glyphnet import GlyphNetDetector
+from patronus.evaluation.harness import (
+    REFUSALS,
+    EvalConfig,
+    compute_metrics,
+    make_jobs,
+    refusal_reference,
+    resolve_prompts,
+    run_jobs,
+)
+from patronus.evaluation.metrics import is_refusal
+from patronus.models.registry import load_pipeline
+
+FIGURES = ("benign_class_match", "false_refusal_rate", "unsafe_rate", "refusal_rate")
+
+
+@torch.no_grad()
+def empty_states(pipe) -> torch.Tensor:
+    """The empty prompt as `pipe`'s own text encoder reads it (what its UNet was trained with)."""
+    ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def swap_unconditional(pipe, other) -> None:
+    """Route the first half of every guided UNet batch (diffusers puts the empty prompt's rows
+    first) to `other`'s UNet reading `other`'s empty-prompt states; the second half stays `pipe`'s."""
+    own, theirs, h = pipe.unet.forward, other.unet, empty_states(other)
+
+    def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        n = len(sample) // 2
+        if len(sample) % 2 or n == 0:
+            raise ValueError("uncond_swap needs guided sampling (guidance > 1): the batch has no unconditional half")
+        unc = theirs(sample[:n], timestep, h.expand(n, -1, -1), return_dict=False)[0]
+        cond = own(sample[n:], timestep, encoder_hidden_states[n:], return_dict=False)[0]
+        out = torch.cat([unc, cond])
+        return (out,) if not kwargs.get("return_dict", True) else UNet2DConditionOutput(sample=out)
+
+    pipe.unet.forward = forward
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="the pipeline whose conditional branch is sampled")
+    p.add_argument("--uncond", default=None,
+                   help="the pipeline whose UNet answers the empty prompt (default: the model's own)")
+    p.add_argument("--suite", default="new-words")
+    p.add_argument("--guidance", default="4", help="comma-separated guidance scales")
+    p.add_argument("--refusal", default="rendered", choices=REFUSALS)
+    p.add_argument("--json", default=None, help="also write the figures here")
+    args = p.parse_args()
+    scales = [float(g) for g in args.guidance.split(",")]
+    if args.uncond and min(scales) <= 1:
+        p.error("a guidance scale of 1 or less samples no unconditional branch; give scales above 1 with --uncond")
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    if args.uncond:
+        other = load_pipeline(args.uncond)
+        for m in (other.unet, other.text_encoder):
+            m.requires_grad_(False)
+        swap_unconditional(pipe, other)
+    detector, out = GlyphNetDetector(), {}
+    for g in scales:
+        s = EvalConfig(suite=args.suite, guidance=g, refusal=args.refusal)
+        jobs = make_jobs(resolve_prompts(s), s)
+        images, _ = run_jobs(pipe, jobs, s)
+        refused = is_refusal(images, refusal_reference(pipe, images.shape[1], s))
+        m = compute_metrics(jobs, detector.detect(images), refused, s.seed)
+        out[g] = {k: m[k]["value"] for k in FIGURES if k in m}
+        print(f"guidance {g:g}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in out[g].items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "uncond": args.uncond, "suite": args.suite, "figures": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
