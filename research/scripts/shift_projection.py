@@ -12,7 +12,9 @@ a = b. This measures a and b, projected on R, on the benign fine-tuning task's o
         --original patronus-tiny-filtered runs/nwa-er-unet-lora/step-100 runs/nwa-er-unet-lora/step-500
 
 Printed per pipeline: b (the empty prompt), a for the task's new-word captions and for the same
-captions with the class's own word, and the share of each change that lies along R.
+captions with the class's own word, the share of each change that lies along R, and the guided
+prediction's offset along R from the original's (in units of R; 0 where guidance cancels the
+refusal, whatever a and b are).
 """
 
 from __future__ import annotations
@@ -79,13 +81,21 @@ def main() -> None:
     print(f"|R| / |u_original| = {float(r.norm() / orig['empty'].norm()):.3f}; "
           f"aligned prompts' offset from the original along R (expected {shift:.2f}): "
           + ", ".join(f"{k} {-along(base[k] - orig[k], r, 1.0)[0]:.2f}" for k in prompts))
-    print("| pipeline | b: empty prompt (share along R) | a: new words | a: own words |")
-    print("|---|---|---|---|")
+    def guided(p: dict[str, torch.Tensor], k: str) -> torch.Tensor:
+        return p["empty"] + args.guidance * (p[k] - p["empty"])
+
+    def offset(p: dict[str, torch.Tensor]) -> str:
+        """The guided prediction's offset from the original's along R, per prompt set (0: cancelled)."""
+        return " / ".join(f"{-along(guided(p, k) - guided(orig, k), r, 1.0)[0]:+.2f}" for k in prompts)
+
+    print(f"guided offset along R before any fine-tune (new words / own words): {offset(base)}")
+    print("| pipeline | b: empty prompt (share along R) | a: new words | a: own words | guided offset along R |")
+    print("|---|---|---|---|---|")
     for path in args.tuned:
         tuned = predictions(load_pipeline(path), x_t, t, prompts)
         cells = [along(tuned["empty"] - base["empty"], r, 1.0)]
         cells += [along(tuned[k] - base[k], r, shift) for k in prompts]
-        print(f"| {path} | " + " | ".join(f"{c:.2f} ({s:.2f})" for c, s in cells) + " |", flush=True)
+        print(f"| {path} | " + " | ".join(f"{c:.2f} ({s:.2f})" for c, s in cells) + f" | {offset(tuned)} |", flush=True)
 
 
 if __name__ == "__main__":
