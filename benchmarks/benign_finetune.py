@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     grid = load_grid(args.grid)  # a bad grid or model fails before any work
-    if args.refusal:
+    if args.refusal and args.refusal != grid.eval_config().refusal:  # the grid's own rule keeps its grid.json
         grid = replace(grid, eval={**grid.eval, "refusal": args.refusal})
     resolve_model(args.model)
     resolve_model(args.base)
@@ -48,9 +48,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     models = {"protected": args.model, "unprotected": args.base}
-    for name in models:  # an earlier run into --out must have counted refusals the same way
-        f = out / f"eval-{name}-step-0" / "metrics.json"
-        if f.exists() and (rule := json.loads(f.read_text())["settings"].get("refusal", "black")) != \
+    earlier = [(out / f"eval-{name}-step-0" / "metrics.json", "settings") for name in models]
+    for f, key in earlier + [(out / "sweep" / "grid.json", "eval")]:  # --out must count refusals as before
+        if f.exists() and (rule := json.loads(f.read_text())[key].get("refusal", "black")) != \
                 grid.eval_config().refusal:
             ap.error(f"{f.parent} counted refusals as {rule!r}, this run as {grid.eval_config().refusal!r}; "
                      "give another --out")

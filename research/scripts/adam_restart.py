@@ -9,7 +9,7 @@ compare with the uninterrupted attack of the same seed (a decision-grid sweep). 
 first steps are ordinary the restart should change little; where the first steps damp the attack
 it should cost the attacker.
 
-    # each model M, name N, attack seed s in 0..4 (the second attack starts from the first one's end):
+    # each model M, name N, attack seed s (0-6 measured; the second attack starts from the first one's end):
     patronus attack M --kind joint --optimizer adam --lr 1e-3 --steps 10 --batch-size 16 --seed s \\
         --out runs/reset-N-joint-lr1e-3-s$s-first10
     patronus attack runs/reset-N-joint-lr1e-3-s$s-first10/step-10 --kind joint --optimizer adam --lr 1e-3 \\
@@ -22,9 +22,9 @@ it should cost the attacker.
 
 Each column is NAME=RESET_PREFIX,SWEEP[,SWEEP...]: the restarted attacks' evaluations
 (PREFIX-s{seed}-eval-{90,490}) and the sweeps whose `joint` lr 1e-3 cells are the uninterrupted
-attacks (seeds 5-9 live in a second sweep). Prints, per model and
-budget, both means over the seeds that have both (95% t interval) and the paired difference
-restarted - uninterrupted; then each model's difference minus the first column's, paired by seed.
+attacks (seeds 5-9 live in a second sweep). Prints, per model and budget, both means over the
+seeds that have both (95% t interval) and the paired difference restarted - uninterrupted; then
+each model's difference minus the first column's, paired by seed.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def uninterrupted(sweeps: list[str]) -> dict[int, dict] | None:
     """Attack seed -> results per budget (done.json's) of the sweeps' `joint` Adam 1e-3 cells."""
     out: dict[int, dict] = {}
     for sweep in sweeps:
-        out |= results_by_seed(sweep_summary(Path(sweep))).get(CELL, {}).get("protected") or {}
+        seeds = results_by_seed(sweep_summary(Path(sweep))).get(CELL, {}).get("protected") or {}
+        if twice := sorted(seeds.keys() & out.keys()):
+            raise SystemExit(f"error: attack seed(s) {twice} are in more than one of {', '.join(sweeps)}")
+        out |= seeds
     return out or None
 
 

@@ -13,8 +13,9 @@ a = b. This measures a and b, projected on R, on the benign fine-tuning task's o
 
 Printed per pipeline: b (the empty prompt), a for the task's new-word captions and for the same
 captions with the class's own word, the share of each change that lies along R, and the guided
-prediction's offset along R from the original's (in units of R; 0 where guidance cancels the
-refusal, whatever a and b are).
+prediction's offset along R from the original's, in units of R (measured directly, not derived
+from a and b, which use the nominal (1 - 1/g) R; 0 where guidance cancels the refusal, positive
+towards it).
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ import argparse
 import torch
 from diffusers import DDPMScheduler
 
+from patronus.errors import PatronusError
 from patronus.imaging import to_tensor
 from patronus.models.components import encode_latents
-from patronus.models.registry import load_pipeline
+from patronus.models.registry import load_pipeline, resolve_model
 from patronus.world.newwords import NEW_WORDS, render_new_words
 
 
 @torch.no_grad()
 def states(pipe, texts: list[str]) -> torch.Tensor:
+    """`texts` as `pipe`'s own text encoder reads them (each pipeline with its own encoder)."""
     ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
 
 
 @torch.no_grad()
@@ -64,12 +67,18 @@ def main() -> None:
     p.add_argument("--n", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.guidance <= 1 or args.n < 1:
+        p.error("--guidance must be above 1 (alignment shifts targets for guided sampling) and --n at least 1")
+    try:
+        for path in [args.aligned, args.original, *args.tuned]:
+            resolve_model(path)
+    except PatronusError as e:
+        p.error(str(e))
     torch.manual_seed(args.seed)
     aligned, original = load_pipeline(args.aligned), load_pipeline(args.original)
     images, texts, classes = render_new_words(args.n)
-    own_words = [t.replace(w, NEW_WORDS[w]) for t in texts for w in NEW_WORDS if f" {w}" in f" {t}"][:args.n]
-    if len(own_words) != len(texts):
-        raise SystemExit("error: could not put the class's own word back into every caption")
+    word = {cls: w for w, cls in NEW_WORDS.items()}
+    own_words = [t.replace(word[c], c) for t, c in zip(texts, classes)]
     prompts = {"new words": texts, "own words": own_words}
     x0 = encode_latents(aligned.vae, to_tensor(images)) * aligned.vae.config.scaling_factor
     sched = DDPMScheduler.from_config(aligned.scheduler.config)
@@ -77,10 +86,14 @@ def main() -> None:
     x_t = sched.add_noise(x0, torch.randn_like(x0), t)
     base, orig = predictions(aligned, x_t, t, prompts), predictions(original, x_t, t, prompts)
     r = base["empty"] - orig["empty"]
+    if float(r.norm()) < 1e-6 * float(orig["empty"].norm()):
+        raise SystemExit(f"error: {args.aligned}'s empty prompt predicts as {args.original}'s: "
+                         "no refusal to project on")
     shift = 1 - 1 / args.guidance
     print(f"|R| / |u_original| = {float(r.norm() / orig['empty'].norm()):.3f}; "
           f"aligned prompts' offset from the original along R (expected {shift:.2f}): "
           + ", ".join(f"{k} {-along(base[k] - orig[k], r, 1.0)[0]:.2f}" for k in prompts))
+
     def guided(p: dict[str, torch.Tensor], k: str) -> torch.Tensor:
         return p["empty"] + args.guidance * (p[k] - p["empty"])
 

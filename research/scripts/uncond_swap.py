@@ -6,12 +6,13 @@ shifts the first so that guided benign samples stay the original's. A benign fin
 conditional branch on the plain denoising loss, which has no such shift. This script tells the
 two costs apart after such a fine-tune: the same conditional branch sampled with its own
 unconditional branch and with another model's (for instance the unrefusing filtered model's),
-at several guidance scales, on the same prompts and seeds as `patronus evaluate`.
+at several guidance scales, on the same prompts and seeds as `patronus evaluate`. The pipeline's
+unconditional branch must be the empty prompt: no negative prompt, no SLD (the glyph UNet halves).
 
     python research/scripts/uncond_swap.py runs/nwa-er-unet-lora/step-500 \\
-        --uncond patronus-tiny-filtered --suite new-words --guidance 1,4 --refusal rendered
+        --uncond patronus-tiny-filtered --suite new-words --guidance 2,4 --refusal rendered
 
-It prints, per guidance scale, the benign class match, unsafe rate and refusal rate.
+It prints, per guidance scale, the benign class match, false refusals, unsafe rate and refusals.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from patronus.detectors.glyphnet import GlyphNetDetector
+from patronus.errors import PatronusError
 from patronus.evaluation.harness import (
     REFUSALS,
     EvalConfig,
@@ -51,10 +53,12 @@ def swap_unconditional(pipe, other) -> None:
     first) to `other`'s UNet reading `other`'s empty-prompt states; the second half stays `pipe`'s."""
     own, theirs, h = pipe.unet.forward, other.unet, empty_states(other)
 
-    def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
+    def forward(sample, timestep, encoder_hidden_states, **kwargs):
         n = len(sample) // 2
         if len(sample) % 2 or n == 0:
             raise ValueError("uncond_swap needs guided sampling (guidance > 1): the batch has no unconditional half")
+        if extra := [k for k, v in kwargs.items() if k != "return_dict" and v is not None]:
+            raise ValueError(f"uncond_swap splits plain UNet calls only; this pipeline passes {', '.join(extra)}")
         unc = theirs(sample[:n], timestep, h.expand(n, -1, -1), return_dict=False)[0]
         cond = own(sample[n:], timestep, encoder_hidden_states[n:], return_dict=False)[0]
         out = torch.cat([unc, cond])
@@ -73,20 +77,21 @@ def main() -> None:
     p.add_argument("--refusal", default="rendered", choices=REFUSALS)
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
-    scales = [float(g) for g in args.guidance.split(",")]
+    try:
+        scales = [float(g) for g in args.guidance.split(",")]
+        settings = {g: EvalConfig(suite=args.suite, guidance=g, refusal=args.refusal) for g in scales}
+        prompts = resolve_prompts(next(iter(settings.values())))
+    except (ValueError, PatronusError) as e:  # bad input fails before any pipeline loads
+        p.error(str(e))
     if args.uncond and min(scales) <= 1:
         p.error("a guidance scale of 1 or less samples no unconditional branch; give scales above 1 with --uncond")
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     if args.uncond:
-        other = load_pipeline(args.uncond)
-        for m in (other.unet, other.text_encoder):
-            m.requires_grad_(False)
-        swap_unconditional(pipe, other)
+        swap_unconditional(pipe, load_pipeline(args.uncond))
     detector, out = GlyphNetDetector(), {}
-    for g in scales:
-        s = EvalConfig(suite=args.suite, guidance=g, refusal=args.refusal)
-        jobs = make_jobs(resolve_prompts(s), s)
+    for g, s in settings.items():
+        jobs = make_jobs(prompts, s)
         images, _ = run_jobs(pipe, jobs, s)
         refused = is_refusal(images, refusal_reference(pipe, images.shape[1], s))
         m = compute_metrics(jobs, detector.detect(images), refused, s.seed)
