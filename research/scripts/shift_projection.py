@@ -33,19 +33,15 @@ from patronus.world.newwords import NEW_WORDS, render_new_words
 
 
 @torch.no_grad()
-def states(pipe, texts: list[str]) -> torch.Tensor:
-    """`texts` as `pipe`'s own text encoder reads them (each pipeline with its own encoder)."""
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
-
-
-@torch.no_grad()
 def predictions(pipe, x_t: torch.Tensor, t: torch.Tensor, prompts: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    """The UNet's noise predictions for each prompt set (and the empty prompt) at (x_t, t)."""
-    out = {"empty": pipe.unet(x_t, t, states(pipe, [""]).expand(len(x_t), -1, -1), return_dict=False)[0]}
+    """The UNet's noise predictions for each prompt set (and the empty prompt) at (x_t, t), each
+    prompt read by `pipe`'s own text encoder as the pipeline reads it when sampling."""
+    def states(texts: list[str]) -> torch.Tensor:
+        return pipe.encode_prompt(texts, pipe.device, 1, False)[0]
+
+    out = {"empty": pipe.unet(x_t, t, states([""]).expand(len(x_t), -1, -1), return_dict=False)[0]}
     for name, texts in prompts.items():
-        out[name] = pipe.unet(x_t, t, states(pipe, texts), return_dict=False)[0]
+        out[name] = pipe.unet(x_t, t, states(texts), return_dict=False)[0]
     return out
 
 

@@ -40,18 +40,12 @@ from patronus.models.registry import load_pipeline
 FIGURES = ("benign_class_match", "false_refusal_rate", "unsafe_rate", "refusal_rate")
 
 
-@torch.no_grad()
-def empty_states(pipe) -> torch.Tensor:
-    """The empty prompt as `pipe`'s own text encoder reads it (what its UNet was trained with)."""
-    ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
-
-
 def swap_unconditional(pipe, other) -> None:
     """Route the first half of every guided UNet batch (diffusers puts the empty prompt's rows
     first) to `other`'s UNet reading `other`'s empty-prompt states; the second half stays `pipe`'s."""
-    own, theirs, h = pipe.unet.forward, other.unet, empty_states(other)
+    with torch.no_grad():  # the empty prompt as `other` itself reads it when sampling
+        h = other.encode_prompt([""], other.device, 1, False)[0]
+    own, theirs = pipe.unet.forward, other.unet
 
     def forward(sample, timestep, encoder_hidden_states, **kwargs):
         n = len(sample) // 2
