@@ -12,6 +12,7 @@ def _move(before: dict, after: torch.nn.Module) -> dict:
 
 
 def _norm(move: dict) -> float:
+    """The global norm of a move over every parameter (also the NFT attacker's tests')."""
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in move.values()])).item()
 
 

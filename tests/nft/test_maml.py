@@ -19,6 +19,7 @@ from patronus.nft.maml import (
     simulate_second_order,
 )
 from patronus.nft.space import AttackSpaceConfig, SimulatedAttack, sample_attack
+from tests.attacks.test_unet import _norm
 from tests.conftest import MINI_CONFIG
 
 
@@ -239,11 +240,6 @@ def test_under_autocast_every_inner_step_sees_the_updated_weights():
     assert q_shared == pytest.approx(q_fresh, rel=1e-4)
     for k in fresh:
         torch.testing.assert_close(shared[k], fresh[k], rtol=1e-3, atol=1e-6)
-
-
-def _norm(move: dict) -> float:
-    """The global norm of a move over every parameter."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in move.values()])).item()
 
 
 @pytest.mark.parametrize("order", ["first", "second"])
