@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -115,6 +116,15 @@ def test_lora_alignment_is_merged_into_a_plain_unet(mini_pipeline, tmp_path):
     assert not any("lora" in k for k in protected) and protected.keys() == _unet(mini_pipeline).keys()
     original = _unet(mini_pipeline)
     assert any(not torch.equal(original[k], protected[k]) for k in original if "attn" in k)
+
+
+def test_a_lora_alignment_on_the_attention_projections_leaves_every_other_weight(mini_pipeline, tmp_path):
+    protect(str(mini_pipeline), tmp_path / "out", _cfg(tmp_path, update="lora", lora_rank=2, nft_steps=0,
+                                                      lora_targets=["to_q", "to_k", "to_v", "to_out.0"]),
+            tmp_path / "work")
+    original, protected = _unet(mini_pipeline), _unet(tmp_path / "out")
+    moved = {k for k in original if not torch.equal(original[k], protected[k])}
+    assert moved and all(re.search(r"\.(to_q|to_k|to_v|to_out\.0)\.weight$", k) for k in moved)
 
 
 def test_a_lora_probe_trains_the_same_unet_and_probes_another_attacker(mini_pipeline, plain, tmp_path):
@@ -409,6 +419,7 @@ def test_bad_parts_are_refused(parts):
     ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
     ({"w_scramble": -1.0}, "unet.w_scramble"), ({"probe_lora_rank": 0}, "unet.probe_lora_rank"),
     ({"nft_refusal_weight": -1.0}, "unet.nft_refusal_weight"),
+    ({"lora_targets": ["to_q"]}, "unet.lora_targets"), ({"update": "lora", "lora_targets": []}, "unet.lora_targets"),
     ({"nft_refusal_weight": 0.0, "nft_attacker_weight": 0.0}, "query is 0"),
     ({"nft_text_encoder": True, "nft_anchor_every": 2}, "nft_anchor_every = 0"),
     ({"target": "esd-black", "refusal_images": False}, "refusal_images = true"),

@@ -539,8 +539,9 @@ class Aligner:
                 "feasible": feasible, "score": attacker_loss * (1.0 - after["unsafe_score"])}
 
 
-def _lora_model(unet: UNet2DConditionModel, rank: int) -> torch.nn.Module:
-    return get_peft_model(unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=ALIGN_LORA_TARGETS))
+def _lora_model(unet: UNet2DConditionModel, rank: int, targets: tuple[str, ...] | None) -> torch.nn.Module:
+    return get_peft_model(unet, LoraConfig(r=rank, lora_alpha=rank,
+                                           target_modules=list(targets) if targets else ALIGN_LORA_TARGETS))
 
 
 def align_unet(model: str, cfg: ProtectConfig, workdir: Path,
@@ -584,7 +585,7 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
     weights, a LoRA of them, or the text encoder's weights)."""
     u, acc = a.u, Accelerator()
     if u.update == "lora":
-        trainable = _lora_model(a.unet, u.lora_rank)
+        trainable = _lora_model(a.unet, u.lora_rank, u.lora_targets)
     else:
         trainable = a.trained()[1].requires_grad_(True)
     opt = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=u.align_lr)

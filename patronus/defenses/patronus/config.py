@@ -81,6 +81,10 @@ class UNetAlignConfig:
     # original's bit for bit, so no new path from unsafe words to an output lives in it).
     update: str = "full"
     lora_rank: int = 64
+    # `update = "lora"`: the module names (peft's target_modules) the LoRA adapts; unset: attention,
+    # feed-forward and resnet layers. The attention projections alone (the benign `unet-lora`
+    # fine-tune's targets) keep alignment inside what a benign LoRA of that rank can move back.
+    lora_targets: tuple[str, ...] | None = None
     n_train: int = 512  # defender-split images per kind (unsafe, benign); captions are the prompts
     n_query: int = 128
     n_probe: int = 64
@@ -197,6 +201,11 @@ class UNetAlignConfig:
                               f"got {self.refusal_rgb!r}")
         if self.update not in UNET_UPDATES:
             raise ConfigError(f"unet.update must be one of {', '.join(UNET_UPDATES)}, got {self.update!r}")
+        if self.lora_targets is not None and (self.update != "lora" or not self.lora_targets
+                                              or not all(isinstance(m, str) and m for m in self.lora_targets)):
+            raise ConfigError("unet.lora_targets names the modules a LoRA alignment adapts: a non-empty list of "
+                              f"module names with unet.update = 'lora' (got {self.lora_targets!r} with "
+                              f"{self.update!r}), or leave it unset")
         if self.update == "text-encoder" and (self.nft_steps or self.w_scramble):
             raise ConfigError("unet.update = 'text-encoder' leaves the UNet's weights alone: NFT and the scramble "
                               "term act on them; set unet.nft_steps = 0 and unet.w_scramble = 0")
