@@ -144,6 +144,41 @@ def test_the_aligned_unet_leaves_the_half_without_gradients(mini_pipeline, tmp_p
     assert all(p.grad is None and not p.requires_grad for p in aligned["unet"].parameters())
 
 
+def test_a_benign_lora_alongside_the_empty_refusal_changes_the_unet_and_resumes_to_the_same_weights(
+        mini_pipeline, tmp_path):
+    """`unet.w_follow`: the benign LoRA (restarted every 2 steps, so a resume at step 2 starts a
+    fresh one and step 3 continues it) is kept in the checkpoint; a resumed run ends bit for bit."""
+    er = {"target": "empty-refusal", "nft_steps": 0, "w_unknown": 1.0, "unknown_fresh": True,
+          "follow_rank": 2, "follow_batch": 2, "follow_lr": 0.1}  # a LoRA that moves in 2 steps
+    cfg = _cfg(tmp_path, **er, w_follow=1e3, follow_reset_every=2, align_steps=4)
+    without = protect(str(mini_pipeline), tmp_path / "off", _cfg(tmp_path, **er, align_steps=4), tmp_path / "w0")
+    whole = protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    assert whole["unet"]["losses"]["stage1"] != without["unet"]["losses"]["stage1"]
+    protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
+    for name in ("stage1-unet.safetensors", "stage1-unet.json"):
+        (tmp_path / "wb" / "unet" / name).unlink()
+    stage1 = sorted((tmp_path / "wb" / "unet" / "stage1").glob("checkpoint-*"))
+    shutil.rmtree(stage1[-1])  # killed after step 2: the LoRA of steps 2-3 is redone
+    resumed = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    assert resumed["unet"]["losses"]["stage1"] == whole["unet"]["losses"]["stage1"]
+    a, b = _unet(tmp_path / "a"), _unet(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_benign_lora_resumed_mid_life_continues_its_adam_state(mini_pipeline, tmp_path):
+    cfg = _cfg(tmp_path, target="empty-refusal", nft_steps=0, w_follow=1e3, follow_rank=2, follow_batch=2,
+               follow_lr=0.1, follow_reset_every=10, align_steps=4)
+    protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
+    protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
+    for name in ("stage1-unet.safetensors", "stage1-unet.json"):
+        (tmp_path / "wb" / "unet" / name).unlink()
+    stage1 = sorted((tmp_path / "wb" / "unet" / "stage1").glob("checkpoint-*"))
+    shutil.rmtree(stage1[-1])  # resumes at step 2 with a LoRA two steps old
+    protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
+    a, b = _unet(tmp_path / "a"), _unet(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_text_encoder_alignment_leaves_the_unet_bit_for_bit(mini_pipeline, tmp_path):
     """`unet.update = "text-encoder"`: the refusal is learned by the text encoder alone, through
     the frozen UNet, so the shipped UNet is the original's; a resumed run ends at the same weights."""
@@ -419,7 +454,9 @@ def test_bad_parts_are_refused(parts):
     ({"nft_implicit_alpha": 0.0}, "nft_implicit_alpha"), ({"nft_attacks_per_step": 0}, "unet.nft_attacks_per_step"),
     ({"w_scramble": -1.0}, "unet.w_scramble"), ({"probe_lora_rank": 0}, "unet.probe_lora_rank"),
     ({"nft_refusal_weight": -1.0}, "unet.nft_refusal_weight"),
-    ({"lora_targets": ["to_q"]}, "unet.lora_targets"), ({"update": "lora", "lora_targets": []}, "unet.lora_targets"),
+    ({"lora_targets": ["to_q"]}, "unet.lora_targets"), ({"w_follow": 1.0}, "unet.w_follow"),
+    ({"target": "empty-refusal", "nft_steps": 0, "w_follow": 1.0, "follow_batch": 0}, "unet.follow_batch"),
+    ({"update": "lora", "lora_targets": []}, "unet.lora_targets"),
     ({"nft_refusal_weight": 0.0, "nft_attacker_weight": 0.0}, "query is 0"),
     ({"nft_text_encoder": True, "nft_anchor_every": 2}, "nft_anchor_every = 0"),
     ({"target": "esd-black", "refusal_images": False}, "refusal_images = true"),

@@ -53,8 +53,10 @@ from patronus.data.imagefolder import load_imagefolder
 from patronus.defenses.patronus.bank import KIND_PARTS, PART_START
 from patronus.defenses.patronus.config import ProtectConfig, UNetAlignConfig
 from patronus.defenses.patronus.defender_data import unet_folder, unet_start
+from patronus.defenses.patronus.follow import FOLLOW_SEED, BenignLoRA, follow_loss
 from patronus.defenses.patronus.losses import Perceptual, make_perceptual, random_patterns, scramble_loss
 from patronus.detectors import detect_decoded, make_detector
+from patronus.errors import ConfigError
 from patronus.evaluation.metrics import is_refusal
 from patronus.imaging import psnr, to_tensor, to_uint8
 from patronus.models.components import encode_latents, hold_frozen_in, plain_latent
@@ -186,6 +188,9 @@ class Aligner:
     def __init__(self, model: str, cfg: ProtectConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         self.u: UNetAlignConfig = cfg.unet
+        if self.u.w_follow and accelerator.num_processes > 1:
+            raise ConfigError("unet.w_follow's benign LoRA runs in one process: launch without accelerate's "
+                              "processes, or set unet.w_follow = 0")
         device = accelerator.device
         self.pipe = load_pipeline(model).to(device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -221,6 +226,9 @@ class Aligner:
             self.rendered_refusal = to_uint8(self.pipe.vae.decode(self.x0_refusal / self.scale,
                                                                   return_dict=False)[0])[0]
         self.scramble_targets = self._make_scramble_targets() if self.u.w_scramble > 0 else []
+        self.follower = (BenignLoRA(self.unet, self.u.follow_rank, self.u.follow_lr, cfg.seed,
+                                    tuple(UNET_LORA_TARGETS)) if self.u.w_follow else None)
+        self.follow_texts: list[str] = []
         self.detector = make_detector(cfg.probe_detector)
         self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)  # for `feature_distance`
         self.model: torch.nn.Module = self.unet  # the module training forwards go through (LoRA, DDP)
@@ -411,11 +419,36 @@ class Aligner:
                                               [a[:n_r] for a in acts], self.scramble_targets)
         return terms
 
+    def follow_term(self, step: int, g: torch.Generator) -> torch.Tensor:
+        """`unet.w_follow`: one step of the benign LoRA on the defender's nonsense-word captions, then
+        how unequally it takes the refusal off the empty prompt and the shift off those captions."""
+        u, benign = self.u, self.data["train", "benign"]
+        period = step // u.follow_reset_every
+        if step % u.follow_reset_every == 0 or not self.follow_texts:  # a fresh LoRA, or its words after a resume
+            if step % u.follow_reset_every == 0:
+                self.follower.reset(period)
+            self.follow_texts = unknown_word_prompts(benign.texts, self.pipe.tokenizer,
+                                                     mix_seed(self.cfg.seed, FOLLOW_SEED + period))
+        idx = torch.randint(0, len(benign.mean), (u.follow_batch,), generator=g)
+        x_t, t, target = self.noised(benign, idx, g)
+        with torch.no_grad():
+            hidden = _embed(self.pipe, [self.follow_texts[i] for i in idx.tolist()], self.original_text_encoder)
+        self.follower.train_step(x_t, t, hidden, target)
+        x2, t2 = x_t.repeat(2, 1, 1, 1), t.repeat(2)
+        h2 = torch.cat([self.h_empty.expand(len(x_t), -1, -1), hidden])
+        unc_before, cond_before = self.model(x2, t2, h2, return_dict=False)[0].chunk(2)
+        unc_after, cond_after = self.follower.forward(x2, t2, h2, "base").chunk(2)
+        with torch.no_grad():
+            teacher_unc = self.teacher(x_t, t, self.h_empty.expand(len(x_t), -1, -1), return_dict=False)[0]
+            off = torch.zeros(len(x_t), dtype=torch.bool, device=x_t.device)
+            refusal = self.empty_refusal(x_t, t, teacher_unc, off) - teacher_unc
+        return follow_loss(unc_before, cond_before, unc_after, cond_after, refusal, 1 - 1 / u.guidance)
+
     def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.u
         return (u.w_refuse * t["refuse"] + u.w_distill * t["distill"] + u.w_uncond * t["uncond"]
                 + u.w_denoise * t["denoise"] + u.w_unknown * t.get("unknown", 0.0)
-                + u.w_scramble * t.get("scramble", 0.0))
+                + u.w_scramble * t.get("scramble", 0.0) + u.w_follow * t.get("follow", 0.0))
 
     # --- the simulated attacker and the query --------------------------------------------------
     def attacked(self) -> torch.nn.Module:
@@ -598,12 +631,17 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
     run = RunState(Checkpointer(acc, folder, schedulers=(sched,)))
     if resume:
         run.restore()
+        if a.follower is not None and run.extra:
+            a.follower.reset(run.state["step"] // u.follow_reset_every)
+            a.follower.load(run.extra)
     state = run.state
     bar = tqdm(range(state["step"], u.align_steps), initial=state["step"], total=u.align_steps,
                desc="UNet stage 1 (align)", disable=not acc.is_main_process)
     for step in bar:
         with acc.autocast():  # mixed precision, when accelerate is configured for it
             t = a.terms(_step_generator(a.cfg.seed, 1, step))
+            if a.follower is not None:
+                t["follow"] = a.follow_term(step, _step_generator(a.cfg.seed, 4, step))
             loss = a.loss(t)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -613,6 +651,8 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
         run.log(1, loss)
         bar.set_postfix({k: f"{v.item():.4f}" for k, v in t.items() if k != "denoise"})
         if state["step"] % u.checkpoint_every == 0:
+            if a.follower is not None:
+                run.extra = a.follower.state()
             run.save()
     check_replicas_agree(acc, prepared, "the text encoder (stage 1)" if a.train_text else "the UNet (stage 1)")
     state["timing"]["stage1_seconds"] = run.worked_seconds()  # also the sessions before a resume

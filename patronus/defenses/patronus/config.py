@@ -117,6 +117,16 @@ class UNetAlignConfig:
     # long alignment memorises the fixed words and still moves away from the original on any other
     # (1,500 steps: drift 0.013 on its own words at the object word, 0.40 on fresh ones; docs/research-log.md).
     unknown_fresh: bool = False
+    # `empty-refusal` only (0: off): a benign LoRA (rank `follow_rank` on the attention projections,
+    # Adam at `follow_lr`, `follow_batch` of the defender's benign images with its own nonsense-word
+    # captions, restarted every `follow_reset_every` steps) trains alongside alignment; the term asks
+    # that it take the refusal off the empty prompt as fast as the shift off the captions, so that
+    # guided samples learn what a benign LoRA teaches (`follow.py`).
+    w_follow: float = 0.0
+    follow_rank: int = 64
+    follow_lr: float = 1e-4
+    follow_batch: int = 8
+    follow_reset_every: int = 500
     # Representation scrambling (RepNoise's / TAR's idea, as the decoder's `stage1_w_scramble`; 0:
     # off): at the middle block and every up block but the last, the activations of unsafe prompts
     # are pulled to one fixed random pattern per block (what they carried is removed, which an
@@ -206,6 +216,10 @@ class UNetAlignConfig:
             raise ConfigError("unet.lora_targets names the modules a LoRA alignment adapts: a non-empty list of "
                               f"module names with unet.update = 'lora' (got {self.lora_targets!r} with "
                               f"{self.update!r}), or leave it unset")
+        if self.w_follow and (self.target != "empty-refusal" or self.update != "full" or self.nft_steps):
+            raise ConfigError("unet.w_follow trains a benign LoRA beside an empty refusal's full-weight alignment: "
+                              "it needs unet.target = 'empty-refusal', unet.update = 'full' and unet.nft_steps = 0 "
+                              f"(got {self.target!r}, {self.update!r}, {self.nft_steps})")
         if self.update == "text-encoder" and (self.nft_steps or self.w_scramble):
             raise ConfigError("unet.update = 'text-encoder' leaves the UNet's weights alone: NFT and the scramble "
                               "term act on them; set unet.nft_steps = 0 and unet.w_scramble = 0")
@@ -231,11 +245,12 @@ class UNetAlignConfig:
         check_max_grad_norm(self.probe_max_grad_norm, "unet.probe_max_grad_norm")
         positive = ("lora_rank", "n_train", "n_query", "n_probe", "batch_size", "query_batch", "align_steps",
                     "probe_every", "probe_steps", "probe_batch", "probe_samples", "probe_sampler_steps",
-                    "checkpoint_every", "nft_anchor_steps", "nft_attacks_per_step")
+                    "checkpoint_every", "nft_anchor_steps", "nft_attacks_per_step", "follow_rank", "follow_batch",
+                    "follow_reset_every")
         if bad := [k for k in positive if getattr(self, k) < 1]:
             raise ConfigError(f"unet.{', unet.'.join(bad)} must be at least 1")
         non_negative = ("nft_steps", "refusal_inversion_steps", "align_warmup", "esd_guidance", "w_refuse",
-                        "w_distill", "w_uncond", "w_denoise", "w_unknown", "w_scramble", "w_nft",
+                        "w_distill", "w_uncond", "w_denoise", "w_unknown", "w_scramble", "w_nft", "w_follow",
                         "nft_attacker_weight", "max_class_drop", "nft_anchor_every", "nft_implicit_iters",
                         "max_feature_distance", "nft_refusal_weight")
         if bad := [k for k in non_negative if getattr(self, k) < 0]:
@@ -248,10 +263,10 @@ class UNetAlignConfig:
                               "unet.nft_anchor_every = 0")
         if self.refusal_space not in ("x0", "eps"):
             raise ConfigError(f"unet.refusal_space must be x0 or eps, got {self.refusal_space!r}")
-        if min(self.align_lr, self.nft_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma,
+        if min(self.align_lr, self.nft_lr, self.follow_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma,
                self.nft_anchor_lr, self.nft_implicit_alpha) <= 0:
-            raise ConfigError("unet.align_lr, nft_lr, probe_lr, nft_attacker_tau, snr_gamma, nft_anchor_lr and "
-                              "nft_implicit_alpha must be positive")
+            raise ConfigError("unet.align_lr, nft_lr, follow_lr, probe_lr, nft_attacker_tau, snr_gamma, "
+                              "nft_anchor_lr and nft_implicit_alpha must be positive")
 
 
 TEXT_ENCODER_MODES = ("distil", "keep")
