@@ -19,7 +19,7 @@ needs the math attention kernel, because the fused CPU kernels have no double ba
 Two memory features need care with weights passed to `functional_call`, and get it here:
 - gradient checkpointing recomputes a block in the backward pass, after `functional_call` has
   put the module's own weights back; each checkpointed block is made to recompute with the
-  weights its forward pass used (`_checkpoints_follow_the_call`);
+  weights its forward pass used (`checkpoints_follow_the_call`);
 - mixed precision (autocast) caches its 16-bit copy of a weight for as long as the autocast
   region lasts, and the optimizer updates the attacker's weights in place; the cache is
   cleared after every inner step, or every step would run on the starting weights.
@@ -63,7 +63,7 @@ def _recompute_with_call_weights(block: torch.nn.Module, *args):
 
 
 @contextlib.contextmanager
-def _checkpoints_follow_the_call(module: torch.nn.Module) -> Iterator[None]:
+def checkpoints_follow_the_call(module: torch.nn.Module) -> Iterator[None]:
     """While it lasts, the checkpointed blocks of `module` (diffusers' `enable_gradient_checkpointing`)
     recompute with the weights `functional_call` passed them."""
     blocks = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)
@@ -125,7 +125,7 @@ def simulate_first_order(module: torch.nn.Module, attack: SimulatedAttack, inner
     weight = dict(zip(at, query_weights(len(at), weighting)))
     grads = {k: torch.zeros_like(v) for k, v in base.items()}
     loss_sum = 0.0
-    with _checkpoints_follow_the_call(module):
+    with checkpoints_follow_the_call(module):
         for step in range(1, attack.steps + 1):
             loss = inner_loss(effective(), generator)
             opt.zero_grad(set_to_none=True)
@@ -205,7 +205,7 @@ def simulate_second_order(module: torch.nn.Module, attack: SimulatedAttack, inne
     if not second_order_applies(attack):
         raise ValueError(f"second-order MAML needs a full-weight sgd attack, got {attack.optimizer}/{attack.update}")
     fast = dict(module.named_parameters())
-    with sdpa_kernel(SDPBackend.MATH), _checkpoints_follow_the_call(module):
+    with sdpa_kernel(SDPBackend.MATH), checkpoints_follow_the_call(module):
         for _ in range(attack.steps):
             grads = torch.autograd.grad(inner_loss(fast, generator), list(fast.values()), create_graph=True)
             if attack.max_grad_norm is not None:  # as clip_grad_norm_ scales, but differentiably

@@ -154,6 +154,8 @@ def test_a_benign_lora_alongside_the_empty_refusal_changes_the_unet_and_resumes_
     without = protect(str(mini_pipeline), tmp_path / "off", _cfg(tmp_path, **er, align_steps=4), tmp_path / "w0")
     whole = protect(str(mini_pipeline), tmp_path / "a", cfg, tmp_path / "wa")
     assert whole["unet"]["losses"]["stage1"] != without["unet"]["losses"]["stage1"]
+    off, on = _unet(tmp_path / "off"), _unet(tmp_path / "a")  # the term's gradient reaches the UNet
+    assert any(not torch.equal(off[k], on[k]) for k in off)
     protect(str(mini_pipeline), tmp_path / "b0", cfg, tmp_path / "wb")
     for name in ("stage1-unet.safetensors", "stage1-unet.json"):
         (tmp_path / "wb" / "unet" / name).unlink()

@@ -659,6 +659,7 @@ def _stage1_align(a: Aligner, folder: Path, resume: bool) -> dict:
     state["timing"]["stage1_step_seconds"] = state["timing"]["stage1_seconds"] / max(1, u.align_steps)
     if u.update == "lora":
         a.unet = trainable.merge_and_unload()
+    a.follower = None  # the benign LoRA and its Adam state: stage 1's alone
     a.model = a.unet.requires_grad_(False)
     a.text_model = a.pipe.text_encoder.requires_grad_(False)
     return {"timing": state["timing"], "losses": state["losses"].get("stage1", [])}

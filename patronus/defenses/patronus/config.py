@@ -216,7 +216,7 @@ class UNetAlignConfig:
             raise ConfigError("unet.lora_targets names the modules a LoRA alignment adapts: a non-empty list of "
                               f"module names with unet.update = 'lora' (got {self.lora_targets!r} with "
                               f"{self.update!r}), or leave it unset")
-        if self.w_follow and (self.target != "empty-refusal" or self.update != "full" or self.nft_steps):
+        if self.w_follow > 0 and (self.target != "empty-refusal" or self.update != "full" or self.nft_steps):
             raise ConfigError("unet.w_follow trains a benign LoRA beside an empty refusal's full-weight alignment: "
                               "it needs unet.target = 'empty-refusal', unet.update = 'full' and unet.nft_steps = 0 "
                               f"(got {self.target!r}, {self.update!r}, {self.nft_steps})")

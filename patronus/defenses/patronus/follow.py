@@ -4,8 +4,8 @@ empty prompt's refusal come off with the other prompts' guidance shift when such
 With `target = "empty-refusal"` every prompt's prediction carries a shift that cancels the refusing
 empty prompt under guidance. A benign LoRA's plain denoising loss sees that shift first and takes it
 off the prompts it trains faster than the refusal off the empty prompt, which it never sees, and
-guided samples land between the two (docs/research-log.md, 2026-12-06). Here a LoRA of the benign
-fine-tune's kind (the attention projections) trains on the defender's own nonsense-word captions,
+guided samples land between the two (docs/research-log.md, 2026-12-06). Here a LoRA on the benign
+fine-tune's targets (the attention projections) trains on the defender's own nonsense-word captions,
 restarted every `follow_reset_every` steps so that alignment meets LoRAs of every age, and the term
 asks that the share of the refusal direction R it takes off the empty prompt equal the share it
 takes off the captions' shift, through the weights beneath the LoRA.
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from patronus.nft.lora import LoRAView, Params
+from patronus.nft.maml import checkpoints_follow_the_call
 from patronus.training import mix_seed
 
 FOLLOW_SEED = 5_100_000  # + the LoRA's period: its initialisation and its captions' nonsense words
@@ -26,7 +27,8 @@ FOLLOW_SEED = 5_100_000  # + the LoRA's period: its initialisation and its capti
 class BenignLoRA:
     """A rank-`rank` LoRA on `targets` over the live weights of `unet`, trained by Adam at `lr` on
     the plain denoising loss with the weights beneath it held fixed; `reset(period)` draws a fresh
-    one (B zero, as peft starts)."""
+    one (B zero, as peft starts; A drawn as peft's default, where the benchmark's `unet-lora`
+    draws it Gaussian)."""
 
     def __init__(self, unet: torch.nn.Module, rank: int, lr: float, seed: int, targets: tuple[str, ...]):
         self.unet, self.rank, self.lr, self.seed, self.targets = unet, rank, lr, seed, targets
@@ -46,13 +48,15 @@ class BenignLoRA:
         return out
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, through: str) -> torch.Tensor:
-        return functional_call(self.unet, self.params(through), (x_t, t, hidden), {"return_dict": False})[0]
+        with checkpoints_follow_the_call(self.unet):  # gradient checkpointing recomputes with these weights
+            return functional_call(self.unet, self.params(through), (x_t, t, hidden), {"return_dict": False})[0]
 
     def train_step(self, x_t: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> float:
         loss = F.mse_loss(self.forward(x_t, t, hidden, "lora"), target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        torch.clear_autocast_cache()  # under mixed precision the next forward must see the updated factors
         return loss.item()
 
     def state(self) -> dict[str, torch.Tensor]:

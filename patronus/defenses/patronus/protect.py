@@ -430,7 +430,9 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.max_feature_distance", "unet.unsafe_dir", "unet.benign_dir", "stage1_w_cal_feat",
                   "unet.probe_lora_rank", "cal_weighting", "frozen_dtype", "best_checkpoint",
                   "unet.nft_refusal_weight", "unet.nft_text_encoder", "probe_max_grad_norm",
-                  "unet.probe_max_grad_norm", "attacks.max_grad_norm", "unet.attacks.max_grad_norm")
+                  "unet.probe_max_grad_norm", "attacks.max_grad_norm", "unet.attacks.max_grad_norm",
+                  "unet.lora_targets", "unet.w_follow", "unet.follow_rank", "unet.follow_lr", "unet.follow_batch",
+                  "unet.follow_reset_every")
 
 
 def attack_key(attack: UNetAttackConfig) -> dict:
