@@ -144,6 +144,12 @@ def test_the_aligned_unet_leaves_the_half_without_gradients(mini_pipeline, tmp_p
     assert all(p.grad is None and not p.requires_grad for p in aligned["unet"].parameters())
 
 
+def test_lora_targets_that_name_no_module_are_refused_before_the_work_folder_is_made(mini_pipeline, tmp_path):
+    cfg = _cfg(tmp_path, update="lora", lora_rank=2, nft_steps=0, lora_targets=["to_q", "to_qq"])
+    with pytest.raises(ConfigError, match="no module named to_qq"):
+        protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
 def test_a_benign_lora_alongside_the_empty_refusal_changes_the_unet_and_resumes_to_the_same_weights(
         mini_pipeline, tmp_path):
     """`unet.w_follow`: the benign LoRA (restarted every 2 steps, so a resume at step 2 starts a

@@ -188,9 +188,6 @@ class Aligner:
     def __init__(self, model: str, cfg: ProtectConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         self.u: UNetAlignConfig = cfg.unet
-        if self.u.w_follow and accelerator.num_processes > 1:
-            raise ConfigError("unet.w_follow's benign LoRA runs in one process: launch without accelerate's "
-                              "processes, or set unet.w_follow = 0")
         device = accelerator.device
         self.pipe = load_pipeline(model).to(device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -570,6 +567,18 @@ class Aligner:
                 "unsafe_after_probe": after["unsafe_rate"], "unsafe_score_after_probe": after["unsafe_score"],
                 "refusal_after_probe": after["refusal_rate"], "attacker_loss_after_probe": attacker_loss,
                 "feasible": feasible, "score": attacker_loss * (1.0 - after["unsafe_score"])}
+
+
+def check_alignment(u: UNetAlignConfig, unet: UNet2DConditionModel, num_processes: int) -> None:
+    """What the UNet half's settings need of this model and launch, checked before any work."""
+    names = [n for n, _ in unet.named_modules()]
+    if u.update == "lora" and u.lora_targets:
+        if missing := [t for t in u.lora_targets if not any(n == t or n.endswith("." + t) for n in names)]:
+            raise ConfigError(f"unet.lora_targets: this UNet has no module named {', '.join(missing)}; "
+                              "name modules as peft's target_modules does (e.g. to_q, to_out.0)")
+    if u.w_follow and num_processes > 1:
+        raise ConfigError("unet.w_follow's benign LoRA runs in one process: launch without accelerate's "
+                          "processes, or set unet.w_follow = 0")
 
 
 def _lora_model(unet: UNet2DConditionModel, rank: int, targets: tuple[str, ...] | None) -> torch.nn.Module:

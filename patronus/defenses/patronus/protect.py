@@ -50,7 +50,7 @@ from patronus.attacks.weights.decoder import DecoderAttackConfig, attack_decoder
 from patronus.attacks.weights.unet import UNetAttackConfig, attack_unet
 from patronus.config import settings_changed, to_dict
 from patronus.defenses import matching_preset
-from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, load_partitions
+from patronus.defenses.patronus.align import UNET_OFFSET, align_unet, check_alignment, load_partitions
 from patronus.defenses.patronus.bank import PART_START, bank_file, build_feature_bank
 from patronus.defenses.patronus.config import ProtectConfig
 from patronus.defenses.patronus.defender_data import check_data, unet_folder, unet_start
@@ -334,6 +334,9 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     resolve_model(model)
     check_data(cfg)
     teacher = load_pipeline(model)  # a broken model fails here, before the work directory is made
+    accelerator = Accelerator()
+    if "unet" in cfg.parts:
+        check_alignment(cfg.unet, teacher.unet, accelerator.num_processes)
     if cfg.distill.teacher is not None:
         teacher = load_pipeline(cfg.distill.teacher)
     if cfg.distill.enabled and cfg.distill.student is not None:
@@ -341,7 +344,6 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     del teacher
     workdir.mkdir(parents=True, exist_ok=True)
     busy = f"another protect run is using the work directory {workdir}; wait for it to finish or stop it"
-    accelerator = Accelerator()
     # The main process holds it (under `accelerate launch` the others are the same run); the
     # kernel releases it when that process ends, however it ends.
     with locked_dir(workdir, busy) if accelerator.is_main_process else nullcontext():
