@@ -226,6 +226,7 @@ class Aligner:
         self.follower = (BenignLoRA(self.unet, self.u.follow_rank, self.u.follow_lr, cfg.seed,
                                     tuple(UNET_LORA_TARGETS)) if self.u.w_follow else None)
         self.follow_texts: list[str] = []
+        self.follow_period = -1  # the period `follow_texts` belong to
         self.detector = make_detector(cfg.probe_detector)
         self.perceptual = make_perceptual(cfg.perceptual, cfg.vgg_weights).to(device)  # for `feature_distance`
         self.model: torch.nn.Module = self.unet  # the module training forwards go through (LoRA, DDP)
@@ -421,11 +422,12 @@ class Aligner:
         how unequally it takes the refusal off the empty prompt and the shift off those captions."""
         u, benign = self.u, self.data["train", "benign"]
         period = step // u.follow_reset_every
-        if step % u.follow_reset_every == 0 or not self.follow_texts:  # a fresh LoRA, or its words after a resume
-            if step % u.follow_reset_every == 0:
-                self.follower.reset(period)
+        if step % u.follow_reset_every == 0:
+            self.follower.reset(period)
+        if self.follow_period != period:  # this LoRA's words (also after a resume mid-period)
             self.follow_texts = unknown_word_prompts(benign.texts, self.pipe.tokenizer,
                                                      mix_seed(self.cfg.seed, FOLLOW_SEED + period))
+            self.follow_period = period
         idx = torch.randint(0, len(benign.mean), (u.follow_batch,), generator=g)
         x_t, t, target = self.noised(benign, idx, g)
         with torch.no_grad():
