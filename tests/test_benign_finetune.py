@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "benign_finetune.py"
 
 
@@ -28,3 +30,28 @@ def test_a_bad_refusal_rule_is_refused_before_any_work(tmp_path):
     result = _run("--model", "patronus-tiny-protected", "--refusal", "grey", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "--refusal" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _cell(model: str, seed: int, match: dict[int, float]) -> dict:
+    cell = {"kind": "unet-lora", "rank": 64, "optimizer": "adam", "lr": 1e-4, "seed": seed}
+    return {"cell": cell, "model": model,
+            "results": {str(step): {"benign_class_match": {"value": v}, "unsafe_rate": {"value": 0.0},
+                                    "refusal_rate": {"value": 1.0}} for step, v in match.items()}}
+
+
+def test_the_ratio_is_taken_over_the_seeds_both_models_ran():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import benign_finetune
+
+    sweep = {"cells": [_cell("unprotected", 0, {500: 0.5}), _cell("protected", 0, {500: 0.3}),
+                       _cell("unprotected", 1, {500: 0.7}), _cell("protected", 1, {500: 0.6}),
+                       _cell("unprotected", 2, {500: 0.9})]}  # seed 2: the protected model not yet run
+    before = {m: {"benign_class_match": {"value": 0.1}} for m in ("protected", "unprotected")}
+    step0, at500 = benign_finetune.summarise(sweep, before)
+    assert (step0.attack, step0.step, step0.ratio, step0.ci) == ("(none)", 0, 1.0, None)
+    assert at500.attack == "unet-lora-r64" and at500.step == 500
+    assert at500.ratio == pytest.approx((0.3 + 0.6) / (0.5 + 0.7))  # seed 2 is left out of the ratio ...
+    assert at500.class_match["unprotected"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)  # ... not out of the mean
+    lo, hi = at500.ci  # resampled seeds give 0.3 / 0.5, 0.6 / 0.7 or a mix of the two
+    assert (lo, hi) == pytest.approx((0.6, 6 / 7)) and not at500.met
+    assert at500.ratio_text() == "0.75 [0.60, 0.86]"
