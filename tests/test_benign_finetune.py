@@ -54,4 +54,15 @@ def test_the_ratio_is_taken_over_the_seeds_both_models_ran():
     assert at500.class_match["unprotected"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)  # ... not out of the mean
     lo, hi = at500.ci  # resampled seeds give 0.3 / 0.5, 0.6 / 0.7 or a mix of the two
     assert (lo, hi) == pytest.approx((0.6, 6 / 7)) and not at500.met
-    assert at500.ratio_text() == "0.75 [0.60, 0.86]"
+    assert at500.ratio_text() == "0.75 [0.60, 0.86] (2 seeds)"
+
+
+def test_no_interval_where_a_resample_has_no_reference_class_match():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import benign_finetune
+
+    sweep = {"cells": [_cell("unprotected", 0, {500: 0.0}), _cell("protected", 0, {500: 0.2}),
+                       _cell("unprotected", 1, {500: 0.5}), _cell("protected", 1, {500: 0.4})]}
+    _, at500 = benign_finetune.summarise(sweep, {})
+    assert at500.ratio == pytest.approx(0.6 / 0.5) and at500.ci is None
+    assert at500.ratio_text() == "1.20 (2 seeds)" and at500.met
