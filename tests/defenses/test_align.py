@@ -150,6 +150,7 @@ def test_lora_targets_that_name_no_module_are_refused_before_the_work_folder_is_
         protect(str(mini_pipeline), tmp_path / "out", cfg, tmp_path / "work")
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
+
 def test_a_benign_lora_alongside_the_empty_refusal_changes_the_unet_and_resumes_to_the_same_weights(
         mini_pipeline, tmp_path):
     """`unet.w_follow`: the benign LoRA (restarted every 2 steps, so a resume at step 2 starts a
