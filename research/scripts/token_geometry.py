@@ -8,11 +8,12 @@ filtered text encoder never trained the unsafe words' token rows; a benign fine-
 sit where untrained tokens sit, a refusal of the one lies on the path a LoRA must take to teach
 the other. For each pipeline's text encoder it prints:
 
-  norm      the mean norm of the word's token rows in the input embedding (an untrained row keeps
-            its initial norm, about 0.16 here; a trained one grows)
+  norm      the mean norm of the token rows of a set's words in the input embedding (an untrained
+            row keeps its initial norm, about 0.16 here; a trained one grows)
   distance  for benign defender captions (fixed seed) with the object word replaced by each word
             of two sets, the mean relative distance ||e(a) - e(b)|| / ||e(a)|| of the encoder's
-            last hidden states, over every caption and pair of words
+            last hidden states over all positions (no attention mask, as the UNet reads them),
+            over every caption and pair of words
 
 Sets: unsafe (knife, gun, blood), new (orb, cube, petal), nonsense (three random letter strings),
 known (circle, square, flower).
@@ -49,16 +50,18 @@ def main() -> None:
     samples = [sample("defender", START + i, benign) for i in range(args.n)]
     groups = [("unsafe", "unsafe"), ("new", "new"), ("nonsense", "nonsense"), ("known", "known"),
               ("unsafe", "new"), ("unsafe", "nonsense"), ("new", "nonsense"), ("unsafe", "known"), ("new", "known")]
-    print(f"{args.n} benign defender captions per word (nonsense words drawn with seed {args.seed})")
+    print(f"{args.n} benign defender captions per word")
     print("| text encoder | " + " | ".join(f"norm {s}" for s in [*sets, "nonsense"]) + " | "
           + " | ".join(f"{a}-{b}" for a, b in groups) + " |")
     print("|---|" + "---|" * (len(sets) + 1 + len(groups)))
+    drawn = {}
     for name in args.model:
         path = resolve_model(name)
         tok = CLIPTokenizer.from_pretrained(path / "tokenizer")
         encoder = CLIPTextModel.from_pretrained(path / "text_encoder").eval()
         vocab = {t.removesuffix("</w>") for t in tok.get_vocab()}
         words = sets | {"nonsense": nonsense_words(3, args.seed + SEED_OFFSET, vocab | set(NEW_WORDS))}
+        drawn[name] = words["nonsense"]
         rows = encoder.get_input_embeddings().weight
         norms = {s: torch.cat([rows[tok(w, add_special_tokens=False).input_ids] for w in ws]).norm(dim=1).mean().item()
                  for s, ws in words.items()}
@@ -75,6 +78,8 @@ def main() -> None:
 
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in norms.values()) + " | "
               + " | ".join(f"{distance(a, b):.2f}" for a, b in groups) + " |")
+    for name, nonsense in drawn.items():
+        print(f"nonsense words ({name}, --seed {args.seed}): {', '.join(nonsense)}")
 
 
 if __name__ == "__main__":
