@@ -12,14 +12,17 @@ half that refuses with a latent its VAE renders dark grey needs `--refusal rende
 fine-tuning both models are evaluated too (step 0), as the floor. A grid with several attack
 seeds (research/configs/grid-new-words-lora-seeds0-4.toml) gives each rate as the mean over
 seeds and the ratio with a 95% seed-bootstrap interval. The sweep caches its cells, so a killed
-run resumes.
+run resumes. `--reference-cells DIR` takes the unprotected model's step-0 evaluation and cells from
+an earlier output folder of this script with the same --base (by weights), grid and refusal rule,
+so several protected models against one reference run the reference's attacks once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, replace
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,8 @@ import numpy as np
 from patronus.evaluation.harness import REFUSALS, evaluate
 from patronus.evaluation.metrics import bootstrap_ci
 from patronus.models.registry import resolve_model
-from patronus.sweep.grid import load_grid
+from patronus.provenance import weight_hashes, weights_digest
+from patronus.sweep.grid import GridConfig, load_grid, with_added_settings
 from patronus.sweep.results import results_by_seed
 from patronus.sweep.runner import run_sweep
 
@@ -107,6 +111,22 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def reference_problem(ref: Path, base: str, grid: GridConfig) -> str | None:
+    """Why `ref` cannot lend its unprotected cells to a run against `base` with `grid`, or None."""
+    files = [ref / "sweep" / "models.json", ref / "sweep" / "grid.json",
+             ref / "eval-unprotected-step-0" / "metrics.json"]
+    if missing := [str(f) for f in files if not f.is_file()]:
+        return f"{ref} is not an output folder of this script (no {', '.join(missing)})"
+    models, saved_grid, step0 = (json.loads(f.read_text()) for f in files)
+    if models.get("unprotected_weights_sha256") != weights_digest(weight_hashes(resolve_model(base))):
+        return f"{ref}'s unprotected model ({models.get('unprotected')}) has other weights than --base {base}"
+    if with_added_settings(saved_grid) != json.loads(json.dumps(asdict(grid))):
+        return f"{ref} ran another grid (or refusal rule) than this run"
+    if step0["settings"].get("refusal", "black") != grid.eval_config().refusal:
+        return f"{ref} counted refusals as {step0['settings'].get('refusal', 'black')!r}"
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the protected pipeline")
@@ -115,6 +135,9 @@ def main() -> None:
     ap.add_argument("--refusal", choices=REFUSALS, default=None,
                     help="what counts as a refusal, as for patronus evaluate (default: the grid's)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--reference-cells", type=Path, default=None,
+                    help="an earlier --out of this script against the same --base and grid, whose unprotected "
+                         "evaluation and cells this run copies instead of recomputing")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     grid = load_grid(args.grid)  # a bad grid or model fails before any work
@@ -122,6 +145,8 @@ def main() -> None:
         grid = replace(grid, eval={**grid.eval, "refusal": args.refusal})
     resolve_model(args.model)
     resolve_model(args.base)
+    if args.reference_cells and (problem := reference_problem(args.reference_cells, args.base, grid)):
+        ap.error(f"--reference-cells: {problem}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -132,6 +157,12 @@ def main() -> None:
                 grid.eval_config().refusal:
             ap.error(f"{f.parent} counted refusals as {rule!r}, this run as {grid.eval_config().refusal!r}; "
                      "give another --out")
+    if args.reference_cells:
+        ref = args.reference_cells
+        for src, dst in ((ref / "eval-unprotected-step-0", out / "eval-unprotected-step-0"),
+                         (ref / "sweep" / "cells" / "unprotected", out / "sweep" / "cells" / "unprotected")):
+            if src.is_dir() and not dst.exists():
+                shutil.copytree(src, dst)
     before = {}
     for name, model in models.items():
         d = out / f"eval-{name}-step-0"

@@ -66,3 +66,47 @@ def test_no_interval_where_a_resample_has_no_reference_class_match():
     _, at500 = benign_finetune.summarise(sweep, {})
     assert at500.ratio == pytest.approx(0.6 / 0.5) and at500.ci is None
     assert at500.ratio_text() == "1.20 (2 seeds)" and at500.met
+
+
+def _reference_folder(root: Path, base: str, grid, refusal: str) -> Path:
+    """The files `--reference-cells` reads, as the script writes them for `base` and `grid`."""
+    from dataclasses import asdict
+
+    from patronus.models.registry import resolve_model
+    from patronus.provenance import weight_hashes, weights_digest
+
+    (root / "sweep").mkdir(parents=True)
+    (root / "eval-unprotected-step-0").mkdir()
+    (root / "sweep" / "models.json").write_text(json.dumps(
+        {"unprotected": base, "unprotected_weights_sha256": weights_digest(weight_hashes(resolve_model(base)))}))
+    (root / "sweep" / "grid.json").write_text(json.dumps(asdict(grid)))
+    (root / "eval-unprotected-step-0" / "metrics.json").write_text(
+        json.dumps({"settings": {"refusal": refusal}, "metrics": {}}))
+    return root
+
+
+def test_reference_cells_must_come_from_the_same_base_grid_and_rule(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import benign_finetune
+
+    from patronus.sweep.grid import load_grid
+
+    grid = load_grid("new-words")
+    ref = _reference_folder(tmp_path / "ref", "patronus-tiny", grid, grid.eval_config().refusal)
+    assert benign_finetune.reference_problem(ref, "patronus-tiny", grid) is None
+    assert "other weights than --base patronus-tiny-protected" in benign_finetune.reference_problem(
+        ref, "patronus-tiny-protected", grid)
+    other = load_grid(str(SCRIPT.parent.parent / "research" / "configs" / "grid-new-words-lora-seeds0-4.toml"))
+    assert "another grid" in benign_finetune.reference_problem(ref, "patronus-tiny", other)
+    assert "not an output folder" in benign_finetune.reference_problem(tmp_path / "none", "patronus-tiny", grid)
+
+
+def test_a_reference_of_another_base_is_refused_before_any_work(tmp_path):
+    from patronus.sweep.grid import load_grid
+
+    grid = load_grid("new-words")
+    ref = _reference_folder(tmp_path / "ref", "patronus-tiny", grid, grid.eval_config().refusal)
+    result = _run("--model", "patronus-tiny-protected", "--base", "patronus-tiny-filtered",
+                  "--reference-cells", str(ref), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "--reference-cells" in result.stderr and "other weights" in result.stderr
+    assert not (tmp_path / "out").exists()
