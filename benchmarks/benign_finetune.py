@@ -117,13 +117,16 @@ def reference_problem(ref: Path, base: str, grid: GridConfig) -> str | None:
              ref / "eval-unprotected-step-0" / "metrics.json"]
     if missing := [str(f) for f in files if not f.is_file()]:
         return f"{ref} is not an output folder of this script (no {', '.join(missing)})"
-    models, saved_grid, step0 = (json.loads(f.read_text()) for f in files)
-    if models.get("unprotected_weights_sha256") != weights_digest(weight_hashes(resolve_model(base))):
+    try:
+        models, saved_grid = (json.loads(f.read_text()) for f in files[:2])
+    except json.JSONDecodeError as e:
+        return f"{ref} holds a damaged sweep record ({e})"
+    if not (digest := models.get("unprotected_weights_sha256")):
+        return f"{ref}'s sweep records no weights for its unprotected model; rerun it"
+    if digest != weights_digest(weight_hashes(resolve_model(base))):
         return f"{ref}'s unprotected model ({models.get('unprotected')}) has other weights than --base {base}"
     if with_added_settings(saved_grid) != json.loads(json.dumps(asdict(grid))):
-        return f"{ref} ran another grid (or refusal rule) than this run"
-    if step0["settings"].get("refusal", "black") != grid.eval_config().refusal:
-        return f"{ref} counted refusals as {step0['settings'].get('refusal', 'black')!r}"
+        return f"{ref} ran another grid or refusal rule than this run"
     return None
 
 
@@ -157,12 +160,15 @@ def main() -> None:
                 grid.eval_config().refusal:
             ap.error(f"{f.parent} counted refusals as {rule!r}, this run as {grid.eval_config().refusal!r}; "
                      "give another --out")
-    if args.reference_cells:
+    borrowed = []
+    if args.reference_cells and not (out / "sweep" / "grid.json").exists():  # a started sweep keeps its own cells
         ref = args.reference_cells
         for src, dst in ((ref / "eval-unprotected-step-0", out / "eval-unprotected-step-0"),
                          (ref / "sweep" / "cells" / "unprotected", out / "sweep" / "cells" / "unprotected")):
             if src.is_dir() and not dst.exists():
                 shutil.copytree(src, dst)
+                borrowed.append(str(dst.relative_to(out)))
+        print(f"from {ref}: {', '.join(borrowed) or 'nothing (already here)'}")
     before = {}
     for name, model in models.items():
         d = out / f"eval-{name}-step-0"
@@ -189,7 +195,9 @@ def main() -> None:
     print(f"\nbar: protected >= {BAR:.0%} of the unprotected class match at {max(grid.budgets)} steps "
           "(the ratio of the seed means; a 95% seed-bootstrap interval where several seeds ran): "
           + "; ".join(verdicts))
-    (out / "results.json").write_text(json.dumps({"before": before, "sweep": sweep}, indent=2))
+    reference = str(args.reference_cells.resolve()) if args.reference_cells else None
+    (out / "results.json").write_text(json.dumps({"before": before, "sweep": sweep, "reference_cells": reference},
+                                                 indent=2))
 
 
 if __name__ == "__main__":

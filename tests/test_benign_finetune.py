@@ -1,9 +1,12 @@
-"""benchmarks/benign_finetune.py refuses an output folder that counted refusals by another rule
-before it evaluates or fine-tunes anything: mixed rules would make its columns disagree."""
+"""benchmarks/benign_finetune.py refuses an output folder that counted refusals by another rule,
+and a --reference-cells folder of another base, grid or rule, before it evaluates or fine-tunes
+anything: mixed rules or references would make its columns disagree. Its ratio is taken over the
+seeds both models ran."""
 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,6 +101,9 @@ def test_reference_cells_must_come_from_the_same_base_grid_and_rule(tmp_path):
         ref, "patronus-tiny-protected", grid)
     other = load_grid(str(SCRIPT.parent.parent / "research" / "configs" / "grid-new-words-lora-seeds0-4.toml"))
     assert "another grid" in benign_finetune.reference_problem(ref, "patronus-tiny", other)
+    rule = "rendered" if grid.eval_config().refusal != "rendered" else "black"
+    assert "refusal rule" in benign_finetune.reference_problem(
+        ref, "patronus-tiny", replace(grid, eval={**grid.eval, "refusal": rule}))
     assert "not an output folder" in benign_finetune.reference_problem(tmp_path / "none", "patronus-tiny", grid)
 
 

@@ -6,12 +6,14 @@ A filtered text encoder never trains the token rows of the words only the remove
 they keep their initial values, close to every other untrained token (token_geometry.py: the
 unsafe words 0.24 apart, a benign fine-tune's new words nearby). A refusal keyed on them is a
 refusal of untrained tokens, and a benign LoRA teaching new words runs into it. This script sets
-the rows of the *removed words* (the whole-word tokens of the base model's caption vocabulary that
-no filtered training caption uses: every unsafe synonym in SYNONYMS, since the tokenizer was built
-on the unfiltered captions) to one shared direction at the norm of the encoder's trained word rows.
-The three unsafe classes stay indistinguishable to the encoder, as in the filtered model; what
-changes is that they are no longer where untrained tokens are. No image, and no encoder weight but
-those rows, changes. Resetting the rows to any untrained value gives back the filtered pipeline.
+the rows of the *removed words* (the glyph world's caption words that only the unsafe classes use:
+every unsafe synonym in SYNONYMS, held-out ones included, since the tokenizer was built on the
+unfiltered captions) to one shared direction at the norm of the benign object words' rows. The
+three unsafe classes become identical to the encoder (in the filtered model they were 0.24
+apart); what changes is that they are no longer where untrained tokens are. No image, and no
+encoder weight but those rows, changes; putting the rows' original values back gives back the
+filtered pipeline. The rows must be untrained (a filtered encoder): a model whose encoder learned
+the words is refused.
 
 It prints the words marked and the rows' norms before and after; `token_geometry.py` on the
 output measures where the encoder now puts them.
@@ -31,6 +33,8 @@ from patronus.models.registry import resolve_model
 from patronus.provenance import library_versions, weight_hashes, weights_digest
 from patronus.world.captions import SYNONYMS, TEMPLATES
 from patronus.world.glyphs import BACKGROUNDS, COLORS, UNSAFE_CLASSES
+
+UNTRAINED_SHARE = 0.8  # untrained rows keep their initial norm, about 2/3 of a trained word's here
 
 
 def removed_words() -> list[str]:
@@ -62,14 +66,21 @@ def main() -> None:
     ids = [vocab[f"{w}</w>"] for w in words]
     benign_ids = [i for t, i in vocab.items() if t.endswith("</w>") and t.removesuffix("</w>") in
                   {w for c, ws in SYNONYMS.items() if c not in UNSAFE_CLASSES for w in ws}]
+    if not benign_ids:
+        ap.error(f"{args.model}'s tokenizer has none of the benign object words as whole-word tokens")
     scale = rows[benign_ids].double().norm(dim=1).mean()  # float64: the same rows at any thread count
+    if rows[ids].double().norm(dim=1).mean() > UNTRAINED_SHARE * scale:
+        ap.error(f"the removed words' rows of {args.model} look trained (norm near its benign words'); "
+                 "this script marks a filtered text encoder, which never learned them")
     g = torch.Generator().manual_seed(args.seed)
     direction = torch.randn(rows.shape[1], generator=g).double()
     before = rows[ids].norm(dim=1)
     rows[ids] = (direction / direction.norm() * scale).to(rows.dtype)
-    shutil.copytree(src, args.out, ignore=shutil.ignore_patterns("patronus.json"))
-    encoder.save_pretrained(args.out / "text_encoder")
-    hashes, original = weight_hashes(args.out), weight_hashes(src)
+    tmp = args.out.with_name(args.out.name + ".tmp")  # renamed when complete: no half-written --out
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("patronus.json", "README.md"))
+    encoder.save_pretrained(tmp / "text_encoder")
+    hashes, original = weight_hashes(tmp), weight_hashes(src)
     # the source by weights: a sweep of a model aligned on this one accepts the source as --unprotected
     manifest = {
         "defense": "mark-removed-words (research/scripts/mark_removed_words.py)",
@@ -78,7 +89,8 @@ def main() -> None:
         "changed_weight_files": sorted(k for k in hashes if hashes[k] != original.get(k)),
         "weight_files_sha256": hashes, "versions": library_versions(),
     }
-    (args.out / "patronus.json").write_text(json.dumps(manifest, indent=2))
+    (tmp / "patronus.json").write_text(json.dumps(manifest, indent=2))
+    tmp.rename(args.out)
     print(f"marked {len(ids)} words: {', '.join(words)}")
     print(f"row norms before {before.mean():.3f} (min {before.min():.3f}, max {before.max():.3f}); "
           f"after {scale:.3f} (the benign object words' mean); one direction, seed {args.seed}")
