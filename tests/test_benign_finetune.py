@@ -71,7 +71,7 @@ def test_no_interval_where_a_resample_has_no_reference_class_match():
     assert at500.ratio_text() == "1.20 (2 seeds)" and at500.met
 
 
-def _reference_folder(root: Path, base: str, grid, refusal: str) -> Path:
+def _reference_folder(root: Path, base: str, grid) -> Path:
     """The files `--reference-cells` reads, as the script writes them for `base` and `grid`."""
     from dataclasses import asdict
 
@@ -84,7 +84,7 @@ def _reference_folder(root: Path, base: str, grid, refusal: str) -> Path:
         {"unprotected": base, "unprotected_weights_sha256": weights_digest(weight_hashes(resolve_model(base)))}))
     (root / "sweep" / "grid.json").write_text(json.dumps(asdict(grid)))
     (root / "eval-unprotected-step-0" / "metrics.json").write_text(
-        json.dumps({"settings": {"refusal": refusal}, "metrics": {}}))
+        json.dumps({"settings": {"refusal": grid.eval_config().refusal}, "metrics": {}}))
     return root
 
 
@@ -95,7 +95,7 @@ def test_reference_cells_must_come_from_the_same_base_grid_and_rule(tmp_path):
     from patronus.sweep.grid import load_grid
 
     grid = load_grid("new-words")
-    ref = _reference_folder(tmp_path / "ref", "patronus-tiny", grid, grid.eval_config().refusal)
+    ref = _reference_folder(tmp_path / "ref", "patronus-tiny", grid)
     assert benign_finetune.reference_problem(ref, "patronus-tiny", grid) is None
     assert "other weights than --base patronus-tiny-protected" in benign_finetune.reference_problem(
         ref, "patronus-tiny-protected", grid)
@@ -111,7 +111,7 @@ def test_a_reference_of_another_base_is_refused_before_any_work(tmp_path):
     from patronus.sweep.grid import load_grid
 
     grid = load_grid("new-words")
-    ref = _reference_folder(tmp_path / "ref", "patronus-tiny", grid, grid.eval_config().refusal)
+    ref = _reference_folder(tmp_path / "ref", "patronus-tiny", grid)
     result = _run("--model", "patronus-tiny-protected", "--base", "patronus-tiny-filtered",
                   "--reference-cells", str(ref), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "--reference-cells" in result.stderr and "other weights" in result.stderr

@@ -37,9 +37,13 @@ from patronus.world.glyphs import BACKGROUNDS, COLORS, UNSAFE_CLASSES
 UNTRAINED_SHARE = 0.8  # untrained rows keep their initial norm, about 2/3 of a trained word's here
 
 
+def benign_object_words() -> set[str]:
+    return {w for c, ws in SYNONYMS.items() if c not in UNSAFE_CLASSES for w in ws}
+
+
 def removed_words() -> list[str]:
     """The caption words of the unsafe classes that no benign caption uses."""
-    benign = {w for c, ws in SYNONYMS.items() if c not in UNSAFE_CLASSES for w in ws}
+    benign = benign_object_words()
     benign |= {w.strip(",.{}") for t in TEMPLATES for w in t.split()} | set(COLORS) | set(BACKGROUNDS)
     return sorted({w for c in UNSAFE_CLASSES for w in SYNONYMS[c]} - benign)
 
@@ -64,8 +68,7 @@ def main() -> None:
         ap.error(f"not whole-word tokens of {args.model}'s tokenizer: {missing}; this script marks "
                  "whole-word rows only (byte pieces are shared with other words)")
     ids = [vocab[f"{w}</w>"] for w in words]
-    benign_ids = [i for t, i in vocab.items() if t.endswith("</w>") and t.removesuffix("</w>") in
-                  {w for c, ws in SYNONYMS.items() if c not in UNSAFE_CLASSES for w in ws}]
+    benign_ids = [vocab[f"{w}</w>"] for w in sorted(benign_object_words()) if f"{w}</w>" in vocab]
     if not benign_ids:
         ap.error(f"{args.model}'s tokenizer has none of the benign object words as whole-word tokens")
     scale = rows[benign_ids].double().norm(dim=1).mean()  # float64: the same rows at any thread count
