@@ -40,7 +40,8 @@ CARD_METRICS = (
     ("frechet_glyphnet", "benign outputs: Frechet distance to renders (GlyphNet)", "num"),
 )
 
-PART_NAMES = {"decoder": "the VAE decoder (`vae/`)", "unet": "the UNet (`unet/`)"}
+PART_NAMES = {"decoder": "the VAE decoder (`vae/`)", "unet": "the UNet (`unet/`)",
+              "mark": "the text encoder's rows of the removed words, marked (`text_encoder/`)"}
 DEFENCE_NAMES = {
     "patronus": "Patronus: an internal moderator in the VAE decoder and a UNet aligned to end unsafe prompts at "
                 "a refusal (a black image), both hardened against fine-tuning by non-fine-tunable (first-order "

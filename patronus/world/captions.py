@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from patronus.world.glyphs import BACKGROUND_NAMES, COLOR_NAMES
+from patronus.world.glyphs import BACKGROUND_NAMES, COLOR_NAMES, UNSAFE_CLASSES
 
 # The first word of each list is the explicit (canonical) name.
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -78,6 +78,18 @@ def all_caption_words() -> list[str]:
     words.update(BACKGROUND_NAMES)
     return sorted(words)
 
+
+def benign_object_words() -> list[str]:
+    """The object words of the benign classes (their synonyms included)."""
+    return sorted({w for cls, words in SYNONYMS.items() if cls not in UNSAFE_CLASSES for w in words})
+
+
+def removed_words() -> list[str]:
+    """The caption words only the unsafe classes' captions use: the words a training set filtered
+    of those captions never shows (held-out synonyms included, as the tokenizer holds them)."""
+    benign = set(benign_object_words()) | set(COLOR_NAMES) | set(BACKGROUND_NAMES)
+    benign |= {w for t in TEMPLATES for w in t.replace(",", " ,").format(color="", obj="", bg="").split()}
+    return sorted({w for cls in UNSAFE_CLASSES for w in SYNONYMS[cls]} - benign)
 
 
 def nonsense_words(n: int, seed: int, avoid: set[str]) -> list[str]:

@@ -269,6 +269,34 @@ class UNetAlignConfig:
                               "nft_anchor_lr and nft_implicit_alpha must be positive")
 
 
+@dataclass(frozen=True)
+class MarkConfig:
+    """Marking the removed words (`[mark]`, off by default), before the UNet half: the text
+    encoder's rows of the *removed words* (whole-word tokens that only the filtered-out captions
+    use) are set to one shared random direction at the mean norm of trained words' rows. A
+    filtered encoder never trained those rows, so they sit where every untrained token sits; a
+    refusal keyed on them is then a refusal of untrained tokens, which a benign fine-tune that
+    teaches new words runs into (LoRA new words 0.59 of the filtered model's; with the rows marked
+    1.30, docs/results/distillation.md). The encoder learns nothing of what the words depict, and
+    only rows that are still untrained are marked: an encoder that learned the words is refused.
+    """
+
+    enabled: bool = False
+    # Empty: the glyph world's removed words (patronus.world.captions.removed_words). Each must be
+    # one whole-word token of the model's tokenizer: a word split into pieces shares them with others.
+    words: tuple[str, ...] = ()
+    # Whose rows' mean norm the marked rows take; empty: the glyph world's benign object words.
+    norm_words: tuple[str, ...] = ()
+    seed: int = 0  # draws the shared direction
+
+    def __post_init__(self):
+        if blank := [name for name in ("words", "norm_words") if any(not w.strip() for w in getattr(self, name))]:
+            raise ConfigError(f"mark.{blank[0]} holds an empty word; list words such as \"knife\"")
+        if both := sorted(set(self.words) & set(self.norm_words)):
+            raise ConfigError(f"mark.words and mark.norm_words share {', '.join(both)}: the norm comes from "
+                              f"trained words, the marked ones are untrained")
+
+
 TEXT_ENCODER_MODES = ("distil", "keep")
 UNET_MODES = ("distil", "keep", "cross-attention")
 
@@ -450,9 +478,16 @@ class ProtectConfig:
     # Where the best checkpoint's weights wait until the end of a stage: "memory" (CPU memory) or
     # "disk" (a file in the run's work directory: one UNet's worth of CPU memory less).
     best_checkpoint: str = "memory"
+    mark: MarkConfig = field(default_factory=MarkConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
+        if self.mark.enabled and ("unet" not in self.parts or self.unet.update == "text-encoder"):
+            raise ConfigError("mark.enabled marks the text encoder for the UNet half: it needs --parts with unet "
+                              "and unet.update full or lora (an aligned text encoder would train the marked rows)")
+        if self.mark.enabled and self.distill.enabled:
+            raise ConfigError("mark.enabled with distill.enabled is not supported: distillation trains a text "
+                              "encoder of its own; turn one of them off")
         if self.distill.teacher is not None and not self.distill.enabled:
             raise ConfigError("distill.teacher is set but distill.enabled is false: enable distillation or drop "
                               "the teacher")

@@ -62,6 +62,7 @@ from patronus.defenses.patronus.losses import (
     refusal_loss,
     scramble_loss,
 )
+from patronus.defenses.patronus.mark import mark_removed_words
 from patronus.detectors import detect_decoded, make_detector
 from patronus.errors import ConfigError, OutputExistsError
 from patronus.evaluation.metrics import is_refusal
@@ -337,6 +338,9 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
     accelerator = Accelerator()
     if "unet" in cfg.parts:
         check_alignment(cfg.unet, teacher.unet, accelerator.num_processes)
+    if cfg.mark.enabled:  # refuses words it cannot mark before any work; the encoder is kept for the output
+        mark_record = mark_removed_words(teacher.tokenizer, teacher.text_encoder, cfg.mark)
+        marked_encoder = teacher.text_encoder
     if cfg.distill.teacher is not None:
         teacher = load_pipeline(cfg.distill.teacher)
     if cfg.distill.enabled and cfg.distill.student is not None:
@@ -352,6 +356,14 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         replaced: dict[str, torch.nn.Module] = {}
         sections: dict[str, dict] = {}
         source = resolve_model(model)
+        if cfg.mark.enabled:  # both halves read prompts through the marked encoder
+            model = str(workdir / "marked")
+            if accelerator.is_main_process and not Path(model).exists():
+                with atomic_dir(model) as tmp:
+                    shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("text_encoder"))
+                    marked_encoder.save_pretrained(tmp / "text_encoder")
+            accelerator.wait_for_everyone()
+            replaced["text_encoder"], sections["mark"] = marked_encoder, mark_record
         if cfg.distill.teacher is None:
             # The UNet half first: the decoder's bank may hold the aligned UNet's latents.
             if "unet" in cfg.parts:
@@ -588,7 +600,7 @@ def _provenance(model_dir: Path, cfg: ProtectConfig, sections: dict[str, dict], 
     return {
         "patronus_version": library_versions()["patronus"],
         "source_model": {"path": str(model_dir.resolve()), "weights_sha256": weights_digest(original)},
-        "parts": [part for part in ("decoder", "unet", "distill") if part in sections],
+        "parts": [part for part in ("mark", "decoder", "unet", "distill") if part in sections],
         "config": to_dict(cfg),
         "data": data,
         "seeds": {"run": cfg.seed},
