@@ -1,6 +1,8 @@
 """`patronus protect`: the decoder half (an internal moderator), then the UNet half (`align.py`).
 
-`protect` runs the parts `ProtectConfig.parts` names and writes one pipeline directory. The
+`protect` runs the parts `ProtectConfig.parts` names and writes one pipeline directory. With
+`[mark]` it first marks the text encoder's rows of the removed words (`mark.py`); both halves
+then read prompts through that encoder (a copy in WORKDIR/marked), and it ships with them. The
 decoder half, read top to bottom:
   1. load the pipeline, freeze everything but `post_quant_conv` + `decoder`, keep a frozen
      copy of the original decoder (the calibration target);
