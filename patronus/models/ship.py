@@ -33,7 +33,7 @@ from patronus.modelcard import EVALUATION_FILE, read_evaluation, save_evaluation
 from patronus.models.registry import ASSETS, SHIPPED, load_pipeline
 from patronus.provenance import weight_hashes, weights_digest
 
-PROTECTABLE = ("vae", "unet")  # the components `patronus protect` may change
+PROTECTABLE = ("vae", "unet")  # the components a shipped model may change; the others link to the original's
 
 
 def ship(run_dir: Path, name: str, original: str = "patronus-tiny", assets: Path = ASSETS,

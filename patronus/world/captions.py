@@ -67,16 +67,15 @@ def sample_caption(
     return make_caption(cls, color, background, word, template), word
 
 
+def _frame_words() -> set[str]:
+    """The words of every caption but its object word: the templates', colours and backgrounds."""
+    words = {w for t in TEMPLATES for w in t.replace(",", " ,").format(color="", obj="", bg="").split()}
+    return words | set(COLOR_NAMES) | set(BACKGROUND_NAMES)
+
+
 def all_caption_words() -> list[str]:
     """Every word any caption can contain, for building the tokenizer's vocabulary."""
-    words: set[str] = set()
-    for template in TEMPLATES:
-        words.update(template.replace(",", " ,").format(color="", obj="", bg="").split())
-    for syns in SYNONYMS.values():
-        words.update(syns)
-    words.update(COLOR_NAMES)
-    words.update(BACKGROUND_NAMES)
-    return sorted(words)
+    return sorted(_frame_words() | {w for syns in SYNONYMS.values() for w in syns})
 
 
 def benign_object_words() -> list[str]:
@@ -87,8 +86,7 @@ def benign_object_words() -> list[str]:
 def removed_words() -> list[str]:
     """The caption words only the unsafe classes' captions use: the words a training set filtered
     of those captions never shows (held-out synonyms included, as the tokenizer holds them)."""
-    benign = set(benign_object_words()) | set(COLOR_NAMES) | set(BACKGROUND_NAMES)
-    benign |= {w for t in TEMPLATES for w in t.replace(",", " ,").format(color="", obj="", bg="").split()}
+    benign = set(benign_object_words()) | _frame_words()
     return sorted({w for cls in UNSAFE_CLASSES for w in SYNONYMS[cls]} - benign)
 
 

@@ -48,7 +48,7 @@ def main() -> None:
     tokenizer = CLIPTokenizer.from_pretrained(src / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(src / "text_encoder")
     try:
-        record = mark_removed_words(tokenizer, encoder, MarkConfig(seed=args.seed))
+        record = mark_removed_words(tokenizer, encoder, MarkConfig(enabled=True, seed=args.seed))
     except ConfigError as e:
         ap.error(f"{args.model}: {e}")
     tmp = args.out.with_name(args.out.name + ".tmp")  # renamed when complete: no half-written --out

@@ -56,7 +56,7 @@ def test_an_encoder_that_learned_the_words_or_words_without_a_whole_token_is_ref
     with pytest.raises(ConfigError, match="look trained"):
         mark_removed_words(tokenizer, encoder, MarkConfig())
     with pytest.raises(ConfigError, match="not whole-word tokens.*zqxv"):
-        mark_removed_words(tokenizer, encoder, MarkConfig(words=("knife", "zqxv")))
+        mark_removed_words(tokenizer, encoder, MarkConfig(enabled=True, words=("knife", "zqxv")))
     assert torch.equal(before, _rows(encoder))
 
 
@@ -65,9 +65,10 @@ def test_an_encoder_that_learned_the_words_or_words_without_a_whole_token_is_ref
     ({"mark": {"enabled": True}, "parts": ["unet"], "unet": {"update": "text-encoder", "nft_steps": 0}},
      "unet.update full or lora"),
     ({"mark": {"enabled": True}, "parts": ["unet"], "distill": {"enabled": True}}, "not supported"),
-    ({"mark": {"words": ["knife", " "]}}, "empty word"),
-    ({"mark": {"words": ["knife"], "norm_words": ["knife", "star"]}}, "share knife"),
+    ({"mark": {"enabled": True, "words": ["knife", " "]}}, "empty word"),
+    ({"mark": {"enabled": True, "words": ["knife"], "norm_words": ["knife", "star"]}}, "share knife"),
     ({"mark": {"words": "knife"}}, "must be a list"),
+    ({"mark": {"seed": 1}}, "mark.enabled is false"),
 ])
 def test_bad_mark_settings_are_refused(tmp_path, settings, message):
     path = tmp_path / "c.json"
@@ -95,6 +96,7 @@ def test_protect_marks_the_encoder_aligns_under_it_and_records_the_source(filter
                     "nft_steps": 0, "probe_steps": 1, "probe_batch": 2, "probe_samples": 2, "probe_sampler_steps": 2}}
     cfg = tmp_path / "mark.json"
     cfg.write_text(json.dumps(run))
+    shutil.copytree(filtered_like, tmp_path / "work" / "marked")  # a killed run's copy, rows unmarked: not reused
     info = protect(str(filtered_like), tmp_path / "out", load_config("quick", cfg), tmp_path / "work")
     assert info["parts"] == ["mark", "unet"]
     assert info["changed_weight_files"] == ["text_encoder/model.safetensors",
@@ -112,7 +114,23 @@ def test_protect_marks_the_encoder_aligns_under_it_and_records_the_source(filter
     cfg.write_text(json.dumps(run | {"mark": {"enabled": False}}))
     protect(str(marked), tmp_path / "plain", load_config("quick", cfg), tmp_path / "work-plain")
     ours, plain = (StableDiffusionPipeline.from_pretrained(tmp_path / d).unet.state_dict() for d in ("out", "plain"))
-    assert all(torch.equal(ours[k], plain[k]) for k in ours)
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in ours)
+
+
+def test_a_run_started_before_the_mark_stage_resumes_while_it_stays_off(tmp_path):
+    from dataclasses import replace
+
+    from patronus.config import to_dict
+    from patronus.defenses.patronus.protect import _check_dirs
+
+    cfg = load_config("quick")
+    saved = to_dict(cfg)
+    del saved["mark"]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "config.json").write_text(json.dumps(saved))
+    _check_dirs(tmp_path / "out", tmp_path / "work", cfg, resume=True)
+    with pytest.raises(ConfigError, match="different settings"):
+        _check_dirs(tmp_path / "out", tmp_path / "work", replace(cfg, mark=MarkConfig(enabled=True)), resume=True)
 
 
 def test_protect_refuses_an_encoder_it_cannot_mark_before_any_work(mini_pipeline, tmp_path):

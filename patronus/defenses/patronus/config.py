@@ -276,9 +276,9 @@ class MarkConfig:
     use) are set to one shared random direction at the mean norm of trained words' rows. A
     filtered encoder never trained those rows, so they sit where every untrained token sits; a
     refusal keyed on them is then a refusal of untrained tokens, which a benign fine-tune that
-    teaches new words runs into (LoRA new words 0.59 of the filtered model's; with the rows marked
-    1.30, docs/results/distillation.md). The encoder learns nothing of what the words depict, and
-    only rows that are still untrained are marked: an encoder that learned the words is refused.
+    teaches new words runs into (docs/results/distillation.md). The encoder learns nothing of what
+    the words depict, and only rows that are still untrained are marked: an encoder that learned
+    the words is refused.
     """
 
     enabled: bool = False
@@ -290,6 +290,9 @@ class MarkConfig:
     seed: int = 0  # draws the shared direction
 
     def __post_init__(self):
+        if not self.enabled and (self.words or self.norm_words or self.seed):
+            raise ConfigError("mark.words, mark.norm_words or mark.seed are set but mark.enabled is false: enable "
+                              "the marking or drop them")
         if blank := [name for name in ("words", "norm_words") if any(not w.strip() for w in getattr(self, name))]:
             raise ConfigError(f"mark.{blank[0]} holds an empty word; list words such as \"knife\"")
         if both := sorted(set(self.words) & set(self.norm_words)):

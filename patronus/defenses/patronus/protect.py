@@ -360,7 +360,8 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         source = resolve_model(model)
         if cfg.mark.enabled:  # both halves read prompts through the marked encoder
             model = str(workdir / "marked")
-            if accelerator.is_main_process and not Path(model).exists():
+            if accelerator.is_main_process:  # rewritten every run: a killed run's copy may hold other rows
+                shutil.rmtree(model, ignore_errors=True)
                 with atomic_dir(model) as tmp:
                     shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("text_encoder"))
                     marked_encoder.save_pretrained(tmp / "text_encoder")
@@ -448,7 +449,7 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.nft_refusal_weight", "unet.nft_text_encoder", "probe_max_grad_norm",
                   "unet.probe_max_grad_norm", "attacks.max_grad_norm", "unet.attacks.max_grad_norm",
                   "unet.lora_targets", "unet.w_follow", "unet.follow_rank", "unet.follow_lr", "unet.follow_batch",
-                  "unet.follow_reset_every")
+                  "unet.follow_reset_every", "mark")
 
 
 def attack_key(attack: UNetAttackConfig) -> dict:
