@@ -32,8 +32,25 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from patronus.defenses.patronus.config import MarkConfig
 from patronus.defenses.patronus.mark import mark_removed_words
 from patronus.errors import ConfigError
+from patronus.io import atomic_dir
 from patronus.models.registry import resolve_model
 from patronus.provenance import library_versions, weight_hashes, weights_digest
+
+
+def write_marked(src: Path, tmp: Path, encoder: CLIPTextModel, record: dict, seed: int) -> None:
+    """The source pipeline with the marked encoder, and a manifest naming the source by weights."""
+    shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("patronus.json", "README.md"))
+    encoder.save_pretrained(tmp / "text_encoder")
+    hashes, original = weight_hashes(tmp), weight_hashes(src)
+    # the source by weights: a sweep of a model aligned on this one accepts the source as --unprotected
+    manifest = {
+        "defense": "mark-removed-words (research/scripts/mark_removed_words.py)",
+        "source_model": {"path": str(src.resolve()), "weights_sha256": weights_digest(original)},
+        "marked_words": record["words"], "seed": seed, "row_norm": record["row_norm"],
+        "changed_weight_files": sorted(k for k in hashes if hashes[k] != original.get(k)),
+        "weight_files_sha256": hashes, "versions": library_versions(),
+    }
+    (tmp / "patronus.json").write_text(json.dumps(manifest, indent=2))
 
 
 def main() -> None:
@@ -51,21 +68,8 @@ def main() -> None:
         record = mark_removed_words(tokenizer, encoder, MarkConfig(enabled=True, seed=args.seed))
     except ConfigError as e:
         ap.error(f"{args.model}: {e}")
-    tmp = args.out.with_name(args.out.name + ".tmp")  # renamed when complete: no half-written --out
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("patronus.json", "README.md"))
-    encoder.save_pretrained(tmp / "text_encoder")
-    hashes, original = weight_hashes(tmp), weight_hashes(src)
-    # the source by weights: a sweep of a model aligned on this one accepts the source as --unprotected
-    manifest = {
-        "defense": "mark-removed-words (research/scripts/mark_removed_words.py)",
-        "source_model": {"path": str(src.resolve()), "weights_sha256": weights_digest(original)},
-        "marked_words": record["words"], "seed": args.seed, "row_norm": record["row_norm"],
-        "changed_weight_files": sorted(k for k in hashes if hashes[k] != original.get(k)),
-        "weight_files_sha256": hashes, "versions": library_versions(),
-    }
-    (tmp / "patronus.json").write_text(json.dumps(manifest, indent=2))
-    tmp.rename(args.out)
+    with atomic_dir(args.out) as tmp:  # no half-written --out
+        write_marked(src, tmp, encoder, record, args.seed)
     before = record["row_norm_before"]
     print(f"marked {len(record['words'])} words: {', '.join(record['words'])}")
     print(f"row norms before {before['mean']:.3f} (min {before['min']:.3f}, max {before['max']:.3f}); "
