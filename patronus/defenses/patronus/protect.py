@@ -357,6 +357,7 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         t_start = time.time()
         replaced: dict[str, torch.nn.Module] = {}
         sections: dict[str, dict] = {}
+        inside: dict[str, float] = {}  # this session's seconds in each half
         source = resolve_model(model)
         if cfg.mark.enabled:  # both halves read prompts through the marked encoder
             model = str(workdir / "marked")
@@ -370,22 +371,36 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
         if cfg.distill.teacher is None:
             # The UNet half first: the decoder's bank may hold the aligned UNet's latents.
             if "unet" in cfg.parts:
+                t_half = time.time()
                 aligned, sections["unet"] = align_unet(model, cfg, workdir / "unet", resume)
+                inside["unet"] = time.time() - t_half
                 replaced |= aligned
                 release_memory()  # the UNet half's teacher and data, before the decoder half loads its own
             if "decoder" in cfg.parts:
+                t_half = time.time()
                 replaced["vae"], sections["decoder"] = protect_decoder(model, cfg, workdir, resume, accelerator,
                                                                        replaced.get("unet"))
+                inside["decoder"] = time.time() - t_half
         if not cfg.distill.enabled:
-            return _write_output(source, out, cfg, replaced, sections, time.time() - t_start, accelerator)
+            return _write_output(source, out, cfg, replaced, sections, _run_seconds(t_start, inside, sections),
+                                 accelerator)
         teacher = cfg.distill.teacher
         if teacher is None:  # this run's protected pipeline, kept in the work directory
             teacher = workdir / "teacher"
             if not (teacher / "patronus.json").exists():
-                _write_output(source, teacher, cfg, replaced, sections, time.time() - t_start, accelerator)
+                _write_output(source, teacher, cfg, replaced, sections, _run_seconds(t_start, inside, sections),
+                              accelerator)
         replaced, sections["distill"] = distill(model, teacher, cfg, workdir / "distill", resume)
-        return _write_output(resolve_model(teacher), out, cfg, replaced, sections, time.time() - t_start,
-                             accelerator)
+        return _write_output(resolve_model(teacher), out, cfg, replaced, sections,
+                             _run_seconds(t_start, inside, sections), accelerator)
+
+
+def _run_seconds(t_start: float, inside: dict[str, float], sections: dict[str, dict]) -> float:
+    """The run's cost: this session's time outside the halves plus each half's own total, which
+    counts the sessions before a resume too. A resumed run's wall time alone would print only
+    its last session's, and the cost bar is for the whole run."""
+    return (time.time() - t_start - sum(inside.values())
+            + sum(sections[half]["timing"]["total_seconds"] for half in inside))
 
 
 def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool, accelerator: Accelerator,
@@ -408,7 +423,9 @@ def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
     run = RunState(Checkpointer(accelerator, workdir, schedulers=(sched,)), best_on_disk=cfg.best_checkpoint == "disk")
     if resume:
         run.restore()
-    setup_seconds = time.time() - t_start  # this session's; the training time of every session is in `run`
+    # Set-up (the feature bank above all) of every session: a resumed run reads a cached bank, so
+    # the session that built it must be counted from the checkpoint; training time is in `run`.
+    run.state["timing"]["setup_seconds"] = run.state["timing"].get("setup_seconds", 0.0) + time.time() - t_start
 
     if run.state["stage"] == 1:
         stage1_unlearn(p, opt1, sched, run)
@@ -425,7 +442,7 @@ def protect_decoder(model: str, cfg: ProtectConfig, workdir: Path, resume: bool,
     if state_digest(p.vae.encoder) != p.encoder_digest:
         raise RuntimeError("the VAE encoder changed during protection; this is a bug")
     # Every session's time: a resumed run's cost is not only its last session's.
-    run.state["timing"]["total_seconds"] = run.worked_seconds() + setup_seconds
+    run.state["timing"]["total_seconds"] = run.worked_seconds() + run.state["timing"]["setup_seconds"]
     return p.vae, _record(run.state)
 
 
