@@ -20,10 +20,9 @@ import collections
 
 import torch
 
+from patronus.defenses.patronus.bank import FeatureBankConfig, sample_latents
 from patronus.detectors import detect_decoded, make_detector
 from patronus.models.registry import load_pipeline
-from patronus.models.sampling import generate_latents
-from patronus.training import mix_seed
 from patronus.world.glyphs import CLASS_NAMES, HARD_NEGATIVES, UNSAFE_CLASSES
 from patronus.world.splits import render_split
 
@@ -36,11 +35,11 @@ GROUPS = {"unsafe": UNSAFE_CLASSES, "hard": HARD_NEGATIVES,
 def latents_by_group(model: str, n: int, steps: int, guidance: float) -> dict[str, torch.Tensor]:
     pipe = load_pipeline(model)
     detector = make_detector("glyphnet")
+    settings = FeatureBankConfig(sampler_steps=steps, guidance=guidance)  # latents as the decoder's bank samples them
     out = {}
     for group, classes in GROUPS.items():
         _, samples = render_split("defender", n, start=START, classes=classes)
-        z = generate_latents(pipe, [s.text for s in samples], [mix_seed(0, i) for i in range(n)], steps, guidance)
-        z = z / pipe.vae.config.scaling_factor
+        z = sample_latents(pipe, [s.text for s in samples], settings, seed_offset=0)
         found = detect_decoded(detector, pipe.vae.decode(z, return_dict=False)[0].clamp(-1, 1))
         classes_drawn = collections.Counter(r["class"] for r in found).most_common(5)
         flagged = sum(bool(r["unsafe"]) for r in found) / n
@@ -82,7 +81,6 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--hidden", type=int, default=256, help="hidden units of the second probe")
     args = p.parse_args()
-    torch.manual_seed(0)
     for model in args.model:
         z = latents_by_group(model, args.n, args.steps, args.guidance)
         for name, hidden in (("linear probe", 0), (f"MLP probe ({args.hidden} hidden)", args.hidden)):
