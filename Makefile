@@ -21,7 +21,7 @@ chromium:
 		echo "note: could not install Chromium; the report rendering test will be skipped"
 
 test: .venv/installed chromium
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist worksteal --durations=20
 
 test-slow: .venv/installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow

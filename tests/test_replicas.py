@@ -3,7 +3,7 @@
 import os
 import subprocess
 
-from tests.attacks.test_attack_multiprocess import ACCELERATE
+from tests.launch import accelerate
 
 SCRIPT = """
 import sys, torch
@@ -24,7 +24,7 @@ finally:
 def _run(tmp_path, mode: str) -> subprocess.CompletedProcess:
     script = tmp_path / "replicas.py"
     script.write_text(SCRIPT)
-    return subprocess.run(ACCELERATE + [str(script), mode], capture_output=True, text=True, timeout=300,
+    return subprocess.run(accelerate() + [str(script), mode], capture_output=True, text=True, timeout=300,
                           env=os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
 
 

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+from tests.launch import accelerate
 
 
 def _attack(mini_pipeline, out, kind: str, launcher: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -22,7 +21,7 @@ def _attack(mini_pipeline, out, kind: str, launcher: list[str], env: dict | None
 @pytest.mark.parametrize("kind", ["joint", "unet-lora"])
 def test_two_processes_and_one_agree_on_the_first_steps(mini_pipeline, tmp_path, kind):
     one = _attack(mini_pipeline, tmp_path / "one", kind, [sys.executable])
-    two = _attack(mini_pipeline, tmp_path / "two", kind, ACCELERATE, {"ACCELERATE_USE_CPU": "true"})
+    two = _attack(mini_pipeline, tmp_path / "two", kind, accelerate(), {"ACCELERATE_USE_CPU": "true"})
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     a, b = (json.loads((tmp_path / n / "losses.json").read_text()) for n in ("one", "two"))
     assert a["processes"] == 1 and b["processes"] == 2
@@ -35,5 +34,5 @@ def test_two_processes_and_one_agree_on_the_first_steps(mini_pipeline, tmp_path,
 
 
 def test_one_process_attacks_are_refused_under_several(mini_pipeline, tmp_path):
-    run = _attack(mini_pipeline, tmp_path / "p", "paraphrase", ACCELERATE, {"ACCELERATE_USE_CPU": "true"})
+    run = _attack(mini_pipeline, tmp_path / "p", "paraphrase", accelerate(), {"ACCELERATE_USE_CPU": "true"})
     assert run.returncode != 0 and "error: paraphrase runs in one process" in run.stderr  # the launcher exits 1

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.attacks.test_attack_multiprocess import ACCELERATE
 from tests.defenses.test_align import UNET_RUN
+from tests.launch import accelerate
 
 # One point of the attack space: every process simulates the same attack, so that the average
 # of the processes' NFT gradients is the 1-process gradient and the two runs can be compared.
@@ -40,7 +40,7 @@ def test_two_processes_and_one_agree_with_the_nft_term(mini_pipeline, tmp_path):
     if len(os.sched_getaffinity(0)) < 2:  # e.g. under `taskset -c 0`: two threads then sum in one order
         pytest.skip("the noise floor is measured with two threads, which need two CPUs")
     one = _protect(mini_pipeline, tmp_path, "one", ONE_ATTACK, [sys.executable])
-    two = _protect(mini_pipeline, tmp_path, "two", ONE_ATTACK, ACCELERATE, {"ACCELERATE_USE_CPU": "true"})
+    two = _protect(mini_pipeline, tmp_path, "two", ONE_ATTACK, accelerate(), {"ACCELERATE_USE_CPU": "true"})
     assert one["processes"] == 1 and two["processes"] == 2
     a, b = one["unet"]["losses"], two["unet"]["losses"]
     assert len(a["stage1"]) == len(b["stage1"]) == 3 and len(a["stage2"]) == len(b["stage2"]) == 2
@@ -60,5 +60,5 @@ def test_processes_that_simulate_different_attacks_stay_in_step(mini_pipeline, t
     # Each process draws its own attack from the space: only a synchronised NFT gradient keeps
     # their weights identical, which the run checks before it saves (it stops otherwise).
     attacks = UNET_RUN["unet"]["attacks"] | {"lr_range": [1e-4, 1e-2], "optimizers": [["adam", 0.5], ["sgd", 0.5]]}
-    info = _protect(mini_pipeline, tmp_path, "two", attacks, ACCELERATE, {"ACCELERATE_USE_CPU": "true"})
+    info = _protect(mini_pipeline, tmp_path, "two", attacks, accelerate(), {"ACCELERATE_USE_CPU": "true"})
     assert info["processes"] == 2 and len(info["unet"]["losses"]["stage2"]) == 2

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from tests.defenses.test_protect import TINY_RUN
+from tests.launch import accelerate
 
 STAGE1_ONLY = TINY_RUN | {"stage1_steps": 4, "stage2_steps": 0, "probe_every": 1, "batch_size": 8}
 
@@ -25,10 +26,7 @@ def _protect(mini_pipeline, tmp_path, name: str, launcher: list[str], env: dict 
 
 def test_two_processes_and_one_agree_on_the_first_steps(mini_pipeline, tmp_path):
     one = _protect(mini_pipeline, tmp_path, "one", [sys.executable])
-    # What `accelerate launch --multi_gpu` runs on GPUs, on this machine's CPU: two gloo processes.
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = _protect(mini_pipeline, tmp_path, "two", accelerate, {"ACCELERATE_USE_CPU": "true"})
+    two = _protect(mini_pipeline, tmp_path, "two", accelerate(), {"ACCELERATE_USE_CPU": "true"})
     assert one["processes"] == 1 and two["processes"] == 2
     a, b = np.array(one["decoder"]["losses"]["stage1"]), np.array(two["decoder"]["losses"]["stage1"])
     assert len(a) == len(b) == 4

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from tests.attacks.test_attack_multiprocess import ACCELERATE
+from tests.launch import accelerate
 from tests.models.test_train_base import MINI
 
 
@@ -26,7 +26,7 @@ def _train(tmp_path, name: str, launcher: list[str], env: dict | None = None) ->
 
 def test_two_processes_and_one_agree_on_the_first_steps(tmp_path):
     one = _train(tmp_path, "one", [sys.executable])
-    two = _train(tmp_path, "two", ACCELERATE, {"ACCELERATE_USE_CPU": "true"})
+    two = _train(tmp_path, "two", accelerate(), {"ACCELERATE_USE_CPU": "true"})
     for stage in ("vae", "unet"):
         assert one[stage]["processes"] == 1 and two[stage]["processes"] == 2
         a, b = one[stage]["loss_per_step"], two[stage]["loss_per_step"]
@@ -42,7 +42,7 @@ def test_two_processes_and_one_agree_on_the_first_steps(tmp_path):
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path):
     cfg = tmp_path / "odd.json"
     cfg.write_text(json.dumps({"vae_batch": 7}))
-    run = subprocess.run(ACCELERATE + ["-m", "patronus", "train-base", "--config", str(cfg), "--workdir",
+    run = subprocess.run(accelerate() + ["-m", "patronus", "train-base", "--config", str(cfg), "--workdir",
                                        str(tmp_path / "w")], capture_output=True, text=True, timeout=600,
                          env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
     assert run.returncode != 0 and "must be multiples of the number of processes (2)" in run.stderr
