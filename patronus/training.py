@@ -151,6 +151,9 @@ class Checkpointer:
             raise WriteError(f"cannot write checkpoint {final} ({e.strerror or e}); "
                              + (f"{previous[-1]} is intact: free space and rerun with --resume" if previous
                                 else "no earlier checkpoint: free space and rerun")) from e
+        # accelerate writes each process's RNG state last, with no barrier of its own: renaming
+        # before the slowest process has written would lose its file or fail its write.
+        acc.wait_for_everyone()
         if acc.is_main_process:
             tmp.rename(final)
             for old in self.all()[:-self.keep]:
