@@ -13,6 +13,10 @@ from pathlib import Path
 
 from patronus.errors import OutputExistsError, WriteError
 
+# A full disk, a quota or a read-only file system: the machine's, not a bug, so the error says
+# what to do; any other OSError is raised as it is.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
 
 class DirectoryBusyError(OutputExistsError):
     """Another run holds the directory (its lock is released when that process ends, however it ends)."""
@@ -68,7 +72,7 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
             tmp.rename(out)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the machine's, not a bug: say so
+            if e.errno in DISK_ERRNOS:
                 raise WriteError(f"cannot write {out} ({e.strerror}); nothing was kept: free space and rerun") from e
             raise
         except BaseException:

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from patronus.errors import ConfigError, WriteError
+from patronus.io import DISK_ERRNOS
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adadelta")
 # Learning-rate schedules of the real attacks: "constant", or "step": x0.1 at 25%, 50% and 75% of
@@ -145,8 +146,10 @@ class Checkpointer:
                     save_file(tensors, tmp / self.TENSORS)
                 for name, src in (files or {}).items():
                     _replace_with_link(src, tmp / name)
-        except OSError as e:  # disk full, quota, read-only: the older checkpoints are untouched
+        except OSError as e:  # the older checkpoints are untouched
             shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno not in DISK_ERRNOS:
+                raise
             previous = self.all()
             raise WriteError(f"cannot write checkpoint {final} ({e.strerror or e}); "
                              + (f"{previous[-1]} is intact: free space and rerun with --resume" if previous

@@ -1,10 +1,14 @@
-"""`Checkpointer` under several processes, with threads standing in for them: one process slower
-than the other must not lose its part of a checkpoint."""
+"""`Checkpointer`: under several processes (threads standing in for them) a slower process must
+not lose its part of a checkpoint; a failed write leaves no partial one."""
 
+import errno
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from patronus.errors import WriteError
 from patronus.training import Checkpointer
 
 
@@ -45,3 +49,24 @@ def test_a_checkpoint_holds_every_process_state_however_slow_one_is(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-7"]
     assert sorted(p.name for p in (tmp_path / "checkpoint-7").iterdir()) == [
         "random_states_0.pkl", "random_states_1.pkl", "state.json"]
+
+
+class FailingProcess(ThreadProcess):
+    def __init__(self, error: OSError):
+        super().__init__(0, threading.Barrier(1))
+        self.error = error
+
+    def save_state(self, folder: str) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        raise self.error
+
+
+def test_a_full_disk_is_a_clear_error_and_any_other_failure_stays_itself(tmp_path):
+    """Only the machine's failures (full disk, quota, read-only) get the "free space" advice; a
+    failure it would not fix, such as a permission, is raised as it is. Neither leaves a partial
+    checkpoint."""
+    with pytest.raises(WriteError, match=r"No space left on device\); no earlier checkpoint: free space"):
+        Checkpointer(FailingProcess(OSError(errno.ENOSPC, "No space left on device")), tmp_path).save(1, {})
+    with pytest.raises(PermissionError):
+        Checkpointer(FailingProcess(PermissionError(errno.EACCES, "Permission denied")), tmp_path).save(1, {})
+    assert list(tmp_path.iterdir()) == []
