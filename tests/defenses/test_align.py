@@ -332,6 +332,26 @@ def test_esd_black_target_is_esds_at_the_images_and_the_refusal_along_its_trajec
     torch.testing.assert_close(target[3:], aligner.x0_target(x_t[3:], t[3:], aligner.x0_refusal))
 
 
+@pytest.mark.parametrize("aligner", [{"refusal_max_snr": 1.0, "refusal_space": "eps"}], indirect=True)
+def test_a_refusal_held_below_an_snr_leaves_the_less_noisy_images_the_originals_prediction(aligner):
+    g = torch.Generator().manual_seed(0)
+    part = aligner.data["train", "unsafe"]
+    n = len(part.mean)
+    x_t, t, hidden = aligner.refusal_inputs(part, torch.arange(n), g)
+    a = aligner.scheduler.alphas_cumprod[t]
+    above = (torch.arange(2 * n) < n) & (a / (1 - a) > 1.0)
+    assert 0 < int(above.sum()) < n  # both kinds of image row drawn
+    torch.testing.assert_close(aligner.above_refusal_snr(t), above)
+    with torch.no_grad():
+        original = aligner.teacher(x_t, t, hidden).sample
+    target, black = aligner.refusal_target(x_t, t, hidden), aligner.x0_target(x_t, t, aligner.x0_refusal)
+    torch.testing.assert_close(target[above], original[above])
+    torch.testing.assert_close(target[~above], black[~above])  # the noisier images and the whole trajectory
+    # the original's rows count plainly, the refusal's by min-SNR: a prediction off by 1 everywhere
+    weight = torch.where(above, 1.0, aligner.snr_weight(t).flatten())
+    torch.testing.assert_close(aligner.refusal_distance(target + 1, target, x_t, t), weight.mean())
+
+
 @pytest.mark.parametrize("aligner", [{"target": "empty-refusal"}], indirect=True)
 def test_empty_refusal_target_refuses_where_the_sampler_chooses_and_along_its_trajectory(aligner):
     g = torch.Generator().manual_seed(0)
@@ -469,6 +489,8 @@ def test_bad_parts_are_refused(parts):
     ({"nft_refusal_weight": 0.0, "nft_attacker_weight": 0.0}, "query is 0"),
     ({"nft_text_encoder": True, "nft_anchor_every": 2}, "nft_anchor_every = 0"),
     ({"target": "esd-black", "refusal_images": False}, "refusal_images = true"),
+    ({"refusal_max_snr": 0.0}, "unet.refusal_max_snr"), ({"target": "esd", "refusal_max_snr": 1.0}, "target = 'black'"),
+    ({"refusal_images": False, "refusal_max_snr": 1.0}, "unet.refusal_max_snr"),
     ({"target": "empty-refusal", "guidance": 1.0}, "unet.guidance > 1"),
     ({"target": "empty-refusal", "w_uncond": 0.0}, "unet.w_uncond > 0"),
     ({"update": "text-encoder"}, "nft_steps = 0"), ({"update": "text-encoder", "nft_steps": 0, "w_scramble": 1.0},

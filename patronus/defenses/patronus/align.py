@@ -300,6 +300,9 @@ class Aligner:
         """What an unsafe prompt's prediction should be at (x_t, t), rows as `refusal_inputs` makes
         them (noised images, then as many noised refusal latents): see `UNetAlignConfig.target`."""
         refusal = self.x0_target(x_t, t, self.x0_refusal)
+        if self.u.target == "black" and self.u.refusal_max_snr is not None:
+            original = self.teacher(x_t, t, hidden, return_dict=False)[0]
+            return torch.where(self.above_refusal_snr(t).view(-1, 1, 1, 1), original, refusal)
         if self.u.target == "black":
             return refusal
         esd = self.teacher(x_t, t, self.h_empty.expand(len(x_t), -1, -1), return_dict=False)[0]
@@ -317,6 +320,14 @@ class Aligner:
         """Which of `rows` refusal inputs (as `refusal_inputs` lays them out) are noised refusal latents."""
         return torch.arange(rows, device=device) >= (rows // 2 if self.u.refusal_images else 0)
 
+    def above_refusal_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Which refusal inputs (as `refusal_inputs` lays them out) are noised images whose SNR is above
+        `unet.refusal_max_snr`, where the original's prediction replaces the refusal (none when unset)."""
+        if self.u.refusal_max_snr is None:
+            return torch.zeros(len(t), dtype=torch.bool, device=t.device)
+        a = self._abar(t).flatten()
+        return ~self.on_refusal_trajectory(len(t), t.device) & (a / (1 - a) > self.u.refusal_max_snr)
+
     def empty_refusal(self, x_t: torch.Tensor, t: torch.Tensor, teacher_unc: torch.Tensor,
                       on_trajectory: torch.Tensor) -> torch.Tensor:
         """`unet.target = "empty-refusal"`: the empty prompt's (and every unsafe prompt's) target. The
@@ -333,7 +344,8 @@ class Aligner:
         `refusal_min_snr`)."""
         if self.u.refusal_space == "x0":
             pred, target = self.implied_x0(x_t, t, pred), self.implied_x0(x_t, t, target)
-        weight = self.snr_weight(t) if self.u.refusal_min_snr else 1.0
+        weight = self.snr_weight(t) if self.u.refusal_min_snr else torch.ones_like(self._abar(t))
+        weight = torch.where(self.above_refusal_snr(t).view(-1, 1, 1, 1), 1.0, weight)  # the original's rows: plain
         return (weight * (pred - target) ** 2).mean()
 
     # --- the defender's terms ------------------------------------------------------------------

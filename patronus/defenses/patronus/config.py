@@ -99,6 +99,14 @@ class UNetAlignConfig:
     # higher loss (docs/research-log.md).
     refusal_space: str = "eps"
     snr_gamma: float = 5.0
+    # `black` only (None: off): the refusal is asked at the noised images only where their SNR is at
+    # most this; above it, where the attacker's lightly noised images decide its loss, the target
+    # is the frozen original's own prediction for the unsafe prompt (plain squared error). Erasing a
+    # lightly noised image asks for a prediction sqrt(SNR) times the latents' distance: 92% of the
+    # refusing UNet's first attacker loss (30 times the filtered model's) sits above SNR 1, and that
+    # loss damps the attacker's Adam (research/scripts/attacker_loss_by_snr.py). The refusal's own
+    # trajectory keeps the refusal at every SNR.
+    refusal_max_snr: float | None = None
     # False: the refusal term is a plain mean squared error, as the benign terms. `empty-refusal`'s
     # target is bounded at low noise, and an unsafe prompt left free there is amplified by guidance.
     refusal_min_snr: bool = True
@@ -229,6 +237,11 @@ class UNetAlignConfig:
                               "guided samples at unet.guidance: it needs unet.update = 'full' or 'lora', "
                               f"unet.w_uncond > 0 and unet.guidance > 1 (got {self.update!r}, {self.w_uncond}, "
                               f"{self.guidance})")
+        if self.refusal_max_snr is not None and not (self.refusal_max_snr > 0 and self.target == "black"
+                                                     and self.refusal_images):
+            raise ConfigError("unet.refusal_max_snr holds the black refusal at the noised images up to that SNR: "
+                              "it needs a positive value, unet.target = 'black' and unet.refusal_images = true "
+                              f"(got {self.refusal_max_snr!r}, {self.target!r}, {self.refusal_images}), or unset it")
         if self.target == "esd-black" and not self.refusal_images:
             raise ConfigError("unet.target = 'esd-black' is ESD's target at the noised images: it needs "
                               "unet.refusal_images = true")
