@@ -103,7 +103,7 @@ class UNetAlignConfig:
     # most this; above it, where the attacker's lightly noised images decide its loss, the target
     # is the frozen original's own prediction for the unsafe prompt (plain squared error). Erasing a
     # lightly noised image asks for a prediction sqrt(SNR) times the latents' distance: 92% of the
-    # refusing UNet's first attacker loss (30 times the filtered model's) sits above SNR 1, and that
+    # refusing UNet's first attacker loss (32 times the filtered model's) sits above SNR 1, and that
     # loss damps the attacker's Adam (research/scripts/attacker_loss_by_snr.py). The refusal's own
     # trajectory keeps the refusal at every SNR.
     refusal_max_snr: float | None = None
