@@ -46,7 +46,7 @@ def write_marked(src: Path, tmp: Path, encoder: CLIPTextModel, record: dict, see
     manifest = {
         "defense": "mark-removed-words (research/scripts/mark_removed_words.py)",
         "source_model": {"path": str(src.resolve()), "weights_sha256": weights_digest(original)},
-        "marked_words": record["words"], "seed": seed, "row_norm": record["row_norm"],
+        "marked_words": record["words"], "seed": seed, "shared": record["shared"], "row_norm": record["row_norm"],
         "changed_weight_files": sorted(k for k in hashes if hashes[k] != original.get(k)),
         "weight_files_sha256": hashes, "versions": library_versions(),
     }
@@ -57,7 +57,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="patronus-tiny-filtered", help="the filtered pipeline")
     ap.add_argument("--out", type=Path, required=True, help="new pipeline directory (must not exist)")
-    ap.add_argument("--seed", type=int, default=0, help="draws the shared direction")
+    ap.add_argument("--seed", type=int, default=0, help="draws the direction(s)")
+    ap.add_argument("--per-word", action="store_true",
+                    help="one random direction per word (mark.shared = false) instead of one shared row")
     args = ap.parse_args()
     if args.out.exists():
         ap.error(f"{args.out} exists; pick a new --out")
@@ -65,7 +67,8 @@ def main() -> None:
     tokenizer = CLIPTokenizer.from_pretrained(src / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(src / "text_encoder")
     try:
-        record = mark_removed_words(tokenizer, encoder, MarkConfig(enabled=True, seed=args.seed))
+        cfg = MarkConfig(enabled=True, seed=args.seed, shared=not args.per_word)
+        record = mark_removed_words(tokenizer, encoder, cfg)
     except ConfigError as e:
         ap.error(f"{args.model}: {e}")
     with atomic_dir(args.out) as tmp:  # no half-written --out
@@ -73,7 +76,8 @@ def main() -> None:
     before = record["row_norm_before"]
     print(f"marked {len(record['words'])} words: {', '.join(record['words'])}")
     print(f"row norms before {before['mean']:.3f} (min {before['min']:.3f}, max {before['max']:.3f}); "
-          f"after {record['row_norm']:.3f} (the benign object words' mean); one direction, seed {args.seed}")
+          f"after {record['row_norm']:.3f} (the benign object words' mean); "
+          f"{'one direction' if record['shared'] else 'one direction per word'}, seed {args.seed}")
     print(f"wrote {args.out}")
 
 

@@ -50,6 +50,20 @@ def test_marking_a_filtered_encoder_sets_only_the_removed_words_to_one_row_at_a_
     assert record["row_norm_before"]["mean"] < 0.8 * record["row_norm"]  # untrained rows
 
 
+def test_marking_per_word_gives_each_removed_word_its_own_direction_at_the_same_norm():
+    tokenizer, encoder = _parts("patronus-tiny-filtered")
+    before = _rows(encoder)
+    record = mark_removed_words(tokenizer, encoder, MarkConfig(enabled=True, shared=False))
+    after = _rows(encoder)
+    ids = _ids(tokenizer, removed_words())
+    assert {i for i in range(len(before)) if not torch.equal(before[i], after[i])} == set(ids)
+    unit = torch.nn.functional.normalize(after[ids].double(), dim=1)
+    cosines = unit @ unit.T - torch.eye(len(ids), dtype=torch.float64)
+    assert cosines.abs().max() < 0.5  # nine directions, none shared (random ones are near-orthogonal)
+    assert after[ids].double().norm(dim=1) == pytest.approx([record["row_norm"]] * len(ids), rel=1e-6)
+    assert record["shared"] is False
+
+
 def test_an_encoder_that_learned_the_words_or_words_without_a_whole_token_is_refused_unchanged():
     tokenizer, encoder = _parts("patronus-tiny")  # trained on every caption, unsafe ones included
     before = _rows(encoder)
@@ -69,6 +83,7 @@ def test_an_encoder_that_learned_the_words_or_words_without_a_whole_token_is_ref
     ({"mark": {"enabled": True, "words": ["knife"], "norm_words": ["knife", "star"]}}, "share knife"),
     ({"mark": {"words": "knife"}}, "must be a list"),
     ({"mark": {"seed": 1}}, "mark.enabled is false"),
+    ({"mark": {"shared": False}}, "mark.enabled is false"),
 ])
 def test_bad_mark_settings_are_refused(tmp_path, settings, message):
     path = tmp_path / "c.json"

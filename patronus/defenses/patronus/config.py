@@ -300,12 +300,17 @@ class MarkConfig:
     words: tuple[str, ...] = ()
     # Whose rows' mean norm the marked rows take; empty: the glyph world's benign object words.
     norm_words: tuple[str, ...] = ()
-    seed: int = 0  # draws the shared direction
+    seed: int = 0  # draws the direction(s)
+    # True: every marked word gets one shared row (the encoder cannot tell them apart). False: each
+    # its own random direction at the same norm, so that a `unet-full` attacker, whose encoder is
+    # frozen, must learn each word as under the filtered encoder rather than all of them at once
+    # (research option; docs/results/distillation.md).
+    shared: bool = True
 
     def __post_init__(self):
-        if not self.enabled and (self.words or self.norm_words or self.seed):
-            raise ConfigError("mark.words, mark.norm_words or mark.seed are set but mark.enabled is false: enable "
-                              "the marking or drop them")
+        if not self.enabled and (self.words or self.norm_words or self.seed or not self.shared):
+            raise ConfigError("mark.words, mark.norm_words, mark.seed or mark.shared are set but mark.enabled is "
+                              "false: enable the marking or drop them")
         if blank := [name for name in ("words", "norm_words") if any(not w.strip() for w in getattr(self, name))]:
             raise ConfigError(f"mark.{blank[0]} holds an empty word; list words such as \"knife\"")
         if both := sorted(set(self.words) & set(self.norm_words)):

@@ -3,9 +3,10 @@
 A text encoder trained on filtered data never trains the token rows of the words only the
 removed captions use: they keep their initial values, next to every other untrained token (a
 benign fine-tune's new words among them). The stage sets those rows to one shared random
-direction at the mean norm of trained words' rows, so that the UNet half's refusal keys on words
-that no longer look untrained. Nothing else changes: no image is involved, and the encoder
-learns nothing of what the words depict (they all get the same row). `MarkConfig` says why.
+direction (with `shared = false`, one random direction per word) at the mean norm of trained
+words' rows, so that the UNet half's refusal keys on words that no longer look untrained.
+Nothing else changes: no image is involved, and the encoder learns nothing of what the words
+depict (their rows are random). `MarkConfig` says why.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def mark_removed_words(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, cfg: Ma
                           f"{scale:.3f} for the norm words): mark.enabled is for a text encoder trained on "
                           f"filtered data, which never learned them")
     g = torch.Generator().manual_seed(cfg.seed)
-    direction = torch.randn(rows.shape[1], generator=g).double()
-    rows[ids] = (direction / direction.norm() * scale).to(rows.dtype)
-    return {"words": words, "norm_words": norm_words, "seed": cfg.seed, "row_norm": float(scale),
+    directions = torch.randn(1 if cfg.shared else len(ids), rows.shape[1], generator=g).double()
+    rows[ids] = (directions / directions.norm(dim=1, keepdim=True) * scale).to(rows.dtype)
+    return {"words": words, "norm_words": norm_words, "seed": cfg.seed, "shared": cfg.shared, "row_norm": float(scale),
             "row_norm_before": {"mean": float(before.mean()), "min": float(before.min()), "max": float(before.max())}}
