@@ -148,6 +148,23 @@ def test_a_run_started_before_the_mark_stage_resumes_while_it_stays_off(tmp_path
         _check_dirs(tmp_path / "out", tmp_path / "work", replace(cfg, mark=MarkConfig(enabled=True)), resume=True)
 
 
+def test_a_marked_run_started_before_mark_shared_and_refusal_max_snr_resumes_while_they_keep_their_defaults(tmp_path):
+    from dataclasses import replace
+
+    from patronus.config import to_dict
+    from patronus.defenses.patronus.protect import _check_dirs
+
+    cfg = replace(load_config("quick"), mark=MarkConfig(enabled=True))
+    saved = to_dict(cfg)
+    del saved["mark"]["shared"], saved["unet"]["refusal_max_snr"]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "config.json").write_text(json.dumps(saved))
+    _check_dirs(tmp_path / "out", tmp_path / "work", cfg, resume=True)
+    with pytest.raises(ConfigError, match="different settings"):
+        _check_dirs(tmp_path / "out", tmp_path / "work", replace(cfg, mark=MarkConfig(enabled=True, shared=False)),
+                     resume=True)
+
+
 def test_protect_refuses_an_encoder_it_cannot_mark_before_any_work(mini_pipeline, tmp_path):
     cfg = tmp_path / "mark.json"
     cfg.write_text(json.dumps({"parts": ["unet"], "mark": {"enabled": True}}))
