@@ -36,7 +36,7 @@ def column(specs: list[str], kind: str, lr: float) -> dict[int, dict[str, dict]]
         sweep, _, model = spec.partition("#")
         cells = Path(sweep) / "cells" / (model or "protected")
         if not cells.is_dir():
-            raise SystemExit(f"{cells}: no such cells directory; is {sweep} a sweep, and {model or 'protected'} "
+            raise FileNotFoundError(f"{cells}: no such cells directory; is {sweep} a sweep, and {model or 'protected'} "
                              f"one of its models?")
         for cell in sorted(cells.iterdir()):
             m = CELL.match(cell.name)
@@ -54,12 +54,16 @@ def main() -> None:
     ap.add_argument("--column", action="append", required=True, metavar="NAME=SWEEP[,SWEEP]")
     ap.add_argument("--kind", default="unet-full", help="the attack kind (default unet-full)")
     ap.add_argument("--lr", type=float, default=1e-3, help="the attack's Adam learning rate (default 1e-3)")
-    ap.add_argument("--reference", default="filtered", help="the column compared with (default: filtered)")
+    ap.add_argument("--reference", default="filtered",
+                    help="the column compared with (default: filtered; a name no column has: the table alone)")
     args = ap.parse_args()
     if bad := [c for c in args.column if "=" not in c]:
         ap.error(f"--column {bad[0]!r}: write NAME=SWEEP[,SWEEP...]")
-    cols = {name: column(sweeps.split(","), args.kind, args.lr)
-            for name, sweeps in (c.split("=", 1) for c in args.column)}
+    try:
+        cols = {name: column(sweeps.split(","), args.kind, args.lr)
+                for name, sweeps in (c.split("=", 1) for c in args.column)}
+    except FileNotFoundError as e:
+        ap.error(str(e))
     if empty := [n for n, c in cols.items() if not c]:
         ap.error(f"column {empty[0]}: no {args.kind} Adam lr {args.lr:g} cells evaluated in its sweeps")
     budgets = sorted({int(b) for c in cols.values() for r in c.values() for b in r})
