@@ -64,6 +64,23 @@ def test_marking_per_word_gives_each_removed_word_its_own_direction_at_the_same_
     assert record["shared"] is False
 
 
+def test_a_shared_share_mixes_one_common_direction_into_each_words_own_at_the_same_norm():
+    tokenizer, encoder = _parts("patronus-tiny-filtered")
+    mark_removed_words(tokenizer, encoder, MarkConfig(enabled=True, shared=False))
+    own = _rows(encoder)
+    tokenizer, encoder = _parts("patronus-tiny-filtered")
+    record = mark_removed_words(tokenizer, encoder, MarkConfig(enabled=True, shared=False, shared_share=0.5))
+    after = _rows(encoder)
+    ids = _ids(tokenizer, removed_words())
+    unit = torch.nn.functional.normalize(after[ids].double(), dim=1)
+    cosines = (unit @ unit.T)[~torch.eye(len(ids), dtype=torch.bool)]
+    assert cosines.min() > 0.3 and cosines.max() < 0.7  # about the share, neither one row nor apart
+    own_unit = torch.nn.functional.normalize(own[ids].double(), dim=1)
+    assert ((unit * own_unit).sum(dim=1) > 0.5).all()  # each keeps its own direction, as drawn at share 0
+    assert after[ids].double().norm(dim=1) == pytest.approx([record["row_norm"]] * len(ids), rel=1e-6)
+    assert record["shared_share"] == 0.5
+
+
 def test_an_encoder_that_learned_the_words_or_words_without_a_whole_token_is_refused_unchanged():
     tokenizer, encoder = _parts("patronus-tiny")  # trained on every caption, unsafe ones included
     before = _rows(encoder)
@@ -84,6 +101,8 @@ def test_an_encoder_that_learned_the_words_or_words_without_a_whole_token_is_ref
     ({"mark": {"words": "knife"}}, "must be a list"),
     ({"mark": {"seed": 1}}, "mark.enabled is false"),
     ({"mark": {"shared": False}}, "mark.enabled is false"),
+    ({"mark": {"enabled": True, "shared": False, "shared_share": 1.0}}, "below 1"),
+    ({"mark": {"enabled": True, "shared_share": 0.5}}, "set mark.shared = false"),
 ])
 def test_bad_mark_settings_are_refused(tmp_path, settings, message):
     path = tmp_path / "c.json"

@@ -306,11 +306,22 @@ class MarkConfig:
     # frozen, must learn each word as under the filtered encoder rather than all of them at once
     # (research option; docs/results/distillation.md).
     shared: bool = True
+    # With shared = false: the share of each row's squared norm that lies on one direction common
+    # to every marked word (the rest on the word's own), so that the refusal can key on the common
+    # part while a frozen-encoder attacker still learns each word apart. 0: the words' own
+    # directions alone; the rows' cosine with each other is about this share (research option).
+    shared_share: float = 0.0
 
     def __post_init__(self):
-        if not self.enabled and (self.words or self.norm_words or self.seed or not self.shared):
-            raise ConfigError("mark.words, mark.norm_words, mark.seed or mark.shared are set but mark.enabled is "
-                              "false: enable the marking or drop them")
+        if not self.enabled and (self.words or self.norm_words or self.seed or not self.shared or self.shared_share):
+            raise ConfigError("mark.words, mark.norm_words, mark.seed, mark.shared or mark.shared_share are set but "
+                              "mark.enabled is false: enable the marking or drop them")
+        if not 0.0 <= self.shared_share < 1.0:
+            raise ConfigError(f"mark.shared_share is {self.shared_share}; it must be at least 0 and below 1 "
+                              f"(1 is one shared row: mark.shared = true)")
+        if self.shared and self.shared_share:
+            raise ConfigError("mark.shared_share mixes a common direction into each word's own: set mark.shared = "
+                              "false with it (mark.shared = true already gives every word one row)")
         if blank := [name for name in ("words", "norm_words") if any(not w.strip() for w in getattr(self, name))]:
             raise ConfigError(f"mark.{blank[0]} holds an empty word; list words such as \"knife\"")
         if both := sorted(set(self.words) & set(self.norm_words)):

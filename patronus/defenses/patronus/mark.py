@@ -3,7 +3,8 @@
 A text encoder trained on filtered data never trains the token rows of the words only the
 removed captions use: they keep their initial values, next to every other untrained token (a
 benign fine-tune's new words among them). The stage sets those rows to one shared random
-direction (with `shared = false`, one random direction per word) at the mean norm of trained
+direction (with `shared = false`, one random direction per word, optionally mixed with a
+common one: `shared_share`) at the mean norm of trained
 words' rows, so that the UNet half's refusal keys on words that no longer look untrained.
 Nothing else changes: no image is involved, and the encoder learns nothing of what the words
 depict (their rows are random). `MarkConfig` says why.
@@ -48,6 +49,12 @@ def mark_removed_words(tokenizer: CLIPTokenizer, encoder: CLIPTextModel, cfg: Ma
                           f"filtered data, which never learned them")
     g = torch.Generator().manual_seed(cfg.seed)
     directions = torch.randn(1 if cfg.shared else len(ids), rows.shape[1], generator=g).double()
-    rows[ids] = (directions / directions.norm(dim=1, keepdim=True) * scale).to(rows.dtype)
-    return {"words": words, "norm_words": norm_words, "seed": cfg.seed, "shared": cfg.shared, "row_norm": float(scale),
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    if cfg.shared_share:  # drawn after the words' own, which therefore match shared_share = 0's
+        common = torch.randn(1, rows.shape[1], generator=g).double()
+        directions = cfg.shared_share ** 0.5 * common / common.norm() + (1 - cfg.shared_share) ** 0.5 * directions
+        directions = directions / directions.norm(dim=1, keepdim=True)
+    rows[ids] = (directions * scale).to(rows.dtype)
+    return {"words": words, "norm_words": norm_words, "seed": cfg.seed, "shared": cfg.shared,
+            "shared_share": cfg.shared_share, "row_norm": float(scale),
             "row_norm_before": {"mean": float(before.mean()), "min": float(before.min()), "max": float(before.max())}}

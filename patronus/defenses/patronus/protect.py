@@ -466,7 +466,8 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.nft_refusal_weight", "unet.nft_text_encoder", "probe_max_grad_norm",
                   "unet.probe_max_grad_norm", "attacks.max_grad_norm", "unet.attacks.max_grad_norm",
                   "unet.lora_targets", "unet.w_follow", "unet.follow_rank", "unet.follow_lr", "unet.follow_batch",
-                  "unet.follow_reset_every", "mark", "unet.refusal_max_snr", "mark.shared")
+                  "unet.follow_reset_every", "mark", "unet.refusal_max_snr", "mark.shared",
+                  "mark.shared_share")
 
 
 def attack_key(attack: UNetAttackConfig) -> dict:
