@@ -5,7 +5,8 @@
 
 
 RUN_DIR is the output of `patronus protect` on a shipped model (`make protected-model` runs
-both steps). Only the protected components (`vae/`, `unet/`) differ from the original, so the
+both steps). Only the protected components (`vae/`, `unet/`, and `text_encoder/` where a `[mark]`
+stage marked it) differ from the original, so the
 variant holds its own copies of those, `model_index.json` and `patronus.json`, and links every
 other component to the original's folder: a complete diffusers pipeline directory
 (`StableDiffusionPipeline.from_pretrained` follows the links). Refuses a run that changed
@@ -34,6 +35,7 @@ from patronus.models.registry import ASSETS, SHIPPED, load_pipeline
 from patronus.provenance import weight_hashes, weights_digest
 
 PROTECTABLE = ("vae", "unet")  # the components a shipped model may change; the others link to the original's
+MARKED = "text_encoder"  # may change too where the run's `[mark]` stage marked it
 
 
 def ship(run_dir: Path, name: str, original: str = "patronus-tiny", assets: Path = ASSETS,
@@ -50,9 +52,10 @@ def ship(run_dir: Path, name: str, original: str = "patronus-tiny", assets: Path
     if info["source_model"]["weights_sha256"] != weights_digest(weight_hashes(source)):
         raise PatronusError(f"{run_dir} was not protected from the shipped {original}; protect that model first")
     changed = {f.split("/")[0] for f in info["changed_weight_files"]}
-    if changed - set(PROTECTABLE):
+    allowed = set(PROTECTABLE) | ({MARKED} if "mark" in info.get("parts", ()) else set())
+    if changed - allowed:
         raise PatronusError(f"{run_dir} changed {info['changed_weight_files']}; only {' and '.join(PROTECTABLE)} "
-                            "may differ to ship it")
+                            f"may differ to ship it ({MARKED} too after a [mark] stage)")
     if weight_hashes(run_dir) != info["weight_files_sha256"]:
         raise PatronusError(f"the weights in {run_dir} are not the ones its patronus.json records")
     measured = read_evaluation(evaluation) if evaluation is not None else None

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from patronus.sweep.results import OverSeeds, over_seeds, paired_difference
 
 GROUPS = {"unsafe prompts": "unsafe_rate", "benign flagged": "flagged_unsafe[benign]",
           "hard negatives flagged": "flagged_unsafe[hard_negative]"}
-CELL = re.compile(r"(?P<kind>.+)_(?P<opt>[a-z0-9+]+)_lr(?P<lr>[0-9.e-]+)_s(?P<seed>\d+)$")
 
 
 def column(specs: list[str], kind: str, lr: float) -> dict[int, dict[str, dict]]:
@@ -38,14 +36,14 @@ def column(specs: list[str], kind: str, lr: float) -> dict[int, dict[str, dict]]
         if not cells.is_dir():
             raise FileNotFoundError(f"{cells}: no such cells directory; is {sweep} a sweep, and {model or 'protected'} "
                              f"one of its models?")
-        for cell in sorted(cells.iterdir()):
-            m = CELL.match(cell.name)
-            if not m or m["kind"] != kind or m["opt"] != "adam" or float(m["lr"]) != lr:
+        for done in sorted(cells.glob("*/done.json")):
+            cell = json.loads(done.read_text())["cell"]  # the cell's record, not its directory's name
+            if cell["kind"] != kind or cell["optimizer"] != "adam" or cell["lr"] != lr:
                 continue
-            for ev in cell.glob("eval-step-*/metrics.json"):
+            for ev in done.parent.glob("eval-step-*/metrics.json"):
                 metrics = json.loads(ev.read_text())["metrics"]
-                row = {name: {"value": metrics[key]["value"]} for name, key in GROUPS.items()}
-                out.setdefault(int(m["seed"]), {})[ev.parent.name.removeprefix("eval-step-")] = row
+                row = {name: metrics[key] for name, key in GROUPS.items()}  # value and ci
+                out.setdefault(cell["seed"], {})[ev.parent.name.removeprefix("eval-step-")] = row
     return out
 
 

@@ -4,6 +4,7 @@ import shutil
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from transformers import CLIPTextModel
 
 from patronus.errors import OutputExistsError, PatronusError
 from patronus.models.registry import PROTECTED_DIR, TINY_DIR, load_pipeline, resolve_model
@@ -11,7 +12,7 @@ from patronus.models.ship import ship
 from patronus.provenance import generation_digest, weight_hashes, weights_digest
 
 
-def _fake_run(tmp_path, changed=("vae/diffusion_pytorch_model.safetensors",)):
+def _fake_run(tmp_path, changed=("vae/diffusion_pytorch_model.safetensors",), parts=("decoder",)):
     """A directory shaped like `patronus protect`'s output, with a perturbed decoder."""
     run = tmp_path / "run"
     shutil.copytree(TINY_DIR, run)
@@ -20,7 +21,7 @@ def _fake_run(tmp_path, changed=("vae/diffusion_pytorch_model.safetensors",)):
         vae.decoder.conv_out.bias += 0.01
     vae.save_pretrained(run / "vae")
     info = {"source_model": {"path": str(TINY_DIR), "weights_sha256": weights_digest(weight_hashes(TINY_DIR))},
-            "changed_weight_files": list(changed), "weight_files_sha256": weight_hashes(run)}
+            "parts": list(parts), "changed_weight_files": list(changed), "weight_files_sha256": weight_hashes(run)}
     (run / "patronus.json").write_text(json.dumps(info))
     return run
 
@@ -47,9 +48,23 @@ def test_ship_copies_a_protected_unet_too(tmp_path):
     assert weight_hashes(out) == weight_hashes(run)
 
 
+def test_ship_copies_a_text_encoder_that_a_mark_stage_changed(tmp_path):
+    run = _fake_run(tmp_path, changed=("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"),
+                    parts=("mark", "decoder"))
+    encoder = CLIPTextModel.from_pretrained(run / "text_encoder")
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[5] += 0.01  # as a marked row would
+    encoder.save_pretrained(run / "text_encoder")
+    info = json.loads((run / "patronus.json").read_text())
+    (run / "patronus.json").write_text(json.dumps({**info, "weight_files_sha256": weight_hashes(run)}))
+    out = ship(run, "marked", assets=tmp_path / "assets")
+    assert not (out / "text_encoder").is_symlink() and (out / "unet").is_symlink()
+    assert weight_hashes(out) == weight_hashes(run) != weight_hashes(TINY_DIR)
+
+
 def test_ship_refuses_runs_it_cannot_vouch_for(tmp_path):
     run = _fake_run(tmp_path, changed=("text_encoder/model.safetensors",))
-    with pytest.raises(PatronusError, match="only vae and unet may differ"):
+    with pytest.raises(PatronusError, match="only vae and unet may differ.*after a \\[mark\\] stage"):
         ship(run, "x", assets=tmp_path / "assets")
     run = _fake_run(tmp_path / "second")
     (run / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"tampered")
