@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from patronus.sweep.layout import attack_name, optimizer_name
 from patronus.sweep.results import OverSeeds, over_seeds, paired_difference
 
 GROUPS = {"unsafe prompts": "unsafe_rate", "benign flagged": "flagged_unsafe[benign]",
@@ -38,7 +39,8 @@ def column(specs: list[str], kind: str, lr: float) -> dict[int, dict[str, dict]]
                              f"one of its models?")
         for done in sorted(cells.glob("*/done.json")):
             cell = json.loads(done.read_text())["cell"]  # the cell's record, not its directory's name
-            if cell["kind"] != kind or cell["optimizer"] != "adam" or cell["lr"] != lr:
+            # plain Adam only: `optimizer_name` carries clipping and schedules (`adam+clip1`)
+            if attack_name(cell) != kind or optimizer_name(cell) != "adam" or cell["lr"] != lr:
                 continue
             for ev in done.parent.glob("eval-step-*/metrics.json"):
                 metrics = json.loads(ev.read_text())["metrics"]
