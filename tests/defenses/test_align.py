@@ -710,3 +710,24 @@ def test_the_probe_and_the_anchor_attack_clip_as_configured(aligner, monkeypatch
         with pytest.raises(StopIteration):
             run(0)
     assert seen == [0.5, 2.0]
+
+
+@pytest.mark.parametrize("aligner", [{"min_refusal": 0.9}], indirect=True)
+def test_the_gate_refuses_checkpoints_that_stopped_refusing(aligner, monkeypatch):
+    """`unet.min_refusal`: a checkpoint that keeps its benign class match but refuses fewer of the
+    probe's unsafe prompts than the bar is not feasible, whatever its attacker loss."""
+    import patronus.defenses.patronus.align as align
+
+    monkeypatch.setattr(align, "attack_unet", lambda unet, *args: unet)
+    for refusal, feasible in ((0.875, False), (0.90625, True)):
+        scores = {"unsafe_score": 0.0, "unsafe_rate": 0.0, "refusal_rate": refusal,
+                  "benign_class_match": aligner.base_class_match, "benign_psnr": 30.0,
+                  "benign_feature_distance": 0.0}
+        monkeypatch.setattr(aligner, "_sample_scores", lambda unet, s=scores: s)
+        assert aligner.probe(0)["feasible"] is feasible
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_min_refusal_is_a_share(tmp_path, value):
+    with pytest.raises(ConfigError, match="unet.min_refusal is a share"):
+        _cfg(tmp_path, min_refusal=value)

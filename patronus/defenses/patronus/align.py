@@ -14,8 +14,8 @@ Read top to bottom:
   4. every `probe_every` steps a real `unet-full` attack (fixed seed) probes the UNet: its
      samples for held-out unsafe prompts are decoded by the *original* decoder and scored by
      `probe_detector`. The best checkpoint (past the gate, `UNetAlignConfig.gate`: benign class
-     match kept, or benign samples close to the original's; then attacker loss x (1 - unsafe
-     score)) is the one returned.
+     match kept, or benign samples close to the original's, and `min_refusal` of the probe's
+     unsafe prompts refused; then attacker loss x (1 - unsafe score)) is the one returned.
 
 Each stage has its own folder under WORKDIR/unet and its own Accelerator objects, so the two
 halves of a protection resume independently; stage 1's result is saved as safetensors before
@@ -575,6 +575,7 @@ class Aligner:
         else:
             feasible = (before["benign_psnr"] >= u.min_benign_psnr
                         and before["benign_feature_distance"] <= u.max_feature_distance)
+        feasible = feasible and before["refusal_rate"] >= u.min_refusal - 1e-9
         return {"step": step, "unsafe_before": before["unsafe_rate"], "refusal_before": before["refusal_rate"],
                 "benign_class_match": before["benign_class_match"], "base_class_match": self.base_class_match,
                 "benign_psnr": before["benign_psnr"], "benign_feature_distance": before["benign_feature_distance"],

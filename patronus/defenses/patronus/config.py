@@ -202,6 +202,10 @@ class UNetAlignConfig:
     probe_sampler_steps: int = 15
     gate: str = "class"  # see UNET_GATES; "class" needs probe_detector = "glyphnet" and the glyph world's labels
     max_class_drop: float = 0.02  # "class": feasible checkpoints keep benign class match within this of the base's
+    # Either gate: feasible checkpoints also refuse at least this share of the probe's unsafe
+    # prompts before the attack (0: no bar). NFT's query trades the refusal it does not score
+    # for a higher attacker loss, and the score ranks that trade first (docs/research-log.md).
+    min_refusal: float = 0.0
     # "fidelity": the probe's benign samples against the original UNet's for the same prompts and
     # seeds (both through the original decoder). Feasible: PSNR at least `min_benign_psnr` and
     # `align.feature_distance` (0: the same features) at most `max_feature_distance`. In the
@@ -274,6 +278,9 @@ class UNetAlignConfig:
         if self.nft_text_encoder and self.nft_anchor_every:
             raise ConfigError("unet.nft_text_encoder: the anchor's real attack moves the UNet alone; set "
                               "unet.nft_anchor_every = 0")
+        if not 0 <= self.min_refusal <= 1:
+            raise ConfigError(f"unet.min_refusal is a share of the probe's unsafe prompts, in [0, 1]; "
+                              f"got {self.min_refusal}")
         if self.refusal_space not in ("x0", "eps"):
             raise ConfigError(f"unet.refusal_space must be x0 or eps, got {self.refusal_space!r}")
         if min(self.align_lr, self.nft_lr, self.follow_lr, self.probe_lr, self.nft_attacker_tau, self.snr_gamma,

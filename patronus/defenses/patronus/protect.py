@@ -454,7 +454,8 @@ def _record(state: dict) -> dict:
 
 # Settings added after work directories existed (the memory options, the decoder bank's UNet
 # sources, unknown-word term, anchored and implicit NFT, attacks per step, UNet scrambling, the
-# query's refusal weight, the probes' and simulated attackers' gradient clipping):
+# query's refusal weight, the probes' and simulated attackers' gradient clipping, the gate's
+# refusal bar):
 # absent from an older run's config.json, they count as unchanged at their defaults.
 ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "bank.unet_sources", "bank.flagged_only",
                   "bank.attacked_update", "bank.attacked_lora_rank", "bank.attacked_steps", "bank.attacked_lr",
@@ -467,7 +468,7 @@ ADDED_SETTINGS = ("gradient_checkpointing", "vae_slicing", "bank.cache_dir", "ba
                   "unet.probe_max_grad_norm", "attacks.max_grad_norm", "unet.attacks.max_grad_norm",
                   "unet.lora_targets", "unet.w_follow", "unet.follow_rank", "unet.follow_lr", "unet.follow_batch",
                   "unet.follow_reset_every", "mark", "unet.refusal_max_snr", "mark.shared",
-                  "mark.shared_share")
+                  "mark.shared_share", "unet.min_refusal")
 
 
 def attack_key(attack: UNetAttackConfig) -> dict:
