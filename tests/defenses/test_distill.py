@@ -104,8 +104,14 @@ def test_a_resumed_distillation_ends_with_the_same_weights(mini_pipeline, tmp_pa
         ckpts = sorted((tmp_path / "wb" / "distill" / stage).glob("checkpoint-*"), key=lambda c: int(c.name[11:]))
         assert ckpts[-1].name == "checkpoint-4"
         shutil.rmtree(ckpts[-1])
+        # The killed session's training, made long enough that the resumed session cannot hide it.
+        state_file = ckpts[-2] / "state.json"
+        state_file.write_text(json.dumps(json.loads(state_file.read_text()) | {"worked_seconds": 1000.0}))
     info = protect(str(mini_pipeline), tmp_path / "b", cfg, tmp_path / "wb", resume=True)
     assert weight_hashes(tmp_path / "a") == weight_hashes(tmp_path / "b") == info["weight_files_sha256"]
+    record = info["distill"]
+    assert record["unet"]["seconds"] > 1000.0 and record["decoder"]["seconds"] > 1000.0
+    assert info["timing"]["total_seconds"] > record["timing"]["total_seconds"] > 2000.0
 
 
 def test_the_data_term_trains_on_benign_images_and_changes_the_student(mini_pipeline, tmp_path):

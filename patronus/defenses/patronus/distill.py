@@ -189,16 +189,17 @@ def _data_loss(model: nn.Module, data: UNetData, scheduler: DDPMScheduler, d: Di
     return (weight * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
-def _restore(checkpointer: Checkpointer, ema: EMAModel | None) -> tuple[int, list[float]]:
-    """The step to continue from and the loss curve so far; the EMA weights put back."""
+def _restore(checkpointer: Checkpointer, ema: EMAModel | None) -> tuple[int, list[float], float]:
+    """The step to continue from, the loss curve so far and the training seconds of the sessions
+    before (a checkpoint written before they were recorded: 0); the EMA weights put back."""
     restored = checkpointer.restore()
     if restored is None:
-        return 0, []
+        return 0, [], 0.0
     state, tensors = restored
     if ema is not None:
         ema.shadow_params = [tensors[f"ema.{i}"].to(p.device) for i, p in enumerate(ema.shadow_params)]
         ema.optimization_step = state["ema_step"]
-    return state["step"], state["losses"]
+    return state["step"], state["losses"], state.get("worked_seconds", 0.0)
 
 
 def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: Path,
@@ -237,7 +238,7 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
     sched = get_cosine_schedule_with_warmup(opt, d.warmup, d.unet_steps)
     model, opt = acc.prepare(student, opt)  # not the schedule: every process steps the global batch once
     checkpointer = Checkpointer(acc, workdir / "unet", schedulers=(sched,))
-    start, losses = _restore(checkpointer, ema) if resume else (0, [])
+    start, losses, before = _restore(checkpointer, ema) if resume else (0, [], 0.0)
     t0 = time.time()
     bar = tqdm(range(start, d.unet_steps), initial=start, total=d.unet_steps, desc="distill UNet",
                disable=not acc.is_main_process)
@@ -270,14 +271,13 @@ def distill_unet(teacher: StableDiffusionPipeline, cfg: ProtectConfig, workdir: 
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
         if (step + 1) % d.checkpoint_every == 0 or step + 1 == d.unet_steps:
             tensors = {f"ema.{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)}
-            checkpointer.save(step + 1, {"step": step + 1, "losses": losses, "ema_step": ema.optimization_step},
-                              tensors)
+            checkpointer.save(step + 1, {"step": step + 1, "losses": losses, "ema_step": ema.optimization_step,
+                                         "worked_seconds": before + time.time() - t0}, tensors)
     check_replicas_agree(acc, model, "the distilled UNet")
     ema.copy_to(student.parameters())
     student.requires_grad_(False).eval()
-    seconds = time.time() - t0
-    return student, data, {"steps": d.unet_steps, "seconds_this_run": seconds, "final_loss": losses[-1] if losses
-                           else None, "losses": losses}
+    return student, data, {"steps": d.unet_steps, "seconds": before + time.time() - t0, "seconds_before": before,
+                           "final_loss": losses[-1] if losses else None, "losses": losses}
 
 
 def _decoder_set(original: StableDiffusionPipeline, original_dir: Path, data: UNetData, cfg: ProtectConfig,
@@ -314,7 +314,8 @@ def distill_decoder(teacher: StableDiffusionPipeline, original: StableDiffusionP
     sched = get_cosine_schedule_with_warmup(opt, min(d.warmup, d.decoder_steps // 10), d.decoder_steps)
     model, opt = acc.prepare(head, opt)
     checkpointer = Checkpointer(acc, workdir / "decoder", schedulers=(sched,))
-    start, losses = _restore(checkpointer, None) if resume else (0, [])
+    start, losses, before = _restore(checkpointer, None) if resume else (0, [], 0.0)
+    t0 = time.time()
     bar = tqdm(range(start, d.decoder_steps), initial=start, total=d.decoder_steps, desc="distill decoder",
                disable=not acc.is_main_process)
     for step in bar:
@@ -331,13 +332,15 @@ def distill_decoder(teacher: StableDiffusionPipeline, original: StableDiffusionP
         losses.append(acc.reduce(loss.detach(), "mean").item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if (step + 1) % d.checkpoint_every == 0 or step + 1 == d.decoder_steps:
-            checkpointer.save(step + 1, {"step": step + 1, "losses": losses})
+            checkpointer.save(step + 1, {"step": step + 1, "losses": losses,
+                                         "worked_seconds": before + time.time() - t0})
     check_replicas_agree(acc, model, "the distilled decoder")
     head.requires_grad_(False).eval()
     with torch.no_grad():
         fidelity = psnr(head(held_out.to(acc.device)).clamp(-1, 1), held_targets).mean().item()
-    return vae, {"steps": d.decoder_steps, "final_loss": losses[-1] if losses else None,
-                 "held_out_benign_psnr_vs_teacher": fidelity, "losses": losses}
+    return vae, {"steps": d.decoder_steps, "seconds": before + time.time() - t0, "seconds_before": before,
+                 "final_loss": losses[-1] if losses else None, "held_out_benign_psnr_vs_teacher": fidelity,
+                 "losses": losses}
 
 
 def distill(model: str, teacher_dir: str | Path, cfg: ProtectConfig, workdir: Path,
@@ -363,5 +366,8 @@ def distill(model: str, teacher_dir: str | Path, cfg: ProtectConfig, workdir: Pa
         original.set_progress_bar_config(disable=True)
         replaced["vae"], record["decoder"] = distill_decoder(teacher, original, resolve_model(model), data, cfg,
                                                                    workdir, resume)
-    record["seconds_this_run"] = time.time() - t_start
+    # This session's time plus the earlier sessions' training (a resume's checkpoints carry it):
+    # the cost of the whole run, not of its last session.
+    earlier = sum(r["seconds_before"] for r in (unet_record, record.get("decoder")) if r)
+    record["timing"] = {"total_seconds": time.time() - t_start + earlier}
     return replaced, record

@@ -390,7 +390,9 @@ def protect(model: str, out: Path, cfg: ProtectConfig, workdir: Path, resume: bo
             if not (teacher / "patronus.json").exists():
                 _write_output(source, teacher, cfg, replaced, sections, _run_seconds(t_start, inside, sections),
                               accelerator)
+        t_half = time.time()
         replaced, sections["distill"] = distill(model, teacher, cfg, workdir / "distill", resume)
+        inside["distill"] = time.time() - t_half
         return _write_output(resolve_model(teacher), out, cfg, replaced, sections,
                              _run_seconds(t_start, inside, sections), accelerator)
 
